@@ -1,0 +1,68 @@
+//! The process group seen by the training step: a sum all-reduce over a flat
+//! buffer. A single process is the trivial group; the MPI adapter (feature
+//! `mpi`) implements the same trait, so the step and the loop are the same
+//! code on one process or many.
+
+use burn::tensor::Tensor;
+
+use crate::error::Result;
+use crate::tensor_util::{from_vec, to_vec};
+
+/// A group of processes that each hold a shard of the batch.
+pub trait Collective {
+    /// This process's index in `0..world_size()`.
+    fn rank(&self) -> usize;
+    /// Number of processes.
+    fn world_size(&self) -> usize;
+    /// Replaces `buffer` on every process by the elementwise sum over all
+    /// processes.
+    fn all_reduce_sum(&self, buffer: &mut [f32]) -> Result<()>;
+}
+
+/// The single-process group: all-reduce is the identity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buffer: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Sums `tensors` and `scalars` over the group with one all-reduce call,
+/// packing everything into a single buffer (one message per step rather than
+/// one per parameter). On a single process nothing is copied.
+pub fn all_reduce_packed(
+    collective: &dyn Collective,
+    tensors: &mut [Tensor<2>],
+    scalars: &mut [f64],
+) -> Result<()> {
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    let mut buffer = Vec::new();
+    let mut shapes = Vec::with_capacity(tensors.len());
+    for t in tensors.iter() {
+        shapes.push(t.dims());
+        buffer.extend(to_vec(t)?);
+    }
+    let offset = buffer.len();
+    buffer.extend(scalars.iter().map(|&s| s as f32));
+    collective.all_reduce_sum(&mut buffer)?;
+    let mut start = 0;
+    for (t, shape) in tensors.iter_mut().zip(shapes) {
+        let n = shape[0] * shape[1];
+        *t = from_vec(buffer[start..start + n].to_vec(), shape, &t.device());
+        start += n;
+    }
+    for (s, v) in scalars.iter_mut().zip(&buffer[offset..]) {
+        *s = *v as f64;
+    }
+    Ok(())
+}

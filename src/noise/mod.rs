@@ -1,0 +1,172 @@
+//! Gradient noise with the structure of the Fisher: the noise structures, the
+//! rules that set their scale, and the [`NoiseStage`] that applies them
+//! between backward and the optimizer step.
+
+pub mod rng;
+mod stage;
+
+pub use stage::{NoiseStage, NoisyGradient};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CovnoiseError, Result, check_non_negative, check_positive};
+use crate::moments::Estimator;
+
+/// The covariance structure S of the added noise (its covariance is c S).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoiseStructure {
+    /// No noise: plain large-batch SGD.
+    None,
+    /// `(tr S / d) I`: the same total variance as `diag`, no structure.
+    Isotropic,
+    /// `diag(S)`: the paper's method.
+    Diag,
+    /// The full batch Fisher, by multiplicative reweighting of the per-example
+    /// losses (no d x d matrix). `centered` uses `z - mean(z)`, giving the
+    /// centered batch covariance instead of the uncentered Fisher.
+    Full {
+        /// Center the weights (covariance Sigma_B instead of F_B).
+        centered: bool,
+    },
+}
+
+/// How the noise scale c is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "rule")]
+pub enum ScaleRule {
+    /// c = 1/B_S - 1/B_L: the large-batch gradient plus noise has the
+    /// covariance of a small-batch gradient at the same learning rate.
+    Paper {
+        /// The small batch B_S being imitated.
+        small_batch: usize,
+    },
+    /// c = (lr_S / lr_L) / B_S - 1/B_L, clamped at 0: matches SGD's
+    /// stationary spread (lr x covariance) when the two batch sizes run at
+    /// different learning rates.
+    Temperature {
+        /// The small batch B_S being imitated.
+        small_batch: usize,
+        /// The learning rate lr_S of the small-batch reference.
+        small_lr: f64,
+    },
+    /// A fixed c.
+    Fixed {
+        /// The scale c >= 0.
+        c: f64,
+    },
+}
+
+impl ScaleRule {
+    /// Resolves c for a run with global batch `large_batch` at peak
+    /// learning rate `lr` (before any multiplier).
+    pub fn resolve(&self, large_batch: usize, lr: f64) -> Result<f64> {
+        match *self {
+            ScaleRule::Paper { small_batch } => {
+                check_positive("small-batch", small_batch as f64)?;
+                if small_batch >= large_batch {
+                    return Err(CovnoiseError::SmallBatchNotSmaller {
+                        small: small_batch,
+                        large: large_batch,
+                    });
+                }
+                Ok(1.0 / small_batch as f64 - 1.0 / large_batch as f64)
+            }
+            ScaleRule::Temperature {
+                small_batch,
+                small_lr,
+            } => {
+                check_positive("small-batch", small_batch as f64)?;
+                check_positive("small-lr", small_lr)?;
+                check_positive("lr", lr)?;
+                Ok(((small_lr / lr) / small_batch as f64 - 1.0 / large_batch as f64).max(0.0))
+            }
+            ScaleRule::Fixed { c } => {
+                check_non_negative("noise-scale", c)?;
+                Ok(c)
+            }
+        }
+    }
+}
+
+/// The epochs during which noise is added: `from <= epoch < until`
+/// (0-based epochs; `until = None` means to the end of the run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NoiseWindow {
+    /// First epoch with noise (0-based).
+    pub from: usize,
+    /// First epoch without noise again, or None for the rest of the run.
+    pub until: Option<usize>,
+}
+
+impl NoiseWindow {
+    /// Whether noise is applied in `epoch`.
+    pub fn contains(&self, epoch: usize) -> bool {
+        epoch >= self.from && self.until.is_none_or(|u| epoch < u)
+    }
+}
+
+/// Everything that defines the noise stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NoiseConfig {
+    /// Covariance structure.
+    pub structure: NoiseStructure,
+    /// Estimator of diag(S) for `diag` and `isotropic`.
+    pub estimator: Estimator,
+    /// Scale rule for c.
+    pub scale: ScaleRule,
+    /// Multiplier kappa >= 0 on c (0 turns the noise off).
+    pub kappa: f64,
+    /// Epochs with noise.
+    pub window: NoiseWindow,
+    /// Moving-average coefficient for the estimate (None: no smoothing).
+    pub ema: Option<f64>,
+    /// Steps between fresh estimates (1: every step).
+    pub refresh_every: u64,
+}
+
+impl NoiseConfig {
+    /// Plain large-batch training.
+    pub fn none() -> Self {
+        Self {
+            structure: NoiseStructure::None,
+            estimator: Estimator::Exact,
+            scale: ScaleRule::Fixed { c: 0.0 },
+            kappa: 1.0,
+            window: NoiseWindow::default(),
+            ema: None,
+            refresh_every: 1,
+        }
+    }
+
+    /// The paper's method: diagonal-Fisher noise from the exact estimator,
+    /// scaled by c = 1/B_S - 1/B_L.
+    pub fn diag_fisher(small_batch: usize) -> Self {
+        Self {
+            structure: NoiseStructure::Diag,
+            scale: ScaleRule::Paper { small_batch },
+            ..Self::none()
+        }
+    }
+
+    /// Checks the settings that do not depend on the model or the batch.
+    pub fn validate(&self) -> Result<()> {
+        check_non_negative("kappa", self.kappa)?;
+        check_positive("refresh", self.refresh_every as f64)?;
+        if let Some(until) = self.window.until
+            && until <= self.window.from
+        {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "noise-until",
+                value: until.to_string(),
+                reason: "must be greater than noise-from",
+            });
+        }
+        if let Estimator::Microbatch { micro_batches } = self.estimator
+            && micro_batches < 2
+        {
+            return Err(CovnoiseError::TooFewMicroBatches(micro_batches));
+        }
+        Ok(())
+    }
+}

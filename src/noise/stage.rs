@@ -1,0 +1,282 @@
+//! The noise stage: one value with explicit state (seed, step, estimate) that
+//! turns a batch into a noisy gradient for the optimizer.
+
+use burn::tensor::Tensor;
+
+use super::rng::{normals, stream};
+use super::{NoiseConfig, NoiseStructure};
+use crate::collective::{Collective, SingleProcess};
+use crate::error::{CovnoiseError, Result};
+use crate::model::{BackwardRequest, Batch, GradientModel};
+use crate::moments::{self, MomentKind, SecondMoment, Smoother, StepContext, StepGradient};
+use crate::tensor_util::{from_vec, scalar};
+
+/// A gradient ready for the optimizer, and what went into it.
+#[derive(Debug, Clone)]
+pub struct NoisyGradient {
+    /// Mean gradient plus noise, one tensor per parameter.
+    pub grads: Vec<Tensor<2>>,
+    /// Mean cross-entropy over the global batch.
+    pub loss: f64,
+    /// Correct predictions in the global batch.
+    pub correct: usize,
+    /// Examples in the global batch.
+    pub examples: usize,
+    /// Expected total variance of the added noise, c tr(S); 0 without noise;
+    /// None for `full` noise (the multiplicative sampler never forms S).
+    pub noise_trace: Option<f64>,
+    /// The step this gradient was computed for.
+    pub step: u64,
+}
+
+/// Adds structured covariance noise to large-batch gradients.
+///
+/// ```text
+/// g_tilde = g_B + D xi,  xi ~ N(0, I),  D D^T = c S
+/// ```
+///
+/// The noise of step t is a pure function of (seed, t, parameter index), so
+/// data-parallel replicas sharing the seed add identical noise.
+pub struct NoiseStage {
+    config: NoiseConfig,
+    c: f64,
+    large_batch: usize,
+    seed: u64,
+    step: u64,
+    smoother: Smoother,
+    collective: Box<dyn Collective>,
+}
+
+impl std::fmt::Debug for NoiseStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoiseStage")
+            .field("config", &self.config)
+            .field("c", &self.c)
+            .field("large_batch", &self.large_batch)
+            .field("seed", &self.seed)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NoiseStage {
+    /// A stage for a run whose global batch is `large_batch` examples at peak
+    /// learning rate `lr`, keyed by `seed`. Validates the settings and
+    /// resolves the scale c (including kappa).
+    pub fn new(config: NoiseConfig, large_batch: usize, lr: f64, seed: u64) -> Result<Self> {
+        config.validate()?;
+        if large_batch == 0 {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "batch-size",
+                value: "0".into(),
+                reason: "must be >= 1",
+            });
+        }
+        let c = if config.structure == NoiseStructure::None {
+            0.0
+        } else {
+            config.scale.resolve(large_batch, lr)? * config.kappa
+        };
+        if let moments::Estimator::Microbatch { micro_batches } = config.estimator
+            && config.structure != NoiseStructure::None
+            && large_batch % micro_batches != 0
+        {
+            return Err(CovnoiseError::MicroBatchesDoNotDivide {
+                batch: large_batch,
+                micro_batches,
+            });
+        }
+        let smoother = Smoother::new(config.ema, config.refresh_every)?;
+        Ok(Self {
+            config,
+            c,
+            large_batch,
+            seed,
+            step: 0,
+            smoother,
+            collective: Box::new(SingleProcess),
+        })
+    }
+
+    /// Spreads each batch over a process group (see [`Collective`]).
+    pub fn with_collective(mut self, collective: Box<dyn Collective>) -> Self {
+        self.collective = collective;
+        self
+    }
+
+    /// The process group.
+    pub fn collective(&self) -> &dyn Collective {
+        self.collective.as_ref()
+    }
+
+    /// The resolved noise scale c (kappa included).
+    pub fn scale(&self) -> f64 {
+        self.c
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NoiseConfig {
+        &self.config
+    }
+
+    /// The next step to be computed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether noise is added during `epoch`.
+    pub fn active_in(&self, epoch: usize) -> bool {
+        self.c > 0.0 && self.config.window.contains(epoch)
+    }
+
+    /// Computes the gradient of `batch` (this process's shard of the global
+    /// batch), adds the noise due in `epoch`, and advances the step.
+    pub fn gradient(
+        &mut self,
+        model: &mut dyn GradientModel,
+        batch: &Batch,
+        epoch: usize,
+    ) -> Result<NoisyGradient> {
+        let step = self.step;
+        let world = self.collective.world_size();
+        if batch.len() * world != self.large_batch {
+            return Err(CovnoiseError::Shape(format!(
+                "batch of {} examples on each of {world} processes does not make the configured global batch of {}",
+                batch.len(),
+                self.large_batch
+            )));
+        }
+        let ctx = StepContext {
+            seed: self.seed,
+            step,
+            collective: self.collective.as_ref(),
+        };
+        let (mut step_grad, noise_trace) = if !self.active_in(epoch) {
+            (moments::plain_gradient(model, batch, &ctx)?, Some(0.0))
+        } else {
+            match self.config.structure {
+                NoiseStructure::None => unreachable!("c = 0 for structure none"),
+                NoiseStructure::Full { centered } => {
+                    (full_fisher_gradient(model, batch, centered, self.c, &ctx)?, None)
+                }
+                NoiseStructure::Diag | NoiseStructure::Isotropic => {
+                    let kind = if self.config.structure == NoiseStructure::Diag {
+                        MomentKind::Diag
+                    } else {
+                        MomentKind::Trace
+                    };
+                    let mut g = if self.smoother.needs_refresh(step) {
+                        moments::estimate(model, batch, self.config.estimator, kind, &ctx)?
+                    } else {
+                        moments::plain_gradient(model, batch, &ctx)?
+                    };
+                    if let Some(fresh) = g.moment.take() {
+                        self.smoother.update(fresh, step)?;
+                    }
+                    let moment = self.smoother.current().expect("refreshed above at least once");
+                    let trace = self.add_noise(&mut g.grads, &moment, step)?;
+                    (g, Some(trace))
+                }
+            }
+        };
+        check_finite(&step_grad, step)?;
+        self.step += 1;
+        Ok(NoisyGradient {
+            grads: std::mem::take(&mut step_grad.grads),
+            loss: step_grad.loss,
+            correct: step_grad.correct,
+            examples: step_grad.examples,
+            noise_trace,
+            step,
+        })
+    }
+
+    /// Adds `D xi` with `D D^T = c S` to `grads` for the second moment
+    /// `moment` (diagonal, or isotropic from its trace), using the noise of
+    /// `step`. Returns the expected total variance c tr(S).
+    pub fn add_noise(
+        &self,
+        grads: &mut [Tensor<2>],
+        moment: &SecondMoment,
+        step: u64,
+    ) -> Result<f64> {
+        let d: usize = grads.iter().map(|g| g.dims()[0] * g.dims()[1]).sum();
+        let trace = moment.trace();
+        match moment {
+            SecondMoment::Diag(diag) => {
+                if diag.len() != grads.len() {
+                    return Err(CovnoiseError::Shape(
+                        "second moment and gradients have different parameter counts".into(),
+                    ));
+                }
+                for (p, (g, s)) in grads.iter_mut().zip(diag).enumerate() {
+                    let xi = standard_normal_like(g, self.seed, step, p as u64);
+                    *g = g.clone() + xi * (s.clone() * self.c as f32).sqrt();
+                }
+            }
+            SecondMoment::Trace(t) => {
+                let std = (self.c * t / d as f64).sqrt() as f32;
+                for (p, g) in grads.iter_mut().enumerate() {
+                    let xi = standard_normal_like(g, self.seed, step, p as u64);
+                    *g = g.clone() + xi * std;
+                }
+            }
+        }
+        Ok(self.c * trace)
+    }
+}
+
+/// Standard normals shaped like `like`, keyed by `(seed, step, parameter)`.
+fn standard_normal_like(like: &Tensor<2>, seed: u64, step: u64, param: u64) -> Tensor<2> {
+    let [r, c] = like.dims();
+    from_vec(normals(seed, step, param, r * c), [r, c], &like.device())
+}
+
+/// Full-Fisher noise by multiplicative sampling: the loss
+/// `(1/B) sum_i (1 + s z_i) l_i` with `z_i ~ N(0, 1)` has gradient
+/// `g_B + (s/B) sum_i z_i grad l_i`, whose noise has covariance
+/// `(s^2/B) F_B`; `s^2 = c B` gives `c F_B`. Centering z gives `c Sigma_B`.
+/// The weights are drawn for the global batch, so sharding does not change
+/// them.
+fn full_fisher_gradient(
+    model: &mut dyn GradientModel,
+    batch: &Batch,
+    centered: bool,
+    c: f64,
+    ctx: &StepContext,
+) -> Result<StepGradient> {
+    let local = batch.len();
+    let global = local * ctx.collective.world_size();
+    let mut z = normals(ctx.seed, ctx.step, stream::FULL_WEIGHTS, global);
+    if centered {
+        let mean = z.iter().map(|&v| v as f64).sum::<f64>() / global as f64;
+        z.iter_mut().for_each(|v| *v -= mean as f32);
+    }
+    let s = (c * global as f64).sqrt() as f32;
+    let offset = ctx.collective.rank() * local;
+    let weights: Vec<f32> = z[offset..offset + local].iter().map(|&zi| 1.0 + s * zi).collect();
+    let out = model.backward(
+        batch,
+        &BackwardRequest {
+            example_weights: Some(&weights),
+            update_running_stats: true,
+            ..Default::default()
+        },
+    )?;
+    moments::reduce_step(out.grads, out.loss, out.correct, local, None, ctx)
+}
+
+/// A NaN or infinite loss or gradient is an error, never a silent update.
+fn check_finite(g: &StepGradient, step: u64) -> Result<()> {
+    if !g.loss.is_finite() {
+        return Err(CovnoiseError::NonFiniteLoss {
+            step,
+            loss: g.loss as f32,
+        });
+    }
+    let sq: f64 = g.grads.iter().map(|t| scalar(t.clone().square().sum())).sum();
+    if !sq.is_finite() {
+        return Err(CovnoiseError::NonFiniteGradient { step });
+    }
+    Ok(())
+}
