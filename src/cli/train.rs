@@ -1,0 +1,343 @@
+//! `covnoise train`: flags (or a TOML file) -> settings -> data -> run
+//! directory -> the library's training loop.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use covnoise::data::{DatasetKind, LoadOptions, TrainTest};
+use covnoise::train::settings::{EstimatorName, NoiseName, ScaleName, ScheduleName};
+use covnoise::train::{EpochMetrics, Progress, RunDir, TrainSettings, Trainer};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Settings of `covnoise train`. Every flag overrides the same key of
+/// `--config FILE`; unset flags keep the file's value or the default shown.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// TOML file with any of the settings below (keys as the long flag
+    /// names without dashes in front, e.g. `batch-size = 4096`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Run directory to write (config.toml, metrics.jsonl, summary.json).
+    #[arg(long, value_name = "RUN_DIR")]
+    pub out: Option<PathBuf>,
+    /// Replace the run files in an existing, non-empty run directory.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Print nothing but errors and the final line.
+    #[arg(long)]
+    pub quiet: bool,
+
+    /// Directory with the four Fashion-MNIST IDX files (plain or .gz)
+    /// [default: $COVNOISE_DATA, then /usr/share/datasets/fashion-mnist].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Use only the first N training examples.
+    #[arg(long, value_name = "N")]
+    pub train_limit: Option<usize>,
+    /// Use only the first N test examples.
+    #[arg(long, value_name = "N")]
+    pub test_limit: Option<usize>,
+
+    /// Hidden layer widths, comma-separated [default: 512,512].
+    #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
+    pub hidden: Option<Vec<usize>>,
+    /// Batch normalization after each hidden layer (statistics over the whole batch).
+    #[arg(long)]
+    pub batch_norm: bool,
+    /// Ghost batch normalization: statistics over sub-batches of N (Hoffer et al. 2017).
+    #[arg(long, value_name = "N")]
+    pub ghost_batch: Option<usize>,
+
+    /// Global batch size B (the large batch B_L) [default: 4096].
+    #[arg(long, value_name = "B")]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate [default: 0.2].
+    #[arg(long, value_name = "LR", allow_negative_numbers = true)]
+    pub lr: Option<f64>,
+    /// SGD momentum (PyTorch semantics) [default: 0.9].
+    #[arg(long, value_name = "BETA", allow_negative_numbers = true)]
+    pub momentum: Option<f64>,
+    /// Nesterov momentum.
+    #[arg(long)]
+    pub nesterov: bool,
+    /// L2 weight decay, added to the gradient as PyTorch's SGD does [default: 0].
+    #[arg(long, value_name = "WD", allow_negative_numbers = true)]
+    pub weight_decay: Option<f64>,
+    /// Number of epochs [default: 10].
+    #[arg(long, value_name = "E")]
+    pub epochs: Option<usize>,
+    /// Learning-rate schedule after warmup [default: cosine].
+    #[arg(long, value_enum)]
+    pub schedule: Option<ScheduleName>,
+    /// Multistep milestones: 0-based epochs at which the rate is multiplied by --gamma.
+    #[arg(long, value_delimiter = ',', value_name = "E,E,...")]
+    pub milestones: Option<Vec<usize>>,
+    /// Multistep factor [default: 0.1].
+    #[arg(long, value_name = "G")]
+    pub gamma: Option<f64>,
+    /// Linear warmup over the first W epochs' steps, multiplying the schedule [default: 2].
+    #[arg(long, value_name = "W")]
+    pub warmup_epochs: Option<usize>,
+
+    /// Noise structure added to the gradient [default: none].
+    #[arg(long, value_enum)]
+    pub noise: Option<NoiseName>,
+    /// With --noise full: center the multiplicative weights (covariance Sigma_B instead of F_B).
+    #[arg(long)]
+    pub centered: bool,
+    /// Estimator of diag(F) for diag and isotropic noise [default: exact].
+    #[arg(long, value_enum)]
+    pub estimator: Option<EstimatorName>,
+    /// Number of micro-batches M for --estimator microbatch (M >= 2, dividing B) [default: 16].
+    #[arg(long, value_name = "M")]
+    pub micro_batches: Option<usize>,
+    /// Small batch B_S whose gradient noise is imitated [default: 128].
+    #[arg(long, value_name = "B_S")]
+    pub small_batch: Option<usize>,
+    /// Scale rule: paper c = 1/B_S - 1/B_L; temperature c = (lr_S/lr_L)/B_S - 1/B_L (clamped at 0); fixed c = --noise-scale [default: paper].
+    #[arg(long, value_enum)]
+    pub scale: Option<ScaleName>,
+    /// Learning rate lr_S of the small-batch reference (temperature rule).
+    #[arg(long, value_name = "LR_S")]
+    pub small_lr: Option<f64>,
+    /// The noise scale c for --scale fixed.
+    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    pub noise_scale: Option<f64>,
+    /// Multiplier kappa >= 0 on c; 0 gives plain large-batch training [default: 1].
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    pub kappa: Option<f64>,
+    /// First epoch (0-based) with noise [default: 0].
+    #[arg(long, value_name = "EPOCH")]
+    pub noise_from: Option<usize>,
+    /// First epoch (0-based) without noise again [default: end of run].
+    #[arg(long, value_name = "EPOCH")]
+    pub noise_until: Option<usize>,
+    /// Exponential moving average of the estimate across refreshes, beta in [0, 1) [default: off].
+    #[arg(long, value_name = "BETA")]
+    pub ema: Option<f64>,
+    /// Re-estimate diag(F) every K steps, reusing the last estimate in between [default: 1].
+    #[arg(long, value_name = "K")]
+    pub refresh: Option<u64>,
+
+    /// Seed for initialization, shuffling and noise [default: 0].
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Worker threads [default: all cores].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Evaluation batch size (does not change results) [default: 2000].
+    #[arg(long, value_name = "N")]
+    pub eval_batch: Option<usize>,
+}
+
+impl TrainArgs {
+    /// The settings: defaults, then `--config`, then the flags given.
+    pub fn settings(&self) -> anyhow::Result<TrainSettings> {
+        let mut s = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config {}", path.display()))?;
+                TrainSettings::from_toml(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message().trim()))?
+            }
+            None => TrainSettings::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone(); } )* };
+        }
+        macro_rules! set_opt {
+            ($($field:ident),*) => { $( if self.$field.is_some() { s.$field = self.$field.clone(); } )* };
+        }
+        set!(
+            hidden,
+            batch_size,
+            lr,
+            momentum,
+            weight_decay,
+            epochs,
+            schedule,
+            milestones,
+            gamma,
+            warmup_epochs,
+            noise,
+            estimator,
+            micro_batches,
+            small_batch,
+            scale,
+            kappa,
+            noise_from,
+            refresh,
+            seed,
+            eval_batch
+        );
+        set_opt!(
+            data,
+            train_limit,
+            test_limit,
+            ghost_batch,
+            small_lr,
+            noise_scale,
+            noise_until,
+            ema,
+            threads
+        );
+        s.batch_norm |= self.batch_norm;
+        s.nesterov |= self.nesterov;
+        s.centered |= self.centered;
+        Ok(s)
+    }
+}
+
+/// Runs `covnoise train`.
+pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    settings.validate()?;
+    super::set_threads(settings.threads)?;
+    let data = load_data(&settings)?;
+    let mut trainer = Trainer::new(
+        &settings,
+        &data,
+        Box::new(covnoise::collective::SingleProcess),
+    )?;
+    let run_dir = match &args.out {
+        Some(path) => Some(RunDir::create(path, args.overwrite)?),
+        None => None,
+    };
+    if let Some(dir) = &run_dir {
+        dir.write(
+            "config.toml",
+            config_record(&settings, &data, &trainer, 1)?.as_bytes(),
+        )?;
+    }
+    let mut progress = TerminalProgress::new(args.quiet);
+    let summary = trainer.run(run_dir.as_ref(), &mut progress)?;
+    println!(
+        "test accuracy {:.4}  test loss {:.4}  train accuracy {:.4}  train loss {:.4}  {:.1}s/epoch  c = {:.3e}{}",
+        summary.test_accuracy,
+        summary.test_loss,
+        summary.train_accuracy,
+        summary.train_loss,
+        summary.seconds_per_epoch,
+        summary.noise_scale,
+        args.out
+            .as_ref()
+            .map_or(String::new(), |p| format!("  -> {}", p.display()))
+    );
+    Ok(())
+}
+
+/// Loads Fashion-MNIST as the settings say.
+pub fn load_data(settings: &TrainSettings) -> anyhow::Result<TrainTest> {
+    let opts = LoadOptions {
+        train_limit: settings.train_limit,
+        test_limit: settings.test_limit,
+    };
+    Ok(DatasetKind::FashionMnist.load(settings.data.as_deref(), &opts)?)
+}
+
+/// `config.toml`: every resolved setting plus where the data came from, the
+/// resolved noise scale, and the code version.
+pub fn config_record(
+    settings: &TrainSettings,
+    data: &TrainTest,
+    trainer: &Trainer,
+    world_size: usize,
+) -> anyhow::Result<String> {
+    let mut table = toml::Table::try_from(settings).context("serializing settings")?;
+    let mut meta = toml::Table::new();
+    meta.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    meta.insert("git-commit".into(), env!("COVNOISE_GIT_COMMIT").into());
+    meta.insert("noise-scale-c".into(), trainer.noise_scale().into());
+    meta.insert(
+        "steps-per-epoch".into(),
+        (trainer.steps_per_epoch() as i64).into(),
+    );
+    meta.insert("world-size".into(), (world_size as i64).into());
+    meta.insert(
+        "threads".into(),
+        (rayon::current_num_threads() as i64).into(),
+    );
+    meta.insert("train-examples".into(), (data.train.n as i64).into());
+    meta.insert("test-examples".into(), (data.test.n as i64).into());
+    meta.insert("data-mean".into(), data.standardization.mean.into());
+    meta.insert("data-std".into(), data.standardization.std.into());
+    meta.insert(
+        "data".into(),
+        toml::Value::try_from(&data.source).context("serializing data source")?,
+    );
+    table.insert("meta".into(), meta.into());
+    Ok(toml::to_string(&table)?)
+}
+
+/// A progress bar on a terminal, plain per-epoch lines otherwise.
+pub struct TerminalProgress {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+    epochs: usize,
+}
+
+impl TerminalProgress {
+    /// Chooses the bar when stderr is a terminal and not `quiet`.
+    pub fn new(quiet: bool) -> Self {
+        Self {
+            quiet,
+            bar: None,
+            epochs: 0,
+        }
+    }
+}
+
+fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
+    format!(
+        "epoch {:>3}/{epochs}  lr {:.4}  train loss {:.4} acc {:.4}  test loss {:.4} acc {:.4}  noise {}  {:.1}s",
+        m.epoch,
+        m.lr,
+        m.train_loss,
+        m.train_accuracy,
+        m.test_loss,
+        m.test_accuracy,
+        m.noise_trace
+            .map_or("-".to_string(), |t| format!("{t:.3e}")),
+        m.seconds
+    )
+}
+
+impl Progress for TerminalProgress {
+    fn start(&mut self, epochs: usize, steps_per_epoch: usize) {
+        self.epochs = epochs;
+        if !self.quiet && std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new((epochs * steps_per_epoch) as u64);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  [{elapsed} < {eta}]",
+                )
+                .expect("valid template"),
+            );
+            self.bar = Some(bar);
+        }
+    }
+
+    fn step(&mut self, epoch: usize, _k: usize, loss: f64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+            bar.set_message(format!("epoch {} loss {loss:.4}", epoch + 1));
+        }
+    }
+
+    fn epoch(&mut self, m: &EpochMetrics) {
+        let line = epoch_line(m, self.epochs);
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None if !self.quiet => println!("{line}"),
+            None => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
