@@ -66,3 +66,30 @@ pub fn all_reduce_packed(
     }
     Ok(())
 }
+
+/// Whether every process holds bit-identical `tensors`: each process puts a
+/// 32-bit hash of its values (as two 16-bit halves, exact in float32) in its
+/// own slot of a zeroed buffer, one all-reduce gathers all slots, and every
+/// process compares them.
+pub fn replicas_identical(collective: &dyn Collective, tensors: &[Tensor<2>]) -> Result<bool> {
+    let world = collective.world_size();
+    if world == 1 {
+        return Ok(true);
+    }
+    // FNV-1a over the bit patterns: any differing bit changes the hash.
+    let mut hash: u32 = 0x811c_9dc5;
+    for t in tensors {
+        for v in to_vec(t)? {
+            for byte in v.to_bits().to_le_bytes() {
+                hash ^= byte as u32;
+                hash = hash.wrapping_mul(0x0100_0193);
+            }
+        }
+    }
+    let mut slots = vec![0.0f32; 2 * world];
+    let r = collective.rank();
+    slots[2 * r] = (hash >> 16) as f32;
+    slots[2 * r + 1] = (hash & 0xffff) as f32;
+    collective.all_reduce_sum(&mut slots)?;
+    Ok(slots.chunks(2).all(|s| s == &slots[..2]))
+}

@@ -1,7 +1,16 @@
-fn main() {
-    std::process::exit(covnoise_cli_main());
-}
+//! The `covnoise` command: a thin shell over the library.
 
-fn covnoise_cli_main() -> i32 {
-    0
+mod cli;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    match cli::run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line for the user, no backtrace: `{:#}` joins the context chain.
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -31,7 +31,9 @@ fn mlp(input: usize, hidden: &[usize], classes: usize, seed: u64) -> Mlp {
 /// A random batch: standard-normal features, uniform labels.
 fn random_batch(b: usize, input: usize, classes: usize, seed: u64) -> Batch {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let x: Vec<f32> = (0..b * input).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let x: Vec<f32> = (0..b * input)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
     let labels = (0..b).map(|_| rng.random_range(0..classes) as u8).collect();
     Batch {
         x: from_vec(x, [b, input], &device()),
@@ -108,8 +110,14 @@ fn check_exact_against_brute_force(hidden: &[usize], b: usize, seed: u64) {
     let (input, classes) = (7, 5);
     let mut model = mlp(input, hidden, classes, seed);
     let batch = random_batch(b, input, classes, seed + 1);
-    let out = moments::estimate(&mut model, &batch, Estimator::Exact, MomentKind::Diag, &ctx(0))
-        .unwrap();
+    let out = moments::estimate(
+        &mut model,
+        &batch,
+        Estimator::Exact,
+        MomentKind::Diag,
+        &ctx(0),
+    )
+    .unwrap();
     let est = diag(out.moment.as_ref().unwrap());
     let per = per_example_grads(&mut model, &batch, None);
     let d = per[0].len();
@@ -128,13 +136,22 @@ fn check_exact_against_brute_force(hidden: &[usize], b: usize, seed: u64) {
         assert!(err <= 1e-4, "param {p}: relative error {err}");
     }
     // The trace path (norm trick) agrees with the sum of the diagonal.
-    let tr = moments::estimate(&mut model, &batch, Estimator::Exact, MomentKind::Trace, &ctx(0))
-        .unwrap()
-        .moment
-        .unwrap()
-        .trace();
+    let tr = moments::estimate(
+        &mut model,
+        &batch,
+        Estimator::Exact,
+        MomentKind::Trace,
+        &ctx(0),
+    )
+    .unwrap()
+    .moment
+    .unwrap()
+    .trace();
     let tr_ref: f64 = reference.iter().sum();
-    assert!((tr - tr_ref).abs() <= 1e-4 * tr_ref, "trace {tr} vs {tr_ref}");
+    assert!(
+        (tr - tr_ref).abs() <= 1e-4 * tr_ref,
+        "trace {tr} vs {tr_ref}"
+    );
     // The mean gradient is the mean of the per-example gradients.
     let mean: Vec<f64> = (0..d)
         .map(|j| per.iter().map(|g| g[j]).sum::<f64>() / b as f64)
@@ -207,7 +224,9 @@ fn microbatch_estimator_is_unbiased_for_the_centered_variance() {
     // Brute-force population variance of per-example gradients (1/N).
     let per = per_example_grads(&mut model, &population, None);
     let d = per[0].len();
-    let mean: Vec<f64> = (0..d).map(|j| per.iter().map(|g| g[j]).sum::<f64>() / pop as f64).collect();
+    let mean: Vec<f64> = (0..d)
+        .map(|j| per.iter().map(|g| g[j]).sum::<f64>() / pop as f64)
+        .collect();
     let sigma: Vec<f64> = (0..d)
         .map(|j| per.iter().map(|g| (g[j] - mean[j]).powi(2)).sum::<f64>() / pop as f64)
         .collect();
@@ -220,7 +239,10 @@ fn microbatch_estimator_is_unbiased_for_the_centered_variance() {
     let mut acc = Running::new(d);
     for r in 0..reps {
         let idx: Vec<usize> = (0..m * b).map(|_| rng.random_range(0..pop)).collect();
-        let x: Vec<f32> = idx.iter().flat_map(|&i| x_all[i * input..(i + 1) * input].to_vec()).collect();
+        let x: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| x_all[i * input..(i + 1) * input].to_vec())
+            .collect();
         let batch = Batch {
             x: from_vec(x, [m * b, input], &device()),
             labels: idx.iter().map(|&i| population.labels[i]).collect(),
@@ -236,14 +258,27 @@ fn microbatch_estimator_is_unbiased_for_the_centered_variance() {
         acc.push(&diag(out.moment.as_ref().unwrap()));
     }
     let est = acc.mean();
-    let err = norm(&est.iter().zip(&sigma).map(|(a, b)| a - b).collect::<Vec<_>>());
+    let err = norm(
+        &est.iter()
+            .zip(&sigma)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+    );
     // The error norm's expected size is sqrt(sum_j var_j / R) (estimated from
     // the same draws); over d ~ 100 coordinates its square concentrates, so
     // 4 times that is a bound a correct estimator essentially never exceeds,
     // while a wrong factor (b/M instead of b/(M-1) is a 25% bias) does.
     let tol = 4.0 * acc.mean_error_norm();
-    assert!(err <= tol, "error {err} > tolerance {tol} (|sigma| = {})", norm(&sigma));
-    assert!(tol < 0.15 * norm(&sigma), "test too weak: tolerance {tol}, |sigma| {}", norm(&sigma));
+    assert!(
+        err <= tol,
+        "error {err} > tolerance {tol} (|sigma| = {})",
+        norm(&sigma)
+    );
+    assert!(
+        tol < 0.15 * norm(&sigma),
+        "test too weak: tolerance {tol}, |sigma| {}",
+        norm(&sigma)
+    );
 }
 
 #[test]
@@ -272,12 +307,23 @@ fn mc_fisher_matches_the_expected_fisher_over_model_labels() {
     }
     let mut acc = Running::new(reference.len());
     for step in 0..800 {
-        let out = moments::estimate(&mut model, &batch, Estimator::McFisher, MomentKind::Diag, &ctx(step))
-            .unwrap();
+        let out = moments::estimate(
+            &mut model,
+            &batch,
+            Estimator::McFisher,
+            MomentKind::Diag,
+            &ctx(step),
+        )
+        .unwrap();
         acc.push(&diag(out.moment.as_ref().unwrap()));
     }
     let est = acc.mean();
-    let err = norm(&est.iter().zip(&reference).map(|(a, b)| a - b).collect::<Vec<_>>());
+    let err = norm(
+        &est.iter()
+            .zip(&reference)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+    );
     // Same Monte-Carlo bound as for the micro-batch estimator.
     let tol = 4.0 * acc.mean_error_norm();
     assert!(err <= tol, "error {err} > tolerance {tol}");
@@ -301,11 +347,17 @@ fn assert_covariance(draws: &[Vec<f64>], expected: &[f64], label: &str) {
             if se > 0.0 {
                 worst = worst.max((emp - c).abs() / se);
             } else {
-                assert!(emp.abs() < 1e-12, "{label}: ({i},{j}) should be exactly 0, got {emp}");
+                assert!(
+                    emp.abs() < 1e-12,
+                    "{label}: ({i},{j}) should be exactly 0, got {emp}"
+                );
             }
         }
     }
-    assert!(worst < 5.0, "{label}: worst entry is {worst} standard errors off");
+    assert!(
+        worst < 5.0,
+        "{label}: worst entry is {worst} standard errors off"
+    );
 }
 
 fn tiny_model() -> (Mlp, Batch) {
@@ -321,10 +373,16 @@ const DRAWS: u64 = 20_000;
 fn diag_and_isotropic_noise_have_covariance_c_s_and_equal_trace() {
     let (mut model, batch) = tiny_model();
     let d = model.num_params();
-    let s = moments::estimate(&mut model, &batch, Estimator::Exact, MomentKind::Diag, &ctx(0))
-        .unwrap()
-        .moment
-        .unwrap();
+    let s = moments::estimate(
+        &mut model,
+        &batch,
+        Estimator::Exact,
+        MomentKind::Diag,
+        &ctx(0),
+    )
+    .unwrap()
+    .moment
+    .unwrap();
     let s_flat = diag(&s);
     let trace: f64 = s_flat.iter().sum();
     let c = 1.0 / 2.0 - 1.0 / 8.0;
@@ -340,7 +398,10 @@ fn diag_and_isotropic_noise_have_covariance_c_s_and_equal_trace() {
     .unwrap();
     assert!((stage.scale() - c).abs() < 1e-15);
     let zeros: Vec<Tensor<2>> = model.params().iter().map(|p| p.zeros_like()).collect();
-    for (moment, label) in [(s.clone(), "diag"), (SecondMoment::Trace(trace), "isotropic")] {
+    for (moment, label) in [
+        (s.clone(), "diag"),
+        (SecondMoment::Trace(trace), "isotropic"),
+    ] {
         let mut draws = Vec::new();
         let mut traces = Vec::new();
         for step in 0..DRAWS {
@@ -368,7 +429,9 @@ fn full_noise_has_the_batch_fisher_as_covariance() {
         let b = batch.len();
         let per = per_example_grads(&mut model, &batch, None);
         let d = per[0].len();
-        let mean: Vec<f64> = (0..d).map(|j| per.iter().map(|g| g[j]).sum::<f64>() / b as f64).collect();
+        let mean: Vec<f64> = (0..d)
+            .map(|j| per.iter().map(|g| g[j]).sum::<f64>() / b as f64)
+            .collect();
         let c = 0.05;
         // Brute-force F_B = (1/B) sum_i g_i g_i^T, or Sigma_B = F_B - g g^T.
         let mut expected = vec![0.0; d * d];
@@ -385,13 +448,21 @@ fn full_noise_has_the_batch_fisher_as_covariance() {
             ..NoiseConfig::none()
         };
         let mut stage = NoiseStage::new(config, b, 0.1, 17).unwrap();
-        let plain = flat(&moments::plain_gradient(&mut model, &batch, &ctx(0)).unwrap().grads);
+        let plain = flat(
+            &moments::plain_gradient(&mut model, &batch, &ctx(0))
+                .unwrap()
+                .grads,
+        );
         let mut draws = Vec::new();
         for _ in 0..DRAWS {
             let g = flat(&stage.gradient(&mut model, &batch, 0).unwrap().grads);
             draws.push(g.iter().zip(&plain).map(|(a, b)| a - b).collect());
         }
-        assert_covariance(&draws, &expected, if centered { "full centered" } else { "full" });
+        assert_covariance(
+            &draws,
+            &expected,
+            if centered { "full centered" } else { "full" },
+        );
     }
 }
 
@@ -425,7 +496,10 @@ fn kappa_zero_and_structure_none_reproduce_plain_training_exactly() {
     // A window that excludes epoch 0 is plain too.
     let later = train_steps(
         NoiseConfig {
-            window: NoiseWindow { from: 1, until: None },
+            window: NoiseWindow {
+                from: 1,
+                until: None,
+            },
             ..NoiseConfig::diag_fisher(4)
         },
         9,
@@ -510,11 +584,17 @@ fn sgd_matches_pytorch_semantics_by_hand() {
     assert!(close(&sgd_trace(m, 2), &[0.94, 0.8266]));
     // Nesterov: d1 = 0.6 + 0.9 * 0.6 = 1.14, p = 0.886;
     // d2 = 0.5886, buf = 0.54 + 0.5886 = 1.1286, d = 0.5886 + 1.01574, p = 0.725566.
-    let n = SgdConfig { nesterov: true, ..m };
+    let n = SgdConfig {
+        nesterov: true,
+        ..m
+    };
     assert!(close(&sgd_trace(n, 2), &[0.886, 0.725566]));
     // Dampening 0.5 (first step undampened, as PyTorch): buf2 = 0.54 + 0.297 = 0.837,
     // p = 0.94 - 0.0837 = 0.8563.
-    let dmp = SgdConfig { dampening: 0.5, ..m };
+    let dmp = SgdConfig {
+        dampening: 0.5,
+        ..m
+    };
     assert!(close(&sgd_trace(dmp, 2), &[0.94, 0.8563]));
 }
 
@@ -530,49 +610,110 @@ fn schedules_match_hand_computed_values() {
     // at t = 4: 0.5 * 0.5 (1 + cos(0.04 pi)).
     let cos = LrSchedule::new(0.2, ScheduleKind::Cosine, 10, 100, 10).unwrap();
     assert!(close(cos.lr_at(50), 0.1));
-    assert!(close(cos.lr_at(4), 0.2 * 0.5 * 0.5 * (1.0 + (0.04 * std::f64::consts::PI).cos())));
+    assert!(close(
+        cos.lr_at(4),
+        0.2 * 0.5 * 0.5 * (1.0 + (0.04 * std::f64::consts::PI).cos())
+    ));
     // Multistep at epochs 2 and 4, 10 steps per epoch, gamma 0.1.
-    let ms = ScheduleKind::Multistep { milestones: vec![2, 4], gamma: 0.1 };
+    let ms = ScheduleKind::Multistep {
+        milestones: vec![2, 4],
+        gamma: 0.1,
+    };
     let m = LrSchedule::new(1.0, ms, 0, 100, 10).unwrap();
     assert!(close(m.lr_at(19), 1.0) && close(m.lr_at(20), 0.1) && close(m.lr_at(45), 0.01));
     assert!(matches!(
-        LrSchedule::new(1.0, ScheduleKind::Multistep { milestones: vec![4, 2], gamma: 0.1 }, 0, 10, 1),
+        LrSchedule::new(
+            1.0,
+            ScheduleKind::Multistep {
+                milestones: vec![4, 2],
+                gamma: 0.1
+            },
+            0,
+            10,
+            1
+        ),
         Err(CovnoiseError::InvalidSetting { .. })
     ));
-    assert!((covnoise::optim::LrScaling::Sqrt.scale(0.1, 4096, 128) - 0.1 * 32f64.sqrt()).abs() < 1e-12);
+    assert!(
+        (covnoise::optim::LrScaling::Sqrt.scale(0.1, 4096, 128) - 0.1 * 32f64.sqrt()).abs() < 1e-12
+    );
     assert!((covnoise::optim::LrScaling::Linear.scale(0.1, 4096, 128) - 3.2).abs() < 1e-12);
 }
 
 #[test]
 fn impossible_settings_are_typed_errors() {
     let err = NoiseStage::new(NoiseConfig::diag_fisher(4096), 4096, 0.1, 0).unwrap_err();
-    assert_eq!(err, CovnoiseError::SmallBatchNotSmaller { small: 4096, large: 4096 });
+    assert_eq!(
+        err,
+        CovnoiseError::SmallBatchNotSmaller {
+            small: 4096,
+            large: 4096
+        }
+    );
     assert!(err.to_string().contains("B_S = 4096"));
     let micro = |m| NoiseConfig {
         estimator: Estimator::Microbatch { micro_batches: m },
         ..NoiseConfig::diag_fisher(4)
     };
-    assert_eq!(NoiseStage::new(micro(1), 64, 0.1, 0).unwrap_err(), CovnoiseError::TooFewMicroBatches(1));
+    assert_eq!(
+        NoiseStage::new(micro(1), 64, 0.1, 0).unwrap_err(),
+        CovnoiseError::TooFewMicroBatches(1)
+    );
     assert_eq!(
         NoiseStage::new(micro(5), 64, 0.1, 0).unwrap_err(),
-        CovnoiseError::MicroBatchesDoNotDivide { batch: 64, micro_batches: 5 }
+        CovnoiseError::MicroBatchesDoNotDivide {
+            batch: 64,
+            micro_batches: 5
+        }
     );
-    let neg = NoiseConfig { kappa: -1.0, ..NoiseConfig::diag_fisher(4) };
-    assert!(matches!(NoiseStage::new(neg, 64, 0.1, 0), Err(CovnoiseError::InvalidSetting { name: "kappa", .. })));
+    let neg = NoiseConfig {
+        kappa: -1.0,
+        ..NoiseConfig::diag_fisher(4)
+    };
+    assert!(matches!(
+        NoiseStage::new(neg, 64, 0.1, 0),
+        Err(CovnoiseError::InvalidSetting { name: "kappa", .. })
+    ));
     let dev = device();
     let mut p = vec![from_vec(vec![1.0], [1, 1], &dev)];
     let g = vec![from_vec(vec![1.0], [1, 1], &dev)];
     let mut sgd = Sgd::new(SgdConfig::default()).unwrap();
-    assert!(matches!(sgd.step(&mut p, &g, -0.1), Err(CovnoiseError::InvalidSetting { name: "lr", .. })));
-    assert!(Sgd::new(SgdConfig { nesterov: true, ..Default::default() }).is_err());
+    assert!(matches!(
+        sgd.step(&mut p, &g, -0.1),
+        Err(CovnoiseError::InvalidSetting { name: "lr", .. })
+    ));
+    assert!(
+        Sgd::new(SgdConfig {
+            nesterov: true,
+            ..Default::default()
+        })
+        .is_err()
+    );
     // Per-example estimators refuse batch norm instead of skipping its parameters.
-    let bn = MlpConfig { input: 3, hidden: vec![4], classes: 2, normalization: Normalization::BatchNorm };
+    let bn = MlpConfig {
+        input: 3,
+        hidden: vec![4],
+        classes: 2,
+        normalization: Normalization::BatchNorm,
+    };
     let mut bn_model = Mlp::new(bn, 0, &dev).unwrap();
     let batch = random_batch(8, 3, 2, 0);
-    let e = moments::estimate(&mut bn_model, &batch, Estimator::Exact, MomentKind::Diag, &ctx(0)).unwrap_err();
+    let e = moments::estimate(
+        &mut bn_model,
+        &batch,
+        Estimator::Exact,
+        MomentKind::Diag,
+        &ctx(0),
+    )
+    .unwrap_err();
     assert!(matches!(e, CovnoiseError::Unsupported(_)), "{e}");
     // Micro-batches may not split ghost batches.
-    let ghost = MlpConfig { input: 3, hidden: vec![4], classes: 2, normalization: Normalization::GhostBatchNorm(4) };
+    let ghost = MlpConfig {
+        input: 3,
+        hidden: vec![4],
+        classes: 2,
+        normalization: Normalization::GhostBatchNorm(4),
+    };
     let mut ghost_model = Mlp::new(ghost, 0, &dev).unwrap();
     let batch = random_batch(12, 3, 2, 0);
     let mb = Estimator::Microbatch { micro_batches: 2 };
@@ -589,7 +730,11 @@ fn a_nan_gradient_is_an_error_not_an_update() {
     let mut stage = NoiseStage::new(NoiseConfig::diag_fisher(2), 8, 0.1, 0).unwrap();
     let err = stage.gradient(&mut model, &batch, 0).unwrap_err();
     assert!(
-        matches!(err, CovnoiseError::NonFiniteLoss { step: 0, .. } | CovnoiseError::NonFiniteGradient { step: 0 }),
+        matches!(
+            err,
+            CovnoiseError::NonFiniteLoss { step: 0, .. }
+                | CovnoiseError::NonFiniteGradient { step: 0 }
+        ),
         "{err}"
     );
     // The failed step is not counted.
@@ -601,13 +746,26 @@ fn ghost_batch_norm_normalizes_each_ghost_batch() {
     // Brute force: with ghost batches of 4, the loss of a batch of 8 equals
     // the mean of the losses of its two halves run as separate batches.
     let dev = device();
-    let cfg = MlpConfig { input: 3, hidden: vec![5], classes: 3, normalization: Normalization::GhostBatchNorm(4) };
+    let cfg = MlpConfig {
+        input: 3,
+        hidden: vec![5],
+        classes: 3,
+        normalization: Normalization::GhostBatchNorm(4),
+    };
     let mut model = Mlp::new(cfg, 4, &dev).unwrap();
     let batch = random_batch(8, 3, 3, 5);
     let whole = model.backward(&batch, &Default::default()).unwrap();
-    let a = model.backward(&batch.slice(0, 4), &Default::default()).unwrap();
-    let b = model.backward(&batch.slice(4, 4), &Default::default()).unwrap();
+    let a = model
+        .backward(&batch.slice(0, 4), &Default::default())
+        .unwrap();
+    let b = model
+        .backward(&batch.slice(4, 4), &Default::default())
+        .unwrap();
     assert!((whole.loss - 0.5 * (a.loss + b.loss)).abs() < 1e-5);
-    let half_mean: Vec<f64> = flat(&a.grads).iter().zip(flat(&b.grads)).map(|(x, y)| 0.5 * (x + y)).collect();
+    let half_mean: Vec<f64> = flat(&a.grads)
+        .iter()
+        .zip(flat(&b.grads))
+        .map(|(x, y)| 0.5 * (x + y))
+        .collect();
     assert!(rel_err(&flat(&whole.grads), &half_mean) < 1e-4);
 }

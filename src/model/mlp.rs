@@ -6,16 +6,16 @@
 //! for the mean-reduced loss the per-example gradient is B times the probe's
 //! gradient (BackPACK's trick, without storing per-example weight gradients).
 
-use burn::tensor::{Device, Int, Tensor, activation};
+use burn::tensor::{Device, Tensor, activation};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{
     BackwardOutput, BackwardRequest, Batch, Coupling, GradientModel, LinearFactors, ParamInfo,
-    ParamKind,
+    ParamKind, cross_entropy_and_correct,
 };
 use crate::error::{CovnoiseError, Result};
-use crate::tensor_util::{from_vec, scalar};
+use crate::tensor_util::from_vec;
 
 /// Batch-norm epsilon and running-average momentum, PyTorch's defaults.
 const BN_EPS: f32 = 1e-5;
@@ -100,7 +100,11 @@ impl Mlp {
                 (0..n).map(|_| rng.random_range(-bound..bound)).collect()
             };
             let weight = params.len();
-            params.push(from_vec(uniform(fan_in * fan_out), [fan_in, fan_out], device));
+            params.push(from_vec(
+                uniform(fan_in * fan_out),
+                [fan_in, fan_out],
+                device,
+            ));
             info.push(ParamInfo {
                 name: format!("layer{l}.weight"),
                 kind: ParamKind::LinearWeight,
@@ -159,26 +163,6 @@ impl Mlp {
         &self.device
     }
 
-    /// Replaces the batch-norm running statistics (e.g. after a distributed
-    /// average or a checkpoint load), in the order of [`GradientModel::buffers`].
-    pub fn set_buffers(&mut self, buffers: Vec<Tensor<2>>) -> Result<()> {
-        let expected = self.layers.iter().filter(|l| l.norm.is_some()).count() * 2;
-        if buffers.len() != expected {
-            return Err(CovnoiseError::Shape(format!(
-                "expected {expected} buffers, got {}",
-                buffers.len()
-            )));
-        }
-        let mut it = buffers.into_iter();
-        for layer in &mut self.layers {
-            if let Some((_, _, mean, var)) = &mut layer.norm {
-                *mean = it.next().expect("counted above");
-                *var = it.next().expect("counted above");
-            }
-        }
-        Ok(())
-    }
-
     /// Batch normalization in training mode on `z` `[B, F]`: returns the
     /// normalized output and the batch statistics (mean, unbiased variance)
     /// averaged over ghost batches.
@@ -214,7 +198,7 @@ impl Mlp {
 }
 
 /// Host-side target matrix `[B, classes]` with `w_i / B` at each label.
-fn weighted_targets(
+pub(crate) fn weighted_targets(
     labels: &[u8],
     weights: Option<&[f32]>,
     classes: usize,
@@ -233,24 +217,6 @@ fn weighted_targets(
         t[i * classes + y] = weights.map_or(1.0, |w| w[i]) / b as f32;
     }
     Ok(from_vec(t, [b, classes], device))
-}
-
-/// Mean cross-entropy and number of correct arg-max predictions.
-fn loss_and_correct(logits: &Tensor<2>, labels: &[u8], device: &Device) -> Result<(f64, usize)> {
-    let classes = logits.dims()[1];
-    let targets = weighted_targets(labels, None, classes, device)?;
-    let loss = -scalar((activation::log_softmax(logits.clone(), 1) * targets).sum());
-    let predicted: Tensor<2, Int> = logits.clone().argmax(1);
-    let predicted = predicted
-        .into_data()
-        .try_into_vec_as::<i64>()
-        .map_err(|e| CovnoiseError::Backend(format!("{e:?}")))?;
-    let correct = predicted
-        .iter()
-        .zip(labels)
-        .filter(|(p, y)| **p == **y as i64)
-        .count();
-    Ok((loss, correct))
 }
 
 impl GradientModel for Mlp {
@@ -387,7 +353,7 @@ impl GradientModel for Mlp {
                 }
             }
         }
-        let (loss, correct) = loss_and_correct(&logits_value, &batch.labels, &self.device)?;
+        let (loss, correct) = cross_entropy_and_correct(&logits_value, &batch.labels)?;
         Ok(BackwardOutput {
             grads,
             loss,
@@ -401,17 +367,37 @@ impl GradientModel for Mlp {
         let mut h = x;
         let last = self.layers.len() - 1;
         for (l, layer) in self.layers.iter().enumerate() {
-            let mut z = h.matmul(self.params[layer.weight].clone()) + self.params[layer.bias].clone();
+            let mut z =
+                h.matmul(self.params[layer.weight].clone()) + self.params[layer.bias].clone();
             if l == last {
                 return z;
             }
             if let Some((scale, shift, mean, var)) = &layer.norm {
-                z = (z - mean.clone()) / (var.clone() + BN_EPS).sqrt() * self.params[*scale].clone()
+                z = (z - mean.clone()) / (var.clone() + BN_EPS).sqrt()
+                    * self.params[*scale].clone()
                     + self.params[*shift].clone();
             }
             h = activation::relu(z);
         }
         unreachable!("the loop returns at the last layer")
+    }
+
+    fn set_buffers(&mut self, buffers: Vec<Tensor<2>>) -> Result<()> {
+        let expected = self.layers.iter().filter(|l| l.norm.is_some()).count() * 2;
+        if buffers.len() != expected {
+            return Err(CovnoiseError::Shape(format!(
+                "expected {expected} buffers, got {}",
+                buffers.len()
+            )));
+        }
+        let mut it = buffers.into_iter();
+        for layer in &mut self.layers {
+            if let Some((_, _, mean, var)) = &mut layer.norm {
+                *mean = it.next().expect("counted above");
+                *var = it.next().expect("counted above");
+            }
+        }
+        Ok(())
     }
 
     fn buffers(&self) -> Vec<Tensor<2>> {

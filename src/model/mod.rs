@@ -10,9 +10,10 @@ mod mlp;
 
 pub use mlp::{Mlp, MlpConfig, Normalization};
 
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor, activation};
 
-use crate::error::Result;
+use crate::error::{CovnoiseError, Result};
+use crate::tensor_util::scalar;
 
 /// What a parameter is, so that estimators know which per-example rule
 /// applies to it.
@@ -152,9 +153,34 @@ pub trait GradientModel {
     /// Non-parameter state that must stay identical across replicas and be
     /// saved with the model (batch-norm running statistics).
     fn buffers(&self) -> Vec<Tensor<2>>;
+    /// Replaces the buffers (same order as [`GradientModel::buffers`]), e.g.
+    /// with their average over replicas.
+    fn set_buffers(&mut self, buffers: Vec<Tensor<2>>) -> Result<()>;
 
     /// Total number of scalar parameters d.
     fn num_params(&self) -> usize {
-        self.param_info().iter().map(|p| p.shape[0] * p.shape[1]).sum()
+        self.param_info()
+            .iter()
+            .map(|p| p.shape[0] * p.shape[1])
+            .sum()
     }
+}
+
+/// Mean cross-entropy of `logits` `[B, classes]` against `labels`, and the
+/// number of arg-max predictions equal to the label.
+pub fn cross_entropy_and_correct(logits: &Tensor<2>, labels: &[u8]) -> Result<(f64, usize)> {
+    let classes = logits.dims()[1];
+    let targets = mlp::weighted_targets(labels, None, classes, &logits.device())?;
+    let loss = -scalar((activation::log_softmax(logits.clone(), 1) * targets).sum());
+    let predicted: Tensor<2, Int> = logits.clone().argmax(1);
+    let predicted = predicted
+        .into_data()
+        .try_into_vec_as::<i64>()
+        .map_err(|e| CovnoiseError::Backend(format!("{e:?}")))?;
+    let correct = predicted
+        .iter()
+        .zip(labels)
+        .filter(|(p, y)| **p == **y as i64)
+        .count();
+    Ok((loss, correct))
 }

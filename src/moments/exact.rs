@@ -44,7 +44,9 @@ pub fn moment_sums(
                 out[f.bias] = Some(d2.sum_dim(0));
             }
             Ok(SecondMoment::Diag(
-                out.into_iter().map(|t| t.expect("every parameter covered")).collect(),
+                out.into_iter()
+                    .map(|t| t.expect("every parameter covered"))
+                    .collect(),
             ))
         }
         MomentKind::Trace => {

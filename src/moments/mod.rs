@@ -80,15 +80,21 @@ impl SecondMoment {
                     .map(|(x, y)| x.clone() * a as f32 + y.clone() * b as f32)
                     .collect(),
             )),
-            (SecondMoment::Trace(x), SecondMoment::Trace(y)) => Ok(SecondMoment::Trace(x * a + y * b)),
-            _ => Err(CovnoiseError::Shape("cannot combine a diagonal with a trace estimate".into())),
+            (SecondMoment::Trace(x), SecondMoment::Trace(y)) => {
+                Ok(SecondMoment::Trace(x * a + y * b))
+            }
+            _ => Err(CovnoiseError::Shape(
+                "cannot combine a diagonal with a trace estimate".into(),
+            )),
         }
     }
 
     /// `self * a`.
     pub(crate) fn scaled(&self, a: f64) -> SecondMoment {
         match self {
-            SecondMoment::Diag(x) => SecondMoment::Diag(x.iter().map(|t| t.clone() * a as f32).collect()),
+            SecondMoment::Diag(x) => {
+                SecondMoment::Diag(x.iter().map(|t| t.clone() * a as f32).collect())
+            }
             SecondMoment::Trace(t) => SecondMoment::Trace(t * a),
         }
     }
@@ -143,7 +149,10 @@ pub fn validate(
             }
             let global = local_batch * world;
             if global % micro_batches != 0 {
-                return Err(CovnoiseError::MicroBatchesDoNotDivide { batch: global, micro_batches });
+                return Err(CovnoiseError::MicroBatchesDoNotDivide {
+                    batch: global,
+                    micro_batches,
+                });
             }
             if micro_batches % world != 0 {
                 return Err(CovnoiseError::Unsupported(format!(
@@ -259,7 +268,14 @@ pub fn estimate(
                 },
             )?;
             let sums = exact::moment_sums(&out.factors, model.param_info(), kind)?;
-            reduce_step(out.grads, out.loss, out.correct, batch.len(), Some(sums), ctx)
+            reduce_step(
+                out.grads,
+                out.loss,
+                out.correct,
+                batch.len(),
+                Some(sums),
+                ctx,
+            )
         }
         Estimator::McFisher => {
             let out = model.backward(
@@ -280,9 +296,18 @@ pub fn estimate(
                 },
             )?;
             let sums = exact::moment_sums(&mc.factors, model.param_info(), kind)?;
-            reduce_step(out.grads, out.loss, out.correct, batch.len(), Some(sums), ctx)
+            reduce_step(
+                out.grads,
+                out.loss,
+                out.correct,
+                batch.len(),
+                Some(sums),
+                ctx,
+            )
         }
-        Estimator::Microbatch { micro_batches } => microbatch(model, batch, micro_batches, kind, ctx),
+        Estimator::Microbatch { micro_batches } => {
+            microbatch(model, batch, micro_batches, kind, ctx)
+        }
     }
 }
 
@@ -367,7 +392,10 @@ fn microbatch(
             SecondMoment::Diag(centered)
         }
         MomentKind::Trace => {
-            let mut t = [centered.iter().map(|c| scalar(c.clone().sum())).sum::<f64>()];
+            let mut t = [centered
+                .iter()
+                .map(|c| scalar(c.clone().sum()))
+                .sum::<f64>()];
             all_reduce_packed(ctx.collective, &mut [], &mut t)?;
             SecondMoment::Trace(t[0] * factor)
         }

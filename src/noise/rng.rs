@@ -54,12 +54,14 @@ pub fn keyed_rng(seed: u64, step: u64, stream: u64, chunk: u64) -> ChaCha8Rng {
 /// Fills `out` with independent standard normals determined by
 /// `(seed, step, stream)` alone.
 pub fn fill_normals(seed: u64, step: u64, stream: u64, out: &mut [f32]) {
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, values)| {
-        let mut rng = keyed_rng(seed, step, stream, chunk as u64);
-        for v in values.iter_mut() {
-            *v = rng.sample(StandardNormal);
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, values)| {
+            let mut rng = keyed_rng(seed, step, stream, chunk as u64);
+            for v in values.iter_mut() {
+                *v = rng.sample(StandardNormal);
+            }
+        });
 }
 
 /// Returns `n` standard normals determined by `(seed, step, stream)`.
@@ -95,7 +97,10 @@ mod tests {
 
     #[test]
     fn thread_count_does_not_change_values() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let one = pool.install(|| normals(5, 9, 0, 4 * CHUNK));
         let many = normals(5, 9, 0, 4 * CHUNK);
         assert_eq!(one, many);

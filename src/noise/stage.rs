@@ -156,9 +156,10 @@ impl NoiseStage {
         } else {
             match self.config.structure {
                 NoiseStructure::None => unreachable!("c = 0 for structure none"),
-                NoiseStructure::Full { centered } => {
-                    (full_fisher_gradient(model, batch, centered, self.c, &ctx)?, None)
-                }
+                NoiseStructure::Full { centered } => (
+                    full_fisher_gradient(model, batch, centered, self.c, &ctx)?,
+                    None,
+                ),
                 NoiseStructure::Diag | NoiseStructure::Isotropic => {
                     let kind = if self.config.structure == NoiseStructure::Diag {
                         MomentKind::Diag
@@ -173,7 +174,10 @@ impl NoiseStage {
                     if let Some(fresh) = g.moment.take() {
                         self.smoother.update(fresh, step)?;
                     }
-                    let moment = self.smoother.current().expect("refreshed above at least once");
+                    let moment = self
+                        .smoother
+                        .current()
+                        .expect("refreshed above at least once");
                     let trace = self.add_noise(&mut g.grads, &moment, step)?;
                     (g, Some(trace))
                 }
@@ -254,7 +258,10 @@ fn full_fisher_gradient(
     }
     let s = (c * global as f64).sqrt() as f32;
     let offset = ctx.collective.rank() * local;
-    let weights: Vec<f32> = z[offset..offset + local].iter().map(|&zi| 1.0 + s * zi).collect();
+    let weights: Vec<f32> = z[offset..offset + local]
+        .iter()
+        .map(|&zi| 1.0 + s * zi)
+        .collect();
     let out = model.backward(
         batch,
         &BackwardRequest {
@@ -274,7 +281,11 @@ fn check_finite(g: &StepGradient, step: u64) -> Result<()> {
             loss: g.loss as f32,
         });
     }
-    let sq: f64 = g.grads.iter().map(|t| scalar(t.clone().square().sum())).sum();
+    let sq: f64 = g
+        .grads
+        .iter()
+        .map(|t| scalar(t.clone().square().sum()))
+        .sum();
     if !sq.is_finite() {
         return Err(CovnoiseError::NonFiniteGradient { step });
     }

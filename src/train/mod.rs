@@ -1,0 +1,413 @@
+//! The training loop: one readable loop, the same on one process or many
+//! (only the process group's all-reduce differs), writing a complete run
+//! directory.
+
+pub mod record;
+pub mod run_dir;
+pub mod settings;
+
+pub use record::{DivergedInfo, EpochMetrics, RunSummary};
+pub use run_dir::RunDir;
+pub use settings::TrainSettings;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::{Device, Tensor};
+
+use crate::collective::{Collective, SingleProcess, all_reduce_packed, replicas_identical};
+use crate::data::{self, Dataset, TrainTest};
+use crate::error::CovnoiseError;
+use crate::model::{Batch, GradientModel, Mlp, cross_entropy_and_correct};
+use crate::noise::{NoiseStage, NoiseStructure};
+use crate::optim::{LrSchedule, Sgd};
+use crate::tensor_util::from_vec;
+
+/// Why a run could not start or did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// An impossible setting or a numerical failure outside the loop.
+    #[error(transparent)]
+    Config(#[from] CovnoiseError),
+    /// Bad or missing data.
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    /// The run directory cannot be used.
+    #[error("run directory {0}: {1}")]
+    RunDirExists(PathBuf, &'static str),
+    /// Reading or writing a file failed.
+    #[error("{path}: {message}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The loss or a gradient became NaN or infinite.
+    #[error(
+        "training diverged at step {} (epoch {}): {}; last finite loss {}",
+        .0.step, .0.epoch, .0.message,
+        .0.last_finite_loss.map_or("none".to_string(), |l| format!("{l:.6}"))
+    )]
+    Diverged(DivergedInfo),
+}
+
+/// Loss and accuracy of a model on a data set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean cross-entropy.
+    pub loss: f64,
+    /// Fraction predicted correctly.
+    pub accuracy: f64,
+    /// Number of examples evaluated.
+    pub examples: usize,
+}
+
+/// Copies a host batch to `device`.
+pub fn to_device(batch: &data::Batch, device: &Device) -> Batch {
+    Batch {
+        x: from_vec(batch.features.clone(), [batch.size, batch.dim], device),
+        labels: batch.labels.clone(),
+    }
+}
+
+/// Sums of loss and correct predictions over `data.rows(range)`.
+fn evaluate_range(
+    model: &dyn GradientModel,
+    data: &Dataset,
+    range: std::ops::Range<usize>,
+    batch_size: usize,
+    device: &Device,
+) -> Result<(f64, f64), CovnoiseError> {
+    let (mut loss_sum, mut correct) = (0.0, 0.0);
+    let mut start = range.start;
+    while start < range.end {
+        let end = (start + batch_size).min(range.end);
+        let (x, labels) = data.rows(start..end);
+        let logits = model.logits(from_vec(x.to_vec(), [end - start, data.dim], device));
+        let (loss, ok) = cross_entropy_and_correct(&logits, labels)?;
+        loss_sum += loss * (end - start) as f64;
+        correct += ok as f64;
+        start = end;
+    }
+    Ok((loss_sum, correct))
+}
+
+/// Evaluates `model` (evaluation mode) on all of `data`.
+pub fn evaluate(
+    model: &dyn GradientModel,
+    data: &Dataset,
+    batch_size: usize,
+    device: &Device,
+) -> Result<Evaluation, CovnoiseError> {
+    evaluate_sharded(model, data, batch_size, device, &SingleProcess)
+}
+
+/// Evaluates with each process taking a contiguous shard of `data` and one
+/// all-reduce combining the sums.
+pub fn evaluate_sharded(
+    model: &dyn GradientModel,
+    data: &Dataset,
+    batch_size: usize,
+    device: &Device,
+    collective: &dyn Collective,
+) -> Result<Evaluation, CovnoiseError> {
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let range = data.n * rank / world..data.n * (rank + 1) / world;
+    let (loss_sum, correct) = evaluate_range(model, data, range, batch_size, device)?;
+    let mut sums = [loss_sum, correct];
+    all_reduce_packed(collective, &mut [], &mut sums)?;
+    Ok(Evaluation {
+        loss: sums[0] / data.n as f64,
+        accuracy: sums[1] / data.n as f64,
+        examples: data.n,
+    })
+}
+
+/// Receives the loop's progress (a progress bar, log lines, or nothing).
+pub trait Progress {
+    /// Called once before the first step.
+    fn start(&mut self, _epochs: usize, _steps_per_epoch: usize) {}
+    /// Called after each optimizer step with the batch loss.
+    fn step(&mut self, _epoch: usize, _step_in_epoch: usize, _loss: f64) {}
+    /// Called after each epoch's evaluation.
+    fn epoch(&mut self, _metrics: &EpochMetrics) {}
+    /// Called once at the end (also after divergence).
+    fn finish(&mut self) {}
+}
+
+/// A [`Progress`] that reports nothing.
+#[derive(Debug, Default)]
+pub struct Silent;
+impl Progress for Silent {}
+
+/// A training run, fully validated and ready to start.
+pub struct Trainer<'a> {
+    settings: TrainSettings,
+    data: &'a TrainTest,
+    device: Device,
+    model: Mlp,
+    stage: NoiseStage,
+    sgd: Sgd,
+    schedule: LrSchedule,
+    steps_per_epoch: usize,
+}
+
+impl<'a> Trainer<'a> {
+    /// Builds the model, noise stage, optimizer and schedule for `settings`
+    /// on `data`, with the batch spread over `collective`. Every setting is
+    /// checked here, before anything is written.
+    pub fn new(
+        settings: &TrainSettings,
+        data: &'a TrainTest,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self, TrainError> {
+        settings.validate()?;
+        let world = collective.world_size();
+        if settings.batch_size % world != 0 {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "batch-size",
+                value: settings.batch_size.to_string(),
+                reason: "must be divisible by the number of processes",
+            }
+            .into());
+        }
+        let steps_per_epoch = data.train.n / settings.batch_size;
+        if steps_per_epoch == 0 {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "batch-size",
+                value: settings.batch_size.to_string(),
+                reason: "is larger than the training set",
+            }
+            .into());
+        }
+        let device = Device::flex();
+        let model = Mlp::new(
+            settings.mlp_config(data.train.dim, data.train.num_classes)?,
+            settings.seed,
+            &device,
+        )?;
+        let noise = settings.noise_config()?;
+        if matches!(
+            noise.structure,
+            NoiseStructure::Diag | NoiseStructure::Isotropic
+        ) {
+            crate::moments::validate(noise.estimator, &model, settings.batch_size / world, world)?;
+        }
+        let stage = NoiseStage::new(noise, settings.batch_size, settings.lr, settings.seed)?
+            .with_collective(collective);
+        let sgd = Sgd::new(settings.sgd_config())?;
+        let total = (steps_per_epoch * settings.epochs) as u64;
+        let schedule = LrSchedule::new(
+            settings.lr,
+            settings.schedule_kind(),
+            (steps_per_epoch * settings.warmup_epochs) as u64,
+            total,
+            steps_per_epoch as u64,
+        )?;
+        Ok(Self {
+            settings: settings.clone(),
+            data,
+            device,
+            model,
+            stage,
+            sgd,
+            schedule,
+            steps_per_epoch,
+        })
+    }
+
+    /// The resolved noise scale c.
+    pub fn noise_scale(&self) -> f64 {
+        self.stage.scale()
+    }
+
+    /// Optimizer steps per epoch.
+    pub fn steps_per_epoch(&self) -> usize {
+        self.steps_per_epoch
+    }
+
+    /// The model (e.g. to evaluate or inspect after training).
+    pub fn model(&self) -> &Mlp {
+        &self.model
+    }
+
+    /// Whether this process writes the run directory (rank 0).
+    pub fn is_writer(&self) -> bool {
+        self.stage.collective().rank() == 0
+    }
+
+    /// Trains for the configured epochs, appending each epoch's metrics to
+    /// `run_dir` (rank 0 only) and writing `summary.json` at the end, also
+    /// when the run diverges.
+    pub fn run(
+        &mut self,
+        run_dir: Option<&RunDir>,
+        progress: &mut dyn Progress,
+    ) -> Result<RunSummary, TrainError> {
+        let started = Instant::now();
+        let run_dir = run_dir.filter(|_| self.is_writer());
+        let (seed, batch_size) = (self.settings.seed, self.settings.batch_size);
+        let world = self.stage.collective().world_size();
+        let rank = self.stage.collective().rank();
+        let shard = batch_size / world;
+        let mut history: Vec<EpochMetrics> = Vec::new();
+        let mut metrics_text = String::new();
+        let mut last_finite_loss = None;
+        let mut host_batch = data::Batch::default();
+        progress.start(self.settings.epochs, self.steps_per_epoch);
+
+        for epoch in 0..self.settings.epochs {
+            let epoch_start = Instant::now();
+            let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
+            let (mut trace_sum, mut trace_known) = (0.0, true);
+            let mut lr = 0.0;
+            let batches = data::EpochShuffler::new(seed).train_batches(
+                self.data.train.n,
+                batch_size,
+                epoch as u64,
+            )?;
+            for (k, indices) in batches.iter().enumerate() {
+                // This process's contiguous shard of the global batch.
+                self.data
+                    .train
+                    .gather_into(&indices[rank * shard..(rank + 1) * shard], &mut host_batch);
+                let batch = to_device(&host_batch, &self.device);
+                lr = self.schedule.lr_at(self.stage.step());
+                let step = match self.stage.gradient(&mut self.model, &batch, epoch) {
+                    Ok(step) => step,
+                    Err(
+                        e @ (CovnoiseError::NonFiniteLoss { .. }
+                        | CovnoiseError::NonFiniteGradient { .. }),
+                    ) => {
+                        let info = DivergedInfo {
+                            step: self.stage.step(),
+                            epoch: epoch + 1,
+                            last_finite_loss,
+                            message: e.to_string(),
+                        };
+                        let summary = self.summary(&history, started, Some(info.clone()), None)?;
+                        if let Some(dir) = run_dir {
+                            write_json(dir, "summary.json", &summary)?;
+                        }
+                        progress.finish();
+                        return Err(TrainError::Diverged(info));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                self.sgd.step(self.model.params_mut(), &step.grads, lr)?;
+                last_finite_loss = Some(step.loss);
+                loss_sum += step.loss * step.examples as f64;
+                correct += step.correct;
+                seen += step.examples;
+                match step.noise_trace {
+                    Some(t) => trace_sum += t,
+                    None => trace_known = false,
+                }
+                progress.step(epoch, k, step.loss);
+            }
+            let seconds = epoch_start.elapsed().as_secs_f64();
+            self.sync_buffers()?;
+            let eval_start = Instant::now();
+            let test = evaluate_sharded(
+                &self.model,
+                &self.data.test,
+                self.settings.eval_batch,
+                &self.device,
+                self.stage.collective(),
+            )?;
+            let metrics = EpochMetrics {
+                epoch: epoch + 1,
+                lr,
+                train_loss: loss_sum / seen as f64,
+                train_accuracy: correct as f64 / seen as f64,
+                test_loss: test.loss,
+                test_accuracy: test.accuracy,
+                noise_trace: trace_known.then(|| trace_sum / self.steps_per_epoch as f64),
+                seconds,
+                eval_seconds: eval_start.elapsed().as_secs_f64(),
+                steps: self.stage.step(),
+            };
+            if let Some(dir) = run_dir {
+                metrics_text.push_str(&serde_json::to_string(&metrics).expect("metrics serialize"));
+                metrics_text.push('\n');
+                dir.write("metrics.jsonl", metrics_text.as_bytes())?;
+            }
+            progress.epoch(&metrics);
+            history.push(metrics);
+        }
+        let identical = replicas_identical(self.stage.collective(), self.model.params())?;
+        let final_train = evaluate_sharded(
+            &self.model,
+            &self.data.train,
+            self.settings.eval_batch,
+            &self.device,
+            self.stage.collective(),
+        )?;
+        let mut summary = self.summary(&history, started, None, Some(identical))?;
+        summary.train_loss = final_train.loss;
+        summary.train_accuracy = final_train.accuracy;
+        if let Some(dir) = run_dir {
+            write_json(dir, "summary.json", &summary)?;
+        }
+        progress.finish();
+        Ok(summary)
+    }
+
+    /// Averages batch-norm running statistics over replicas (each saw its
+    /// own shard), so that every replica evaluates the same model.
+    fn sync_buffers(&mut self) -> Result<(), CovnoiseError> {
+        let world = self.stage.collective().world_size();
+        let mut buffers = self.model.buffers();
+        if world == 1 || buffers.is_empty() {
+            return Ok(());
+        }
+        all_reduce_packed(self.stage.collective(), &mut buffers, &mut [])?;
+        let averaged: Vec<Tensor<2>> = buffers.into_iter().map(|b| b / world as f32).collect();
+        self.model.set_buffers(averaged)
+    }
+
+    fn summary(
+        &self,
+        history: &[EpochMetrics],
+        started: Instant,
+        diverged: Option<DivergedInfo>,
+        identical: Option<bool>,
+    ) -> Result<RunSummary, TrainError> {
+        let last = history.last();
+        let world = self.stage.collective().world_size();
+        let train_seconds: f64 = history.iter().map(|m| m.seconds).sum();
+        Ok(RunSummary {
+            status: if diverged.is_some() {
+                "diverged"
+            } else {
+                "completed"
+            }
+            .to_string(),
+            test_accuracy: last.map_or(f64::NAN, |m| m.test_accuracy),
+            train_accuracy: last.map_or(f64::NAN, |m| m.train_accuracy),
+            train_loss: last.map_or(f64::NAN, |m| m.train_loss),
+            test_loss: last.map_or(f64::NAN, |m| m.test_loss),
+            epochs: history.len(),
+            steps: self.stage.step(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            seconds_per_epoch: if history.is_empty() {
+                0.0
+            } else {
+                train_seconds / history.len() as f64
+            },
+            seed: self.settings.seed,
+            noise_scale: self.stage.scale(),
+            world_size: world,
+            replicas_identical: if world > 1 { identical } else { None },
+            diverged,
+        })
+    }
+}
+
+/// Serializes `value` as pretty JSON into `name` in `dir`, atomically.
+fn write_json<T: serde::Serialize>(dir: &RunDir, name: &str, value: &T) -> Result<(), TrainError> {
+    // NaN is not JSON: serde_json writes it as null, which readers accept.
+    let text = serde_json::to_string_pretty(value).expect("records serialize");
+    dir.write(name, format!("{text}\n").as_bytes())
+}

@@ -1,0 +1,94 @@
+//! Run directories: created only when empty (or explicitly overwritten),
+//! and written file by file atomically, so a killed run never leaves a
+//! half-written file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::TrainError;
+
+/// The files a run writes.
+pub const RUN_FILES: [&str; 3] = ["config.toml", "metrics.jsonl", "summary.json"];
+
+/// A directory that a run owns.
+#[derive(Debug, Clone)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+fn io_error(path: &Path, e: std::io::Error) -> TrainError {
+    TrainError::Io {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+impl RunDir {
+    /// Creates `path` (and its parents). An existing non-empty directory is
+    /// refused unless `overwrite`, in which case the previous run's files are
+    /// removed (other files are left alone).
+    pub fn create(path: &Path, overwrite: bool) -> Result<Self, TrainError> {
+        if path.exists() {
+            if !path.is_dir() {
+                return Err(TrainError::RunDirExists(
+                    path.to_path_buf(),
+                    "is not a directory",
+                ));
+            }
+            let non_empty = std::fs::read_dir(path)
+                .map_err(|e| io_error(path, e))?
+                .next()
+                .is_some();
+            if non_empty {
+                if !overwrite {
+                    return Err(TrainError::RunDirExists(
+                        path.to_path_buf(),
+                        "exists and is not empty (pass --overwrite to replace its run)",
+                    ));
+                }
+                for name in RUN_FILES {
+                    let file = path.join(name);
+                    if file.exists() {
+                        std::fs::remove_file(&file).map_err(|e| io_error(&file, e))?;
+                    }
+                }
+            }
+        }
+        std::fs::create_dir_all(path).map_err(|e| io_error(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `name` atomically: to a temporary file in the same directory,
+    /// flushed to disk, then renamed over the target.
+    pub fn write(&self, name: &str, contents: &[u8]) -> Result<(), TrainError> {
+        write_atomic(&self.path.join(name), contents)
+    }
+}
+
+/// Writes `target` atomically (temporary file in the same directory, fsync,
+/// rename), so readers see the old or the new contents, never a mix.
+pub fn write_atomic(target: &Path, contents: &[u8]) -> Result<(), TrainError> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, target)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_error(target, e)
+    })
+}

@@ -1,0 +1,315 @@
+//! Every setting of a training run, as one flat record with the same names
+//! as the command-line flags (kebab-case), readable from and written to TOML.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CovnoiseError, Result};
+use crate::model::{MlpConfig, Normalization};
+use crate::moments::Estimator;
+use crate::noise::{NoiseConfig, NoiseStructure, NoiseWindow, ScaleRule};
+use crate::optim::{ScheduleKind, SgdConfig};
+
+/// Noise structure names as the command line spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum NoiseName {
+    /// Plain large batch.
+    None,
+    /// Isotropic noise with the trace of the Fisher.
+    Isotropic,
+    /// Diagonal-Fisher noise (the paper's method).
+    Diag,
+    /// Full-Fisher noise by multiplicative sampling.
+    Full,
+}
+
+/// Estimator names as the command line spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum EstimatorName {
+    /// Exact per-example squared gradients.
+    Exact,
+    /// Centered variance of micro-batch gradients.
+    Microbatch,
+    /// Monte-Carlo (true) Fisher with labels sampled from the model.
+    McFisher,
+}
+
+/// Scale-rule names as the command line spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScaleName {
+    /// c = 1/B_S - 1/B_L.
+    Paper,
+    /// c = (lr_S/lr_L)/B_S - 1/B_L, clamped at 0.
+    Temperature,
+    /// c = --noise-scale.
+    Fixed,
+}
+
+/// Schedule names as the command line spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScheduleName {
+    /// Constant learning rate.
+    Constant,
+    /// Drop by --gamma at each milestone epoch.
+    Multistep,
+    /// Cosine decay to 0 over the run.
+    Cosine,
+}
+
+/// All settings of a training run. Defaults are the paper's large-batch MLP
+/// recipe on Fashion-MNIST without noise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Directory with the Fashion-MNIST IDX files (None: COVNOISE_DATA, then
+    /// /usr/share/datasets/fashion-mnist).
+    pub data: Option<PathBuf>,
+    /// Keep only the first N training examples.
+    pub train_limit: Option<usize>,
+    /// Keep only the first N test examples.
+    pub test_limit: Option<usize>,
+    /// Hidden layer widths.
+    pub hidden: Vec<usize>,
+    /// Batch normalization after each hidden Linear layer.
+    pub batch_norm: bool,
+    /// Ghost batch normalization over sub-batches of this size.
+    pub ghost_batch: Option<usize>,
+    /// Global batch size B (B_L for large-batch runs).
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// SGD momentum.
+    pub momentum: f64,
+    /// Nesterov momentum.
+    pub nesterov: bool,
+    /// L2 weight decay.
+    pub weight_decay: f64,
+    /// Number of epochs.
+    pub epochs: usize,
+    /// Learning-rate schedule.
+    pub schedule: ScheduleName,
+    /// Epochs (0-based) at which multistep drops the rate.
+    pub milestones: Vec<usize>,
+    /// Multistep factor.
+    pub gamma: f64,
+    /// Linear warmup length in epochs.
+    pub warmup_epochs: usize,
+    /// Noise structure.
+    pub noise: NoiseName,
+    /// Center full-Fisher noise (covariance Sigma_B instead of F_B).
+    pub centered: bool,
+    /// Second-moment estimator for diag and isotropic noise.
+    pub estimator: EstimatorName,
+    /// Micro-batches M for the microbatch estimator.
+    pub micro_batches: usize,
+    /// Small batch B_S whose noise is imitated.
+    pub small_batch: usize,
+    /// Scale rule for c.
+    pub scale: ScaleName,
+    /// Learning rate of the small-batch reference (temperature rule).
+    pub small_lr: Option<f64>,
+    /// c for the fixed rule.
+    pub noise_scale: Option<f64>,
+    /// Multiplier on c.
+    pub kappa: f64,
+    /// First epoch (0-based) with noise.
+    pub noise_from: usize,
+    /// First epoch (0-based) without noise again.
+    pub noise_until: Option<usize>,
+    /// Moving-average coefficient for the second-moment estimate.
+    pub ema: Option<f64>,
+    /// Steps between fresh second-moment estimates.
+    pub refresh: u64,
+    /// Seed for initialization, shuffling and noise.
+    pub seed: u64,
+    /// Worker threads (None: all cores).
+    pub threads: Option<usize>,
+    /// Batch size for evaluation (does not affect results).
+    pub eval_batch: usize,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            data: None,
+            train_limit: None,
+            test_limit: None,
+            hidden: vec![512, 512],
+            batch_norm: false,
+            ghost_batch: None,
+            batch_size: 4096,
+            lr: 0.2,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+            epochs: 10,
+            schedule: ScheduleName::Cosine,
+            milestones: Vec::new(),
+            gamma: 0.1,
+            warmup_epochs: 2,
+            noise: NoiseName::None,
+            centered: false,
+            estimator: EstimatorName::Exact,
+            micro_batches: 16,
+            small_batch: 128,
+            scale: ScaleName::Paper,
+            small_lr: None,
+            noise_scale: None,
+            kappa: 1.0,
+            noise_from: 0,
+            noise_until: None,
+            ema: None,
+            refresh: 1,
+            seed: 0,
+            threads: None,
+            eval_batch: 2000,
+        }
+    }
+}
+
+fn invalid(name: &'static str, value: impl ToString, reason: &'static str) -> CovnoiseError {
+    CovnoiseError::InvalidSetting {
+        name,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+impl TrainSettings {
+    /// Reads settings from TOML text (missing keys take their defaults;
+    /// unknown keys are an error).
+    pub fn from_toml(text: &str) -> std::result::Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The model architecture for `input` features and `classes` classes.
+    pub fn mlp_config(&self, input: usize, classes: usize) -> Result<MlpConfig> {
+        let normalization = match (self.batch_norm, self.ghost_batch) {
+            (_, Some(n)) => {
+                if self.batch_size % n != 0 {
+                    return Err(invalid(
+                        "ghost-batch",
+                        n,
+                        "must divide the batch size (each ghost batch is a block of the batch)",
+                    ));
+                }
+                Normalization::GhostBatchNorm(n)
+            }
+            (true, None) => Normalization::BatchNorm,
+            (false, None) => Normalization::None,
+        };
+        Ok(MlpConfig {
+            input,
+            hidden: self.hidden.clone(),
+            classes,
+            normalization,
+        })
+    }
+
+    /// The optimizer's settings.
+    pub fn sgd_config(&self) -> SgdConfig {
+        SgdConfig {
+            momentum: self.momentum,
+            dampening: 0.0,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    /// The schedule's shape.
+    pub fn schedule_kind(&self) -> ScheduleKind {
+        match self.schedule {
+            ScheduleName::Constant => ScheduleKind::Constant,
+            ScheduleName::Cosine => ScheduleKind::Cosine,
+            ScheduleName::Multistep => ScheduleKind::Multistep {
+                milestones: self.milestones.clone(),
+                gamma: self.gamma,
+            },
+        }
+    }
+
+    /// The noise stage's settings.
+    pub fn noise_config(&self) -> Result<NoiseConfig> {
+        let structure = match self.noise {
+            NoiseName::None => NoiseStructure::None,
+            NoiseName::Isotropic => NoiseStructure::Isotropic,
+            NoiseName::Diag => NoiseStructure::Diag,
+            NoiseName::Full => NoiseStructure::Full {
+                centered: self.centered,
+            },
+        };
+        if self.centered && self.noise != NoiseName::Full {
+            return Err(invalid("centered", "true", "applies only to --noise full"));
+        }
+        let estimator = match self.estimator {
+            EstimatorName::Exact => Estimator::Exact,
+            EstimatorName::McFisher => Estimator::McFisher,
+            EstimatorName::Microbatch => Estimator::Microbatch {
+                micro_batches: self.micro_batches,
+            },
+        };
+        let scale = match self.scale {
+            ScaleName::Paper => ScaleRule::Paper {
+                small_batch: self.small_batch,
+            },
+            ScaleName::Temperature => ScaleRule::Temperature {
+                small_batch: self.small_batch,
+                small_lr: self.small_lr.ok_or_else(|| {
+                    invalid("small-lr", "unset", "the temperature rule needs --small-lr")
+                })?,
+            },
+            ScaleName::Fixed => ScaleRule::Fixed {
+                c: self.noise_scale.ok_or_else(|| {
+                    invalid("noise-scale", "unset", "the fixed rule needs --noise-scale")
+                })?,
+            },
+        };
+        let config = NoiseConfig {
+            structure,
+            estimator,
+            scale,
+            kappa: self.kappa,
+            window: NoiseWindow {
+                from: self.noise_from,
+                until: self.noise_until,
+            },
+            ema: self.ema,
+            refresh_every: self.refresh,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the settings that need no data: everything the run could
+    /// otherwise only discover after loading and training for a while.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(invalid("batch-size", 0, "must be >= 1"));
+        }
+        if self.epochs == 0 {
+            return Err(invalid("epochs", 0, "must be >= 1"));
+        }
+        if self.eval_batch == 0 {
+            return Err(invalid("eval-batch", 0, "must be >= 1"));
+        }
+        if self.threads == Some(0) {
+            return Err(invalid("threads", 0, "must be >= 1"));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(invalid("lr", self.lr, "must be a finite number > 0"));
+        }
+        self.sgd_config().validate()?;
+        self.mlp_config(1, 2)?;
+        let noise = self.noise_config()?;
+        // Resolving the scale checks B_S < B_L for the paper rule, etc.
+        if noise.structure != NoiseStructure::None {
+            noise.scale.resolve(self.batch_size, self.lr)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,465 @@
+//! `covnoise train` driven as a user would: real files on disk (small
+//! synthetic IDX files in the Fashion-MNIST format), bad inputs, and
+//! determinism.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_covnoise"));
+    // Tests run in parallel on few cores: one thread per run.
+    c.env_remove("COVNOISE_DATA");
+    c
+}
+
+/// A data directory with 512 training and 128 test images of 28x28.
+fn fixture(root: &Path) -> PathBuf {
+    let dir = root.join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let train = synthetic_images(512, 28, 28, 10, 1).unwrap();
+    let test = synthetic_images(128, 28, 28, 10, 2).unwrap();
+    write_fashion_mnist_dir(&dir, &train, &test, false).unwrap();
+    dir
+}
+
+const SMALL: &[&str] = &[
+    "train",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.1",
+    "--epochs",
+    "1",
+    "--warmup-epochs",
+    "0",
+    "--hidden",
+    "32",
+    "--threads",
+    "1",
+    "--quiet",
+];
+
+fn train(data: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(SMALL)
+        .arg("--data")
+        .arg(data)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure: non-zero exit, one line mentioning `needle`, no panic.
+fn assert_clean_failure(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(
+        err.contains(needle),
+        "stderr does not mention {needle:?}: {err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+}
+
+fn read_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn one_epoch_writes_the_three_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let run = tmp.path().join("run");
+    let o = train(
+        &data,
+        &[
+            "--noise",
+            "diag",
+            "--small-batch",
+            "16",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    let table: toml::Table = config.parse().unwrap();
+    assert_eq!(table["batch-size"].as_integer(), Some(64));
+    assert_eq!(table["noise"].as_str(), Some("diag"));
+    assert!(table["meta"]["version"].is_str() && table["meta"]["git-commit"].is_str());
+    // c = 1/16 - 1/64.
+    let c = table["meta"]["noise-scale-c"].as_float().unwrap();
+    assert!((c - (1.0 / 16.0 - 1.0 / 64.0)).abs() < 1e-12);
+    let metrics = read_json_lines(&run.join("metrics.jsonl"));
+    assert_eq!(metrics.len(), 1);
+    for key in [
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_accuracy",
+        "test_loss",
+        "test_accuracy",
+        "noise_trace",
+        "seconds",
+    ] {
+        assert!(metrics[0].get(key).is_some(), "metrics lack {key}");
+    }
+    let acc = metrics[0]["test_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(metrics[0]["noise_trace"].as_f64().unwrap() > 0.0);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "test_accuracy",
+        "train_accuracy",
+        "train_loss",
+        "test_loss",
+        "epochs",
+        "steps",
+        "wall_seconds",
+        "seed",
+        "noise_scale",
+    ] {
+        assert!(summary.get(key).is_some(), "summary lacks {key}");
+    }
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(summary["steps"], 8); // 512 / 64 steps, 1 epoch
+    assert!((summary["noise_scale"].as_f64().unwrap() - c).abs() < 1e-12);
+}
+
+#[test]
+fn every_noise_structure_and_estimator_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    for extra in [
+        &["--noise", "isotropic", "--small-batch", "16"][..],
+        &["--noise", "full", "--small-batch", "16"],
+        &["--noise", "full", "--centered", "--small-batch", "16"],
+        &[
+            "--noise",
+            "diag",
+            "--estimator",
+            "microbatch",
+            "--micro-batches",
+            "4",
+            "--small-batch",
+            "16",
+        ],
+        &[
+            "--noise",
+            "diag",
+            "--estimator",
+            "mc-fisher",
+            "--small-batch",
+            "16",
+            "--refresh",
+            "3",
+            "--ema",
+            "0.9",
+        ],
+        &[
+            "--noise",
+            "diag",
+            "--scale",
+            "temperature",
+            "--small-lr",
+            "0.05",
+            "--small-batch",
+            "16",
+        ],
+        &[
+            "--ghost-batch",
+            "16",
+            "--schedule",
+            "multistep",
+            "--milestones",
+            "0",
+            "--nesterov",
+        ],
+    ] {
+        let o = train(&data, extra);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn same_seed_gives_identical_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let runs: Vec<Vec<serde_json::Value>> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let run = tmp.path().join(name);
+            let o = train(
+                &data,
+                &[
+                    "--noise",
+                    "diag",
+                    "--small-batch",
+                    "16",
+                    "--epochs",
+                    "2",
+                    "--seed",
+                    "7",
+                    "--out",
+                    run.to_str().unwrap(),
+                ],
+            );
+            assert!(o.status.success(), "{}", stderr(&o));
+            read_json_lines(&run.join("metrics.jsonl"))
+                .into_iter()
+                .map(|mut m| {
+                    // Wall-clock fields are the only ones allowed to differ.
+                    let obj = m.as_object_mut().unwrap();
+                    obj.remove("seconds");
+                    obj.remove("eval_seconds");
+                    m
+                })
+                .collect()
+        })
+        .collect();
+    assert_eq!(runs[0], runs[1]);
+    let other = tmp.path().join("c");
+    let o = train(
+        &data,
+        &[
+            "--noise",
+            "diag",
+            "--small-batch",
+            "16",
+            "--epochs",
+            "2",
+            "--seed",
+            "8",
+            "--out",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success());
+    let m = read_json_lines(&other.join("metrics.jsonl"));
+    assert_ne!(m[1]["train_loss"], runs[0][1]["train_loss"]);
+}
+
+#[test]
+fn config_file_gives_settings_and_flags_override_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let cfg = tmp.path().join("run.toml");
+    std::fs::write(
+        &cfg,
+        "batch-size = 32\nnoise = \"diag\"\nsmall-batch = 8\nepochs = 1\n",
+    )
+    .unwrap();
+    let run = tmp.path().join("run");
+    let o = bin()
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--batch-size",
+            "128",
+            "--hidden",
+            "16",
+            "--threads",
+            "1",
+            "--quiet",
+            "--warmup-epochs",
+            "0",
+        ])
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table: toml::Table = std::fs::read_to_string(run.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(table["batch-size"].as_integer(), Some(128)); // flag wins
+    assert_eq!(table["small-batch"].as_integer(), Some(8)); // from the file
+    std::fs::write(&cfg, "batch-sise = 32\n").unwrap();
+    let o = bin()
+        .args(["train", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "batch-sise");
+}
+
+fn corrupt(data: &Path, file: &str, edit: impl FnOnce(&mut Vec<u8>)) {
+    let path = data.join(file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    edit(&mut bytes);
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn bad_data_files_fail_before_training_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nowhere");
+    assert_clean_failure(&train(&missing, &[]), "nowhere");
+
+    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<u8>)>, &str)> = vec![
+        (
+            "train-images-idx3-ubyte",
+            Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 100)),
+            "train-images-idx3-ubyte",
+        ),
+        (
+            "t10k-images-idx3-ubyte",
+            Box::new(|b: &mut Vec<u8>| b[3] = 0x01),
+            "t10k-images-idx3-ubyte",
+        ),
+        (
+            "train-labels-idx1-ubyte",
+            Box::new(|b: &mut Vec<u8>| b[8 + 5] = 10),
+            "label 10",
+        ),
+        // 511 labels for 512 images: header count and length both say 511.
+        (
+            "train-labels-idx1-ubyte",
+            Box::new(|b: &mut Vec<u8>| {
+                b[7] -= 1;
+                b.pop();
+            }),
+            "train-labels-idx1-ubyte",
+        ),
+    ];
+    for (i, (file, edit, needle)) in cases.into_iter().enumerate() {
+        let root = tmp.path().join(format!("case{i}"));
+        let data = fixture(&root);
+        corrupt(&data, file, edit);
+        let run = root.join("run");
+        let o = train(&data, &["--out", run.to_str().unwrap()]);
+        assert_clean_failure(&o, needle);
+        assert!(
+            !run.exists(),
+            "a failed start must not create the run directory"
+        );
+    }
+}
+
+#[test]
+fn impossible_settings_fail_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    assert_clean_failure(&train(&data, &["--lr", "-0.1"]), "lr");
+    assert_clean_failure(
+        &train(&data, &["--noise", "diag", "--small-batch", "64"]),
+        "B_S = 64",
+    );
+    assert_clean_failure(
+        &train(&data, &["--noise", "diag", "--kappa", "-1"]),
+        "kappa",
+    );
+    assert_clean_failure(
+        &train(
+            &data,
+            &[
+                "--noise",
+                "diag",
+                "--small-batch",
+                "16",
+                "--estimator",
+                "microbatch",
+                "--micro-batches",
+                "1",
+            ],
+        ),
+        "at least 2",
+    );
+    assert_clean_failure(
+        &train(
+            &data,
+            &[
+                "--noise",
+                "diag",
+                "--small-batch",
+                "16",
+                "--estimator",
+                "microbatch",
+                "--micro-batches",
+                "5",
+            ],
+        ),
+        "divide",
+    );
+    assert_clean_failure(
+        &train(
+            &data,
+            &["--noise", "diag", "--small-batch", "16", "--batch-norm"],
+        ),
+        "batch normalization",
+    );
+    assert_clean_failure(
+        &train(&data, &["--batch-size", "1024"]),
+        "larger than the training set",
+    );
+}
+
+#[test]
+fn an_existing_run_directory_is_refused_unless_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let run = tmp.path().join("run");
+    assert!(
+        train(&data, &["--out", run.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let before = std::fs::read_to_string(run.join("summary.json")).unwrap();
+    assert_clean_failure(
+        &train(&data, &["--out", run.to_str().unwrap()]),
+        "not empty",
+    );
+    assert_eq!(
+        before,
+        std::fs::read_to_string(run.join("summary.json")).unwrap()
+    );
+    assert!(
+        train(
+            &data,
+            &["--out", run.to_str().unwrap(), "--overwrite", "--seed", "3"]
+        )
+        .status
+        .success()
+    );
+}
+
+#[test]
+fn divergence_stops_with_a_message_and_a_consistent_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let run = tmp.path().join("run");
+    let o = train(
+        &data,
+        &[
+            "--lr",
+            "1e30",
+            "--epochs",
+            "2",
+            "--out",
+            run.to_str().unwrap(),
+        ],
+    );
+    assert_clean_failure(&o, "diverged at step");
+    assert!(stderr(&o).contains("last finite loss"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "diverged");
+    assert!(summary["diverged"]["step"].is_u64());
+}
