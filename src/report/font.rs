@@ -3,7 +3,7 @@
 //! plotters draws text into bitmaps through `ab_glyph`, which needs a TrueType
 //! font registered at run time. We use the system's DejaVu Sans (Debian package
 //! `fonts-dejavu-core`) rather than bundling a font into the binary. SVG output
-//! needs no font file.
+//! needs it too: plotters measures text with the font to lay out labels.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -19,7 +19,7 @@ const FONT_CANDIDATES: &[&str] = &[
 
 static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
 
-/// Registers a sans-serif font with plotters so that bitmap (PNG) plots can
+/// Registers a sans-serif font with plotters so that plots (PNG and SVG) can
 /// draw text. Idempotent; returns a one-line error naming what to install if
 /// no font is found.
 pub fn ensure_fonts() -> anyhow::Result<()> {
@@ -51,7 +51,7 @@ pub fn ensure_fonts() -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        Err("no TrueType font found for PNG plots: install Debian's fonts-dejavu-core, set COVNOISE_FONT=/path/to/font.ttf, or write .svg instead".to_string())
+        Err("no TrueType font found for plots: install Debian's fonts-dejavu-core, or set COVNOISE_FONT=/path/to/font.ttf".to_string())
     });
     result.clone().map_err(anyhow::Error::msg)
 }

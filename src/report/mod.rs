@@ -2,3 +2,6 @@
 //! outputs); it never trains.
 
 pub mod font;
+pub mod run_plots;
+pub mod runs;
+pub mod theory_plots;
