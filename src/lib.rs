@@ -36,15 +36,20 @@
 //! # }
 //! ```
 
+pub mod bench;
 pub mod collective;
 pub mod data;
+#[cfg(feature = "mpi")]
+pub mod dist;
 pub mod error;
 pub mod model;
 pub mod moments;
 pub mod noise;
 pub mod optim;
 pub mod report;
+pub mod study;
 pub mod tensor_util;
+pub mod theory;
 pub mod train;
 
 pub use error::{CovnoiseError, Result};

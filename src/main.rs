@@ -4,6 +4,10 @@ mod cli;
 
 use std::process::ExitCode;
 
+/// Counts heap use so that `covnoise bench` can report a step's memory.
+#[global_allocator]
+static ALLOCATOR: covnoise::bench::TrackingAllocator = covnoise::bench::TrackingAllocator;
+
 fn main() -> ExitCode {
     match cli::run() {
         Ok(()) => ExitCode::SUCCESS,

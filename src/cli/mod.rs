@@ -1,5 +1,9 @@
 //! Command-line parsing and dispatch: one file per subcommand.
 
+mod bench;
+mod plot;
+mod quadratic;
+mod study;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +20,16 @@ struct Cli {
 enum Command {
     /// Train an MLP on Fashion-MNIST, with or without structured noise.
     Train(Box<train::TrainArgs>),
+    /// Exact and Monte-Carlo expected loss of noisy gradient descent on a quadratic.
+    Quadratic(quadratic::QuadraticArgs),
+    /// Draw the four-panel figure of one-step update clouds on a 2-D least-squares problem.
+    Illustrate(quadratic::IllustrateArgs),
+    /// Time one training step for plain SGD and each noise variant (release build).
+    Bench(bench::BenchArgs),
+    /// Plot test accuracy and train loss against epochs for run directories.
+    Plot(plot::PlotArgs),
+    /// Run (or resume) a study: arms x seeds with an optional equal-budget search.
+    Study(study::StudyArgs),
 }
 
 /// Parses the command line and runs the subcommand.
@@ -23,6 +37,11 @@ pub fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Train(args) => train::run(&args),
+        Command::Study(args) => study::run(&args),
+        Command::Plot(args) => plot::run(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::Quadratic(args) => quadratic::run(&args),
+        Command::Illustrate(args) => quadratic::run_illustrate(&args),
     }
 }
 

@@ -1,14 +1,14 @@
 //! `covnoise train`: flags (or a TOML file) -> settings -> data -> run
 //! directory -> the library's training loop.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Args;
-use covnoise::data::{DatasetKind, LoadOptions, TrainTest};
+use clap::{Args, ValueEnum};
+use covnoise::collective::{Collective, SingleProcess};
 use covnoise::train::settings::{EstimatorName, NoiseName, ScaleName, ScheduleName};
-use covnoise::train::{EpochMetrics, Progress, RunDir, TrainSettings, Trainer};
+use covnoise::train::{EpochMetrics, Progress, RunDir, RunSummary, TrainSettings, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Settings of `covnoise train`. Every flag overrides the same key of
@@ -28,6 +28,15 @@ pub struct TrainArgs {
     /// Print nothing but errors and the final line.
     #[arg(long)]
     pub quiet: bool,
+    /// Write one JSON line per optimizer step, {"step", "epoch", "loss"}
+    /// with the loss of the global batch, to FILE (rank 0 only).
+    #[arg(long, value_name = "FILE")]
+    pub log_steps: Option<PathBuf>,
+    /// Process group: `single` trains in this process; `mpi` trains one
+    /// model on all processes of `mpirun -np K`, each taking B/K examples of
+    /// every batch (needs a build with `--features mpi`).
+    #[arg(long, value_enum, value_name = "GROUP", default_value_t = Distributed::Single)]
+    pub distributed: Distributed,
 
     /// Directory with the four Fashion-MNIST IDX files (plain or .gz)
     /// [default: $COVNOISE_DATA, then /usr/share/datasets/fashion-mnist].
@@ -39,6 +48,10 @@ pub struct TrainArgs {
     /// Use only the first N test examples.
     #[arg(long, value_name = "N")]
     pub test_limit: Option<usize>,
+
+    /// Evaluate on the last N training examples (held out from training) instead of the test set.
+    #[arg(long, value_name = "N")]
+    pub holdout: Option<usize>,
 
     /// Hidden layer widths, comma-separated [default: 512,512].
     #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
@@ -190,30 +203,103 @@ impl TrainArgs {
     }
 }
 
+/// The process group a run trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Distributed {
+    /// This process alone.
+    Single,
+    /// All processes of the MPI job (`mpirun -np K`).
+    Mpi,
+}
+
 /// Runs `covnoise train`.
 pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    match args.distributed {
+        Distributed::Single => {
+            let summary = train(args, Box::new(SingleProcess))?;
+            println!("{}", final_line(&summary, args));
+            Ok(())
+        }
+        Distributed::Mpi => run_mpi(args),
+    }
+}
+
+/// Trains on all processes of the MPI job. An error on any process is
+/// printed with its rank and ends the whole job (MPI abort), so that the
+/// other processes never wait forever in an all-reduce; only divergence,
+/// which all processes see together, ends the job without an abort.
+#[cfg(feature = "mpi")]
+fn run_mpi(args: &TrainArgs) -> anyhow::Result<()> {
+    use covnoise::train::TrainError;
+    let mpi = covnoise::dist::MpiCollective::init()?;
+    match train(args, Box::new(mpi.clone())) {
+        Ok(summary) => {
+            if mpi.rank() == 0 {
+                let (comm, steps) = (mpi.stats(), summary.steps.max(1) as f64);
+                println!(
+                    "{}  [{} processes; all-reduce {:.2} ms/step, {:.2} MB/step]",
+                    final_line(&summary, args),
+                    mpi.world_size(),
+                    1e3 * comm.seconds / steps,
+                    comm.bytes as f64 / 1e6 / steps,
+                );
+            }
+            Ok(())
+        }
+        // Divergence is seen by every process at the same step (losses and
+        // gradients are all-reduced): once rank 0 has written summary.json,
+        // report it once and end with a failure status, without an abort.
+        Err(e) if matches!(e.downcast_ref(), Some(TrainError::Diverged(_))) => {
+            mpi.barrier();
+            if mpi.rank() == 0 {
+                eprintln!("error (rank 0 of {}): {e:#}", mpi.world_size());
+            }
+            drop(mpi); // finalizes MPI
+            std::process::exit(1)
+        }
+        Err(e) => {
+            eprintln!("error (rank {} of {}): {e:#}", mpi.rank(), mpi.world_size());
+            mpi.abort(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn run_mpi(_args: &TrainArgs) -> anyhow::Result<()> {
+    anyhow::bail!("this covnoise was built without MPI support; rebuild with --features mpi")
+}
+
+/// Settings, data, trainer and run on `collective`; only the writer
+/// (rank 0) touches the run directory and reports progress.
+fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<RunSummary> {
     let settings = args.settings()?;
     settings.validate()?;
     super::set_threads(settings.threads)?;
-    let data = load_data(&settings)?;
-    let mut trainer = Trainer::new(
-        &settings,
-        &data,
-        Box::new(covnoise::collective::SingleProcess),
-    )?;
+    let data = covnoise::train::load_data(&settings)?;
+    let mut trainer = Trainer::new(&settings, &data, collective)?;
+    let writer = trainer.is_writer();
     let run_dir = match &args.out {
-        Some(path) => Some(RunDir::create(path, args.overwrite)?),
-        None => None,
+        Some(path) if writer => Some(RunDir::create(path, args.overwrite)?),
+        _ => None,
     };
     if let Some(dir) = &run_dir {
         dir.write(
             "config.toml",
-            config_record(&settings, &data, &trainer, 1)?.as_bytes(),
+            covnoise::train::config_record(&settings, &data, &trainer)?.as_bytes(),
         )?;
     }
-    let mut progress = TerminalProgress::new(args.quiet);
+    let mut progress = TerminalProgress::new(args.quiet || !writer);
+    if writer && let Some(path) = &args.log_steps {
+        progress = progress.with_step_log(path)?;
+    }
     let summary = trainer.run(run_dir.as_ref(), &mut progress)?;
-    println!(
+    progress.step_log_result()?;
+    Ok(summary)
+}
+
+/// The one line printed at the end of a run.
+fn final_line(summary: &RunSummary, args: &TrainArgs) -> String {
+    format!(
         "test accuracy {:.4}  test loss {:.4}  train accuracy {:.4}  train loss {:.4}  {:.1}s/epoch  c = {:.3e}{}",
         summary.test_accuracy,
         summary.test_loss,
@@ -224,58 +310,25 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<()> {
         args.out
             .as_ref()
             .map_or(String::new(), |p| format!("  -> {}", p.display()))
-    );
-    Ok(())
+    )
 }
 
-/// Loads Fashion-MNIST as the settings say.
-pub fn load_data(settings: &TrainSettings) -> anyhow::Result<TrainTest> {
-    let opts = LoadOptions {
-        train_limit: settings.train_limit,
-        test_limit: settings.test_limit,
-    };
-    Ok(DatasetKind::FashionMnist.load(settings.data.as_deref(), &opts)?)
-}
-
-/// `config.toml`: every resolved setting plus where the data came from, the
-/// resolved noise scale, and the code version.
-pub fn config_record(
-    settings: &TrainSettings,
-    data: &TrainTest,
-    trainer: &Trainer,
-    world_size: usize,
-) -> anyhow::Result<String> {
-    let mut table = toml::Table::try_from(settings).context("serializing settings")?;
-    let mut meta = toml::Table::new();
-    meta.insert("version".into(), env!("CARGO_PKG_VERSION").into());
-    meta.insert("git-commit".into(), env!("COVNOISE_GIT_COMMIT").into());
-    meta.insert("noise-scale-c".into(), trainer.noise_scale().into());
-    meta.insert(
-        "steps-per-epoch".into(),
-        (trainer.steps_per_epoch() as i64).into(),
-    );
-    meta.insert("world-size".into(), (world_size as i64).into());
-    meta.insert(
-        "threads".into(),
-        (rayon::current_num_threads() as i64).into(),
-    );
-    meta.insert("train-examples".into(), (data.train.n as i64).into());
-    meta.insert("test-examples".into(), (data.test.n as i64).into());
-    meta.insert("data-mean".into(), data.standardization.mean.into());
-    meta.insert("data-std".into(), data.standardization.std.into());
-    meta.insert(
-        "data".into(),
-        toml::Value::try_from(&data.source).context("serializing data source")?,
-    );
-    table.insert("meta".into(), meta.into());
-    Ok(toml::to_string(&table)?)
-}
-
-/// A progress bar on a terminal, plain per-epoch lines otherwise.
+/// A progress bar on a terminal, plain per-epoch lines otherwise, and
+/// optionally a per-step log file (`--log-steps`).
 pub struct TerminalProgress {
     quiet: bool,
     bar: Option<ProgressBar>,
     epochs: usize,
+    steps_per_epoch: usize,
+    step_log: Option<StepLog>,
+}
+
+/// `--log-steps FILE`: one JSON line per step; the first write error is kept
+/// and reported after the run.
+struct StepLog {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    error: Option<std::io::Error>,
 }
 
 impl TerminalProgress {
@@ -285,7 +338,32 @@ impl TerminalProgress {
             quiet,
             bar: None,
             epochs: 0,
+            steps_per_epoch: 0,
+            step_log: None,
         }
+    }
+
+    /// Also writes each step's loss to `path` (created or truncated).
+    fn with_step_log(mut self, path: &std::path::Path) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot create step log {}", path.display()))?;
+        self.step_log = Some(StepLog {
+            path: path.to_path_buf(),
+            file: std::io::BufWriter::new(file),
+            error: None,
+        });
+        Ok(self)
+    }
+
+    /// Flushes the step log; its first write error, if any, fails the run.
+    fn step_log_result(&mut self) -> anyhow::Result<()> {
+        if let Some(log) = &mut self.step_log {
+            let flushed = log.file.flush();
+            if let Some(e) = log.error.take().or(flushed.err()) {
+                return Err(e).with_context(|| format!("writing step log {}", log.path.display()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -307,6 +385,7 @@ fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
 impl Progress for TerminalProgress {
     fn start(&mut self, epochs: usize, steps_per_epoch: usize) {
         self.epochs = epochs;
+        self.steps_per_epoch = steps_per_epoch;
         if !self.quiet && std::io::stderr().is_terminal() {
             let bar = ProgressBar::new((epochs * steps_per_epoch) as u64);
             bar.set_style(
@@ -319,7 +398,20 @@ impl Progress for TerminalProgress {
         }
     }
 
-    fn step(&mut self, epoch: usize, _k: usize, loss: f64) {
+    fn step(&mut self, epoch: usize, k: usize, loss: f64) {
+        if let Some(log) = &mut self.step_log
+            && log.error.is_none()
+        {
+            let line = serde_json::json!({
+                "step": epoch * self.steps_per_epoch + k,
+                "epoch": epoch + 1,
+                "loss": loss,
+            });
+            // Flushed per line, so the file can be followed while training.
+            log.error = writeln!(log.file, "{line}")
+                .and_then(|()| log.file.flush())
+                .err();
+        }
         if let Some(bar) = &self.bar {
             bar.inc(1);
             bar.set_message(format!("epoch {} loss {loss:.4}", epoch + 1));

@@ -6,7 +6,7 @@ pub mod record;
 pub mod run_dir;
 pub mod settings;
 
-pub use record::{DivergedInfo, EpochMetrics, RunSummary};
+pub use record::{DivergedInfo, EpochMetrics, RunStatus, RunSummary};
 pub use run_dir::RunDir;
 pub use settings::TrainSettings;
 
@@ -61,6 +61,82 @@ pub struct Evaluation {
     pub accuracy: f64,
     /// Number of examples evaluated.
     pub examples: usize,
+}
+
+/// `config.toml`: every resolved setting plus where the data came from, the
+/// resolved noise scale, and the code version.
+pub fn config_record(
+    settings: &TrainSettings,
+    data: &TrainTest,
+    trainer: &Trainer<'_>,
+) -> Result<String, TrainError> {
+    let ser = |e: toml::ser::Error| TrainError::Io {
+        path: "config.toml".into(),
+        message: format!("cannot serialize the settings: {e}"),
+    };
+    let mut table = toml::Table::try_from(settings).map_err(ser)?;
+    let mut meta = toml::Table::new();
+    meta.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    meta.insert("git-commit".into(), env!("COVNOISE_GIT_COMMIT").into());
+    meta.insert("noise-scale-c".into(), trainer.noise_scale().into());
+    meta.insert(
+        "steps-per-epoch".into(),
+        (trainer.steps_per_epoch() as i64).into(),
+    );
+    meta.insert("world-size".into(), (trainer.world_size() as i64).into());
+    meta.insert(
+        "threads".into(),
+        (rayon::current_num_threads() as i64).into(),
+    );
+    meta.insert("train-examples".into(), (data.train.n as i64).into());
+    meta.insert("test-examples".into(), (data.test.n as i64).into());
+    meta.insert("data-mean".into(), data.standardization.mean.into());
+    meta.insert("data-std".into(), data.standardization.std.into());
+    meta.insert(
+        "data".into(),
+        toml::Value::try_from(&data.source).map_err(ser)?,
+    );
+    table.insert("meta".into(), meta.into());
+    toml::to_string(&table).map_err(ser)
+}
+
+/// Loads Fashion-MNIST as `settings` say (directory, limits, holdout).
+pub fn load_data(settings: &TrainSettings) -> Result<TrainTest, TrainError> {
+    let opts = data::LoadOptions {
+        train_limit: settings.train_limit,
+        test_limit: settings.test_limit,
+    };
+    let loaded = data::DatasetKind::FashionMnist.load(settings.data.as_deref(), &opts)?;
+    match settings.holdout {
+        Some(n) => hold_out(loaded, n),
+        None => Ok(loaded),
+    }
+}
+
+/// Moves the last `n` training examples into the evaluation set (replacing
+/// the test set), for hyper-parameter search that never looks at the test
+/// set. The standardization stays the one computed at load time.
+pub fn hold_out(mut data: TrainTest, n: usize) -> Result<TrainTest, TrainError> {
+    if n == 0 || n >= data.train.n {
+        return Err(CovnoiseError::InvalidSetting {
+            name: "holdout",
+            value: n.to_string(),
+            reason: "must be >= 1 and leave at least one training example",
+        }
+        .into());
+    }
+    let keep = data.train.n - n;
+    let dim = data.train.dim;
+    let features = data.train.features.split_off(keep * dim);
+    let labels = data.train.labels.split_off(keep);
+    data.train.n = keep;
+    data.test = Dataset::new(
+        features,
+        labels,
+        data.train.shape.clone(),
+        data.train.num_classes,
+    )?;
+    Ok(data)
 }
 
 /// Copies a host batch to `device`.
@@ -232,6 +308,11 @@ impl<'a> Trainer<'a> {
         &self.model
     }
 
+    /// Number of processes the batch is spread over.
+    pub fn world_size(&self) -> usize {
+        self.stage.collective().world_size()
+    }
+
     /// Whether this process writes the run directory (rank 0).
     pub fn is_writer(&self) -> bool {
         self.stage.collective().rank() == 0
@@ -255,6 +336,11 @@ impl<'a> Trainer<'a> {
         let mut metrics_text = String::new();
         let mut last_finite_loss = None;
         let mut host_batch = data::Batch::default();
+        if let Some(dir) = run_dir {
+            // An empty file from the start: a run that dies in epoch 1 still
+            // leaves a well-formed record.
+            dir.write("metrics.jsonl", b"")?;
+        }
         progress.start(self.settings.epochs, self.steps_per_epoch);
 
         for epoch in 0..self.settings.epochs {
@@ -379,11 +465,10 @@ impl<'a> Trainer<'a> {
         let train_seconds: f64 = history.iter().map(|m| m.seconds).sum();
         Ok(RunSummary {
             status: if diverged.is_some() {
-                "diverged"
+                RunStatus::Diverged
             } else {
-                "completed"
-            }
-            .to_string(),
+                RunStatus::Completed
+            },
             test_accuracy: last.map_or(f64::NAN, |m| m.test_accuracy),
             train_accuracy: last.map_or(f64::NAN, |m| m.train_accuracy),
             train_loss: last.map_or(f64::NAN, |m| m.train_loss),

@@ -46,6 +46,16 @@ pub struct EpochMetrics {
     pub steps: u64,
 }
 
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// All epochs ran.
+    Completed,
+    /// Training stopped at a non-finite loss or gradient.
+    Diverged,
+}
+
 /// Where and how a run diverged.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DivergedInfo {
@@ -62,8 +72,8 @@ pub struct DivergedInfo {
 /// `summary.json`: the outcome of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
-    /// `completed` or `diverged`.
-    pub status: String,
+    /// How the run ended.
+    pub status: RunStatus,
     /// Final test accuracy (evaluation mode).
     #[serde(deserialize_with = "nan_if_null")]
     pub test_accuracy: f64,

@@ -73,6 +73,9 @@ pub struct TrainSettings {
     pub train_limit: Option<usize>,
     /// Keep only the first N test examples.
     pub test_limit: Option<usize>,
+    /// Hold out the last N training examples and evaluate on them instead
+    /// of the test set (for hyper-parameter search).
+    pub holdout: Option<usize>,
     /// Hidden layer widths.
     pub hidden: Vec<usize>,
     /// Batch normalization after each hidden Linear layer.
@@ -139,6 +142,7 @@ impl Default for TrainSettings {
             data: None,
             train_limit: None,
             test_limit: None,
+            holdout: None,
             hidden: vec![512, 512],
             batch_norm: false,
             ghost_batch: None,
@@ -296,6 +300,13 @@ impl TrainSettings {
         }
         if self.eval_batch == 0 {
             return Err(invalid("eval-batch", 0, "must be >= 1"));
+        }
+        if self.holdout == Some(0) {
+            return Err(invalid(
+                "holdout",
+                0,
+                "must be >= 1 (omit it to evaluate on the test set)",
+            ));
         }
         if self.threads == Some(0) {
             return Err(invalid("threads", 0, "must be >= 1"));

@@ -1,0 +1,249 @@
+//! `covnoise bench`: the cost of one training step (forward, backward,
+//! estimator, noise, update) for plain large-batch SGD and each noise
+//! variant, measured in the same process and reported as ratios to plain.
+//!
+//! Variants are interleaved round-robin (one step of each per round), so
+//! that drift in machine load affects all of them alike.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use burn::tensor::Device;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::model::{Batch, GradientModel, Mlp, MlpConfig, Normalization};
+use crate::moments::Estimator;
+use crate::noise::{NoiseConfig, NoiseStage, NoiseStructure, ScaleRule};
+use crate::optim::{Sgd, SgdConfig};
+use crate::tensor_util::from_vec;
+
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// The system allocator, counting bytes in use and their peak, so that the
+/// bench can report the memory a step needs. The binary installs it with
+/// `#[global_allocator]`; the counting costs one atomic add per call.
+pub struct TrackingAllocator;
+
+unsafe impl GlobalAlloc for TrackingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded unchanged to the system allocator.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = IN_USE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.dealloc(ptr, layout) };
+        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+/// Heap bytes in use now (0 unless [`TrackingAllocator`] is installed).
+pub fn heap_in_use() -> usize {
+    IN_USE.load(Ordering::Relaxed)
+}
+
+/// Starts a new peak measurement from the current use.
+fn reset_peak() -> usize {
+    let now = IN_USE.load(Ordering::Relaxed);
+    PEAK.store(now, Ordering::Relaxed);
+    now
+}
+
+/// One benchmarked configuration.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    /// Short name, e.g. `diag-exact`.
+    pub name: &'static str,
+    /// The noise stage's configuration.
+    pub noise: NoiseConfig,
+}
+
+/// The variants the issue asks for: plain, exact every step, exact refreshed
+/// every 10 steps, micro-batch, MC-Fisher, full and isotropic.
+pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Variant> {
+    let diag = |estimator, refresh_every| NoiseConfig {
+        structure: NoiseStructure::Diag,
+        estimator,
+        refresh_every,
+        ..NoiseConfig::diag_fisher(small_batch)
+    };
+    // A fixed scale keeps every variant's noise on at any batch size.
+    let fixed = |c: NoiseConfig| NoiseConfig {
+        scale: ScaleRule::Fixed {
+            c: 1.0 / small_batch as f64,
+        },
+        ..c
+    };
+    vec![
+        Variant {
+            name: "plain",
+            noise: NoiseConfig::none(),
+        },
+        Variant {
+            name: "diag-exact",
+            noise: fixed(diag(Estimator::Exact, 1)),
+        },
+        Variant {
+            name: "diag-exact-refresh10",
+            noise: fixed(diag(Estimator::Exact, 10)),
+        },
+        Variant {
+            name: "diag-microbatch",
+            noise: fixed(diag(Estimator::Microbatch { micro_batches }, 1)),
+        },
+        Variant {
+            name: "diag-mc-fisher",
+            noise: fixed(diag(Estimator::McFisher, 1)),
+        },
+        Variant {
+            name: "full",
+            noise: fixed(NoiseConfig {
+                structure: NoiseStructure::Full { centered: false },
+                ..NoiseConfig::none()
+            }),
+        },
+        Variant {
+            name: "isotropic-exact",
+            noise: fixed(NoiseConfig {
+                structure: NoiseStructure::Isotropic,
+                ..diag(Estimator::Exact, 1)
+            }),
+        },
+    ]
+}
+
+/// Timing of one variant at one batch size.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    /// Batch size.
+    pub batch_size: usize,
+    /// Variant name.
+    pub variant: String,
+    /// Timed steps.
+    pub steps: usize,
+    /// Median step time, milliseconds.
+    pub median_ms: f64,
+    /// 10th percentile, milliseconds.
+    pub p10_ms: f64,
+    /// 90th percentile, milliseconds.
+    pub p90_ms: f64,
+    /// Median divided by plain's median in the same run.
+    pub ratio_to_plain: f64,
+    /// Largest extra heap a step needed beyond what was in use before it, bytes.
+    pub step_peak_bytes: usize,
+}
+
+/// Settings of a bench run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Batch sizes to time.
+    pub batch_sizes: Vec<usize>,
+    /// Hidden widths of the MLP (input 784, 10 classes as Fashion-MNIST).
+    pub hidden: Vec<usize>,
+    /// Untimed rounds first.
+    pub warmup: usize,
+    /// Timed rounds.
+    pub steps: usize,
+    /// Micro-batches for the micro-batch variant.
+    pub micro_batches: usize,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    sorted[i]
+}
+
+/// A synthetic batch with standardized features and uniform labels (step
+/// cost does not depend on the values).
+fn synthetic_batch(b: usize, device: &Device) -> Batch {
+    let mut rng = ChaCha8Rng::seed_from_u64(b as u64);
+    let x: Vec<f32> = (0..b * 784).map(|_| rng.random_range(-1.5..1.5)).collect();
+    let labels = (0..b).map(|_| rng.random_range(0..10u8)).collect();
+    Batch {
+        x: from_vec(x, [b, 784], device),
+        labels,
+    }
+}
+
+/// Times every variant at every batch size.
+pub fn run_bench(
+    config: &BenchConfig,
+    variants: &[Variant],
+    mut log: impl FnMut(&str),
+) -> Result<Vec<BenchResult>> {
+    let device = Device::flex();
+    let mut results = Vec::new();
+    for &b in &config.batch_sizes {
+        let batch = synthetic_batch(b, &device);
+        let mlp = MlpConfig {
+            input: 784,
+            hidden: config.hidden.clone(),
+            classes: 10,
+            normalization: Normalization::None,
+        };
+        let mut states = Vec::new();
+        for v in variants {
+            let model = Mlp::new(mlp.clone(), 0, &device)?;
+            let stage = NoiseStage::new(v.noise.clone(), b, 0.1, 0)?;
+            let sgd = Sgd::new(SgdConfig {
+                momentum: 0.9,
+                ..Default::default()
+            })?;
+            states.push((model, stage, sgd, Vec::new(), 0usize));
+        }
+        for round in 0..config.warmup + config.steps {
+            for (model, stage, sgd, times, peak) in states.iter_mut() {
+                let before = reset_peak();
+                let start = Instant::now();
+                let g = stage.gradient(model, &batch, 0)?;
+                sgd.step(model.params_mut(), &g.grads, 0.01)?;
+                // Read back one value so that any deferred work has finished.
+                let _ = crate::tensor_util::scalar(model.params()[0].clone().sum());
+                let elapsed = start.elapsed().as_secs_f64() * 1e3;
+                if round >= config.warmup {
+                    times.push(elapsed);
+                    *peak = (*peak).max(PEAK.load(Ordering::Relaxed).saturating_sub(before));
+                }
+            }
+        }
+        let mut plain_median = f64::NAN;
+        for (v, (_, _, _, times, peak)) in variants.iter().zip(states.iter_mut()) {
+            times.sort_by(|a, b| a.total_cmp(b));
+            let median = percentile(times, 0.5);
+            if v.name == "plain" {
+                plain_median = median;
+            }
+            let r = BenchResult {
+                batch_size: b,
+                variant: v.name.to_string(),
+                steps: times.len(),
+                median_ms: median,
+                p10_ms: percentile(times, 0.1),
+                p90_ms: percentile(times, 0.9),
+                ratio_to_plain: median / plain_median,
+                step_peak_bytes: *peak,
+            };
+            log(&format!(
+                "batch {:>5}  {:<22} median {:>9.2} ms  [p10 {:>8.2}, p90 {:>8.2}]  x{:.3} plain  step peak {:>7.1} MiB",
+                b,
+                r.variant,
+                r.median_ms,
+                r.p10_ms,
+                r.p90_ms,
+                r.ratio_to_plain,
+                r.step_peak_bytes as f64 / (1 << 20) as f64
+            ));
+            results.push(r);
+        }
+    }
+    Ok(results)
+}

@@ -1,0 +1,77 @@
+//! `covnoise bench`: time one training step per noise variant.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use covnoise::bench::{BenchConfig, run_bench, standard_variants};
+
+/// Settings of `covnoise bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Batch sizes to time, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,4096")]
+    pub batch_sizes: Vec<usize>,
+    /// Hidden widths of the MLP (input 784, 10 classes).
+    #[arg(long, value_delimiter = ',', default_value = "512,512")]
+    pub hidden: Vec<usize>,
+    /// Untimed warm-up rounds (each round runs one step of every variant).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed rounds.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Micro-batches M of the micro-batch variant.
+    #[arg(long, default_value_t = 16)]
+    pub micro_batches: usize,
+    /// Small batch B_S setting the noise scale c = 1/B_S of every noisy variant.
+    #[arg(long, default_value_t = 128)]
+    pub small_batch: usize,
+    /// Worker threads [default: all cores].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+}
+
+/// Runs `covnoise bench`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.steps == 0 || args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
+        anyhow::bail!("bench needs --steps >= 1 and batch sizes >= 1");
+    }
+    super::set_threads(args.threads)?;
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; time a release build (cargo build --release)");
+    }
+    let config = BenchConfig {
+        batch_sizes: args.batch_sizes.clone(),
+        hidden: args.hidden.clone(),
+        warmup: args.warmup,
+        steps: args.steps,
+        micro_batches: args.micro_batches,
+    };
+    let variants = standard_variants(args.small_batch, args.micro_batches);
+    println!(
+        "threads {}  hidden {:?}  {} timed steps after {} warm-up rounds",
+        rayon::current_num_threads(),
+        args.hidden,
+        args.steps,
+        args.warmup
+    );
+    let results = run_bench(&config, &variants, |line| println!("{line}"))?;
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "threads": rayon::current_num_threads(),
+            "hidden": args.hidden,
+            "warmup": args.warmup,
+            "git_commit": env!("COVNOISE_GIT_COMMIT"),
+            "results": results,
+        });
+        covnoise::train::run_dir::write_atomic(
+            path,
+            (serde_json::to_string_pretty(&doc)? + "\n").as_bytes(),
+        )?;
+        println!("written: {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! `covnoise study`: run (or resume) a study file and print its table.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use covnoise::study::{StudyEvent, StudySpec, run_study};
+
+use super::train::TerminalProgress;
+
+/// Settings of `covnoise study`.
+#[derive(Debug, Args)]
+pub struct StudyArgs {
+    /// Study file (TOML): seeds, optional [search], [base] settings and [[arm]]s.
+    pub file: PathBuf,
+    /// Output directory: runs/<arm>/{search-K,seed-S}, study.md, study.json and plots.
+    /// Finished runs found there are reused, so a killed study resumes.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Worker threads [default: all cores].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Print only the final table.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Runs `covnoise study`.
+pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
+    let spec = StudySpec::load(&args.file)?;
+    // Validate every arm before touching the output directory or the CPU.
+    spec.plan()?;
+    super::set_threads(args.threads)?;
+    let quiet = args.quiet;
+    let mut progress = TerminalProgress::new(true);
+    let mut on_event = |event: StudyEvent| {
+        if quiet {
+            return;
+        }
+        match event {
+            StudyEvent::Start { dir, index, total } => {
+                eprintln!("[{index}/{total}] {} ...", dir.display())
+            }
+            StudyEvent::Skip { dir } => eprintln!("reusing finished run {}", dir.display()),
+            StudyEvent::Done { dir, summary } => eprintln!(
+                "  {} {:?}: test accuracy {:.4}, {:.2} s/epoch",
+                dir.display(),
+                summary.status,
+                summary.test_accuracy,
+                summary.seconds_per_epoch
+            ),
+        }
+    };
+    let report = run_study(&spec, &args.out, &mut progress, &mut on_event)?;
+    println!("{}", report.markdown());
+    println!("written: {}", args.out.join("study.md").display());
+    Ok(())
+}

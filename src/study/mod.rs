@@ -1,0 +1,475 @@
+//! Studies: a grid of arms x seeds, each arm a full training configuration,
+//! with an optional equal-budget hyper-parameter search on held-out training
+//! data, resumable run by run, aggregated into tables and plots.
+//!
+//! A study file (TOML):
+//!
+//! ```toml
+//! name = "quick"
+//! seeds = [0, 1, 2]
+//! [search]              # optional: pick each arm's grid point on a holdout
+//! epochs = 4            # epochs per search run (the same for every arm)
+//! holdout = 10000       # last N training examples, never the test set
+//! seed = 0
+//! [base]                # settings shared by every arm (train's keys)
+//! epochs = 10
+//! [[arm]]
+//! name = "large batch"
+//! settings = { batch-size = 4096 }
+//! grid = { lr = [0.1, 0.2, 0.4] }   # searched: the cartesian product
+//! ```
+
+mod aggregate;
+
+pub use aggregate::{ArmResult, SearchResult, StudyReport, aggregate};
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::collective::SingleProcess;
+use crate::data::TrainTest;
+use crate::train::{
+    Progress, RunDir, RunStatus, RunSummary, TrainError, TrainSettings, Trainer, config_record,
+    load_data,
+};
+
+/// Errors of a study: a bad study file (before anything runs), or a run that
+/// failed for another reason than divergence.
+#[derive(Debug, thiserror::Error)]
+pub enum StudyError {
+    /// The study file is unreadable or inconsistent.
+    #[error("{0}")]
+    Spec(String),
+    /// An arm's settings are invalid.
+    #[error("arm {arm:?}{point}: {message}")]
+    BadArm {
+        /// The arm's name.
+        arm: String,
+        /// The grid point, if the error is specific to one.
+        point: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A run could not be done.
+    #[error("run {}: {source}", .dir.display())]
+    Run {
+        /// The run directory.
+        dir: PathBuf,
+        /// Why.
+        source: TrainError,
+    },
+    /// Reading or writing study files failed.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The search settings of a study.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SearchSpec {
+    /// Epochs of each search run.
+    pub epochs: usize,
+    /// Training examples held out for selection (the last N).
+    pub holdout: usize,
+    /// Seed of the search runs.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// One arm: a name, its settings, and the values to search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ArmSpec {
+    /// Display name (also the run directory name, slugified).
+    pub name: String,
+    /// Settings on top of the study's base.
+    #[serde(default)]
+    pub settings: toml::Table,
+    /// Setting -> candidate values; the search covers their product.
+    #[serde(default)]
+    pub grid: BTreeMap<String, Vec<toml::Value>>,
+}
+
+/// A study file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StudySpec {
+    /// Study name.
+    pub name: String,
+    /// What the study asks.
+    #[serde(default)]
+    pub description: String,
+    /// Seeds of the final runs (at least one; three or more for claims).
+    pub seeds: Vec<u64>,
+    /// The search; without it every grid must be a single point.
+    #[serde(default)]
+    pub search: Option<SearchSpec>,
+    /// Settings shared by all arms.
+    #[serde(default)]
+    pub base: toml::Table,
+    /// The arms.
+    #[serde(rename = "arm")]
+    pub arms: Vec<ArmSpec>,
+}
+
+/// One arm, resolved: the settings of each search candidate and of each
+/// final run (once a candidate is chosen).
+#[derive(Debug, Clone)]
+pub struct ArmPlan {
+    /// The arm's name.
+    pub name: String,
+    /// Directory name under `runs/`.
+    pub slug: String,
+    /// Grid points (setting -> value) with their search settings.
+    pub candidates: Vec<(toml::Table, TrainSettings)>,
+    /// Final settings for each grid point (before the seed is set).
+    finals: Vec<TrainSettings>,
+}
+
+impl ArmPlan {
+    /// Whether this arm runs a search.
+    pub fn searches(&self) -> bool {
+        self.candidates.len() > 1
+    }
+}
+
+fn merge(into: &mut toml::Table, from: &toml::Table) {
+    for (k, v) in from {
+        into.insert(k.clone(), v.clone());
+    }
+}
+
+fn slug(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    s.split('-')
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+fn describe(point: &toml::Table) -> String {
+    point
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl StudySpec {
+    /// Parses a study file.
+    pub fn from_toml(text: &str) -> Result<Self, StudyError> {
+        toml::from_str(text).map_err(|e| StudyError::Spec(e.message().trim().to_string()))
+    }
+
+    /// Reads a study file.
+    pub fn load(path: &Path) -> Result<Self, StudyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| StudyError::Io(format!("{}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| StudyError::Spec(format!("{}: {e}", path.display())))
+    }
+
+    /// Resolves and validates every arm at every grid point: a bad arm is an
+    /// error here, before anything runs.
+    pub fn plan(&self) -> Result<Vec<ArmPlan>, StudyError> {
+        if self.seeds.is_empty() {
+            return Err(StudyError::Spec("seeds: give at least one seed".into()));
+        }
+        if self.arms.is_empty() {
+            return Err(StudyError::Spec("no [[arm]] in the study".into()));
+        }
+        let mut slugs = std::collections::HashSet::new();
+        let mut plans = Vec::new();
+        for arm in &self.arms {
+            let bad = |point: &toml::Table, message: String| StudyError::BadArm {
+                arm: arm.name.clone(),
+                point: if point.is_empty() {
+                    String::new()
+                } else {
+                    format!(" at {}", describe(point))
+                },
+                message,
+            };
+            let slug = slug(&arm.name);
+            if slug.is_empty() || !slugs.insert(slug.clone()) {
+                return Err(bad(
+                    &toml::Table::new(),
+                    "needs a name distinct from the other arms".into(),
+                ));
+            }
+            for key in ["seed", "holdout", "data"] {
+                if arm.grid.contains_key(key) || arm.settings.contains_key(key) {
+                    return Err(bad(
+                        &toml::Table::new(),
+                        format!("{key} is set by the study, not by an arm"),
+                    ));
+                }
+            }
+            // Cartesian product of the grid, in the file's key order.
+            let mut points = vec![toml::Table::new()];
+            for (key, values) in &arm.grid {
+                if values.is_empty() {
+                    return Err(bad(
+                        &toml::Table::new(),
+                        format!("grid {key} has no values"),
+                    ));
+                }
+                points = points
+                    .into_iter()
+                    .flat_map(|p| {
+                        values.iter().map(move |v| {
+                            let mut q = p.clone();
+                            q.insert(key.clone(), v.clone());
+                            q
+                        })
+                    })
+                    .collect();
+            }
+            if points.len() > 1 && self.search.is_none() {
+                return Err(bad(
+                    &toml::Table::new(),
+                    "has a grid but the study has no [search]".into(),
+                ));
+            }
+            let mut candidates = Vec::new();
+            let mut finals = Vec::new();
+            for point in points {
+                let mut table = self.base.clone();
+                merge(&mut table, &arm.settings);
+                merge(&mut table, &point);
+                let settings: TrainSettings = table
+                    .clone()
+                    .try_into()
+                    .map_err(|e: toml::de::Error| bad(&point, e.message().trim().to_string()))?;
+                settings
+                    .validate()
+                    .map_err(|e| bad(&point, e.to_string()))?;
+                let mut search = settings.clone();
+                if let Some(s) = &self.search {
+                    search.epochs = s.epochs;
+                    search.holdout = Some(s.holdout);
+                    search.seed = s.seed;
+                    search.validate().map_err(|e| bad(&point, e.to_string()))?;
+                }
+                candidates.push((point, search));
+                finals.push(settings);
+            }
+            plans.push(ArmPlan {
+                name: arm.name.clone(),
+                slug,
+                candidates,
+                finals,
+            });
+        }
+        Ok(plans)
+    }
+}
+
+/// What the study runner reports as it goes.
+#[derive(Debug, Clone)]
+pub enum StudyEvent<'a> {
+    /// A run is about to start (`index` of `total` runs in the study).
+    Start {
+        /// Run directory.
+        dir: &'a Path,
+        /// 1-based position.
+        index: usize,
+        /// Runs in the study.
+        total: usize,
+    },
+    /// A finished run was found and is reused.
+    Skip {
+        /// Run directory.
+        dir: &'a Path,
+    },
+    /// A run ended.
+    Done {
+        /// Run directory.
+        dir: &'a Path,
+        /// Its summary.
+        summary: &'a RunSummary,
+    },
+}
+
+/// Loaded data sets, shared by the runs that use the same files and limits.
+#[derive(Default)]
+struct DataCache {
+    loaded: HashMap<String, TrainTest>,
+}
+
+impl DataCache {
+    fn get(&mut self, settings: &TrainSettings) -> Result<&TrainTest, TrainError> {
+        let key = format!(
+            "{:?}|{:?}|{:?}|{:?}",
+            settings.data, settings.train_limit, settings.test_limit, settings.holdout
+        );
+        if !self.loaded.contains_key(&key) {
+            let data = load_data(settings)?;
+            self.loaded.insert(key.clone(), data);
+        }
+        Ok(&self.loaded[&key])
+    }
+}
+
+/// The settings a finished run directory was made with (config.toml less
+/// its `meta` table).
+fn recorded_settings(dir: &Path) -> Option<toml::Table> {
+    let text = std::fs::read_to_string(dir.join("config.toml")).ok()?;
+    let mut table: toml::Table = text.parse().ok()?;
+    table.remove("meta");
+    Some(table)
+}
+
+/// Runs one configuration into `dir`, or reuses the run already there if it
+/// finished with the same settings. A divergence is a result, not an error.
+fn run_or_reuse(
+    settings: &TrainSettings,
+    dir: &Path,
+    cache: &mut DataCache,
+    progress: &mut dyn Progress,
+    on_event: &mut dyn FnMut(StudyEvent),
+    index: usize,
+    total: usize,
+) -> Result<RunSummary, StudyError> {
+    let fail = |source: TrainError| StudyError::Run {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let wanted = toml::Table::try_from(settings).map_err(|e| StudyError::Io(e.to_string()))?;
+    if let Some(existing) = recorded_settings(dir) {
+        if existing != wanted {
+            return Err(StudyError::Io(format!(
+                "{} holds a run with other settings than the study file asks for; delete it or use another --out",
+                dir.display()
+            )));
+        }
+        if let Ok(text) = std::fs::read_to_string(dir.join("summary.json"))
+            && let Ok(summary) = serde_json::from_str::<RunSummary>(&text)
+        {
+            on_event(StudyEvent::Skip { dir });
+            return Ok(summary);
+        }
+    }
+    on_event(StudyEvent::Start { dir, index, total });
+    let data = cache.get(settings).map_err(fail)?;
+    let mut trainer = Trainer::new(settings, data, Box::new(SingleProcess)).map_err(fail)?;
+    // An unfinished run (no summary) is started again from scratch.
+    let run_dir = RunDir::create(dir, true).map_err(fail)?;
+    run_dir
+        .write(
+            "config.toml",
+            config_record(settings, data, &trainer)
+                .map_err(fail)?
+                .as_bytes(),
+        )
+        .map_err(fail)?;
+    let summary = match trainer.run(Some(&run_dir), progress) {
+        Ok(summary) => summary,
+        Err(TrainError::Diverged(_)) => {
+            let text = std::fs::read_to_string(dir.join("summary.json"))
+                .map_err(|e| StudyError::Io(format!("{}: {e}", dir.display())))?;
+            serde_json::from_str(&text).map_err(|e| StudyError::Io(e.to_string()))?
+        }
+        Err(e) => return Err(fail(e)),
+    };
+    on_event(StudyEvent::Done {
+        dir,
+        summary: &summary,
+    });
+    Ok(summary)
+}
+
+/// The chosen grid point of each arm (by final holdout accuracy; ties and
+/// divergences resolved towards the earlier candidate).
+fn best_index(summaries: &[RunSummary]) -> usize {
+    let score = |s: &RunSummary| {
+        if s.status == RunStatus::Completed && s.test_accuracy.is_finite() {
+            s.test_accuracy
+        } else {
+            f64::NEG_INFINITY
+        }
+    };
+    let mut best = 0;
+    for (i, s) in summaries.iter().enumerate() {
+        if score(s) > score(&summaries[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Runs (or resumes) the whole study under `out` and aggregates it into
+/// `study.md`, `study.json` and plots.
+pub fn run_study(
+    spec: &StudySpec,
+    out: &Path,
+    progress: &mut dyn Progress,
+    on_event: &mut dyn FnMut(StudyEvent),
+) -> Result<StudyReport, StudyError> {
+    let plans = spec.plan()?;
+    std::fs::create_dir_all(out).map_err(|e| StudyError::Io(format!("{}: {e}", out.display())))?;
+    let spec_text = toml::to_string(spec).map_err(|e| StudyError::Io(e.to_string()))?;
+    crate::train::run_dir::write_atomic(&out.join("study.toml"), spec_text.as_bytes())
+        .map_err(|e| StudyError::Io(e.to_string()))?;
+    let total: usize = plans
+        .iter()
+        .map(|p| if p.searches() { p.candidates.len() } else { 0 } + spec.seeds.len())
+        .sum();
+    let mut index = 0;
+    let mut cache = DataCache::default();
+    let mut arms = Vec::new();
+    for plan in &plans {
+        let arm_dir = out.join("runs").join(&plan.slug);
+        let mut search = Vec::new();
+        let chosen = if plan.searches() {
+            let mut summaries = Vec::new();
+            for (k, (point, settings)) in plan.candidates.iter().enumerate() {
+                index += 1;
+                let dir = arm_dir.join(format!("search-{k}"));
+                let summary =
+                    run_or_reuse(settings, &dir, &mut cache, progress, on_event, index, total)?;
+                search.push(SearchResult {
+                    point: describe(point),
+                    dir: dir.clone(),
+                    holdout_accuracy: summary.test_accuracy,
+                    status: summary.status,
+                });
+                summaries.push(summary);
+            }
+            best_index(&summaries)
+        } else {
+            0
+        };
+        let mut finals = Vec::new();
+        for &seed in &spec.seeds {
+            index += 1;
+            let mut settings = plan.finals[chosen].clone();
+            settings.seed = seed;
+            let dir = arm_dir.join(format!("seed-{seed}"));
+            run_or_reuse(
+                &settings, &dir, &mut cache, progress, on_event, index, total,
+            )?;
+            finals.push(dir);
+        }
+        arms.push((
+            plan.name.clone(),
+            describe(&plan.candidates[chosen].0),
+            plan.finals[chosen].clone(),
+            search,
+            finals,
+        ));
+    }
+    let report = aggregate(spec, arms)?;
+    report.write(out)?;
+    Ok(report)
+}
