@@ -22,13 +22,35 @@ pub struct StudyArgs {
     /// Print only the final table.
     #[arg(long)]
     pub quiet: bool,
+    /// Validate the study file and list its runs and budget, without training.
+    #[arg(long)]
+    pub plan: bool,
 }
 
 /// Runs `covnoise study`.
 pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
     let spec = StudySpec::load(&args.file)?;
     // Validate every arm before touching the output directory or the CPU.
-    spec.plan()?;
+    let plans = spec.plan()?;
+    if args.plan {
+        for p in &plans {
+            let search = if p.searches() { p.candidates.len() } else { 0 };
+            let search_epochs: usize = if p.searches() {
+                p.candidates.iter().map(|(_, s)| s.epochs).sum()
+            } else {
+                0
+            };
+            println!(
+                "{}: {} search runs ({} epochs), {} final runs -> {}",
+                p.name,
+                search,
+                search_epochs,
+                spec.seeds.len(),
+                args.out.join("runs").join(&p.slug).display()
+            );
+        }
+        return Ok(());
+    }
     super::set_threads(args.threads)?;
     let quiet = args.quiet;
     let mut progress = TerminalProgress::new(true);

@@ -1,0 +1,55 @@
+# covnoise: the two commands a fresh machine needs are `make demo` and `make test`.
+CARGO ?= cargo
+BIN := target/release/covnoise
+DATA_DIR ?= /usr/share/datasets/fashion-mnist
+DEMO_OUT ?= demo-out
+
+.PHONY: all build test test-mpi lint demo data bench clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+## The whole test suite (release build: the numerical tests train real models).
+## MPI tests run too when OpenMPI is installed (mpirun on PATH).
+test:
+	$(CARGO) test --release
+	@if command -v mpirun >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory test-mpi; \
+	else \
+		echo "note: mpirun not found, MPI tests skipped (apt-get install openmpi-bin libopenmpi-dev)"; \
+	fi
+
+test-mpi:
+	$(CARGO) test --release --features mpi --test mpi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+## Fashion-MNIST from Debian's dataset-fashion-mnist; installed when missing
+## and we may (root or passwordless sudo), else the command to run is printed.
+data:
+	@if [ -f "$(DATA_DIR)/train-images-idx3-ubyte.gz" ] || [ -f "$(DATA_DIR)/train-images-idx3-ubyte" ] || [ -n "$$COVNOISE_DATA" ]; then \
+		echo "data: Fashion-MNIST found"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist fonts-dejavu-core; \
+	elif sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist fonts-dejavu-core; \
+	else \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist fonts-dejavu-core'"; \
+		echo "or set COVNOISE_DATA=/path/to/dir with the four IDX files"; exit 1; \
+	fi
+
+## Small batch vs large batch vs large batch + diagonal-Fisher noise,
+## 3 seeds x 10 epochs; prints the table, writes $(DEMO_OUT)/study.md and plots.
+demo: data build
+	$(BIN) study studies/demo.toml --out $(DEMO_OUT)
+
+bench: build
+	$(BIN) bench --json bench-results.json
+
+clean:
+	$(CARGO) clean
+	rm -rf $(DEMO_OUT)

@@ -1,0 +1,203 @@
+//! Studies: validation before anything runs, resuming, and aggregation.
+
+use std::path::{Path, PathBuf};
+
+use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
+use covnoise::study::{StudyEvent, StudySpec, aggregate, run_study};
+use covnoise::train::{EpochMetrics, RunStatus, RunSummary, Silent, TrainSettings};
+
+fn fixture(root: &Path) -> PathBuf {
+    let dir = root.join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let train = synthetic_images(256, 28, 28, 10, 1).unwrap();
+    let test = synthetic_images(64, 28, 28, 10, 2).unwrap();
+    write_fashion_mnist_dir(&dir, &train, &test, false).unwrap();
+    dir
+}
+
+fn spec_text(data: &Path, lr_grid: &str) -> String {
+    format!(
+        r#"
+name = "t"
+seeds = [0, 1]
+[search]
+epochs = 1
+holdout = 64
+[base]
+data = "{}"
+epochs = 1
+warmup-epochs = 0
+hidden = [16]
+threads = 1
+[[arm]]
+name = "small"
+settings = {{ batch-size = 32 }}
+grid = {{ lr = {lr_grid} }}
+[[arm]]
+name = "large noisy"
+settings = {{ batch-size = 64, lr = 0.1, noise = "diag", small-batch = 16 }}
+"#,
+        data.display()
+    )
+}
+
+#[test]
+fn a_bad_arm_is_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let spec = StudySpec::from_toml(&spec_text(&data, "[0.1, -0.2]")).unwrap();
+    let err = spec.plan().unwrap_err().to_string();
+    assert!(
+        err.contains("arm \"small\"") && err.contains("lr=-0.2") && err.contains("lr"),
+        "{err}"
+    );
+    // Through the command line: one line, non-zero, nothing created.
+    let file = tmp.path().join("bad.toml");
+    std::fs::write(&file, spec_text(&data, "[0.1, -0.2]")).unwrap();
+    let out = tmp.path().join("out");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_covnoise"))
+        .args([
+            "study",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("small") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+    // A typo in a setting name is an error too.
+    let typo = spec_text(&data, "[0.1]").replace("batch-size = 64", "batchsize = 64");
+    let err = StudySpec::from_toml(&typo)
+        .unwrap()
+        .plan()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("batchsize"), "{err}");
+}
+
+fn run(spec: &StudySpec, out: &Path) -> (Vec<String>, Vec<String>) {
+    let (mut started, mut skipped) = (Vec::new(), Vec::new());
+    let mut on_event = |e: StudyEvent| match e {
+        StudyEvent::Start { dir, .. } => started.push(dir.display().to_string()),
+        StudyEvent::Skip { dir } => skipped.push(dir.display().to_string()),
+        StudyEvent::Done { .. } => {}
+    };
+    run_study(spec, out, &mut Silent, &mut on_event).unwrap();
+    (started, skipped)
+}
+
+#[test]
+fn a_killed_study_resumes_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let spec = StudySpec::from_toml(&spec_text(&data, "[0.05, 0.1]")).unwrap();
+    let out = tmp.path().join("out");
+    let (started, skipped) = run(&spec, &out);
+    // 2 search runs + 2 seeds for "small", 2 seeds for "large noisy".
+    assert_eq!((started.len(), skipped.len()), (6, 0));
+    for f in [
+        "study.md",
+        "study.json",
+        "study-curves.png",
+        "study-final.png",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // Simulate a kill during one run: its summary is missing.
+    let killed = out.join("runs/large-noisy/seed-1");
+    std::fs::remove_file(killed.join("summary.json")).unwrap();
+    let (started, skipped) = run(&spec, &out);
+    assert_eq!(started, vec![killed.display().to_string()]);
+    assert_eq!(skipped.len(), 5);
+    // A run directory made with other settings is not silently reused.
+    let other = StudySpec::from_toml(
+        &spec_text(&data, "[0.05, 0.1]").replace("lr = 0.1, noise", "lr = 0.2, noise"),
+    )
+    .unwrap();
+    let mut ignore = |_: StudyEvent| {};
+    let err = run_study(&other, &out, &mut Silent, &mut ignore)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("other settings"), "{err}");
+}
+
+fn write_run(dir: &Path, accs: &[f64], final_acc: f64, status: RunStatus) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.toml"), "lr = 0.1\n").unwrap();
+    let lines: Vec<String> = accs
+        .iter()
+        .enumerate()
+        .map(|(i, &a)| {
+            serde_json::to_string(&EpochMetrics {
+                epoch: i + 1,
+                lr: 0.1,
+                train_loss: 1.0,
+                train_accuracy: a,
+                test_loss: 1.0,
+                test_accuracy: a,
+                noise_trace: None,
+                seconds: 2.0,
+                eval_seconds: 0.1,
+                steps: 10 * (i as u64 + 1),
+            })
+            .unwrap()
+        })
+        .collect();
+    std::fs::write(dir.join("metrics.jsonl"), lines.join("\n") + "\n").unwrap();
+    let summary = RunSummary {
+        status,
+        test_accuracy: final_acc,
+        train_accuracy: final_acc + 0.05,
+        train_loss: 0.3,
+        test_loss: 0.4,
+        epochs: accs.len(),
+        steps: 10 * accs.len() as u64,
+        wall_seconds: 5.0,
+        seconds_per_epoch: 2.0,
+        seed: 0,
+        noise_scale: 0.01,
+        world_size: 1,
+        replicas_identical: None,
+        diverged: None,
+    };
+    std::fs::write(
+        dir.join("summary.json"),
+        serde_json::to_string(&summary).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn aggregation_computes_mean_std_and_the_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("s{i}"))).collect();
+    write_run(&dirs[0], &[0.5, 0.80], 0.80, RunStatus::Completed);
+    write_run(&dirs[1], &[0.6, 0.84], 0.84, RunStatus::Completed);
+    write_run(&dirs[2], &[0.1], f64::NAN, RunStatus::Diverged);
+    let spec =
+        StudySpec::from_toml("name = \"agg\"\nseeds = [0, 1, 2]\n[[arm]]\nname = \"a\"\n").unwrap();
+    let settings = TrainSettings::default();
+    let report = aggregate(
+        &spec,
+        vec![("a".into(), String::new(), settings, vec![], dirs)],
+    )
+    .unwrap();
+    let arm = &report.arms[0];
+    assert_eq!((arm.completed, arm.diverged), (2, 1));
+    // Mean 0.82, sample std sqrt(((0.02)^2 * 2) / 1) = 0.028284.
+    assert!((arm.test_accuracy.mean - 0.82).abs() < 1e-12);
+    assert!((arm.test_accuracy.std - 0.02 * 2f64.sqrt()).abs() < 1e-12);
+    assert!((arm.train_accuracy.mean - 0.87).abs() < 1e-12);
+    // Per-epoch curve over completed seeds: epoch 2 has mean 0.82.
+    assert_eq!(arm.curve.len(), 2);
+    assert!((arm.curve[1].1.mean - 0.82).abs() < 1e-12);
+    let md = report.markdown();
+    assert!(md.contains("| a | 4096 | 0.2 | 10 | none |"), "{md}");
+    assert!(md.contains("82.00 ± 2.83"), "{md}");
+    assert!(md.contains("2/3"), "{md}");
+}
