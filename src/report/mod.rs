@@ -2,6 +2,7 @@
 //! outputs); it never trains.
 
 pub mod font;
+pub(crate) mod output;
 pub mod run_plots;
 pub mod runs;
 pub mod theory_plots;

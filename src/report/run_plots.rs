@@ -10,12 +10,13 @@
 use std::ops::Range;
 use std::path::Path;
 
-use anyhow::{anyhow, bail};
+use anyhow::bail;
 use plotters::coord::Shift;
 use plotters::coord::ranged1d::ValueFormatter;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
+use crate::report::output::{drawing_error, format_of, prepare_output, render};
 use crate::report::runs::{RunRecord, RunStatus};
 
 /// One curve of a seed-averaged plot: the mean over seeds at each x, drawn as
@@ -30,64 +31,6 @@ pub struct BandSeries {
     pub mean: Vec<f64>,
     /// Standard deviation at each x (0 draws no band).
     pub std: Vec<f64>,
-}
-
-/// Output format, from the file extension.
-#[derive(Clone, Copy)]
-enum Format {
-    Png,
-    Svg,
-}
-
-fn format_of(path: &Path) -> anyhow::Result<Format> {
-    match path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .as_deref()
-    {
-        Some("png") => Ok(Format::Png),
-        Some("svg") => Ok(Format::Svg),
-        _ => bail!("plot file {} must end in .png or .svg", path.display()),
-    }
-}
-
-/// Checks the output before any drawing, after [`format_of`] and the
-/// inputs' checks: an existing parent directory (the backends' own error for
-/// a missing directory does not say which), and a registered font (without
-/// one, plotters fails on the first text with "FontUnavailable", for SVG as
-/// for PNG).
-fn prepare_output(path: &Path) -> anyhow::Result<()> {
-    if let Some(parent) = path.parent()
-        && !parent.as_os_str().is_empty()
-        && !parent.is_dir()
-    {
-        bail!(
-            "cannot write plot {}: directory {} does not exist",
-            path.display(),
-            parent.display()
-        );
-    }
-    crate::report::font::ensure_fonts()
-}
-
-/// plotters' errors carry the backend's error; keep the message, one line.
-fn drawing_error<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow!("{}", e.to_string().replace('\n', " "))
-}
-
-/// Draws with `$draw(root)` on the backend `$format` selects, and names the
-/// file in any error. A macro because the drawing functions are generic over
-/// the backend and closures cannot be.
-macro_rules! render {
-    ($path:expr, $format:expr, $size:expr, $draw:expr) => {{
-        let path: &Path = $path;
-        let result = match $format {
-            Format::Png => $draw(BitMapBackend::new(path, $size).into_drawing_area()),
-            Format::Svg => $draw(SVGBackend::new(path, $size).into_drawing_area()),
-        };
-        result.map_err(|e| anyhow!("cannot write plot {}: {e}", path.display()))
-    }};
 }
 
 /// Categorical colours (matplotlib's tab10): distinct and readable on

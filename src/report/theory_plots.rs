@@ -8,11 +8,11 @@
 
 use std::path::Path;
 
-use anyhow::{Context, bail};
 use nalgebra::{SymmetricEigen, Vector2};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::report::output::{drawing_error, format_of, prepare_output, render};
 use crate::theory::Illustration;
 
 /// Exact expected loss of one noise structure on a dense grid of steps, and
@@ -45,30 +45,6 @@ pub struct MonteCarloPoints {
     pub deterministic: Vec<f64>,
 }
 
-/// Output format, from the file extension.
-enum Format {
-    Png,
-    Svg,
-}
-
-fn format_of(path: &Path) -> anyhow::Result<Format> {
-    match path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(|e| e.to_ascii_lowercase())
-        .as_deref()
-    {
-        Some("png") => Ok(Format::Png),
-        Some("svg") => Ok(Format::Svg),
-        _ => bail!("plot file {} must end in .png or .svg", path.display()),
-    }
-}
-
-/// plotters' errors carry the backend's error; keep the message, one line.
-fn drawing_error<E: std::fmt::Display>(e: E) -> anyhow::Error {
-    anyhow::anyhow!("drawing failed: {}", e.to_string().replace('\n', " "))
-}
-
 /// Colour of a structure's curve; the same in every plot.
 fn colour(label: &str, index: usize) -> RGBColor {
     match label {
@@ -93,22 +69,13 @@ pub fn draw_loss_curves(
     deterministic: &[f64],
 ) -> anyhow::Result<()> {
     let format = format_of(path)?;
-    crate::report::font::ensure_fonts()?;
-    match format {
-        Format::Png => draw_loss_panels(
-            BitMapBackend::new(path, (1500, 650)).into_drawing_area(),
-            title,
-            curves,
-            deterministic,
-        ),
-        Format::Svg => draw_loss_panels(
-            SVGBackend::new(path, (1500, 650)).into_drawing_area(),
-            title,
-            curves,
-            deterministic,
-        ),
-    }
-    .with_context(|| format!("cannot write plot {}", path.display()))
+    prepare_output(path)?;
+    render!(path, format, (1500, 650), |root| draw_loss_panels(
+        root,
+        title,
+        curves,
+        deterministic
+    ))
 }
 
 /// Axis label: plain decimals between 0.01 and 10^5, otherwise scientific,
@@ -343,18 +310,11 @@ where
 /// each, over the same loss contours and window.
 pub fn draw_illustration(path: &Path, illustration: &Illustration) -> anyhow::Result<()> {
     let format = format_of(path)?;
-    crate::report::font::ensure_fonts()?;
-    match format {
-        Format::Png => draw_illustration_panels(
-            BitMapBackend::new(path, (1300, 1300)).into_drawing_area(),
-            illustration,
-        ),
-        Format::Svg => draw_illustration_panels(
-            SVGBackend::new(path, (1300, 1300)).into_drawing_area(),
-            illustration,
-        ),
-    }
-    .with_context(|| format!("cannot write plot {}", path.display()))
+    prepare_output(path)?;
+    render!(path, format, (1300, 1300), |root| draw_illustration_panels(
+        root,
+        illustration
+    ))
 }
 
 /// Points of the contour { w : (w - w*)^T H (w - w*) = s^2 }, an ellipse with
