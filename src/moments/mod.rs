@@ -258,44 +258,35 @@ pub fn estimate(
     let world = ctx.collective.world_size();
     validate(estimator, model, batch.len(), world)?;
     match estimator {
-        Estimator::Exact => {
-            let out = model.backward(
+        Estimator::Exact | Estimator::McFisher => {
+            let mc = estimator == Estimator::McFisher;
+            // The step's gradient always uses the data labels; the exact
+            // estimator takes its per-example factors from the same pass.
+            let mut out = model.backward(
                 batch,
                 &BackwardRequest {
-                    per_example: true,
+                    per_example: !mc,
                     update_running_stats: true,
                     ..Default::default()
                 },
             )?;
+            if mc {
+                // A second pass with labels drawn from the model, for the
+                // per-example factors only.
+                let sampled = sample_labels(&out.logits, ctx, batch.len())?;
+                out.factors = model
+                    .backward(
+                        batch,
+                        &BackwardRequest {
+                            labels: Some(&sampled),
+                            per_example: true,
+                            skip_param_grads: true,
+                            ..Default::default()
+                        },
+                    )?
+                    .factors;
+            }
             let sums = exact::moment_sums(&out.factors, model.param_info(), kind)?;
-            reduce_step(
-                out.grads,
-                out.loss,
-                out.correct,
-                batch.len(),
-                Some(sums),
-                ctx,
-            )
-        }
-        Estimator::McFisher => {
-            let out = model.backward(
-                batch,
-                &BackwardRequest {
-                    update_running_stats: true,
-                    ..Default::default()
-                },
-            )?;
-            let sampled = sample_labels(&out.logits, ctx, batch.len())?;
-            let mc = model.backward(
-                batch,
-                &BackwardRequest {
-                    labels: Some(&sampled),
-                    per_example: true,
-                    skip_param_grads: true,
-                    ..Default::default()
-                },
-            )?;
-            let sums = exact::moment_sums(&mc.factors, model.param_info(), kind)?;
             reduce_step(
                 out.grads,
                 out.loss,
