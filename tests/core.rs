@@ -195,9 +195,9 @@ impl Running {
         }
     }
     fn push(&mut self, v: &[f64]) {
-        for j in 0..v.len() {
-            self.sum[j] += v[j];
-            self.sumsq[j] += v[j] * v[j];
+        for ((s, q), x) in self.sum.iter_mut().zip(self.sumsq.iter_mut()).zip(v) {
+            *s += x;
+            *q += x * x;
         }
         self.n += 1;
     }

@@ -300,6 +300,9 @@ fn config_file_gives_settings_and_flags_override_it() {
     assert_clean_failure(&o, "batch-sise");
 }
 
+/// An edit of a file's bytes.
+type Edit = Box<dyn FnOnce(&mut Vec<u8>)>;
+
 fn corrupt(data: &Path, file: &str, edit: impl FnOnce(&mut Vec<u8>)) {
     let path = data.join(file);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -313,7 +316,7 @@ fn bad_data_files_fail_before_training_with_one_line() {
     let missing = tmp.path().join("nowhere");
     assert_clean_failure(&train(&missing, &[]), "nowhere");
 
-    let cases: Vec<(&str, Box<dyn FnOnce(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "train-images-idx3-ubyte",
             Box::new(|b: &mut Vec<u8>| b.truncate(b.len() - 100)),

@@ -148,7 +148,7 @@ pub fn validate(
                 return Err(CovnoiseError::TooFewMicroBatches(micro_batches));
             }
             let global = local_batch * world;
-            if global % micro_batches != 0 {
+            if !global.is_multiple_of(micro_batches) {
                 return Err(CovnoiseError::MicroBatchesDoNotDivide {
                     batch: global,
                     micro_batches,
@@ -162,7 +162,7 @@ pub fn validate(
             let b = global / micro_batches;
             match model.coupling() {
                 Coupling::Independent => {}
-                Coupling::Groups(n) if b % n == 0 => {}
+                Coupling::Groups(n) if b.is_multiple_of(n) => {}
                 Coupling::Groups(n) => {
                     return Err(CovnoiseError::Unsupported(format!(
                         "micro-batches of {b} examples would split ghost batches of {n}; choose micro-batches whose size is a multiple of the ghost batch"

@@ -79,7 +79,7 @@ impl NoiseStage {
         };
         if let moments::Estimator::Microbatch { micro_batches } = config.estimator
             && config.structure != NoiseStructure::None
-            && large_batch % micro_batches != 0
+            && !large_batch.is_multiple_of(micro_batches)
         {
             return Err(CovnoiseError::MicroBatchesDoNotDivide {
                 batch: large_batch,

@@ -240,7 +240,7 @@ impl<'a> Trainer<'a> {
     ) -> Result<Self, TrainError> {
         settings.validate()?;
         let world = collective.world_size();
-        if settings.batch_size % world != 0 {
+        if !settings.batch_size.is_multiple_of(world) {
             return Err(CovnoiseError::InvalidSetting {
                 name: "batch-size",
                 value: settings.batch_size.to_string(),

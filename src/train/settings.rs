@@ -195,7 +195,7 @@ impl TrainSettings {
     pub fn mlp_config(&self, input: usize, classes: usize) -> Result<MlpConfig> {
         let normalization = match (self.batch_norm, self.ghost_batch) {
             (_, Some(n)) => {
-                if self.batch_size % n != 0 {
+                if !self.batch_size.is_multiple_of(n) {
                     return Err(invalid(
                         "ghost-batch",
                         n,
