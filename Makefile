@@ -27,6 +27,9 @@ test-mpi:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
+	@if command -v mpirun >/dev/null 2>&1; then \
+		$(CARGO) clippy --release --all-targets --features mpi -- -D warnings; \
+	fi
 
 ## Fashion-MNIST from Debian's dataset-fashion-mnist; installed when missing
 ## and we may (root or passwordless sudo), else the command to run is printed.

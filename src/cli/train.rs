@@ -235,11 +235,13 @@ fn run_mpi(args: &TrainArgs) -> anyhow::Result<()> {
     match train(args, Box::new(mpi.clone())) {
         Ok(summary) => {
             if mpi.rank() == 0 {
+                // Communication of the whole run (evaluation included) per step.
                 let (comm, steps) = (mpi.stats(), summary.steps.max(1) as f64);
                 println!(
-                    "{}  [{} processes; all-reduce {:.2} ms/step, {:.2} MB/step]",
+                    "{}  [{} processes; {} all-reduces, {:.2} ms/step, {:.2} MB/step]",
                     final_line(&summary, args),
                     mpi.world_size(),
+                    comm.calls,
                     1e3 * comm.seconds / steps,
                     comm.bytes as f64 / 1e6 / steps,
                 );
