@@ -318,13 +318,12 @@ fn mode_plain(x: f64, k: u64) -> (f64, f64) {
     (decay, geometric_sum(ln_r, one_minus_r, k))
 }
 
-/// For one eigen-direction with momentum: ((T^k (1, 1))_1^2,
-/// [sum_{j<k} K^j]_{11}), the analogues of [`mode_plain`].
-fn mode_momentum(x: f64, beta: f64, k: u64) -> (f64, f64) {
+/// The linear map K taking one eigen-direction's second moments
+/// (E[e_k^2], E[e_k e_{k-1}], E[e_{k-1}^2]) one heavy-ball step forward,
+/// for x = alpha * lambda: the state moves by T = [[1 + beta - x, -beta], [1, 0]].
+fn momentum_covariance_map(x: f64, beta: f64) -> Matrix3<f64> {
     let a = 1.0 + beta - x;
-    let t = Matrix2::new(a, -beta, 1.0, 0.0);
-    let mean = matrix2_pow(&t, k) * Vector2::new(1.0, 1.0);
-    let kmat = Matrix3::new(
+    Matrix3::new(
         a * a,
         -2.0 * a * beta,
         beta * beta,
@@ -334,7 +333,16 @@ fn mode_momentum(x: f64, beta: f64, k: u64) -> (f64, f64) {
         1.0,
         0.0,
         0.0,
-    );
+    )
+}
+
+/// For one eigen-direction with momentum: ((T^k (1, 1))_1^2,
+/// [sum_{j<k} K^j]_{11}), the analogues of [`mode_plain`].
+fn mode_momentum(x: f64, beta: f64, k: u64) -> (f64, f64) {
+    let a = 1.0 + beta - x;
+    let t = Matrix2::new(a, -beta, 1.0, 0.0);
+    let mean = matrix2_pow(&t, k) * Vector2::new(1.0, 1.0);
+    let kmat = momentum_covariance_map(x, beta);
     let (_, sum) = power_and_geometric_sum(&kmat, k);
     (mean[0] * mean[0], sum[(0, 0)])
 }
@@ -407,18 +415,7 @@ pub fn stationary_loss(
             // covariance per unit injected variance. Stability makes I - K
             // invertible (K's eigenvalues are products of T's, all inside the
             // unit circle).
-            let a = 1.0 + beta - x;
-            let kmat = Matrix3::new(
-                a * a,
-                -2.0 * a * beta,
-                beta * beta,
-                a,
-                -beta,
-                0.0,
-                1.0,
-                0.0,
-                0.0,
-            );
+            let kmat = momentum_covariance_map(x, beta);
             let lu = (Matrix3::identity() - kmat).lu();
             match lu.solve(&Vector3::new(1.0, 0.0, 0.0)) {
                 Some(s) => s[0],
