@@ -292,6 +292,54 @@ fn config_file_gives_settings_and_flags_override_it() {
         .unwrap();
     assert_eq!(table["batch-size"].as_integer(), Some(128)); // flag wins
     assert_eq!(table["small-batch"].as_integer(), Some(8)); // from the file
+    // Every flag must reach the settings: compare the record of a run given
+    // every optional flag with the values passed.
+    let all = tmp.path().join("all");
+    let o = train(
+        &data,
+        &[
+            "--holdout",
+            "64",
+            "--schedule-epochs",
+            "2",
+            "--train-limit",
+            "500",
+            "--test-limit",
+            "100",
+            "--ghost-batch",
+            "16",
+            "--small-lr",
+            "0.01",
+            "--noise-until",
+            "3",
+            "--ema",
+            "0.5",
+            "--out",
+            all.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table: toml::Table = std::fs::read_to_string(all.join("config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    for (key, value) in [
+        ("holdout", 64),
+        ("schedule-epochs", 2),
+        ("train-limit", 500),
+        ("test-limit", 100),
+        ("ghost-batch", 16),
+        ("noise-until", 3),
+    ] {
+        assert_eq!(table[key].as_integer(), Some(value), "{key}");
+    }
+    assert_eq!(table["small-lr"].as_float(), Some(0.01));
+    assert_eq!(table["ema"].as_float(), Some(0.5));
+    assert_eq!(
+        table["meta"]["test-examples"].as_integer(),
+        Some(64),
+        "holdout replaces the test set"
+    );
     std::fs::write(&cfg, "batch-sise = 32\n").unwrap();
     let o = bin()
         .args(["train", "--config", cfg.to_str().unwrap()])
@@ -465,4 +513,31 @@ fn divergence_stops_with_a_message_and_a_consistent_summary() {
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["status"], "diverged");
     assert!(summary["diverged"]["step"].is_u64());
+}
+
+#[test]
+fn a_run_stopped_early_matches_the_start_of_the_long_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let metrics = |name: &str, extra: &[&str]| {
+        let run = tmp.path().join(name);
+        let mut args = vec!["--warmup-epochs", "1", "--out", run.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = train(&data, &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut first = read_json_lines(&run.join("metrics.jsonl")).remove(0);
+        let obj = first.as_object_mut().unwrap();
+        obj.remove("seconds");
+        obj.remove("eval_seconds");
+        first
+    };
+    let long = metrics("long", &["--epochs", "3"]);
+    let early = metrics("early", &["--epochs", "1", "--schedule-epochs", "3"]);
+    assert_eq!(long, early);
+    // Without --schedule-epochs the 1-epoch schedule decays faster.
+    assert_ne!(long, metrics("short", &["--epochs", "1"]));
+    assert_clean_failure(
+        &train(&data, &["--epochs", "3", "--schedule-epochs", "2"]),
+        "schedule-epochs",
+    );
 }

@@ -84,6 +84,9 @@ pub struct TrainArgs {
     /// Learning-rate schedule after warmup [default: cosine].
     #[arg(long, value_enum)]
     pub schedule: Option<ScheduleName>,
+    /// Length of the schedule in epochs, to stop a run early at the point a longer run would be [default: --epochs].
+    #[arg(long, value_name = "E")]
+    pub schedule_epochs: Option<usize>,
     /// Multistep milestones: 0-based epochs at which the rate is multiplied by --gamma.
     #[arg(long, value_delimiter = ',', value_name = "E,E,...")]
     pub milestones: Option<Vec<usize>>,
@@ -189,6 +192,8 @@ impl TrainArgs {
             data,
             train_limit,
             test_limit,
+            holdout,
+            schedule_epochs,
             ghost_batch,
             small_lr,
             noise_scale,

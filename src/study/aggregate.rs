@@ -215,9 +215,10 @@ impl StudyReport {
         }
         if let Some(search) = &self.search {
             md += &format!(
-                "\n## Search\n\nEvery grid point of every arm was trained for {} epochs with seed {} on the training set \
-                 less its last {} examples, and scored by accuracy on those held-out examples (the test set is never \
-                 used for selection). Budget per arm = grid points × {} epochs.\n\n",
+                "\n## Search\n\nEvery grid point of every arm was trained for the first {} epochs of its final run's \
+                 schedule (same warmup and decay horizon, stopped early) with seed {} on the training set less its last \
+                 {} examples, and scored by accuracy on those held-out examples (the test set is never used for \
+                 selection). Budget per arm = grid points × {} epochs.\n\n",
                 search.epochs, search.seed, search.holdout, search.epochs
             );
             md += "| arm | grid point | holdout acc | status | chosen |\n|---|---|---|---|---|\n";

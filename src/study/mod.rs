@@ -8,7 +8,7 @@
 //! name = "quick"
 //! seeds = [0, 1, 2]
 //! [search]              # optional: pick each arm's grid point on a holdout
-//! epochs = 4            # epochs per search run (the same for every arm)
+//! epochs = 4            # search runs are the first 4 epochs of a final run
 //! holdout = 10000       # last N training examples, never the test set
 //! seed = 0
 //! [base]                # settings shared by every arm (train's keys)
@@ -256,6 +256,19 @@ impl StudySpec {
                     .map_err(|e| bad(&point, e.to_string()))?;
                 let mut search = settings.clone();
                 if let Some(s) = &self.search {
+                    if s.epochs > settings.epochs {
+                        return Err(bad(
+                            &point,
+                            format!(
+                                "search epochs {} exceed the final runs' {}",
+                                s.epochs, settings.epochs
+                            ),
+                        ));
+                    }
+                    // A search run is the first epochs of a final run: same
+                    // schedule (warmup, peak, decay horizon), stopped early.
+                    search.schedule_epochs =
+                        Some(settings.schedule_epochs.unwrap_or(settings.epochs));
                     search.epochs = s.epochs;
                     search.holdout = Some(s.holdout);
                     search.seed = s.seed;

@@ -273,7 +273,8 @@ impl<'a> Trainer<'a> {
         let stage = NoiseStage::new(noise, settings.batch_size, settings.lr, settings.seed)?
             .with_collective(collective);
         let sgd = Sgd::new(settings.sgd_config())?;
-        let total = (steps_per_epoch * settings.epochs) as u64;
+        let schedule_epochs = settings.schedule_epochs.unwrap_or(settings.epochs);
+        let total = (steps_per_epoch * schedule_epochs) as u64;
         let schedule = LrSchedule::new(
             settings.lr,
             settings.schedule_kind(),

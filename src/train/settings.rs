@@ -96,6 +96,9 @@ pub struct TrainSettings {
     pub epochs: usize,
     /// Learning-rate schedule.
     pub schedule: ScheduleName,
+    /// Length of the schedule in epochs when the run stops before its end
+    /// (a study's search runs); None: the schedule spans --epochs.
+    pub schedule_epochs: Option<usize>,
     /// Epochs (0-based) at which multistep drops the rate.
     pub milestones: Vec<usize>,
     /// Multistep factor.
@@ -153,6 +156,7 @@ impl Default for TrainSettings {
             weight_decay: 0.0,
             epochs: 10,
             schedule: ScheduleName::Cosine,
+            schedule_epochs: None,
             milestones: Vec::new(),
             gamma: 0.1,
             warmup_epochs: 2,
@@ -297,6 +301,13 @@ impl TrainSettings {
         }
         if self.epochs == 0 {
             return Err(invalid("epochs", 0, "must be >= 1"));
+        }
+        if self.schedule_epochs.is_some_and(|s| s < self.epochs) {
+            return Err(invalid(
+                "schedule-epochs",
+                self.schedule_epochs.unwrap_or(0),
+                "must be at least --epochs (a run may stop early, not run past its schedule)",
+            ));
         }
         if self.eval_batch == 0 {
             return Err(invalid("eval-batch", 0, "must be >= 1"));
