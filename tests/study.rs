@@ -81,14 +81,70 @@ fn a_bad_arm_is_refused_before_anything_runs() {
 }
 
 fn run(spec: &StudySpec, out: &Path) -> (Vec<String>, Vec<String>) {
+    run_with(spec, out, 1)
+}
+
+fn run_with(spec: &StudySpec, out: &Path, workers: usize) -> (Vec<String>, Vec<String>) {
     let (mut started, mut skipped) = (Vec::new(), Vec::new());
     let mut on_event = |e: StudyEvent| match e {
         StudyEvent::Start { dir, .. } => started.push(dir.display().to_string()),
         StudyEvent::Skip { dir } => skipped.push(dir.display().to_string()),
         StudyEvent::Done { .. } => {}
     };
-    run_study(spec, out, &mut Silent, &mut on_event).unwrap();
+    run_study(spec, out, workers, &mut Silent, &mut on_event).unwrap();
     (started, skipped)
+}
+
+/// Every run's per-epoch metrics with the wall-clock fields removed.
+fn run_metrics(out: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
+    let mut runs = Vec::new();
+    for arm in std::fs::read_dir(out.join("runs")).unwrap() {
+        for run in std::fs::read_dir(arm.unwrap().path()).unwrap() {
+            let dir = run.unwrap().path();
+            let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+            let lines = text
+                .lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    let obj = v.as_object_mut().unwrap();
+                    obj.remove("seconds");
+                    obj.remove("eval_seconds");
+                    v
+                })
+                .collect();
+            let name = dir.strip_prefix(out).unwrap().display().to_string();
+            runs.push((name, lines));
+        }
+    }
+    runs.sort_by(|a, b| a.0.cmp(&b.0));
+    runs
+}
+
+#[test]
+fn parallel_workers_give_the_same_runs_and_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let spec = StudySpec::from_toml(&spec_text(&data, "[0.05, 0.1]")).unwrap();
+    let (one, three) = (tmp.path().join("one"), tmp.path().join("three"));
+    run_with(&spec, &one, 1);
+    let (started, skipped) = run_with(&spec, &three, 3);
+    assert_eq!((started.len(), skipped.len()), (6, 0));
+    let (a, b) = (run_metrics(&one), run_metrics(&three));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "a run's metrics depend on the number of workers");
+    // Resuming with workers reuses finished runs and redoes only the killed one.
+    let killed = three.join("runs/small/search-1");
+    std::fs::remove_file(killed.join("summary.json")).unwrap();
+    let (started, skipped) = run_with(&spec, &three, 2);
+    assert_eq!(started, vec![killed.display().to_string()]);
+    assert_eq!(skipped.len(), 5);
+    let read = |out: &Path| std::fs::read_to_string(out.join("study.md")).unwrap();
+    let strip_times = |t: String| {
+        t.lines()
+            .map(|l| l.rsplitn(4, '|').nth(3).unwrap_or(l).to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip_times(read(&one)), strip_times(read(&three)));
 }
 
 #[test]
@@ -120,7 +176,7 @@ fn a_killed_study_resumes_where_it_stopped() {
     )
     .unwrap();
     let mut ignore = |_: StudyEvent| {};
-    let err = run_study(&other, &out, &mut Silent, &mut ignore)
+    let err = run_study(&other, &out, 1, &mut Silent, &mut ignore)
         .unwrap_err()
         .to_string();
     assert!(err.contains("other settings"), "{err}");

@@ -16,9 +16,14 @@ pub struct StudyArgs {
     /// Finished runs found there are reused, so a killed study resumes.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Worker threads [default: all cores].
+    /// Worker threads shared by the runs' tensor operations [default: all cores].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Runs trained at once (searches first, then final runs). Results do not
+    /// depend on it; a per-run progress bar is shown only with 1. Small-model
+    /// steps use few cores each, so on 2 cores `--jobs 2` nearly halves a study.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub jobs: u64,
     /// Print only the final table.
     #[arg(long)]
     pub quiet: bool,
@@ -72,7 +77,13 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
             ),
         }
     };
-    let report = run_study(&spec, &args.out, &mut progress, &mut on_event)?;
+    let report = run_study(
+        &spec,
+        &args.out,
+        args.jobs as usize,
+        &mut progress,
+        &mut on_event,
+    )?;
     println!("{}", report.markdown());
     println!("written: {}", args.out.join("study.md").display());
     Ok(())

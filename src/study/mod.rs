@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::collective::SingleProcess;
 use crate::data::TrainTest;
 use crate::train::{
-    Progress, RunDir, RunStatus, RunSummary, TrainError, TrainSettings, Trainer, config_record,
-    load_data,
+    Progress, RunDir, RunStatus, RunSummary, Silent, TrainError, TrainSettings, Trainer,
+    config_record, load_data,
 };
 
 /// Errors of a study: a bad study file (before anything runs), or a run that
@@ -321,16 +321,26 @@ struct DataCache {
 }
 
 impl DataCache {
-    fn get(&mut self, settings: &TrainSettings) -> Result<&TrainTest, TrainError> {
-        let key = format!(
+    fn key(settings: &TrainSettings) -> String {
+        format!(
             "{:?}|{:?}|{:?}|{:?}",
             settings.data, settings.train_limit, settings.test_limit, settings.holdout
-        );
+        )
+    }
+
+    /// Loads the data a run needs, once per distinct data setting.
+    fn load(&mut self, settings: &TrainSettings) -> Result<(), TrainError> {
+        let key = Self::key(settings);
         if !self.loaded.contains_key(&key) {
             let data = load_data(settings)?;
-            self.loaded.insert(key.clone(), data);
+            self.loaded.insert(key, data);
         }
-        Ok(&self.loaded[&key])
+        Ok(())
+    }
+
+    /// The data of a run, loaded earlier by [`DataCache::load`].
+    fn get(&self, settings: &TrainSettings) -> &TrainTest {
+        &self.loaded[&Self::key(settings)]
     }
 }
 
@@ -348,7 +358,7 @@ fn recorded_settings(dir: &Path) -> Option<toml::Table> {
 fn run_or_reuse(
     settings: &TrainSettings,
     dir: &Path,
-    cache: &mut DataCache,
+    cache: &DataCache,
     progress: &mut dyn Progress,
     on_event: &mut dyn FnMut(StudyEvent),
     index: usize,
@@ -374,7 +384,7 @@ fn run_or_reuse(
         }
     }
     on_event(StudyEvent::Start { dir, index, total });
-    let data = cache.get(settings).map_err(fail)?;
+    let data = cache.get(settings);
     let mut trainer = Trainer::new(settings, data, Box::new(SingleProcess)).map_err(fail)?;
     // An unfinished run (no summary) is started again from scratch.
     let run_dir = RunDir::create(dir, true).map_err(fail)?;
@@ -421,13 +431,103 @@ fn best_index(summaries: &[RunSummary]) -> usize {
     best
 }
 
+/// One run of the study: its settings, its directory, and its 1-based
+/// position in the study (for progress messages).
+struct Job {
+    settings: TrainSettings,
+    dir: PathBuf,
+    index: usize,
+}
+
+/// Runs `jobs` on `workers` threads (in order when `workers` is 1, with
+/// `progress`; otherwise silently, one run per thread), returning their
+/// summaries in job order. The first failure stops the workers from taking
+/// further jobs; runs already started finish and stay reusable.
+fn run_jobs(
+    jobs: &[Job],
+    workers: usize,
+    total: usize,
+    cache: &DataCache,
+    progress: &mut dyn Progress,
+    on_event: &mut (dyn FnMut(StudyEvent) + Send),
+) -> Result<Vec<RunSummary>, StudyError> {
+    if workers <= 1 || jobs.len() <= 1 {
+        return jobs
+            .iter()
+            .map(|job| {
+                run_or_reuse(
+                    &job.settings,
+                    &job.dir,
+                    cache,
+                    progress,
+                    on_event,
+                    job.index,
+                    total,
+                )
+            })
+            .collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let events = std::sync::Mutex::new(on_event);
+    let results: Vec<std::sync::Mutex<Option<Result<RunSummary, StudyError>>>> =
+        jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(jobs.len()) {
+            scope.spawn(|| {
+                use std::sync::atomic::Ordering;
+                // Events of concurrent runs are serialized through one lock.
+                let mut forward = |event: StudyEvent| {
+                    let mut sink = events.lock().unwrap_or_else(|e| e.into_inner());
+                    (*sink)(event)
+                };
+                while !failed.load(Ordering::SeqCst) {
+                    let k = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(job) = jobs.get(k) else { break };
+                    let result = run_or_reuse(
+                        &job.settings,
+                        &job.dir,
+                        cache,
+                        &mut Silent,
+                        &mut forward,
+                        job.index,
+                        total,
+                    );
+                    if result.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                }
+            });
+        }
+    });
+    let mut summaries = Vec::with_capacity(jobs.len());
+    for (job, slot) in jobs.iter().zip(results) {
+        match slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(result) => summaries.push(result?),
+            None => {
+                return Err(StudyError::Io(format!(
+                    "{} was not run: an earlier run failed",
+                    job.dir.display()
+                )));
+            }
+        }
+    }
+    Ok(summaries)
+}
+
 /// Runs (or resumes) the whole study under `out` and aggregates it into
 /// `study.md`, `study.json` and plots.
+///
+/// The search runs of every arm come first, then the final runs; `workers`
+/// runs proceed at once (each run is independent and seeded, so the results
+/// do not depend on `workers`). With one worker, `progress` follows each run.
 pub fn run_study(
     spec: &StudySpec,
     out: &Path,
+    workers: usize,
     progress: &mut dyn Progress,
-    on_event: &mut dyn FnMut(StudyEvent),
+    on_event: &mut (dyn FnMut(StudyEvent) + Send),
 ) -> Result<StudyReport, StudyError> {
     let plans = spec.plan()?;
     std::fs::create_dir_all(out).map_err(|e| StudyError::Io(format!("{}: {e}", out.display())))?;
@@ -438,50 +538,94 @@ pub fn run_study(
         .iter()
         .map(|p| if p.searches() { p.candidates.len() } else { 0 } + spec.seeds.len())
         .sum();
-    let mut index = 0;
+    let arm_dir = |plan: &ArmPlan| out.join("runs").join(&plan.slug);
+
+    // Every search run, then the chosen point of each arm.
+    let mut search_jobs = Vec::new();
+    for plan in plans.iter().filter(|p| p.searches()) {
+        for (k, (_, settings)) in plan.candidates.iter().enumerate() {
+            search_jobs.push(Job {
+                settings: settings.clone(),
+                dir: arm_dir(plan).join(format!("search-{k}")),
+                index: search_jobs.len() + 1,
+            });
+        }
+    }
     let mut cache = DataCache::default();
-    let mut arms = Vec::new();
+    for job in &search_jobs {
+        cache
+            .load(&job.settings)
+            .map_err(|source| StudyError::Run {
+                dir: job.dir.clone(),
+                source,
+            })?;
+    }
+    let mut search_summaries =
+        run_jobs(&search_jobs, workers, total, &cache, progress, on_event)?.into_iter();
+    let mut searches = Vec::new();
+    let mut chosen = Vec::new();
     for plan in &plans {
-        let arm_dir = out.join("runs").join(&plan.slug);
         let mut search = Vec::new();
-        let chosen = if plan.searches() {
-            let mut summaries = Vec::new();
-            for (k, (point, settings)) in plan.candidates.iter().enumerate() {
-                index += 1;
-                let dir = arm_dir.join(format!("search-{k}"));
-                let summary =
-                    run_or_reuse(settings, &dir, &mut cache, progress, on_event, index, total)?;
+        let mut summaries = Vec::new();
+        if plan.searches() {
+            for (k, (point, _)) in plan.candidates.iter().enumerate() {
+                let summary = search_summaries.next().expect("one summary per search job");
                 search.push(SearchResult {
                     point: describe(point),
-                    dir: dir.clone(),
+                    dir: arm_dir(plan).join(format!("search-{k}")),
                     holdout_accuracy: summary.test_accuracy,
                     status: summary.status,
                 });
                 summaries.push(summary);
             }
+        }
+        chosen.push(if plan.searches() {
             best_index(&summaries)
         } else {
             0
-        };
-        let mut finals = Vec::new();
-        for &seed in &spec.seeds {
-            index += 1;
-            let mut settings = plan.finals[chosen].clone();
-            settings.seed = seed;
-            let dir = arm_dir.join(format!("seed-{seed}"));
-            run_or_reuse(
-                &settings, &dir, &mut cache, progress, on_event, index, total,
-            )?;
-            finals.push(dir);
-        }
-        arms.push((
-            plan.name.clone(),
-            describe(&plan.candidates[chosen].0),
-            plan.finals[chosen].clone(),
-            search,
-            finals,
-        ));
+        });
+        searches.push(search);
     }
+
+    // Every final run at its arm's chosen point.
+    let mut final_jobs = Vec::new();
+    for (plan, &c) in plans.iter().zip(&chosen) {
+        for &seed in &spec.seeds {
+            let mut settings = plan.finals[c].clone();
+            settings.seed = seed;
+            final_jobs.push(Job {
+                settings,
+                dir: arm_dir(plan).join(format!("seed-{seed}")),
+                index: search_jobs.len() + final_jobs.len() + 1,
+            });
+        }
+    }
+    for job in &final_jobs {
+        cache
+            .load(&job.settings)
+            .map_err(|source| StudyError::Run {
+                dir: job.dir.clone(),
+                source,
+            })?;
+    }
+    run_jobs(&final_jobs, workers, total, &cache, progress, on_event)?;
+
+    let mut final_dirs = final_jobs.into_iter().map(|job| job.dir);
+    let arms = plans
+        .iter()
+        .zip(chosen)
+        .zip(searches)
+        .map(|((plan, c), search)| {
+            let finals = final_dirs.by_ref().take(spec.seeds.len()).collect();
+            (
+                plan.name.clone(),
+                describe(&plan.candidates[c].0),
+                plan.finals[c].clone(),
+                search,
+                finals,
+            )
+        })
+        .collect();
     let report = aggregate(spec, arms)?;
     report.write(out)?;
     Ok(report)
