@@ -331,9 +331,8 @@ impl DataCache {
     /// Loads the data a run needs, once per distinct data setting.
     fn load(&mut self, settings: &TrainSettings) -> Result<(), TrainError> {
         let key = Self::key(settings);
-        if !self.loaded.contains_key(&key) {
-            let data = load_data(settings)?;
-            self.loaded.insert(key, data);
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.loaded.entry(key) {
+            slot.insert(load_data(settings)?);
         }
         Ok(())
     }
