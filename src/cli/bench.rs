@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Time only these variants (comma-separated names, e.g. diag-exact,full);
+    /// plain is always timed as the baseline [default: all].
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub variants: Vec<String>,
     /// Write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
@@ -50,7 +54,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         steps: args.steps,
         micro_batches: args.micro_batches,
     };
-    let variants = standard_variants(args.small_batch, args.micro_batches);
+    let mut variants = standard_variants(args.small_batch, args.micro_batches);
+    if !args.variants.is_empty() {
+        let known: Vec<&str> = variants.iter().map(|v| v.name).collect();
+        if let Some(bad) = args.variants.iter().find(|n| !known.contains(&n.as_str())) {
+            anyhow::bail!("unknown bench variant {bad:?}; known: {}", known.join(", "));
+        }
+        variants.retain(|v| v.name == "plain" || args.variants.iter().any(|n| n == v.name));
+    }
     println!(
         "threads {}  hidden {:?}  {} timed steps after {} warm-up rounds",
         rayon::current_num_threads(),
