@@ -48,7 +48,7 @@ data:
 ## Small batch vs large batch vs large batch + diagonal-Fisher noise,
 ## 3 seeds x 10 epochs; prints the table, writes $(DEMO_OUT)/study.md and plots.
 demo: data build
-	$(BIN) study studies/demo.toml --out $(DEMO_OUT)
+	$(BIN) study studies/demo.toml --out $(DEMO_OUT) --jobs 2
 
 bench: build
 	$(BIN) bench --json bench-results.json

@@ -78,6 +78,18 @@ fn a_bad_arm_is_refused_before_anything_runs() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("batchsize"), "{err}");
+    // One process has one thread pool: an arm cannot ask for its own.
+    let threads =
+        spec_text(&data, "[0.1]").replace("batch-size = 64,", "batch-size = 64, threads = 2,");
+    let err = StudySpec::from_toml(&threads)
+        .unwrap()
+        .plan()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("large noisy") && err.contains("threads"),
+        "{err}"
+    );
 }
 
 fn run(spec: &StudySpec, out: &Path) -> (Vec<String>, Vec<String>) {

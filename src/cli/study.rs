@@ -16,7 +16,8 @@ pub struct StudyArgs {
     /// Finished runs found there are reused, so a killed study resumes.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Worker threads shared by the runs' tensor operations [default: all cores].
+    /// Worker threads shared by the runs' tensor operations [default: the
+    /// study's `threads` setting, else all cores].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
     /// Runs trained at once (searches first, then final runs). Results do not
@@ -56,7 +57,12 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    super::set_threads(args.threads)?;
+    // --threads, else the study's [base] threads (arms may not set their own).
+    let base_threads = plans
+        .first()
+        .and_then(|p| p.candidates.first())
+        .and_then(|(_, s)| s.threads);
+    super::set_threads(args.threads.or(base_threads))?;
     let quiet = args.quiet;
     let mut progress = TerminalProgress::new(true);
     let mut on_event = |event: StudyEvent| {

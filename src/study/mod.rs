@@ -207,7 +207,8 @@ impl StudySpec {
                     "needs a name distinct from the other arms".into(),
                 ));
             }
-            for key in ["seed", "holdout", "data"] {
+            // The thread pool is one per process, shared by concurrent runs.
+            for key in ["seed", "holdout", "data", "threads"] {
                 if arm.grid.contains_key(key) || arm.settings.contains_key(key) {
                     return Err(bad(
                         &toml::Table::new(),
