@@ -338,6 +338,18 @@ impl DataCache {
         Ok(())
     }
 
+    /// Loads the data of every job before any runs, so that a missing or
+    /// corrupt data set stops the study before training starts.
+    fn load_for(&mut self, jobs: &[Job]) -> Result<(), StudyError> {
+        for job in jobs {
+            self.load(&job.settings).map_err(|source| StudyError::Run {
+                dir: job.dir.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The data of a run, loaded earlier by [`DataCache::load`].
     fn get(&self, settings: &TrainSettings) -> &TrainTest {
         &self.loaded[&Self::key(settings)]
@@ -552,14 +564,7 @@ pub fn run_study(
         }
     }
     let mut cache = DataCache::default();
-    for job in &search_jobs {
-        cache
-            .load(&job.settings)
-            .map_err(|source| StudyError::Run {
-                dir: job.dir.clone(),
-                source,
-            })?;
-    }
+    cache.load_for(&search_jobs)?;
     let mut search_summaries =
         run_jobs(&search_jobs, workers, total, &cache, progress, on_event)?.into_iter();
     let mut searches = Vec::new();
@@ -600,14 +605,7 @@ pub fn run_study(
             });
         }
     }
-    for job in &final_jobs {
-        cache
-            .load(&job.settings)
-            .map_err(|source| StudyError::Run {
-                dir: job.dir.clone(),
-                source,
-            })?;
-    }
+    cache.load_for(&final_jobs)?;
     run_jobs(&final_jobs, workers, total, &cache, progress, on_event)?;
 
     let mut final_dirs = final_jobs.into_iter().map(|job| job.dir);
