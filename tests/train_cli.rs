@@ -541,3 +541,71 @@ fn a_run_stopped_early_matches_the_start_of_the_long_run() {
         "schedule-epochs",
     );
 }
+
+#[test]
+fn bench_writes_every_field_and_times_a_chosen_subset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let o = bin()
+        .args([
+            "bench",
+            "--batch-sizes",
+            "16,32",
+            "--hidden",
+            "8",
+            "--warmup",
+            "0",
+            "--steps",
+            "2",
+            "--micro-batches",
+            "4",
+            "--variants",
+            "diag-exact,full",
+            "--json",
+            json.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let results = doc["results"].as_array().unwrap();
+    // plain is always the baseline; the two chosen variants, at both sizes.
+    let names: Vec<(u64, &str)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["batch_size"].as_u64().unwrap(),
+                r["variant"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    for b in [16, 32] {
+        for v in ["plain", "diag-exact", "full"] {
+            assert!(names.contains(&(b, v)), "{b} {v} missing: {names:?}");
+        }
+    }
+    assert_eq!(results.len(), 6, "{names:?}");
+    for r in results {
+        for field in ["steps", "median_ms", "p10_ms", "p90_ms", "ratio_to_plain"] {
+            assert!(r[field].as_f64().is_some_and(|x| x > 0.0), "{field}: {r}");
+        }
+        assert!(r["step_peak_bytes"].as_u64().is_some(), "{r}");
+        let (median, p10, p90) = (
+            r["median_ms"].as_f64().unwrap(),
+            r["p10_ms"].as_f64().unwrap(),
+            r["p90_ms"].as_f64().unwrap(),
+        );
+        assert!(p10 <= median && median <= p90, "{r}");
+        if r["variant"] == "plain" {
+            assert_eq!(r["ratio_to_plain"].as_f64(), Some(1.0));
+        }
+    }
+    assert!(doc["threads"].as_u64().is_some() && doc["git_commit"].is_string());
+    // An unknown variant is named, before anything is timed.
+    let o = bin()
+        .args(["bench", "--variants", "diag-exactt"])
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, "diag-exactt");
+}
