@@ -425,7 +425,8 @@ fn run_or_reuse(
 }
 
 /// The chosen grid point of each arm (by final holdout accuracy; ties and
-/// divergences resolved towards the earlier candidate).
+/// divergences resolved towards the earlier candidate). An arm without a
+/// search (no summaries) has one candidate: index 0.
 fn best_index(summaries: &[RunSummary]) -> usize {
     let score = |s: &RunSummary| {
         if s.status == RunStatus::Completed && s.test_accuracy.is_finite() {
@@ -565,30 +566,37 @@ pub fn run_study(
     }
     let mut cache = DataCache::default();
     cache.load_for(&search_jobs)?;
-    let mut search_summaries =
-        run_jobs(&search_jobs, workers, total, &cache, progress, on_event)?.into_iter();
+    let mut done = search_jobs.iter().zip(run_jobs(
+        &search_jobs,
+        workers,
+        total,
+        &cache,
+        progress,
+        on_event,
+    )?);
     let mut searches = Vec::new();
     let mut chosen = Vec::new();
     for plan in &plans {
-        let mut search = Vec::new();
-        let mut summaries = Vec::new();
-        if plan.searches() {
-            for (k, (point, _)) in plan.candidates.iter().enumerate() {
-                let summary = search_summaries.next().expect("one summary per search job");
-                search.push(SearchResult {
-                    point: describe(point),
-                    dir: arm_dir(plan).join(format!("search-{k}")),
-                    holdout_accuracy: summary.test_accuracy,
-                    status: summary.status,
-                });
-                summaries.push(summary);
-            }
-        }
-        chosen.push(if plan.searches() {
-            best_index(&summaries)
+        let ran = if plan.searches() {
+            plan.candidates.len()
         } else {
             0
-        });
+        };
+        let (search, summaries): (Vec<_>, Vec<_>) = plan
+            .candidates
+            .iter()
+            .zip(done.by_ref().take(ran))
+            .map(|((point, _), (job, summary))| {
+                let result = SearchResult {
+                    point: describe(point),
+                    dir: job.dir.clone(),
+                    holdout_accuracy: summary.test_accuracy,
+                    status: summary.status,
+                };
+                (result, summary)
+            })
+            .unzip();
+        chosen.push(best_index(&summaries));
         searches.push(search);
     }
 
