@@ -15,10 +15,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::{Batch, GradientModel, Mlp, MlpConfig, Normalization};
+use crate::model::{Batch, Mlp, MlpConfig, Normalization, labels_tensor};
 use crate::moments::Estimator;
 use crate::noise::{NoiseConfig, NoiseStage, NoiseStructure, ScaleRule};
-use crate::optim::{Sgd, SgdConfig};
+use crate::optim::SgdConfig;
 use crate::tensor_util::from_vec;
 
 static IN_USE: AtomicUsize = AtomicUsize::new(0);
@@ -167,10 +167,10 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
 fn synthetic_batch(b: usize, device: &Device) -> Batch {
     let mut rng = ChaCha8Rng::seed_from_u64(b as u64);
     let x: Vec<f32> = (0..b * 784).map(|_| rng.random_range(-1.5..1.5)).collect();
-    let labels = (0..b).map(|_| rng.random_range(0..10u8)).collect();
+    let labels: Vec<u8> = (0..b).map(|_| rng.random_range(0..10u8)).collect();
     Batch {
         x: from_vec(x, [b, 784], device),
-        labels,
+        labels: labels_tensor(&labels, device),
     }
 }
 
@@ -180,7 +180,7 @@ pub fn run_bench(
     variants: &[Variant],
     mut log: impl FnMut(&str),
 ) -> Result<Vec<BenchResult>> {
-    let device = Device::flex();
+    let device = Device::flex().autodiff();
     let mut results = Vec::new();
     for &b in &config.batch_sizes {
         let batch = synthetic_batch(b, &device);
@@ -192,22 +192,27 @@ pub fn run_bench(
         };
         let mut states = Vec::new();
         for v in variants {
-            let model = Mlp::new(mlp.clone(), 0, &device)?;
+            let model = Mlp::new(&mlp, 0, &device)?;
             let stage = NoiseStage::new(v.noise.clone(), b, 0.1, 0)?;
-            let sgd = Sgd::new(SgdConfig {
+            let sgd = SgdConfig {
                 momentum: 0.9,
                 ..Default::default()
-            })?;
-            states.push((model, stage, sgd, Vec::new(), 0usize));
+            }
+            .init()?;
+            states.push((Some(model), stage, sgd, Vec::new(), 0usize));
         }
         for round in 0..config.warmup + config.steps {
             for (model, stage, sgd, times, peak) in states.iter_mut() {
                 let before = reset_peak();
                 let start = Instant::now();
-                let g = stage.gradient(model, &batch, 0)?;
-                sgd.step(model.params_mut(), &g.grads, 0.01)?;
+                let current = model.take().expect("put back after every step");
+                let g = stage.gradient(&current, &batch, 0, |m: &Mlp, b: &Batch, p| {
+                    m.objective(b.x.clone(), b.labels.clone(), p)
+                })?;
+                let next = sgd.step(0.01, current, g.grads);
                 // Read back one value so that any deferred work has finished.
-                let _ = crate::tensor_util::scalar(model.params()[0].clone().sum());
+                let _ = crate::tensor_util::scalar(next.layers[0].weight.val().sum());
+                *model = Some(next);
                 let elapsed = start.elapsed().as_secs_f64() * 1e3;
                 if round >= config.warmup {
                     times.push(elapsed);

@@ -3,10 +3,11 @@
 //! `mpi`) implements the same trait, so the step and the loop are the same
 //! code on one process or many.
 
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 
 use crate::error::Result;
-use crate::tensor_util::{from_vec, to_vec};
+use crate::tensor_util::{from_vec1, to_vec};
 
 /// A group of processes that each hold a shard of the batch.
 pub trait Collective {
@@ -40,25 +41,23 @@ impl Collective for SingleProcess {
 /// one per parameter). On a single process nothing is copied.
 pub fn all_reduce_packed(
     collective: &dyn Collective,
-    tensors: &mut [Tensor<2>],
+    tensors: &mut [Tensor<1>],
     scalars: &mut [f64],
 ) -> Result<()> {
     if collective.world_size() == 1 {
         return Ok(());
     }
     let mut buffer = Vec::new();
-    let mut shapes = Vec::with_capacity(tensors.len());
     for t in tensors.iter() {
-        shapes.push(t.dims());
         buffer.extend(to_vec(t)?);
     }
     let offset = buffer.len();
     buffer.extend(scalars.iter().map(|&s| s as f32));
     collective.all_reduce_sum(&mut buffer)?;
     let mut start = 0;
-    for (t, shape) in tensors.iter_mut().zip(shapes) {
-        let n = shape[0] * shape[1];
-        *t = from_vec(buffer[start..start + n].to_vec(), shape, &t.device());
+    for t in tensors.iter_mut() {
+        let n = t.dims()[0];
+        *t = from_vec1(buffer[start..start + n].to_vec(), &t.device());
         start += n;
     }
     for (s, v) in scalars.iter_mut().zip(&buffer[offset..]) {
@@ -71,7 +70,7 @@ pub fn all_reduce_packed(
 /// 32-bit hash of its values (as two 16-bit halves, exact in float32) in its
 /// own slot of a zeroed buffer, one all-reduce gathers all slots, and every
 /// process compares them.
-pub fn replicas_identical(collective: &dyn Collective, tensors: &[Tensor<2>]) -> Result<bool> {
+pub fn replicas_identical(collective: &dyn Collective, tensors: &[Tensor<1>]) -> Result<bool> {
     let world = collective.world_size();
     if world == 1 {
         return Ok(true);
@@ -92,4 +91,64 @@ pub fn replicas_identical(collective: &dyn Collective, tensors: &[Tensor<2>]) ->
     slots[2 * r + 1] = (hash & 0xffff) as f32;
     collective.all_reduce_sum(&mut slots)?;
     Ok(slots.chunks(2).all(|s| s == &slots[..2]))
+}
+
+/// Replaces every buffer of `model` (a float tensor that takes no gradient,
+/// such as batch-norm running statistics) by its average over the group, so
+/// that replicas that normalized different shards evaluate the same model.
+pub fn average_buffers<M: Module>(model: M, collective: &dyn Collective) -> Result<M> {
+    let world = collective.world_size();
+    if world == 1 {
+        return Ok(model);
+    }
+    let mut reader = BufferReader::default();
+    model.visit(&mut reader);
+    if reader.values.is_empty() {
+        return Ok(model);
+    }
+    let mut buffers = reader.values;
+    all_reduce_packed(collective, &mut buffers, &mut [])?;
+    let mut writer = BufferWriter {
+        values: buffers
+            .into_iter()
+            .map(|b| b / world as f32)
+            .collect::<Vec<_>>()
+            .into_iter(),
+    };
+    Ok(model.map(&mut writer))
+}
+
+#[derive(Default)]
+struct BufferReader {
+    values: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for BufferReader {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !param.is_require_grad() {
+            let v = param.val().inner();
+            let n = v.shape().num_elements();
+            self.values.push(v.reshape([n]));
+        }
+    }
+}
+
+struct BufferWriter {
+    values: std::vec::IntoIter<Tensor<1>>,
+}
+
+impl ModuleMapper for BufferWriter {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if param.is_require_grad() {
+            return param;
+        }
+        let (id, value, mapper) = param.consume();
+        let averaged = self
+            .values
+            .next()
+            .expect("the same module visited twice yields the same buffers")
+            .reshape(value.shape())
+            .to_device(&value.device());
+        Param::from_mapped_value(id, averaged, mapper)
+    }
 }

@@ -21,3 +21,9 @@ pub fn from_vec(values: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<
 pub fn scalar<const D: usize>(t: Tensor<D>) -> f64 {
     t.into_scalar::<f32>() as f64
 }
+
+/// Builds a rank-1 float tensor from a host vector.
+pub fn from_vec1(values: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = values.len();
+    Tensor::from_data(TensorData::new(values, [n]), device)
+}

@@ -1,5 +1,5 @@
 //! Estimators of the gradient's second moment on the current large batch,
-//! and their smoothing across steps.
+//! and their smoothing across steps, for any burn module.
 //!
 //! Conventions (written down because they matter):
 //! - `exact` and `mc-fisher` estimate the *uncentered* diagonal Fisher
@@ -10,30 +10,37 @@
 //!   examples (unbiased when micro-batches are independent draws).
 //! - Every estimate is per example (not divided by B), so the noise scale c
 //!   alone carries the batch-size dependence.
+//! - Gradients and estimates are flat rank-1 tensors in the order of the
+//!   model's [`ParamTable`].
 
 pub mod exact;
 mod smoothing;
 
 pub use smoothing::Smoother;
 
-use burn::tensor::Tensor;
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::RngExt;
 
 use crate::collective::{Collective, all_reduce_packed};
 use crate::error::{CovnoiseError, Result};
-use crate::model::{BackwardRequest, Batch, Coupling, GradientModel};
-use crate::noise::rng::{keyed_rng, stream};
+use crate::model::{
+    Coupling, Examples, LinearFactors, Objective, Probes, count_correct, cross_entropy_per_example,
+};
+use crate::params::ParamTable;
+use crate::rng::{keyed_rng, stream};
 use crate::tensor_util::{scalar, to_vec};
 
 /// How diag(F) (or diag(Sigma)) is estimated on the large batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Estimator {
-    /// Exact per-example squared gradients, `(delta^2)^T (a^2)` per Linear
-    /// layer (the reference).
+    /// Exact per-example squared gradients, `(delta^2)^T (a^2)` per probed
+    /// Linear layer (the reference).
     Exact,
     /// Centered variance of M micro-batch gradients (M >= 2, over all
-    /// processes together).
+    /// processes together). Needs nothing from the model but its loss.
     Microbatch {
         /// Number of micro-batches M the global batch is split into.
         micro_batches: usize,
@@ -47,7 +54,7 @@ pub enum Estimator {
 /// needs only the trace, which is cheaper).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MomentKind {
-    /// The diagonal, one tensor per parameter.
+    /// The diagonal, one flat tensor per parameter.
     Diag,
     /// Only the sum of the diagonal.
     Trace,
@@ -56,8 +63,8 @@ pub enum MomentKind {
 /// An estimate of the diagonal second moment S (per example).
 #[derive(Debug, Clone)]
 pub enum SecondMoment {
-    /// diag(S), shaped like the parameters.
-    Diag(Vec<Tensor<2>>),
+    /// diag(S), one flat tensor per parameter in table order.
+    Diag(Vec<Tensor<1>>),
     /// tr(S).
     Trace(f64),
 }
@@ -74,17 +81,19 @@ impl SecondMoment {
     /// `self * a + other * b`, for moving averages.
     pub(crate) fn combine(&self, a: f64, other: &SecondMoment, b: f64) -> Result<SecondMoment> {
         match (self, other) {
-            (SecondMoment::Diag(x), SecondMoment::Diag(y)) => Ok(SecondMoment::Diag(
-                x.iter()
-                    .zip(y)
-                    .map(|(x, y)| x.clone() * a as f32 + y.clone() * b as f32)
-                    .collect(),
-            )),
+            (SecondMoment::Diag(x), SecondMoment::Diag(y)) if x.len() == y.len() => {
+                Ok(SecondMoment::Diag(
+                    x.iter()
+                        .zip(y)
+                        .map(|(x, y)| x.clone() * a as f32 + y.clone() * b as f32)
+                        .collect(),
+                ))
+            }
             (SecondMoment::Trace(x), SecondMoment::Trace(y)) => {
                 Ok(SecondMoment::Trace(x * a + y * b))
             }
             _ => Err(CovnoiseError::Shape(
-                "cannot combine a diagonal with a trace estimate".into(),
+                "cannot combine second moments of different kinds or parameter counts".into(),
             )),
         }
     }
@@ -100,8 +109,8 @@ impl SecondMoment {
     }
 }
 
-/// Where a step stands: the seed and step that key its randomness, and the
-/// process group its batch is spread over.
+/// Where a step stands: the seed and step that key its randomness, the
+/// process group its batch is spread over, and the model's parameters.
 pub struct StepContext<'a> {
     /// Seed shared by all processes.
     pub seed: u64,
@@ -109,35 +118,168 @@ pub struct StepContext<'a> {
     pub step: u64,
     /// The process group (a single process by default).
     pub collective: &'a dyn Collective,
+    /// The model's trainable parameters.
+    pub table: &'a ParamTable,
+    /// How the model's examples interact.
+    pub coupling: Coupling,
 }
 
 /// The mean gradient over the global batch, its loss and accuracy counts, and
 /// (when an estimator ran) a fresh second-moment estimate.
 #[derive(Debug, Clone)]
 pub struct StepGradient {
-    /// Mean gradient over the global batch, one tensor per parameter.
-    pub grads: Vec<Tensor<2>>,
-    /// Mean cross-entropy over the global batch.
+    /// Mean gradient over the global batch, flat, in table order.
+    pub grads: Vec<Tensor<1>>,
+    /// Mean loss over the global batch.
     pub loss: f64,
-    /// Correct predictions in the global batch.
-    pub correct: usize,
+    /// Correct predictions in the global batch (classifiers only).
+    pub correct: Option<usize>,
     /// Examples in the global batch.
     pub examples: usize,
     /// A fresh estimate, when one was computed this step.
     pub moment: Option<SecondMoment>,
 }
 
-/// Checks that `estimator` can run on `model` with a local batch of
-/// `local_batch` examples on `world` processes.
+/// What one forward + backward pass should differentiate and return.
+#[derive(Debug, Clone, Default)]
+pub struct PassRequest<'a> {
+    /// Per-example loss weights `w_i`: the differentiated objective is
+    /// `(1/n) sum_i w_i l_i` (default all ones). Used by the multiplicative
+    /// full-Fisher sampler.
+    pub weights: Option<&'a [f32]>,
+    /// Labels to differentiate against instead of the batch's own (the
+    /// Monte-Carlo Fisher samples them from the model); classifiers only.
+    pub labels: Option<Tensor<1, Int>>,
+    /// Record per-example factors of the probed layers.
+    pub probes: bool,
+    /// Skip the parameter gradients (only per-example factors are wanted).
+    pub skip_param_grads: bool,
+}
+
+/// The result of one forward + backward pass over `n` examples.
+#[derive(Debug)]
+pub struct Pass {
+    /// Gradient of the (weighted) mean objective, flat, in table order;
+    /// empty when [`PassRequest::skip_param_grads`] was set.
+    pub grads: Vec<Tensor<1>>,
+    /// Sum over the examples of their unweighted loss (own labels).
+    pub loss_sum: f64,
+    /// Correct arg-max predictions (classifiers only).
+    pub correct: Option<usize>,
+    /// Logits without autodiff graph (classifiers only).
+    pub logits: Option<Tensor<2>>,
+    /// Per-example factors of the probed layers, when requested.
+    pub factors: Vec<LinearFactors>,
+    /// Number of examples.
+    pub examples: usize,
+}
+
+/// One forward pass of `forward` over `batch` and one backward pass of the
+/// requested objective. Works for any module on an autodiff device.
+pub fn backward_pass<M, B, F>(
+    model: &M,
+    table: &ParamTable,
+    batch: &B,
+    forward: &F,
+    request: PassRequest,
+) -> Result<Pass>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
+    let n = batch.len();
+    if n == 0 {
+        return Err(CovnoiseError::Shape("empty batch".into()));
+    }
+    if request.weights.is_some_and(|w| w.len() != n) {
+        return Err(CovnoiseError::Shape(
+            "example weights do not match the batch size".into(),
+        ));
+    }
+    // Without parameter gradients the backward pass only needs to reach the
+    // probes: a frozen copy (shared tensors) skips the weight products.
+    let frozen;
+    let model = if request.skip_param_grads {
+        frozen = model.clone().no_grad();
+        &frozen
+    } else {
+        model
+    };
+    let mut probes = if request.probes {
+        Probes::on()
+    } else {
+        Probes::off()
+    };
+    let objective = forward(model, batch, &mut probes);
+    if objective.len() != n {
+        return Err(CovnoiseError::Shape(format!(
+            "the forward pass returned {} losses for a batch of {n}",
+            objective.len()
+        )));
+    }
+    let own_losses = objective.losses();
+    let differentiated = match (&request.labels, &objective) {
+        (None, _) => own_losses.clone(),
+        (Some(labels), Objective::Classification { logits, .. }) => {
+            cross_entropy_per_example(logits.clone(), labels.clone())
+        }
+        (Some(_), Objective::Losses(_)) => {
+            return Err(CovnoiseError::Unsupported(
+                "the mc-fisher estimator samples labels from the model's predictions, so the forward pass must return Objective::Classification".into(),
+            ));
+        }
+    };
+    let device = own_losses.device();
+    let value = match request.weights {
+        Some(w) => {
+            let w =
+                Tensor::<1>::from_data(TensorData::new(w.to_vec(), [n]), &device.clone().inner());
+            (differentiated * w).sum() / n as f32
+        }
+        None => differentiated.mean(),
+    };
+    let loss_sum = scalar(own_losses.detach().inner().sum());
+    let (correct, logits) = match &objective {
+        Objective::Classification { logits, labels } => (
+            Some(count_correct(logits, labels)?),
+            Some(logits.clone().detach().inner()),
+        ),
+        Objective::Losses(_) => (None, None),
+    };
+    let mut gradients = value.backward();
+    let factors = if request.probes {
+        probes.linear_factors(&gradients)?
+    } else {
+        Vec::new()
+    };
+    let grads = if request.skip_param_grads {
+        Vec::new()
+    } else {
+        let mut params = GradientsParams::from_module(&mut gradients, model);
+        table.flatten(&mut params, &device.inner())?
+    };
+    Ok(Pass {
+        grads,
+        loss_sum,
+        correct,
+        logits,
+        factors,
+        examples: n,
+    })
+}
+
+/// Checks that `estimator` can run on a model with `coupling`, with a local
+/// batch of `local_batch` examples on `world` processes.
 pub fn validate(
     estimator: Estimator,
-    model: &dyn GradientModel,
+    coupling: Coupling,
     local_batch: usize,
     world: usize,
 ) -> Result<()> {
     match estimator {
         Estimator::Exact | Estimator::McFisher => {
-            if model.coupling() != Coupling::Independent {
+            if coupling != Coupling::Independent {
                 return Err(CovnoiseError::Unsupported(
                     "the exact and mc-fisher estimators need per-example gradients, which batch normalization makes undefined; use --estimator microbatch with --ghost-batch".into(),
                 ));
@@ -160,7 +302,7 @@ pub fn validate(
                 )));
             }
             let b = global / micro_batches;
-            match model.coupling() {
+            match coupling {
                 Coupling::Independent => {}
                 Coupling::Groups(n) if b.is_multiple_of(n) => {}
                 Coupling::Groups(n) => {
@@ -170,7 +312,7 @@ pub fn validate(
                 }
                 Coupling::WholeBatch => {
                     return Err(CovnoiseError::Unsupported(
-                        "batch normalization over the whole batch would change if the batch were split into micro-batches; use --ghost-batch N with N dividing the micro-batch size".into(),
+                        "batch normalization over the whole batch would change if the batch were split into micro-batches; use ghost batch normalization (--ghost-batch N) with N dividing the micro-batch size".into(),
                     ));
                 }
             }
@@ -179,35 +321,42 @@ pub fn validate(
     Ok(())
 }
 
-/// Divides summed tensors in place.
-fn scale_all(tensors: &mut [Tensor<2>], factor: f64) {
+/// Multiplies flat tensors in place.
+fn scale_all(tensors: &mut [Tensor<1>], factor: f64) {
     for t in tensors.iter_mut() {
         *t = t.clone() * factor as f32;
     }
 }
 
 /// The plain mean gradient (no estimator), summed over the process group.
-pub fn plain_gradient(
-    model: &mut dyn GradientModel,
-    batch: &Batch,
+pub fn plain_gradient<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
     ctx: &StepContext,
-) -> Result<StepGradient> {
-    let out = model.backward(
-        batch,
-        &BackwardRequest {
-            update_running_stats: true,
-            ..Default::default()
-        },
-    )?;
-    reduce_step(out.grads, out.loss, out.correct, batch.len(), None, ctx)
+) -> Result<StepGradient>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
+    let pass = backward_pass(model, ctx.table, batch, forward, PassRequest::default())?;
+    reduce_step(
+        pass.grads,
+        pass.loss_sum,
+        pass.correct,
+        batch.len(),
+        None,
+        ctx,
+    )
 }
 
 /// Sums a local mean gradient (and optional local second-moment sums) over
 /// the group with one all-reduce, and normalizes both.
 pub(crate) fn reduce_step(
-    mut grads: Vec<Tensor<2>>,
-    loss: f64,
-    correct: usize,
+    mut grads: Vec<Tensor<1>>,
+    loss_sum: f64,
+    correct: Option<usize>,
     local: usize,
     moment_sums: Option<SecondMoment>,
     ctx: &StepContext,
@@ -215,7 +364,7 @@ pub(crate) fn reduce_step(
     let world = ctx.collective.world_size();
     let global = local * world;
     let n_grads = grads.len();
-    let mut scalars = vec![loss, correct as f64, 0.0];
+    let mut scalars = vec![loss_sum, correct.unwrap_or(0) as f64, 0.0];
     let moment = match moment_sums {
         Some(SecondMoment::Diag(d)) => {
             grads.extend(d);
@@ -239,8 +388,8 @@ pub(crate) fn reduce_step(
     }
     Ok(StepGradient {
         grads,
-        loss: scalars[0] / world as f64,
-        correct: scalars[1].round() as usize,
+        loss: scalars[0] / global as f64,
+        correct: correct.map(|_| scalars[1].round() as usize),
         examples: global,
         moment,
     })
@@ -248,56 +397,75 @@ pub(crate) fn reduce_step(
 
 /// The mean gradient and a fresh estimate of diag(S) (or its trace) by
 /// `estimator`, over the whole process group.
-pub fn estimate(
-    model: &mut dyn GradientModel,
-    batch: &Batch,
+pub fn estimate<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
     estimator: Estimator,
     kind: MomentKind,
     ctx: &StepContext,
-) -> Result<StepGradient> {
+) -> Result<StepGradient>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
     let world = ctx.collective.world_size();
-    validate(estimator, model, batch.len(), world)?;
+    validate(estimator, ctx.coupling, batch.len(), world)?;
     match estimator {
         Estimator::Exact | Estimator::McFisher => {
             let mc = estimator == Estimator::McFisher;
             // The step's gradient always uses the data labels; the exact
             // estimator takes its per-example factors from the same pass.
-            let mut out = model.backward(
+            let mut pass = backward_pass(
+                model,
+                ctx.table,
                 batch,
-                &BackwardRequest {
-                    per_example: !mc,
-                    update_running_stats: true,
+                forward,
+                PassRequest {
+                    probes: !mc,
                     ..Default::default()
                 },
             )?;
             if mc {
                 // A second pass with labels drawn from the model, for the
                 // per-example factors only.
-                let sampled = sample_labels(&out.logits, ctx, batch.len())?;
-                out.factors = model
-                    .backward(
-                        batch,
-                        &BackwardRequest {
-                            labels: Some(&sampled),
-                            per_example: true,
-                            skip_param_grads: true,
-                            ..Default::default()
-                        },
-                    )?
-                    .factors;
+                let logits = pass.logits.as_ref().ok_or_else(|| {
+                    CovnoiseError::Unsupported(
+                        "the mc-fisher estimator needs a classifier (Objective::Classification)"
+                            .into(),
+                    )
+                })?;
+                let sampled = sample_labels(logits, ctx, batch.len())?;
+                let labels = crate::model::labels_tensor(&sampled, &logits.device());
+                pass.factors = backward_pass(
+                    model,
+                    ctx.table,
+                    batch,
+                    forward,
+                    PassRequest {
+                        labels: Some(labels),
+                        probes: true,
+                        skip_param_grads: true,
+                        ..Default::default()
+                    },
+                )?
+                .factors;
             }
-            let sums = exact::moment_sums(&out.factors, model.param_info(), kind)?;
+            // The objective is a mean over the local batch: B times a probe
+            // gradient is one example's own gradient.
+            let sums = exact::moment_sums(&pass.factors, ctx.table, batch.len() as f32, kind)?;
             reduce_step(
-                out.grads,
-                out.loss,
-                out.correct,
+                pass.grads,
+                pass.loss_sum,
+                pass.correct,
                 batch.len(),
                 Some(sums),
                 ctx,
             )
         }
         Estimator::Microbatch { micro_batches } => {
-            microbatch(model, batch, micro_batches, kind, ctx)
+            microbatch(model, batch, forward, micro_batches, kind, ctx)
         }
     }
 }
@@ -307,6 +475,11 @@ pub fn estimate(
 /// `(seed, step)`, so the labels do not depend on how the batch is sharded.
 fn sample_labels(logits: &Tensor<2>, ctx: &StepContext, local: usize) -> Result<Vec<u8>> {
     let [b, classes] = logits.dims();
+    if classes > 256 {
+        return Err(CovnoiseError::Unsupported(format!(
+            "the mc-fisher estimator handles up to 256 classes, the model has {classes}"
+        )));
+    }
     let probs = to_vec(&burn::tensor::activation::softmax(logits.clone(), 1))?;
     let mut rng = keyed_rng(ctx.seed, ctx.step, stream::MC_LABELS, 0);
     let offset = ctx.collective.rank() * local;
@@ -328,49 +501,57 @@ fn sample_labels(logits: &Tensor<2>, ctx: &StepContext, local: usize) -> Result<
 }
 
 /// The micro-batch estimator: M micro-batch gradients g_j (this process
-/// holds M/K of them), mean g, and `b/(M-1) sum_j (g_j - g)^2`.
+/// holds M/K of them), mean g, and `b/(M-1) sum_j (g_j - g)^2`. The step's
+/// gradient is the mean of the micro-batch gradients, so the step costs the
+/// FLOPs of one plain step plus the centered sum.
 ///
 /// The centered sum is formed around the global mean after a first
 /// all-reduce (rather than from raw sums of squares), which avoids the
 /// cancellation of `sum g_j^2 - M g^2` in float32.
-fn microbatch(
-    model: &mut dyn GradientModel,
-    batch: &Batch,
+fn microbatch<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
     micro_batches: usize,
     kind: MomentKind,
     ctx: &StepContext,
-) -> Result<StepGradient> {
+) -> Result<StepGradient>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
     let world = ctx.collective.world_size();
     let local_m = micro_batches / world;
     let b = batch.len() / local_m;
     let mut micro_grads = Vec::with_capacity(local_m);
-    let mut loss = 0.0;
-    let mut correct = 0;
+    let mut loss_sum = 0.0;
+    let mut correct: Option<usize> = None;
     for j in 0..local_m {
-        let out = model.backward(
+        let pass = backward_pass(
+            model,
+            ctx.table,
             &batch.slice(j * b, b),
-            &BackwardRequest {
-                update_running_stats: true,
-                ..Default::default()
-            },
+            forward,
+            PassRequest::default(),
         )?;
-        loss += out.loss / local_m as f64;
-        correct += out.correct;
-        micro_grads.push(out.grads);
+        loss_sum += pass.loss_sum;
+        correct = pass.correct.map(|c| c + correct.unwrap_or(0));
+        micro_grads.push(pass.grads);
     }
-    let mut sum: Vec<Tensor<2>> = micro_grads[0].clone();
+    let mut sum: Vec<Tensor<1>> = micro_grads[0].clone();
     for g in &micro_grads[1..] {
         for (s, t) in sum.iter_mut().zip(g) {
             *s = s.clone() + t.clone();
         }
     }
-    // sum is (sum over local micro-batches); after the reduce, the global sum.
-    let mut reduced = reduce_step(sum, loss, correct, batch.len(), None, ctx)?;
-    // finish_plain averaged over processes; turn the sum into the mean over M.
+    // sum is over local micro-batches; after the reduce, the global sum
+    // divided by the world size: turn it into the mean over all M.
+    let mut reduced = reduce_step(sum, loss_sum, correct, batch.len(), None, ctx)?;
     scale_all(&mut reduced.grads, world as f64 / micro_batches as f64);
     let mean = &reduced.grads;
     let factor = b as f64 / (micro_batches as f64 - 1.0);
-    let mut centered: Vec<Tensor<2>> = mean.iter().map(|m| m.zeros_like()).collect();
+    let mut centered: Vec<Tensor<1>> = mean.iter().map(|m| m.zeros_like()).collect();
     for g in &micro_grads {
         for ((c, gj), m) in centered.iter_mut().zip(g).zip(mean) {
             *c = c.clone() + (gj.clone() - m.clone()).square();
@@ -393,4 +574,15 @@ fn microbatch(
     };
     reduced.moment = Some(moment);
     Ok(reduced)
+}
+
+/// The device of a module's parameters without autodiff (where gradients
+/// and estimates live).
+pub fn inner_device<M: Module>(model: &M) -> Result<Device> {
+    model
+        .devices()
+        .into_iter()
+        .next()
+        .map(Device::inner)
+        .ok_or_else(|| CovnoiseError::Unsupported("the model has no parameters".into()))
 }

@@ -40,6 +40,13 @@ impl Smoother {
         })
     }
 
+    /// Forgets every estimate (the next step refreshes).
+    pub fn reset(&mut self) {
+        self.average = None;
+        self.updates = 0;
+        self.last_refresh = None;
+    }
+
     /// Whether a fresh estimate is due at `step`.
     pub fn needs_refresh(&self, step: u64) -> bool {
         match self.last_refresh {

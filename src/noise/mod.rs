@@ -2,7 +2,6 @@
 //! rules that set their scale, and the [`NoiseStage`] that applies them
 //! between backward and the optimizer step.
 
-pub mod rng;
 mod stage;
 
 pub use stage::{NoiseStage, NoisyGradient};

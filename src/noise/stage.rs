@@ -1,25 +1,31 @@
 //! The noise stage: one value with explicit state (seed, step, estimate) that
-//! turns a batch into a noisy gradient for the optimizer.
+//! turns a large batch into a noisy gradient for any burn optimizer.
 
+use burn::module::{Module, ParamId};
+use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 
-use super::rng::{normals, stream};
 use super::{NoiseConfig, NoiseStructure};
 use crate::collective::{Collective, SingleProcess};
 use crate::error::{CovnoiseError, Result};
-use crate::model::{BackwardRequest, Batch, GradientModel};
-use crate::moments::{self, MomentKind, SecondMoment, Smoother, StepContext, StepGradient};
-use crate::tensor_util::{from_vec, scalar};
+use crate::model::Coupling;
+use crate::model::{Examples, Objective, Probes};
+use crate::moments::{
+    self, MomentKind, PassRequest, SecondMoment, Smoother, StepContext, StepGradient,
+};
+use crate::params::ParamTable;
+use crate::rng::{normals, stream};
+use crate::tensor_util::scalar;
 
 /// A gradient ready for the optimizer, and what went into it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NoisyGradient {
-    /// Mean gradient plus noise, one tensor per parameter.
-    pub grads: Vec<Tensor<2>>,
-    /// Mean cross-entropy over the global batch.
+    /// Mean gradient plus noise, as burn gradients keyed by `ParamId`.
+    pub grads: GradientsParams,
+    /// Mean loss over the global batch.
     pub loss: f64,
-    /// Correct predictions in the global batch.
-    pub correct: usize,
+    /// Correct predictions in the global batch (classifiers only).
+    pub correct: Option<usize>,
     /// Examples in the global batch.
     pub examples: usize,
     /// Expected total variance of the added noise, c tr(S); 0 without noise;
@@ -29,13 +35,17 @@ pub struct NoisyGradient {
     pub step: u64,
 }
 
-/// Adds structured covariance noise to large-batch gradients.
+/// Adds structured covariance noise to large-batch gradients of any burn
+/// module.
 ///
 /// ```text
 /// g_tilde = g_B + D xi,  xi ~ N(0, I),  D D^T = c S
 /// ```
 ///
-/// The noise of step t is a pure function of (seed, t, parameter index), so
+/// The model's forward pass comes in as a function `(model, batch, probes)
+/// -> Objective`; the stage runs the passes its estimator needs and returns
+/// burn `GradientsParams` for any optimizer. The noise of step t is a pure
+/// function of (seed, t, position of the parameter in the module), so
 /// data-parallel replicas sharing the seed add identical noise.
 pub struct NoiseStage {
     config: NoiseConfig,
@@ -44,6 +54,9 @@ pub struct NoiseStage {
     seed: u64,
     step: u64,
     smoother: Smoother,
+    /// The parameters the current estimate belongs to.
+    estimate_ids: Vec<ParamId>,
+    coupling: Option<Coupling>,
     collective: Box<dyn Collective>,
 }
 
@@ -94,6 +107,8 @@ impl NoiseStage {
             seed,
             step: 0,
             smoother,
+            estimate_ids: Vec::new(),
+            coupling: None,
             collective: Box::new(SingleProcess),
         })
     }
@@ -101,6 +116,15 @@ impl NoiseStage {
     /// Spreads each batch over a process group (see [`Collective`]).
     pub fn with_collective(mut self, collective: Box<dyn Collective>) -> Self {
         self.collective = collective;
+        self
+    }
+
+    /// Declares how the model's examples interact. Without it the stage
+    /// assumes independent examples unless the model holds a batch norm
+    /// (then the whole batch is coupled); declare `Coupling::Groups(n)` for
+    /// ghost batch normalization over groups of n.
+    pub fn with_coupling(mut self, coupling: Coupling) -> Self {
+        self.coupling = Some(coupling);
         self
     }
 
@@ -129,14 +153,51 @@ impl NoiseStage {
         self.c > 0.0 && self.config.window.contains(epoch)
     }
 
-    /// Computes the gradient of `batch` (this process's shard of the global
-    /// batch), adds the noise due in `epoch`, and advances the step.
-    pub fn gradient(
+    /// Checks, before training, that the configured estimator can run on
+    /// `model` with a local batch of `local_batch` examples.
+    pub fn validate_model<M: Module>(&self, model: &M, local_batch: usize) -> Result<()> {
+        let table = self.table(model)?;
+        let coupling = self.coupling.unwrap_or_else(|| Coupling::detect(&table));
+        if matches!(
+            self.config.structure,
+            NoiseStructure::Diag | NoiseStructure::Isotropic
+        ) {
+            moments::validate(
+                self.config.estimator,
+                coupling,
+                local_batch,
+                self.collective.world_size(),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn table<M: Module>(&self, model: &M) -> Result<ParamTable> {
+        let table = ParamTable::of(model);
+        if table.is_empty() {
+            return Err(CovnoiseError::Unsupported(
+                "the model has no parameter that takes gradients: create it on an autodiff device (device.autodiff()) and do not freeze every parameter".into(),
+            ));
+        }
+        Ok(table)
+    }
+
+    /// Runs the forward and backward passes the configuration needs over
+    /// `batch` (this process's shard of the global batch), adds the noise
+    /// due in `epoch`, and advances the step. `model` must live on an
+    /// autodiff device; `forward` is its forward pass.
+    pub fn gradient<M, B, F>(
         &mut self,
-        model: &mut dyn GradientModel,
-        batch: &Batch,
+        model: &M,
+        batch: &B,
         epoch: usize,
-    ) -> Result<NoisyGradient> {
+        forward: F,
+    ) -> Result<NoisyGradient>
+    where
+        M: Module,
+        B: Examples,
+        F: Fn(&M, &B, &mut Probes) -> Objective,
+    {
         let step = self.step;
         let world = self.collective.world_size();
         if batch.len() * world != self.large_batch {
@@ -146,18 +207,24 @@ impl NoiseStage {
                 self.large_batch
             )));
         }
+        let table = self.table(model)?;
         let ctx = StepContext {
             seed: self.seed,
             step,
             collective: self.collective.as_ref(),
+            table: &table,
+            coupling: self.coupling.unwrap_or_else(|| Coupling::detect(&table)),
         };
         let (mut step_grad, noise_trace) = if !self.active_in(epoch) {
-            (moments::plain_gradient(model, batch, &ctx)?, Some(0.0))
+            (
+                moments::plain_gradient(model, batch, &forward, &ctx)?,
+                Some(0.0),
+            )
         } else {
             match self.config.structure {
                 NoiseStructure::None => unreachable!("c = 0 for structure none"),
                 NoiseStructure::Full { centered } => (
-                    full_fisher_gradient(model, batch, centered, self.c, &ctx)?,
+                    full_fisher_gradient(model, batch, &forward, centered, self.c, &ctx)?,
                     None,
                 ),
                 NoiseStructure::Diag | NoiseStructure::Isotropic => {
@@ -166,13 +233,28 @@ impl NoiseStage {
                     } else {
                         MomentKind::Trace
                     };
-                    let mut g = if self.smoother.needs_refresh(step) {
-                        moments::estimate(model, batch, self.config.estimator, kind, &ctx)?
+                    let ids: Vec<ParamId> = table.entries().iter().map(|e| e.id).collect();
+                    let stale = !self.estimate_ids.is_empty() && self.estimate_ids != ids;
+                    let mut g = if stale || self.smoother.needs_refresh(step) {
+                        moments::estimate(
+                            model,
+                            batch,
+                            &forward,
+                            self.config.estimator,
+                            kind,
+                            &ctx,
+                        )?
                     } else {
-                        moments::plain_gradient(model, batch, &ctx)?
+                        moments::plain_gradient(model, batch, &forward, &ctx)?
                     };
                     if let Some(fresh) = g.moment.take() {
+                        if stale {
+                            // Another model (or a changed one): the old
+                            // estimate describes other parameters.
+                            self.smoother.reset();
+                        }
                         self.smoother.update(fresh, step)?;
+                        self.estimate_ids = ids;
                     }
                     let moment = self
                         .smoother
@@ -185,8 +267,9 @@ impl NoiseStage {
         };
         check_finite(&step_grad, step)?;
         self.step += 1;
+        let grads = table.unflatten(std::mem::take(&mut step_grad.grads))?;
         Ok(NoisyGradient {
-            grads: std::mem::take(&mut step_grad.grads),
+            grads,
             loss: step_grad.loss,
             correct: step_grad.correct,
             examples: step_grad.examples,
@@ -195,16 +278,17 @@ impl NoiseStage {
         })
     }
 
-    /// Adds `D xi` with `D D^T = c S` to `grads` for the second moment
-    /// `moment` (diagonal, or isotropic from its trace), using the noise of
-    /// `step`. Returns the expected total variance c tr(S).
+    /// Adds `D xi` with `D D^T = c S` to the flat gradients `grads` (table
+    /// order) for the second moment `moment` (diagonal, or isotropic from its
+    /// trace), using the noise of `step`. Returns the expected total variance
+    /// c tr(S).
     pub fn add_noise(
         &self,
-        grads: &mut [Tensor<2>],
+        grads: &mut [Tensor<1>],
         moment: &SecondMoment,
         step: u64,
     ) -> Result<f64> {
-        let d: usize = grads.iter().map(|g| g.dims()[0] * g.dims()[1]).sum();
+        let d: usize = grads.iter().map(|g| g.dims()[0]).sum();
         let trace = moment.trace();
         match moment {
             SecondMoment::Diag(diag) => {
@@ -231,9 +315,9 @@ impl NoiseStage {
 }
 
 /// Standard normals shaped like `like`, keyed by `(seed, step, parameter)`.
-fn standard_normal_like(like: &Tensor<2>, seed: u64, step: u64, param: u64) -> Tensor<2> {
-    let [r, c] = like.dims();
-    from_vec(normals(seed, step, param, r * c), [r, c], &like.device())
+fn standard_normal_like(like: &Tensor<1>, seed: u64, step: u64, param: u64) -> Tensor<1> {
+    let n = like.dims()[0];
+    crate::tensor_util::from_vec1(normals(seed, step, param, n), &like.device())
 }
 
 /// Full-Fisher noise by multiplicative sampling: the loss
@@ -241,14 +325,20 @@ fn standard_normal_like(like: &Tensor<2>, seed: u64, step: u64, param: u64) -> T
 /// `g_B + (s/B) sum_i z_i grad l_i`, whose noise has covariance
 /// `(s^2/B) F_B`; `s^2 = c B` gives `c F_B`. Centering z gives `c Sigma_B`.
 /// The weights are drawn for the global batch, so sharding does not change
-/// them.
-fn full_fisher_gradient(
-    model: &mut dyn GradientModel,
-    batch: &Batch,
+/// them. It needs only per-example losses, so it works on any model.
+fn full_fisher_gradient<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
     centered: bool,
     c: f64,
     ctx: &StepContext,
-) -> Result<StepGradient> {
+) -> Result<StepGradient>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
     let local = batch.len();
     let global = local * ctx.collective.world_size();
     let mut z = normals(ctx.seed, ctx.step, stream::FULL_WEIGHTS, global);
@@ -262,15 +352,17 @@ fn full_fisher_gradient(
         .iter()
         .map(|&zi| 1.0 + s * zi)
         .collect();
-    let out = model.backward(
+    let pass = moments::backward_pass(
+        model,
+        ctx.table,
         batch,
-        &BackwardRequest {
-            example_weights: Some(&weights),
-            update_running_stats: true,
+        forward,
+        PassRequest {
+            weights: Some(&weights),
             ..Default::default()
         },
     )?;
-    moments::reduce_step(out.grads, out.loss, out.correct, local, None, ctx)
+    moments::reduce_step(pass.grads, pass.loss_sum, pass.correct, local, None, ctx)
 }
 
 /// A NaN or infinite loss or gradient is an error, never a silent update.
@@ -281,11 +373,13 @@ fn check_finite(g: &StepGradient, step: u64) -> Result<()> {
             loss: g.loss as f32,
         });
     }
-    let sq: f64 = g
+    // One host read for all parameters.
+    let sq = g
         .grads
         .iter()
-        .map(|t| scalar(t.clone().square().sum()))
-        .sum();
+        .map(|t| t.clone().square().sum())
+        .reduce(|a, b| a + b)
+        .map_or(0.0, scalar);
     if !sq.is_finite() {
         return Err(CovnoiseError::NonFiniteGradient { step });
     }

@@ -5,7 +5,7 @@ mod schedule;
 mod sgd;
 
 pub use schedule::{LrSchedule, ScheduleKind};
-pub use sgd::{Sgd, SgdConfig};
+pub use sgd::{Sgd, SgdConfig, SgdState};
 
 use serde::{Deserialize, Serialize};
 

@@ -9,7 +9,8 @@
 //! p = p - lr * g
 //! ```
 
-use burn::tensor::Tensor;
+use burn::optim::{LearningRate, ModuleOptimizer, Optimizer, RecordState, StateSink, StateSource};
+use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CovnoiseError, Result, check_non_negative};
@@ -62,73 +63,103 @@ impl SgdConfig {
     }
 }
 
-/// SGD with per-parameter momentum buffers.
+/// SGD in PyTorch's semantics as a burn [`Optimizer`]: drive it with
+/// burn's `ModuleOptimizer` (`SgdConfig::init`), which keeps one momentum
+/// buffer per parameter keyed by `ParamId` and saves it with `to_record`.
+///
+/// burn's own `SgdConfig` matches `torch.optim.SGD` only when its momentum
+/// is configured with dampening 0 (burn's `MomentumConfig` defaults to 0.1):
+/// `SgdConfig::new().with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))`.
 #[derive(Debug, Clone)]
 pub struct Sgd {
     config: SgdConfig,
-    buffers: Vec<Option<Tensor<2>>>,
+}
+
+/// The momentum buffer of one parameter (absent before the first step and
+/// without momentum).
+#[derive(Debug, Clone)]
+pub struct SgdState<const D: usize> {
+    /// `buf` of `torch.optim.SGD`.
+    pub momentum: Option<Tensor<D>>,
+}
+
+impl<const D: usize> RecordState for SgdState<D> {
+    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
+        if let Some(m) = &self.momentum {
+            out.push_tensor(prefix, "momentum", m.clone().into_data());
+        }
+    }
+
+    fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
+        Some(Self {
+            momentum: src
+                .take_tensor(prefix, "momentum")
+                .map(|data| Tensor::from_data(data, device)),
+        })
+    }
 }
 
 impl Sgd {
     /// A new optimizer (validates the configuration).
     pub fn new(config: SgdConfig) -> Result<Self> {
         config.validate()?;
-        Ok(Self {
-            config,
-            buffers: Vec::new(),
-        })
+        Ok(Self { config })
     }
 
     /// The configuration.
     pub fn config(&self) -> &SgdConfig {
         &self.config
     }
+}
 
-    /// Updates `params` in place with `grads` at learning rate `lr`.
-    pub fn step(&mut self, params: &mut [Tensor<2>], grads: &[Tensor<2>], lr: f64) -> Result<()> {
-        check_non_negative("lr", lr)?;
-        if params.len() != grads.len() {
-            return Err(CovnoiseError::Shape(format!(
-                "{} parameters but {} gradients",
-                params.len(),
-                grads.len()
-            )));
-        }
-        if self.buffers.is_empty() {
-            self.buffers = vec![None; params.len()];
-        }
+impl SgdConfig {
+    /// A burn `ModuleOptimizer` running [`Sgd`] over every parameter of a
+    /// module (validates the configuration).
+    pub fn init(&self) -> Result<ModuleOptimizer> {
+        Ok(ModuleOptimizer::from(Sgd::new(*self)?))
+    }
+}
+
+impl Optimizer for Sgd {
+    type State<const D: usize> = SgdState<D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
         let SgdConfig {
             momentum,
             dampening,
             nesterov,
             weight_decay,
         } = self.config;
-        for ((p, g), buf) in params.iter_mut().zip(grads).zip(self.buffers.iter_mut()) {
-            if p.dims() != g.dims() {
-                return Err(CovnoiseError::Shape(format!(
-                    "parameter {:?} and gradient {:?}",
-                    p.dims(),
-                    g.dims()
-                )));
-            }
-            let mut d = g.clone();
-            if weight_decay != 0.0 {
-                d = d + p.clone() * weight_decay as f32;
-            }
-            if momentum != 0.0 {
-                let b = match buf.take() {
-                    None => d.clone(),
-                    Some(b) => b * momentum as f32 + d.clone() * (1.0 - dampening) as f32,
-                };
-                d = if nesterov {
-                    d + b.clone() * momentum as f32
-                } else {
-                    b.clone()
-                };
-                *buf = Some(b);
-            }
-            *p = p.clone() - d * lr as f32;
+        let mut d = grad;
+        if weight_decay != 0.0 {
+            d = d + tensor.clone() * weight_decay as f32;
         }
-        Ok(())
+        let mut buffer = None;
+        if momentum != 0.0 {
+            let b = match state.and_then(|s| s.momentum) {
+                None => d.clone(),
+                Some(b) => b * momentum as f32 + d.clone() * (1.0 - dampening) as f32,
+            };
+            d = if nesterov {
+                d + b.clone() * momentum as f32
+            } else {
+                b.clone()
+            };
+            buffer = Some(b);
+        }
+        let updated = tensor - d * lr as f32;
+        (updated, buffer.map(|b| SgdState { momentum: Some(b) }))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        SgdState {
+            momentum: state.momentum.map(|m| m.to_device(device)),
+        }
     }
 }

@@ -13,14 +13,18 @@ pub use settings::TrainSettings;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::{Device, Tensor};
+use burn::optim::ModuleOptimizer;
+use burn::tensor::Device;
 
-use crate::collective::{Collective, SingleProcess, all_reduce_packed, replicas_identical};
+use crate::collective::{
+    Collective, SingleProcess, all_reduce_packed, average_buffers, replicas_identical,
+};
 use crate::data::{self, Dataset, TrainTest};
 use crate::error::CovnoiseError;
-use crate::model::{Batch, GradientModel, Mlp, cross_entropy_and_correct};
-use crate::noise::{NoiseStage, NoiseStructure};
-use crate::optim::{LrSchedule, Sgd};
+use crate::model::{Batch, Mlp, cross_entropy_and_correct, labels_tensor};
+use crate::noise::NoiseStage;
+use crate::optim::LrSchedule;
+use crate::params::ParamTable;
 use crate::tensor_util::from_vec;
 
 /// Why a run could not start or did not finish.
@@ -143,13 +147,13 @@ pub fn hold_out(mut data: TrainTest, n: usize) -> Result<TrainTest, TrainError> 
 pub fn to_device(batch: &data::Batch, device: &Device) -> Batch {
     Batch {
         x: from_vec(batch.features.clone(), [batch.size, batch.dim], device),
-        labels: batch.labels.clone(),
+        labels: labels_tensor(&batch.labels, device),
     }
 }
 
 /// Sums of loss and correct predictions over `data.rows(range)`.
 fn evaluate_range(
-    model: &dyn GradientModel,
+    model: &Mlp,
     data: &Dataset,
     range: std::ops::Range<usize>,
     batch_size: usize,
@@ -161,7 +165,8 @@ fn evaluate_range(
         let end = (start + batch_size).min(range.end);
         let (x, labels) = data.rows(start..end);
         let logits = model.logits(from_vec(x.to_vec(), [end - start, data.dim], device));
-        let (loss, ok) = cross_entropy_and_correct(&logits, labels)?;
+        let labels = labels_tensor(labels, device);
+        let (loss, ok) = cross_entropy_and_correct(&logits, &labels)?;
         loss_sum += loss * (end - start) as f64;
         correct += ok as f64;
         start = end;
@@ -171,7 +176,7 @@ fn evaluate_range(
 
 /// Evaluates `model` (evaluation mode) on all of `data`.
 pub fn evaluate(
-    model: &dyn GradientModel,
+    model: &Mlp,
     data: &Dataset,
     batch_size: usize,
     device: &Device,
@@ -182,7 +187,7 @@ pub fn evaluate(
 /// Evaluates with each process taking a contiguous shard of `data` and one
 /// all-reduce combining the sums.
 pub fn evaluate_sharded(
-    model: &dyn GradientModel,
+    model: &Mlp,
     data: &Dataset,
     batch_size: usize,
     device: &Device,
@@ -222,9 +227,10 @@ pub struct Trainer<'a> {
     settings: TrainSettings,
     data: &'a TrainTest,
     device: Device,
-    model: Mlp,
+    /// Taken by the optimizer during a step and put back after it.
+    model: Option<Mlp>,
     stage: NoiseStage,
-    sgd: Sgd,
+    optimizer: ModuleOptimizer,
     schedule: LrSchedule,
     steps_per_epoch: usize,
 }
@@ -258,21 +264,14 @@ impl<'a> Trainer<'a> {
             .into());
         }
         let device = Device::flex();
-        let model = Mlp::new(
-            settings.mlp_config(data.train.dim, data.train.num_classes)?,
-            settings.seed,
-            &device,
-        )?;
+        let mlp = settings.mlp_config(data.train.dim, data.train.num_classes)?;
+        let model = Mlp::new(&mlp, settings.seed, &device.clone().autodiff())?;
         let noise = settings.noise_config()?;
-        if matches!(
-            noise.structure,
-            NoiseStructure::Diag | NoiseStructure::Isotropic
-        ) {
-            crate::moments::validate(noise.estimator, &model, settings.batch_size / world, world)?;
-        }
         let stage = NoiseStage::new(noise, settings.batch_size, settings.lr, settings.seed)?
-            .with_collective(collective);
-        let sgd = Sgd::new(settings.sgd_config())?;
+            .with_collective(collective)
+            .with_coupling(mlp.normalization.coupling());
+        stage.validate_model(&model, settings.batch_size / world)?;
+        let optimizer = settings.sgd_config().init()?;
         let schedule_epochs = settings.schedule_epochs.unwrap_or(settings.epochs);
         let total = (steps_per_epoch * schedule_epochs) as u64;
         let schedule = LrSchedule::new(
@@ -286,9 +285,9 @@ impl<'a> Trainer<'a> {
             settings: settings.clone(),
             data,
             device,
-            model,
+            model: Some(model),
             stage,
-            sgd,
+            optimizer,
             schedule,
             steps_per_epoch,
         })
@@ -306,7 +305,9 @@ impl<'a> Trainer<'a> {
 
     /// The model (e.g. to evaluate or inspect after training).
     pub fn model(&self) -> &Mlp {
-        &self.model
+        self.model
+            .as_ref()
+            .expect("the model is back after every step")
     }
 
     /// Number of processes the batch is spread over.
@@ -361,7 +362,16 @@ impl<'a> Trainer<'a> {
                     .gather_into(&indices[rank * shard..(rank + 1) * shard], &mut host_batch);
                 let batch = to_device(&host_batch, &self.device);
                 lr = self.schedule.lr_at(self.stage.step());
-                let step = match self.stage.gradient(&mut self.model, &batch, epoch) {
+                let model = self
+                    .model
+                    .take()
+                    .expect("the model is back after every step");
+                let gradient =
+                    self.stage
+                        .gradient(&model, &batch, epoch, |m: &Mlp, b: &Batch, p| {
+                            m.objective(b.x.clone(), b.labels.clone(), p)
+                        });
+                let step = match gradient {
                     Ok(step) => step,
                     Err(
                         e @ (CovnoiseError::NonFiniteLoss { .. }
@@ -382,10 +392,10 @@ impl<'a> Trainer<'a> {
                     }
                     Err(e) => return Err(e.into()),
                 };
-                self.sgd.step(self.model.params_mut(), &step.grads, lr)?;
+                self.model = Some(self.optimizer.step(lr, model, step.grads));
                 last_finite_loss = Some(step.loss);
                 loss_sum += step.loss * step.examples as f64;
-                correct += step.correct;
+                correct += step.correct.unwrap_or(0);
                 seen += step.examples;
                 match step.noise_trace {
                     Some(t) => trace_sum += t,
@@ -397,7 +407,7 @@ impl<'a> Trainer<'a> {
             self.sync_buffers()?;
             let eval_start = Instant::now();
             let test = evaluate_sharded(
-                &self.model,
+                self.model(),
                 &self.data.test,
                 self.settings.eval_batch,
                 &self.device,
@@ -423,9 +433,10 @@ impl<'a> Trainer<'a> {
             progress.epoch(&metrics);
             history.push(metrics);
         }
-        let identical = replicas_identical(self.stage.collective(), self.model.params())?;
+        let params = ParamTable::of(self.model()).values(self.model());
+        let identical = replicas_identical(self.stage.collective(), &params)?;
         let final_train = evaluate_sharded(
-            &self.model,
+            self.model(),
             &self.data.train,
             self.settings.eval_batch,
             &self.device,
@@ -444,14 +455,12 @@ impl<'a> Trainer<'a> {
     /// Averages batch-norm running statistics over replicas (each saw its
     /// own shard), so that every replica evaluates the same model.
     fn sync_buffers(&mut self) -> Result<(), CovnoiseError> {
-        let world = self.stage.collective().world_size();
-        let mut buffers = self.model.buffers();
-        if world == 1 || buffers.is_empty() {
-            return Ok(());
-        }
-        all_reduce_packed(self.stage.collective(), &mut buffers, &mut [])?;
-        let averaged: Vec<Tensor<2>> = buffers.into_iter().map(|b| b / world as f32).collect();
-        self.model.set_buffers(averaged)
+        let model = self
+            .model
+            .take()
+            .expect("the model is back after every step");
+        self.model = Some(average_buffers(model, self.stage.collective())?);
+        Ok(())
     }
 
     fn summary(

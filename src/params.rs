@@ -1,0 +1,244 @@
+//! Any burn module's float parameters as one ordered table, and the bridge
+//! between burn's `GradientsParams` (keyed by `ParamId`, one rank per
+//! parameter) and flat rank-1 tensors.
+//!
+//! Every later stage (second moments, noise, all-reduce) works on flat
+//! vectors aligned with a [`ParamTable`], so it handles a Linear weight, a
+//! conv kernel `[out, in, kh, kw]`, a batch-norm scale or an embedding table
+//! the same way; only the boundary with burn knows ranks. The table's order
+//! is the module's visiting order, which is the same in every process that
+//! builds the same architecture (a `ParamId` is not: it is drawn at random).
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+
+use crate::error::{CovnoiseError, Result};
+
+/// Runs `$body` with the const `$d` equal to the runtime rank `$rank`
+/// (1..=6); evaluates to `Err(rank)` for any other rank.
+macro_rules! with_rank {
+    ($rank:expr, $d:ident => $body:block) => {
+        match $rank {
+            1 => {
+                const $d: usize = 1;
+                Ok($body)
+            }
+            2 => {
+                const $d: usize = 2;
+                Ok($body)
+            }
+            3 => {
+                const $d: usize = 3;
+                Ok($body)
+            }
+            4 => {
+                const $d: usize = 4;
+                Ok($body)
+            }
+            5 => {
+                const $d: usize = 5;
+                Ok($body)
+            }
+            6 => {
+                const $d: usize = 6;
+                Ok($body)
+            }
+            other => Err(other),
+        }
+    };
+}
+
+/// One float parameter of a module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamEntry {
+    /// burn's identifier of the parameter.
+    pub id: ParamId,
+    /// Its path in the module, e.g. `layers.0.weight`.
+    pub name: String,
+    /// Its shape (any rank).
+    pub shape: Vec<usize>,
+}
+
+impl ParamEntry {
+    /// Number of scalars.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// The float parameters of a module that take gradients, in visiting order,
+/// and the kinds of submodules seen (to recognize batch normalization).
+#[derive(Debug, Clone, Default)]
+pub struct ParamTable {
+    entries: Vec<ParamEntry>,
+    containers: Vec<String>,
+}
+
+impl ParamTable {
+    /// Walks `module` with a [`ModuleVisitor`].
+    pub fn of<M: Module>(module: &M) -> Self {
+        let mut visitor = TableVisitor::default();
+        module.visit(&mut visitor);
+        Self {
+            entries: visitor.entries,
+            containers: visitor.containers,
+        }
+    }
+
+    /// The parameters, in order.
+    pub fn entries(&self) -> &[ParamEntry] {
+        &self.entries
+    }
+
+    /// Number of parameter tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True for a module without float parameters.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Total number of scalar parameters d.
+    pub fn num_params(&self) -> usize {
+        self.entries.iter().map(ParamEntry::numel).sum()
+    }
+
+    /// Position of parameter `id` in the table.
+    pub fn index_of(&self, id: ParamId) -> Option<usize> {
+        self.entries.iter().position(|e| e.id == id)
+    }
+
+    /// The submodule type names seen while walking (e.g. `Struct:BatchNorm`).
+    pub fn container_types(&self) -> &[String] {
+        &self.containers
+    }
+
+    /// The first submodule whose type normalizes over the batch (burn's
+    /// `BatchNorm`, or any type whose name ends in `BatchNorm`).
+    pub fn batch_norm(&self) -> Option<&str> {
+        self.containers
+            .iter()
+            .map(String::as_str)
+            .find(|c| c.ends_with("BatchNorm"))
+    }
+
+    /// Moves the gradients of `grads` into flat rank-1 tensors in table
+    /// order. A parameter without a gradient (it did not reach the loss) gets
+    /// zeros on `device`; the gradient's shape must be the parameter's.
+    pub fn flatten(&self, grads: &mut GradientsParams, device: &Device) -> Result<Vec<Tensor<1>>> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let flat = with_rank!(e.shape.len(), D => {
+                    grads.remove::<D>(e.id).map(|g| {
+                        let dims = g.dims().to_vec();
+                        (dims, g.reshape([e.numel()]))
+                    })
+                })
+                .map_err(|r| unsupported_rank(e, r))?;
+                match flat {
+                    Some((dims, g)) if dims == e.shape => Ok(g),
+                    Some((dims, _)) => Err(CovnoiseError::Shape(format!(
+                        "gradient of {} has shape {dims:?}, the parameter {:?}",
+                        e.name, e.shape
+                    ))),
+                    None => Ok(Tensor::zeros([e.numel()], device)),
+                }
+            })
+            .collect()
+    }
+
+    /// Builds burn gradients (each reshaped to its parameter's shape) from
+    /// flat tensors in table order.
+    pub fn unflatten(&self, flat: Vec<Tensor<1>>) -> Result<GradientsParams> {
+        if flat.len() != self.entries.len() {
+            return Err(CovnoiseError::Shape(format!(
+                "{} gradients for {} parameters",
+                flat.len(),
+                self.entries.len()
+            )));
+        }
+        let mut grads = GradientsParams::new();
+        for (e, g) in self.entries.iter().zip(flat) {
+            if g.dims()[0] != e.numel() {
+                return Err(CovnoiseError::Shape(format!(
+                    "flat gradient of {} has {} values, the parameter {}",
+                    e.name,
+                    g.dims()[0],
+                    e.numel()
+                )));
+            }
+            with_rank!(e.shape.len(), D => {
+                let shape: [usize; D] = e.shape.clone().try_into().expect("rank checked");
+                grads.register::<D>(e.id, g.reshape(shape));
+            })
+            .map_err(|r| unsupported_rank(e, r))?;
+        }
+        Ok(grads)
+    }
+
+    /// The parameter values themselves, flat, in table order (detached from
+    /// any autodiff graph).
+    pub fn values<M: Module>(&self, module: &M) -> Vec<Tensor<1>> {
+        let mut visitor = ValueVisitor::default();
+        module.visit(&mut visitor);
+        visitor.values
+    }
+}
+
+fn unsupported_rank(e: &ParamEntry, rank: usize) -> CovnoiseError {
+    CovnoiseError::Unsupported(format!(
+        "parameter {} has rank {rank}; covnoise handles ranks 1 to 6",
+        e.name
+    ))
+}
+
+#[derive(Default)]
+struct TableVisitor {
+    path: Vec<String>,
+    entries: Vec<ParamEntry>,
+    containers: Vec<String>,
+}
+
+impl ModuleVisitor for TableVisitor {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // Frozen parameters take no gradient, so they take no noise either.
+        if !param.is_require_grad() {
+            return;
+        }
+        let shape = param.lazy_shape().dims::<D>().to_vec();
+        self.entries.push(ParamEntry {
+            id: param.id,
+            name: self.path.join("."),
+            shape,
+        });
+    }
+}
+
+#[derive(Default)]
+struct ValueVisitor {
+    values: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for ValueVisitor {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if !param.is_require_grad() {
+            return;
+        }
+        let value = param.val().detach();
+        let n = value.shape().num_elements();
+        self.values.push(value.reshape([n]));
+    }
+}
