@@ -3,35 +3,63 @@
 //!
 //! Data flows one way: [`data`] -> [`model`] -> loss and gradients ->
 //! [`moments`] (second moments) -> [`noise`] -> [`optim`]; [`train`] runs the
-//! loop. [`theory`] stands alone; [`report`] reads results only.
+//! loop. [`params`] (parameter tables of any burn module) and [`rng`]
+//! (counter-based randomness) are the layers all of them stand on.
+//! [`theory`] stands alone; [`report`] reads results only.
 //!
-//! # Example: an MLP trained with diagonal-Fisher noise
+//! # Example: Fisher noise for any burn model, with any burn optimizer
 //!
 //! ```
-//! use burn::tensor::Device;
-//! use covnoise::data::Dataset;
-//! use covnoise::model::{GradientModel, Mlp, MlpConfig, Normalization};
+//! use burn::module::Module;
+//! use burn::nn::{Linear, LinearConfig};
+//! use burn::optim::SgdConfig;
+//! use burn::optim::momentum::MomentumConfig;
+//! use burn::tensor::{Device, Int, Tensor, activation};
+//! use covnoise::model::{Batch, Objective, Probes};
 //! use covnoise::noise::{NoiseConfig, NoiseStage};
-//! use covnoise::optim::{Sgd, SgdConfig};
+//!
+//! // A user's own model: burn layers, forward routed through `Probes` so the
+//! // exact estimator can read per-example factors.
+//! #[derive(Module, Debug)]
+//! struct Net {
+//!     hidden: Linear,
+//!     out: Linear,
+//! }
+//!
+//! impl Net {
+//!     fn forward(&self, batch: &Batch, probes: &mut Probes) -> Objective {
+//!         let h = activation::relu(probes.linear(&self.hidden, batch.x.clone()));
+//!         Objective::Classification { logits: probes.linear(&self.out, h), labels: batch.labels.clone() }
+//!     }
+//! }
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let device = Device::flex();
-//! let data = Dataset::synthetic(512, 20, 4, 0); // 512 examples, 20 features, 4 classes
-//! let config = MlpConfig { input: 20, hidden: vec![32], classes: 4, normalization: Normalization::None };
-//! let mut model = Mlp::new(config, 0, &device)?;
+//! let device = Device::flex().autodiff();
+//! device.seed(0);
+//! let mut net = Net {
+//!     hidden: LinearConfig::new(20, 32).init(&device),
+//!     out: LinearConfig::new(32, 4).init(&device),
+//! };
+//! // burn's SGD with PyTorch's momentum (dampening 0).
+//! let mut optimizer = SgdConfig::new()
+//!     .with_momentum(Some(MomentumConfig::new().with_dampening(0.0)))
+//!     .init();
 //! let (batch_size, lr) = (128, 0.1);
 //! // Diagonal-Fisher noise imitating batch 16: c = 1/16 - 1/128.
 //! let mut noise = NoiseStage::new(NoiseConfig::diag_fisher(16), batch_size, lr, 7)?;
-//! let mut sgd = Sgd::new(SgdConfig { momentum: 0.9, ..Default::default() })?;
-//! for epoch in 0..5 {
-//!     for indices in data.batches(batch_size, 0, epoch as u64) {
-//!         let batch = covnoise::train::to_device(&data.gather(&indices), &device);
-//!         let step = noise.gradient(&mut model, &batch, epoch)?;
-//!         sgd.step(model.params_mut(), &step.grads, lr)?;
-//!     }
+//! let x = Tensor::<2>::random([batch_size, 20], burn::tensor::Distribution::Default, &device);
+//! // The class is the sign pattern of the first two features.
+//! let sign = |j| x.clone().narrow(1, j, 1).reshape([batch_size]).greater_elem(0.0).int();
+//! let labels: Tensor<1, Int> = sign(0) + sign(1) * 2;
+//! let batch = Batch { x, labels };
+//! let mut first = None;
+//! for _ in 0..30 {
+//!     let step = noise.gradient(&net, &batch, 0, Net::forward)?;
+//!     first.get_or_insert(step.loss);
+//!     net = optimizer.step(lr, net, step.grads);
 //! }
-//! let accuracy = covnoise::train::evaluate(&model, &data, 256, &device)?.accuracy;
-//! assert!(accuracy > 0.5, "accuracy {accuracy}");
+//! let last = noise.gradient(&net, &batch, 0, Net::forward)?.loss;
+//! assert!(last < 0.5 * first.unwrap(), "loss {first:?} -> {last}");
 //! # Ok(())
 //! # }
 //! ```
