@@ -4,7 +4,7 @@ BIN := target/release/covnoise
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-out
 
-.PHONY: all build test test-mpi lint demo data bench clean
+.PHONY: all build test test-mpi check-gpu lint demo data bench clean
 
 all: build
 
@@ -15,11 +15,18 @@ build:
 ## MPI tests run too when OpenMPI is installed (mpirun on PATH).
 test:
 	$(CARGO) test --release
+	@# A burn user's own model with burn's SGD + diagonal-Fisher noise, on a slice.
+	$(CARGO) run --release --example burn_user -- 1 4096
 	@if command -v mpirun >/dev/null 2>&1; then \
 		$(MAKE) --no-print-directory test-mpi; \
 	else \
 		echo "note: mpirun not found, MPI tests skipped (apt-get install openmpi-bin libopenmpi-dev)"; \
 	fi
+
+## The GPU devices build (no GPU needed to check them).
+check-gpu:
+	$(CARGO) check --release --features wgpu
+	$(CARGO) check --release --features cuda
 
 test-mpi:
 	$(CARGO) test --release --features mpi --test mpi

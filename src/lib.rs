@@ -69,6 +69,7 @@
 pub mod bench;
 pub mod collective;
 pub mod data;
+pub mod device;
 #[cfg(feature = "mpi")]
 pub mod dist;
 pub mod error;

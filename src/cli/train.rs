@@ -143,6 +143,10 @@ pub struct TrainArgs {
     /// Worker threads [default: all cores].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// The burn device: cpu, wgpu, wgpu-cpu (software Vulkan), cuda, cuda:N; GPU devices need
+    /// a build with `--features wgpu` or `--features cuda` [default: cpu].
+    #[arg(long, value_name = "NAME")]
+    pub device: Option<String>,
     /// Evaluation batch size (does not change results) [default: 2000].
     #[arg(long, value_name = "N")]
     pub eval_batch: Option<usize>,
@@ -186,6 +190,7 @@ impl TrainArgs {
             noise_from,
             refresh,
             seed,
+            device,
             eval_batch
         );
         set_opt!(

@@ -7,6 +7,9 @@ use burn::tensor::{Int, Tensor, TensorData, activation};
 use crate::error::{CovnoiseError, Result};
 
 /// The output of a forward pass over a batch (or a slice of one).
+// One value per forward pass: boxing the larger variant would only make every
+// user's forward function write `Box::new`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Objective {
     /// A classifier: logits `[n, classes]` and class labels `[n]`; the loss

@@ -263,7 +263,7 @@ impl<'a> Trainer<'a> {
             }
             .into());
         }
-        let device = Device::flex();
+        let device = crate::device::parse_device(&settings.device)?;
         let mlp = settings.mlp_config(data.train.dim, data.train.num_classes)?;
         let model = Mlp::new(&mlp, settings.seed, &device.clone().autodiff())?;
         let noise = settings.noise_config()?;

@@ -135,6 +135,8 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Worker threads (None: all cores).
     pub threads: Option<usize>,
+    /// The burn device: cpu, wgpu, wgpu-cpu, cuda or cuda:N.
+    pub device: String,
     /// Batch size for evaluation (does not affect results).
     pub eval_batch: usize,
 }
@@ -175,6 +177,7 @@ impl Default for TrainSettings {
             refresh: 1,
             seed: 0,
             threads: None,
+            device: "cpu".to_string(),
             eval_batch: 2000,
         }
     }

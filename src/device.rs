@@ -1,0 +1,86 @@
+//! Which burn device a run trains on, from its command-line name.
+//!
+//! The default is burn's `flex` CPU backend. The `wgpu` and `cuda` cargo
+//! features add GPU devices; a name whose feature was not built is refused
+//! with the cargo command that builds it.
+
+use burn::tensor::Device;
+
+use crate::error::{CovnoiseError, Result};
+
+/// The names `--device` accepts.
+pub const DEVICE_NAMES: &str =
+    "cpu, wgpu, wgpu-cpu (a software Vulkan adapter such as lavapipe), cuda, cuda:N";
+
+/// The device named `spec`: `cpu`, `wgpu` (the best adapter wgpu finds),
+/// `wgpu-cpu` (wgpu's CPU adapter, named explicitly because wgpu never
+/// picks a software adapter by itself), `cuda` or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let unknown = || CovnoiseError::InvalidSetting {
+        name: "device",
+        value: spec.to_string(),
+        reason: "is not a device name (cpu, wgpu, wgpu-cpu, cuda, cuda:N)",
+    };
+    let (kind, index) = match spec.split_once(':') {
+        Some((k, i)) => (k, Some(i.parse::<usize>().map_err(|_| unknown())?)),
+        None => (spec, None),
+    };
+    match (kind, index) {
+        ("cpu", None) => Ok(Device::flex()),
+        ("wgpu", None) | ("wgpu-cpu", None) => wgpu(kind == "wgpu-cpu"),
+        ("cuda", i) => cuda(i.unwrap_or(0)),
+        _ => Err(unknown()),
+    }
+}
+
+#[cfg(feature = "wgpu")]
+fn wgpu(software: bool) -> Result<Device> {
+    use burn::tensor::DeviceKind;
+    Ok(Device::wgpu(if software {
+        DeviceKind::Cpu
+    } else {
+        DeviceKind::DefaultDevice
+    }))
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu(_software: bool) -> Result<Device> {
+    Err(not_built("wgpu"))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(index: usize) -> Result<Device> {
+    Ok(Device::cuda(index))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_index: usize) -> Result<Device> {
+    Err(not_built("cuda"))
+}
+
+#[cfg(any(not(feature = "wgpu"), not(feature = "cuda")))]
+fn not_built(feature: &str) -> CovnoiseError {
+    CovnoiseError::Unsupported(format!(
+        "this covnoise was built without the {feature} device: build it with `cargo build --release --features {feature}`"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_or_are_refused() {
+        assert!(parse_device("cpu").is_ok());
+        for bad in ["gpu", "cpu:1", "cuda:x", ""] {
+            assert!(
+                matches!(parse_device(bad), Err(CovnoiseError::InvalidSetting { .. })),
+                "{bad}"
+            );
+        }
+        #[cfg(not(feature = "cuda"))]
+        assert!(
+            matches!(parse_device("cuda:1"), Err(CovnoiseError::Unsupported(m)) if m.contains("--features cuda"))
+        );
+    }
+}
