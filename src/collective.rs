@@ -3,7 +3,7 @@
 //! `mpi`) implements the same trait, so the step and the loop are the same
 //! code on one process or many.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::Tensor;
 
 use crate::error::Result;
@@ -101,12 +101,10 @@ pub fn average_buffers<M: Module>(model: M, collective: &dyn Collective) -> Resu
     if world == 1 {
         return Ok(model);
     }
-    let mut reader = BufferReader::default();
-    model.visit(&mut reader);
-    if reader.values.is_empty() {
+    let mut buffers = crate::params::flat_values(&model, false);
+    if buffers.is_empty() {
         return Ok(model);
     }
-    let mut buffers = reader.values;
     all_reduce_packed(collective, &mut buffers, &mut [])?;
     let mut writer = BufferWriter {
         values: buffers
@@ -116,21 +114,6 @@ pub fn average_buffers<M: Module>(model: M, collective: &dyn Collective) -> Resu
             .into_iter(),
     };
     Ok(model.map(&mut writer))
-}
-
-#[derive(Default)]
-struct BufferReader {
-    values: Vec<Tensor<1>>,
-}
-
-impl ModuleVisitor for BufferReader {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if !param.is_require_grad() {
-            let v = param.val().inner();
-            let n = v.shape().num_elements();
-            self.values.push(v.reshape([n]));
-        }
-    }
 }
 
 struct BufferWriter {

@@ -183,9 +183,7 @@ impl ParamTable {
     /// The parameter values themselves, flat, in table order (detached from
     /// any autodiff graph).
     pub fn values<M: Module>(&self, module: &M) -> Vec<Tensor<1>> {
-        let mut visitor = ValueVisitor::default();
-        module.visit(&mut visitor);
-        visitor.values
+        flat_values(module, true)
     }
 }
 
@@ -227,17 +225,29 @@ impl ModuleVisitor for TableVisitor {
     }
 }
 
-#[derive(Default)]
+/// Flat values (no autodiff) of a module's float tensors that take
+/// gradients (`trainable`) or of those that do not (buffers such as
+/// batch-norm running statistics), in visiting order.
+pub fn flat_values<M: Module>(module: &M, trainable: bool) -> Vec<Tensor<1>> {
+    let mut visitor = ValueVisitor {
+        trainable,
+        values: Vec::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.values
+}
+
 struct ValueVisitor {
+    trainable: bool,
     values: Vec<Tensor<1>>,
 }
 
 impl ModuleVisitor for ValueVisitor {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        if !param.is_require_grad() {
+        if param.is_require_grad() != self.trainable {
             return;
         }
-        let value = param.val().detach();
+        let value = param.val().inner();
         let n = value.shape().num_elements();
         self.values.push(value.reshape([n]));
     }

@@ -20,7 +20,7 @@ pub use smoothing::Smoother;
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use rand::RngExt;
 
 use crate::collective::{Collective, all_reduce_packed};
@@ -574,15 +574,4 @@ where
     };
     reduced.moment = Some(moment);
     Ok(reduced)
-}
-
-/// The device of a module's parameters without autodiff (where gradients
-/// and estimates live).
-pub fn inner_device<M: Module>(model: &M) -> Result<Device> {
-    model
-        .devices()
-        .into_iter()
-        .next()
-        .map(Device::inner)
-        .ok_or_else(|| CovnoiseError::Unsupported("the model has no parameters".into()))
 }
