@@ -111,11 +111,6 @@ impl ParamTable {
         self.entries.iter().position(|e| e.id == id)
     }
 
-    /// The submodule type names seen while walking (e.g. `Struct:BatchNorm`).
-    pub fn container_types(&self) -> &[String] {
-        &self.containers
-    }
-
     /// The first submodule whose type normalizes over the batch (burn's
     /// `BatchNorm`, or any type whose name ends in `BatchNorm`).
     pub fn batch_norm(&self) -> Option<&str> {

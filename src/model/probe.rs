@@ -68,11 +68,6 @@ impl Probes {
         self.enabled
     }
 
-    /// Number of layers recorded so far.
-    pub fn recorded(&self) -> usize {
-        self.linear.len()
-    }
-
     /// `layer.forward(x)` for `x` of shape `[B, in]` (one row per example),
     /// recording the layer when the probes are on.
     pub fn linear(&mut self, layer: &Linear, x: Tensor<2>) -> Tensor<2> {

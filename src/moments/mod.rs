@@ -162,9 +162,11 @@ pub struct Pass {
     /// Gradient of the (weighted) mean objective, flat, in table order;
     /// empty when [`PassRequest::skip_param_grads`] was set.
     pub grads: Vec<Tensor<1>>,
-    /// Sum over the examples of their unweighted loss (own labels).
+    /// Sum over the examples of their unweighted loss (own labels); 0 for a
+    /// pass that skipped the parameter gradients.
     pub loss_sum: f64,
-    /// Correct arg-max predictions (classifiers only).
+    /// Correct arg-max predictions (classifiers only; None for a pass that
+    /// skipped the parameter gradients).
     pub correct: Option<usize>,
     /// Logits without autodiff graph (classifiers only).
     pub logits: Option<Tensor<2>>,
@@ -239,10 +241,22 @@ where
         }
         None => differentiated.mean(),
     };
-    let loss_sum = scalar(own_losses.detach().inner().sum());
+    // A factors-only pass (the Monte-Carlo Fisher's second pass) reports no
+    // loss or accuracy: the step's first pass already did, and each costs a
+    // host read.
+    let report = !request.skip_param_grads;
+    let loss_sum = if report {
+        scalar(own_losses.detach().inner().sum())
+    } else {
+        0.0
+    };
     let (correct, logits) = match &objective {
         Objective::Classification { logits, labels } => (
-            Some(count_correct(logits, labels)?),
+            if report {
+                Some(count_correct(logits, labels)?)
+            } else {
+                None
+            },
             Some(logits.clone().detach().inner()),
         ),
         Objective::Losses(_) => (None, None),
