@@ -17,6 +17,8 @@ test:
 	$(CARGO) test --release
 	@# A burn user's own model with burn's SGD + diagonal-Fisher noise, on a slice.
 	$(CARGO) run --release --example burn_user -- 1 4096
+	@# The same through burn-train's Learner (the stage inside TrainStep::step).
+	$(CARGO) run --release --example learner -- 1 4096
 	@if command -v mpirun >/dev/null 2>&1; then \
 		$(MAKE) --no-print-directory test-mpi; \
 	else \

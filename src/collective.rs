@@ -20,6 +20,18 @@ pub trait Collective {
     fn all_reduce_sum(&self, buffer: &mut [f32]) -> Result<()>;
 }
 
+impl<T: Collective + ?Sized> Collective for Box<T> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce_sum(&self, buffer: &mut [f32]) -> Result<()> {
+        (**self).all_reduce_sum(buffer)
+    }
+}
+
 /// The single-process group: all-reduce is the identity.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleProcess;

@@ -16,7 +16,9 @@ use covnoise::model::{Examples, Objective, Probes, labels_tensor};
 use covnoise::moments::{
     self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
 };
-use covnoise::noise::{NoiseConfig, NoiseStage, NoiseStructure, ScaleRule};
+use covnoise::noise::{
+    NoiseConfig, NoiseStage, NoiseStructure, NoiseWindow, ScaleRule, SharedNoiseStage,
+};
 use covnoise::optim::SgdConfig;
 use covnoise::params::ParamTable;
 use covnoise::rng::normals;
@@ -531,4 +533,55 @@ fn noisy_gradients_give_the_same_update_in_burns_sgd_and_ours() {
             "step {step}: {wa} vs {w}"
         );
     }
+}
+
+/// A model that carries its noise stage, as a burn-train `TrainStep` does.
+#[derive(Module, Debug)]
+struct Carrier {
+    odd: Odd,
+    #[module(skip)]
+    noise: SharedNoiseStage,
+}
+
+#[test]
+fn a_shared_stage_in_a_model_field_adds_the_same_noise_as_its_own_stage() {
+    // Noise from epoch 1 on, 2 steps per epoch: steps 0-1 plain, 2-3 noisy.
+    let config = NoiseConfig {
+        window: NoiseWindow {
+            from: 1,
+            until: None,
+        },
+        estimator: Estimator::Microbatch { micro_batches: 2 },
+        ..NoiseConfig::diag_fisher(2)
+    };
+    let carrier = Carrier {
+        odd: Odd::new(12),
+        noise: SharedNoiseStage::new(NoiseStage::new(config.clone(), 8, 0.1, 5).unwrap(), 2)
+            .unwrap(),
+    };
+    // Parameters come from the model, not from the skipped stage.
+    assert_eq!(ParamTable::of(&carrier).num_params(), 33);
+    let table = ParamTable::of(&carrier.odd);
+    let mut own = NoiseStage::new(config, 8, 0.1, 5).unwrap();
+    let batch = odd_batch(8, 13);
+    let forward = |c: &Carrier, b: &OddBatch, p: &mut Probes| odd_forward(&c.odd, b, p);
+    for step in 0..4u64 {
+        // A fresh clone each step, as burn-train forks the model: one stage.
+        let model = carrier.clone();
+        let mut shared = model.noise.gradient(&model, &batch, forward).unwrap();
+        let mut expected = own
+            .gradient(&carrier.odd, &batch, step as usize / 2, odd_forward)
+            .unwrap();
+        assert_eq!(shared.step, step);
+        assert_eq!(shared.noise_trace.unwrap() > 0.0, step >= 2, "step {step}");
+        let got = flat(
+            &ParamTable::of(&model)
+                .flatten(&mut shared.grads, &Device::flex())
+                .unwrap(),
+        );
+        let want = flat(&table.flatten(&mut expected.grads, &Device::flex()).unwrap());
+        assert_eq!(got, want, "step {step}");
+    }
+    assert_eq!(carrier.noise.step().unwrap(), 4);
+    assert!(SharedNoiseStage::new(own, 0).is_err());
 }

@@ -2,8 +2,10 @@
 //! rules that set their scale, and the [`NoiseStage`] that applies them
 //! between backward and the optimizer step.
 
+mod shared;
 mod stage;
 
+pub use shared::SharedNoiseStage;
 pub use stage::{NoiseStage, NoisyGradient};
 
 use serde::{Deserialize, Serialize};

@@ -47,7 +47,10 @@ pub struct NoisyGradient {
 /// burn `GradientsParams` for any optimizer. The noise of step t is a pure
 /// function of (seed, t, position of the parameter in the module), so
 /// data-parallel replicas sharing the seed add identical noise.
-pub struct NoiseStage {
+///
+/// `C` is the process group the batch is spread over; the default, one
+/// process, makes the stage `Send` (see [`SharedNoiseStage`](super::SharedNoiseStage)).
+pub struct NoiseStage<C: Collective = SingleProcess> {
     config: NoiseConfig,
     c: f64,
     large_batch: usize,
@@ -57,10 +60,10 @@ pub struct NoiseStage {
     /// The parameters the current estimate belongs to.
     estimate_ids: Vec<ParamId>,
     coupling: Option<Coupling>,
-    collective: Box<dyn Collective>,
+    collective: C,
 }
 
-impl std::fmt::Debug for NoiseStage {
+impl<C: Collective> std::fmt::Debug for NoiseStage<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NoiseStage")
             .field("config", &self.config)
@@ -73,7 +76,7 @@ impl std::fmt::Debug for NoiseStage {
 }
 
 impl NoiseStage {
-    /// A stage for a run whose global batch is `large_batch` examples at peak
+    /// A single-process stage for a run whose global batch is `large_batch` examples at peak
     /// learning rate `lr`, keyed by `seed`. Validates the settings and
     /// resolves the scale c (including kappa).
     pub fn new(config: NoiseConfig, large_batch: usize, lr: f64, seed: u64) -> Result<Self> {
@@ -109,16 +112,27 @@ impl NoiseStage {
             smoother,
             estimate_ids: Vec::new(),
             coupling: None,
-            collective: Box::new(SingleProcess),
+            collective: SingleProcess,
         })
     }
 
     /// Spreads each batch over a process group (see [`Collective`]).
-    pub fn with_collective(mut self, collective: Box<dyn Collective>) -> Self {
-        self.collective = collective;
-        self
+    pub fn with_collective<C: Collective>(self, collective: C) -> NoiseStage<C> {
+        NoiseStage {
+            config: self.config,
+            c: self.c,
+            large_batch: self.large_batch,
+            seed: self.seed,
+            step: self.step,
+            smoother: self.smoother,
+            estimate_ids: self.estimate_ids,
+            coupling: self.coupling,
+            collective,
+        }
     }
+}
 
+impl<C: Collective> NoiseStage<C> {
     /// Declares how the model's examples interact. Without it the stage
     /// assumes independent examples unless the model holds a batch norm
     /// (then the whole batch is coupled); declare `Coupling::Groups(n)` for
@@ -130,7 +144,7 @@ impl NoiseStage {
 
     /// The process group.
     pub fn collective(&self) -> &dyn Collective {
-        self.collective.as_ref()
+        &self.collective
     }
 
     /// The resolved noise scale c (kappa included).
@@ -211,7 +225,7 @@ impl NoiseStage {
         let ctx = StepContext {
             seed: self.seed,
             step,
-            collective: self.collective.as_ref(),
+            collective: &self.collective,
             table: &table,
             coupling: self.coupling.unwrap_or_else(|| Coupling::detect(&table)),
         };

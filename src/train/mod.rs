@@ -229,7 +229,7 @@ pub struct Trainer<'a> {
     device: Device,
     /// Taken by the optimizer during a step and put back after it.
     model: Option<Mlp>,
-    stage: NoiseStage,
+    stage: NoiseStage<Box<dyn Collective>>,
     optimizer: ModuleOptimizer,
     schedule: LrSchedule,
     steps_per_epoch: usize,
