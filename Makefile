@@ -25,9 +25,17 @@ test:
 		echo "note: mpirun not found, MPI tests skipped (apt-get install openmpi-bin libopenmpi-dev)"; \
 	fi
 
-## The GPU devices build (no GPU needed to check them).
+## The GPU devices build (no GPU needed to check them). The wgpu build also
+## trains briefly on lavapipe, Debian's software Vulkan device
+## (mesa-vulkan-drivers), when it is installed.
 check-gpu:
-	$(CARGO) check --release --features wgpu
+	$(CARGO) build --release --features wgpu --bin covnoise
+	@if ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then \
+		XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} $(BIN) train --device wgpu-cpu --epochs 1 \
+			--train-limit 4096 --test-limit 1000 --batch-size 1024 --hidden 256 --noise diag --quiet; \
+	else \
+		echo "note: lavapipe not found, wgpu run skipped (apt-get install mesa-vulkan-drivers)"; \
+	fi
 	@# cubecl-cuda's LLVM bundle is downloaded by a build script, which this
 	@# network cannot reach; DOCS_RS=1 skips that native setup for a check.
 	DOCS_RS=1 $(CARGO) check --release --features cuda

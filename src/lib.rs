@@ -84,5 +84,6 @@ pub mod study;
 pub mod tensor_util;
 pub mod theory;
 pub mod train;
+pub mod weights;
 
 pub use error::{CovnoiseError, Result};

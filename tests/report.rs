@@ -223,6 +223,8 @@ fn written_structs_read_back_including_nan() {
             last_finite_loss: Some(2.3),
             message: "loss is NaN".to_string(),
         }),
+        checkpoint_seconds: 0.0,
+        checkpoint_bytes: 0,
     };
     let text = serde_json::to_string(&s).unwrap();
     assert!(text.contains(r#""status":"diverged""#), "{text}");

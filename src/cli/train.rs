@@ -8,7 +8,9 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use covnoise::collective::{Collective, SingleProcess};
 use covnoise::train::settings::{EstimatorName, NoiseName, ScaleName, ScheduleName};
-use covnoise::train::{EpochMetrics, Progress, RunDir, RunSummary, TrainSettings, Trainer};
+use covnoise::train::{
+    EpochMetrics, Progress, RunDir, RunSummary, TrainSettings, Trainer, checkpoint,
+};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Settings of `covnoise train`. Every flag overrides the same key of
@@ -25,6 +27,16 @@ pub struct TrainArgs {
     /// Replace the run files in an existing, non-empty run directory.
     #[arg(long)]
     pub overwrite: bool,
+    /// Continue the run in RUN_DIR from its newest checkpoint, with the
+    /// settings in its config.toml (only --epochs, to extend it, and
+    /// --threads, --quiet, --log-steps may be given).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["out", "config", "overwrite", "init_from"])]
+    pub resume: Option<PathBuf>,
+    /// Start from the weights in FILE (safetensors, tensors named by
+    /// parameter path, e.g. a checkpoint's model.safetensors) instead of the
+    /// seeded initialization.
+    #[arg(long, value_name = "FILE")]
+    pub init_from: Option<PathBuf>,
     /// Print nothing but errors and the final line.
     #[arg(long)]
     pub quiet: bool,
@@ -150,12 +162,18 @@ pub struct TrainArgs {
     /// Evaluation batch size (does not change results) [default: 2000].
     #[arg(long, value_name = "N")]
     pub eval_batch: Option<usize>,
+    /// Checkpoint every E epochs and after the last (0: never) [default: 1].
+    #[arg(long, value_name = "E")]
+    pub checkpoint_every: Option<usize>,
+    /// Keep the newest K checkpoints [default: 2].
+    #[arg(long, value_name = "K")]
+    pub keep_checkpoints: Option<usize>,
 }
 
 impl TrainArgs {
     /// The settings: defaults, then `--config`, then the flags given.
     pub fn settings(&self) -> anyhow::Result<TrainSettings> {
-        let mut s = match &self.config {
+        let s = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config {}", path.display()))?;
@@ -164,6 +182,11 @@ impl TrainArgs {
             }
             None => TrainSettings::default(),
         };
+        Ok(self.apply(s))
+    }
+
+    /// `base` with every flag given applied on top.
+    fn apply(&self, mut s: TrainSettings) -> TrainSettings {
         macro_rules! set {
             ($($field:ident),*) => { $( if let Some(v) = &self.$field { s.$field = v.clone(); } )* };
         }
@@ -191,7 +214,9 @@ impl TrainArgs {
             refresh,
             seed,
             device,
-            eval_batch
+            eval_batch,
+            checkpoint_every,
+            keep_checkpoints
         );
         set_opt!(
             data,
@@ -209,7 +234,7 @@ impl TrainArgs {
         s.batch_norm |= self.batch_norm;
         s.nesterov |= self.nesterov;
         s.centered |= self.centered;
-        Ok(s)
+        s
     }
 }
 
@@ -284,14 +309,46 @@ fn run_mpi(_args: &TrainArgs) -> anyhow::Result<()> {
 /// Settings, data, trainer and run on `collective`; only the writer
 /// (rank 0) touches the run directory and reports progress.
 fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<RunSummary> {
-    let settings = args.settings()?;
+    let (settings, resume) = match &args.resume {
+        Some(dir) => (resume_settings(args, dir)?, Some(dir)),
+        None => (args.settings()?, None),
+    };
     settings.validate()?;
     super::set_threads(settings.threads)?;
     let data = covnoise::train::load_data(&settings)?;
     let mut trainer = Trainer::new(&settings, &data, collective)?;
     let writer = trainer.is_writer();
-    let run_dir = match &args.out {
-        Some(path) if writer => Some(RunDir::create(path, args.overwrite)?),
+    if writer && !args.quiet {
+        for warning in settings.warnings() {
+            eprintln!("warning: {warning}");
+        }
+    }
+    if let Some(file) = &args.init_from {
+        let bytes =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let tensors = covnoise::weights::from_safetensors(&bytes)
+            .with_context(|| format!("{}", file.display()))?;
+        trainer
+            .init_from(&tensors)
+            .with_context(|| format!("{}", file.display()))?;
+    }
+    let run_dir = match (&args.out, resume) {
+        (_, Some(dir)) => {
+            let run_dir = RunDir::open(dir)?;
+            if let Some((_, newest)) = checkpoint::list(dir)?.pop() {
+                let saved = checkpoint::read(&newest)?;
+                trainer.restore(&saved, run_dir.read_metrics()?)?;
+            }
+            if trainer.start_epoch() == settings.epochs {
+                anyhow::bail!(
+                    "{} is complete ({} epochs); pass a larger --epochs to extend it",
+                    dir.display(),
+                    settings.epochs
+                );
+            }
+            writer.then_some(run_dir)
+        }
+        (Some(path), None) if writer => Some(RunDir::create(path, args.overwrite)?),
         _ => None,
     };
     if let Some(dir) = &run_dir {
@@ -307,6 +364,40 @@ fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<Ru
     let summary = trainer.run(run_dir.as_ref(), &mut progress)?;
     progress.step_log_result()?;
     Ok(summary)
+}
+
+/// The settings of the run in `dir`, with --epochs raised if given; any
+/// other flag that would change the run is refused.
+fn resume_settings(args: &TrainArgs, dir: &std::path::Path) -> anyhow::Result<TrainSettings> {
+    let saved = RunDir::open(dir)?.read_settings()?;
+    let requested = args.apply(saved.clone());
+    let mut changed = covnoise::train::settings::differences(&saved, &requested);
+    changed.retain(|name| !["epochs", "threads"].contains(&name.as_str()));
+    if !changed.is_empty() {
+        anyhow::bail!(
+            "--resume continues {} with its own settings; these flags would change the run: --{}",
+            dir.display(),
+            changed.join(", --")
+        );
+    }
+    if requested.epochs < saved.epochs {
+        anyhow::bail!(
+            "--epochs {} is fewer than the run's {} epochs; a run can be extended, not shortened",
+            requested.epochs,
+            saved.epochs
+        );
+    }
+    if requested.epochs > saved.epochs
+        && requested.schedule != covnoise::train::settings::ScheduleName::Constant
+        && requested.schedule_epochs.is_none()
+        && !args.quiet
+    {
+        eprintln!(
+            "note: the {:?} schedule now spans {} epochs; the epochs already run followed the {}-epoch one",
+            requested.schedule, requested.epochs, saved.epochs
+        );
+    }
+    Ok(requested)
 }
 
 /// The one line printed at the end of a run.

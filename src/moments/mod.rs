@@ -16,7 +16,7 @@
 pub mod exact;
 mod smoothing;
 
-pub use smoothing::Smoother;
+pub use smoothing::{MomentValues, Smoother, SmootherState};
 
 use burn::module::Module;
 use burn::optim::GradientsParams;

@@ -1,7 +1,30 @@
 //! Reuse and smoothing of second-moment estimates across steps.
 
+use burn::tensor::Device;
+
 use super::SecondMoment;
 use crate::error::{CovnoiseError, Result, check_positive};
+use crate::tensor_util::{from_vec1, to_vec};
+
+/// A [`Smoother`]'s state as host values, for checkpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SmootherState {
+    /// The (not bias-corrected) average: diag values per parameter, or a trace.
+    pub average: Option<MomentValues>,
+    /// Estimates folded in so far.
+    pub updates: i32,
+    /// Step of the last fresh estimate.
+    pub last_refresh: Option<u64>,
+}
+
+/// A second moment on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MomentValues {
+    /// diag(S), one vector per parameter in table order.
+    Diag(Vec<Vec<f32>>),
+    /// tr(S).
+    Trace(f64),
+}
 
 /// Refreshes an estimate every `refresh_every` steps and optionally smooths
 /// successive estimates with an exponential moving average.
@@ -65,6 +88,34 @@ impl Smoother {
         self.updates += 1;
         self.last_refresh = Some(step);
         Ok(())
+    }
+
+    /// The state, read back to the host.
+    pub fn state(&self) -> Result<SmootherState> {
+        let average = match &self.average {
+            None => None,
+            Some(SecondMoment::Trace(t)) => Some(MomentValues::Trace(*t)),
+            Some(SecondMoment::Diag(d)) => Some(MomentValues::Diag(
+                d.iter().map(to_vec).collect::<Result<Vec<_>>>()?,
+            )),
+        };
+        Ok(SmootherState {
+            average,
+            updates: self.updates,
+            last_refresh: self.last_refresh,
+        })
+    }
+
+    /// Continues from `state` (tensors placed on `device`).
+    pub fn restore(&mut self, state: SmootherState, device: &Device) {
+        self.average = state.average.map(|a| match a {
+            MomentValues::Trace(t) => SecondMoment::Trace(t),
+            MomentValues::Diag(d) => {
+                SecondMoment::Diag(d.into_iter().map(|v| from_vec1(v, device)).collect())
+            }
+        });
+        self.updates = state.updates;
+        self.last_refresh = state.last_refresh;
     }
 
     /// The current (bias-corrected) estimate, if any.

@@ -6,7 +6,7 @@ mod shared;
 mod stage;
 
 pub use shared::SharedNoiseStage;
-pub use stage::{NoiseStage, NoisyGradient};
+pub use stage::{NoiseStage, NoiseState, NoisyGradient};
 
 use serde::{Deserialize, Serialize};
 

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 
 use super::{NoiseConfig, NoiseStructure};
 use crate::collective::{Collective, SingleProcess};
@@ -11,7 +11,7 @@ use crate::error::{CovnoiseError, Result};
 use crate::model::Coupling;
 use crate::model::{Examples, Objective, Probes};
 use crate::moments::{
-    self, MomentKind, PassRequest, SecondMoment, Smoother, StepContext, StepGradient,
+    self, MomentKind, PassRequest, SecondMoment, Smoother, SmootherState, StepContext, StepGradient,
 };
 use crate::params::ParamTable;
 use crate::rng::{normals, stream};
@@ -33,6 +33,18 @@ pub struct NoisyGradient {
     pub noise_trace: Option<f64>,
     /// The step this gradient was computed for.
     pub step: u64,
+}
+
+/// What a [`NoiseStage`] carries from step to step, on the host (for
+/// checkpoints): everything else is a function of its configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoiseState {
+    /// The next step.
+    pub step: u64,
+    /// The moving average of the second moment.
+    pub smoother: SmootherState,
+    /// The `ParamId`s the estimate belongs to, in table order.
+    pub estimate_ids: Vec<u64>,
 }
 
 /// Adds structured covariance noise to large-batch gradients of any burn
@@ -160,6 +172,23 @@ impl<C: Collective> NoiseStage<C> {
     /// The next step to be computed.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// The state that a resumed run needs (see [`NoiseStage::restore`]).
+    pub fn state(&self) -> Result<NoiseState> {
+        Ok(NoiseState {
+            step: self.step,
+            smoother: self.smoother.state()?,
+            estimate_ids: self.estimate_ids.iter().map(|id| id.val()).collect(),
+        })
+    }
+
+    /// Continues from `state`, as if this stage had made its steps; moment
+    /// tensors are placed on `device`.
+    pub fn restore(&mut self, state: NoiseState, device: &Device) {
+        self.step = state.step;
+        self.smoother.restore(state.smoother, device);
+        self.estimate_ids = state.estimate_ids.into_iter().map(ParamId::from).collect();
     }
 
     /// Whether noise is added during `epoch`.

@@ -2,6 +2,8 @@
 //! (only the process group's all-reduce differs), writing a complete run
 //! directory.
 
+pub mod checkpoint;
+pub mod fault;
 pub mod record;
 pub mod run_dir;
 pub mod settings;
@@ -26,6 +28,7 @@ use crate::noise::NoiseStage;
 use crate::optim::LrSchedule;
 use crate::params::ParamTable;
 use crate::tensor_util::from_vec;
+use crate::weights;
 
 /// Why a run could not start or did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,14 @@ pub enum TrainError {
         /// The file.
         path: PathBuf,
         /// What went wrong.
+        message: String,
+    },
+    /// A checkpoint cannot be used.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file (or directory) at fault.
+        path: PathBuf,
+        /// What is wrong with it.
         message: String,
     },
     /// The loss or a gradient became NaN or infinite.
@@ -233,6 +244,8 @@ pub struct Trainer<'a> {
     optimizer: ModuleOptimizer,
     schedule: LrSchedule,
     steps_per_epoch: usize,
+    /// Epochs already done (a resumed run) and their metrics.
+    history: Vec<EpochMetrics>,
 }
 
 impl<'a> Trainer<'a> {
@@ -290,7 +303,77 @@ impl<'a> Trainer<'a> {
             optimizer,
             schedule,
             steps_per_epoch,
+            history: Vec::new(),
         })
+    }
+
+    /// Starts from the weights in `tensors` (by path; see
+    /// [`crate::weights`]) instead of the seeded initialization.
+    pub fn init_from(&mut self, tensors: &[weights::NamedTensor]) -> Result<(), TrainError> {
+        let model = self
+            .model
+            .take()
+            .expect("the model is back after every step");
+        self.model = Some(weights::load_into(model, tensors, false)?);
+        Ok(())
+    }
+
+    /// Continues from `checkpoint`: model, optimizer, noise stage, and the
+    /// first `checkpoint.epoch` lines of `metrics` (the run's metrics.jsonl
+    /// so far; later lines, written after the checkpoint, are dropped).
+    pub fn restore(
+        &mut self,
+        checkpoint: &checkpoint::Checkpoint,
+        mut metrics: Vec<EpochMetrics>,
+    ) -> Result<(), TrainError> {
+        let bad = |message: String| TrainError::Checkpoint {
+            path: checkpoint.dir.clone(),
+            message,
+        };
+        let epoch = checkpoint.epoch;
+        if epoch > self.settings.epochs {
+            return Err(bad(format!(
+                "is after epoch {epoch}, but the run has {} epochs",
+                self.settings.epochs
+            )));
+        }
+        let expected_step = (epoch * self.steps_per_epoch) as u64;
+        if checkpoint.noise.step != expected_step {
+            return Err(bad(format!(
+                "step {} does not match epoch {epoch} at {} steps per epoch (another data set or batch size?)",
+                checkpoint.noise.step, self.steps_per_epoch
+            )));
+        }
+        if metrics.len() < epoch
+            || metrics
+                .iter()
+                .take(epoch)
+                .enumerate()
+                .any(|(i, m)| m.epoch != i + 1)
+        {
+            return Err(bad(format!(
+                "metrics.jsonl does not hold the first {epoch} epochs the checkpoint follows"
+            )));
+        }
+        metrics.truncate(epoch);
+        let model = self
+            .model
+            .take()
+            .expect("the model is back after every step");
+        let model = weights::load_into(model, &checkpoint.weights, true)
+            .map_err(|e| bad(format!("model.safetensors: {e}")))?;
+        self.model = Some(model);
+        let optimizer = std::mem::replace(&mut self.optimizer, self.settings.sgd_config().init()?);
+        self.optimizer = checkpoint::load_optimizer(optimizer, checkpoint)?;
+        self.stage
+            .restore(checkpoint.noise.clone(), &self.device.clone().inner());
+        self.history = metrics;
+        Ok(())
+    }
+
+    /// Epochs already done when [`Trainer::run`] starts (0 unless restored).
+    pub fn start_epoch(&self) -> usize {
+        self.history.len()
     }
 
     /// The resolved noise scale c.
@@ -334,18 +417,23 @@ impl<'a> Trainer<'a> {
         let world = self.stage.collective().world_size();
         let rank = self.stage.collective().rank();
         let shard = batch_size / world;
-        let mut history: Vec<EpochMetrics> = Vec::new();
+        let mut history: Vec<EpochMetrics> = std::mem::take(&mut self.history);
         let mut metrics_text = String::new();
+        for m in &history {
+            metrics_text.push_str(&serde_json::to_string(m).expect("metrics serialize"));
+            metrics_text.push('\n');
+        }
         let mut last_finite_loss = None;
         let mut host_batch = data::Batch::default();
+        let (mut checkpoint_seconds, mut checkpoint_bytes) = (0.0, 0);
         if let Some(dir) = run_dir {
-            // An empty file from the start: a run that dies in epoch 1 still
-            // leaves a well-formed record.
-            dir.write("metrics.jsonl", b"")?;
+            // From the start, the epochs done so far (none for a new run): a
+            // run that dies in its next epoch still leaves a well-formed record.
+            dir.write("metrics.jsonl", metrics_text.as_bytes())?;
         }
         progress.start(self.settings.epochs, self.steps_per_epoch);
 
-        for epoch in 0..self.settings.epochs {
+        for epoch in history.len()..self.settings.epochs {
             let epoch_start = Instant::now();
             let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
             let (mut trace_sum, mut trace_known) = (0.0, true);
@@ -393,6 +481,7 @@ impl<'a> Trainer<'a> {
                     Err(e) => return Err(e.into()),
                 };
                 self.model = Some(self.optimizer.step(lr, model, step.grads));
+                fault::point(fault::Point::AfterStep(step.step));
                 last_finite_loss = Some(step.loss);
                 loss_sum += step.loss * step.examples as f64;
                 correct += step.correct.unwrap_or(0);
@@ -432,6 +521,23 @@ impl<'a> Trainer<'a> {
             }
             progress.epoch(&metrics);
             history.push(metrics);
+            let every = self.settings.checkpoint_every;
+            let done = epoch + 1;
+            if let Some(dir) = run_dir
+                && every > 0
+                && (done % every == 0 || done == self.settings.epochs)
+            {
+                let written = checkpoint::write(
+                    dir.path(),
+                    done,
+                    self.model(),
+                    &self.optimizer,
+                    &self.stage.state()?,
+                    self.settings.keep_checkpoints,
+                )?;
+                checkpoint_seconds += written.seconds;
+                checkpoint_bytes = written.bytes;
+            }
         }
         let params = ParamTable::of(self.model()).values(self.model());
         let identical = replicas_identical(self.stage.collective(), &params)?;
@@ -443,6 +549,8 @@ impl<'a> Trainer<'a> {
             self.stage.collective(),
         )?;
         let mut summary = self.summary(&history, started, None, Some(identical))?;
+        summary.checkpoint_seconds = checkpoint_seconds;
+        summary.checkpoint_bytes = checkpoint_bytes;
         summary.train_loss = final_train.loss;
         summary.train_accuracy = final_train.accuracy;
         if let Some(dir) = run_dir {
@@ -496,6 +604,8 @@ impl<'a> Trainer<'a> {
             world_size: world,
             replicas_identical: if world > 1 { identical } else { None },
             diverged,
+            checkpoint_seconds: 0.0,
+            checkpoint_bytes: 0,
         })
     }
 }

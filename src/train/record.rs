@@ -111,6 +111,12 @@ pub struct RunSummary {
     /// Set when the run diverged.
     #[serde(default)]
     pub diverged: Option<DivergedInfo>,
+    /// Wall-clock seconds spent writing checkpoints (this session).
+    #[serde(default)]
+    pub checkpoint_seconds: f64,
+    /// Size in bytes of the last checkpoint written (0: none).
+    #[serde(default)]
+    pub checkpoint_bytes: u64,
 }
 
 fn one() -> usize {

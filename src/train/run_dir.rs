@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::TrainError;
+use super::{EpochMetrics, TrainError, TrainSettings};
 
 /// The files a run writes.
 pub const RUN_FILES: [&str; 3] = ["config.toml", "metrics.jsonl", "summary.json"];
@@ -58,6 +58,57 @@ impl RunDir {
         Ok(Self {
             path: path.to_path_buf(),
         })
+    }
+
+    /// An existing run directory (one with a `config.toml`), to resume.
+    pub fn open(path: &Path) -> Result<Self, TrainError> {
+        if !path.join("config.toml").is_file() {
+            return Err(TrainError::RunDirExists(
+                path.to_path_buf(),
+                "is not a run directory (no config.toml)",
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The run's settings, from its `config.toml` (the `[meta]` record of
+    /// the data and code version is left out).
+    pub fn read_settings(&self) -> Result<TrainSettings, TrainError> {
+        let file = self.path.join("config.toml");
+        let bad = |message: String| TrainError::Io {
+            path: file.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(&file).map_err(|e| bad(e.to_string()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| bad(e.message().to_string()))?;
+        table.remove("meta");
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(e.message().to_string()))
+    }
+
+    /// The epochs recorded in `metrics.jsonl` (none if it does not exist).
+    pub fn read_metrics(&self) -> Result<Vec<EpochMetrics>, TrainError> {
+        let file = self.path.join("metrics.jsonl");
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error(&file, e)),
+        };
+        text.lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(i, line)| {
+                serde_json::from_str(line).map_err(|e| TrainError::Io {
+                    path: file.clone(),
+                    message: format!("line {}: {e}", i + 1),
+                })
+            })
+            .collect()
     }
 
     /// The directory.

@@ -139,6 +139,10 @@ pub struct TrainSettings {
     pub device: String,
     /// Batch size for evaluation (does not affect results).
     pub eval_batch: usize,
+    /// Write a checkpoint every E epochs (and after the last); 0: never.
+    pub checkpoint_every: usize,
+    /// Checkpoints kept (the newest), >= 1.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainSettings {
@@ -179,6 +183,8 @@ impl Default for TrainSettings {
             threads: None,
             device: "cpu".to_string(),
             eval_batch: 2000,
+            checkpoint_every: 1,
+            keep_checkpoints: 2,
         }
     }
 }
@@ -325,6 +331,13 @@ impl TrainSettings {
         if self.threads == Some(0) {
             return Err(invalid("threads", 0, "must be >= 1"));
         }
+        if self.keep_checkpoints == 0 {
+            return Err(invalid(
+                "keep-checkpoints",
+                0,
+                "must be >= 1 (use --checkpoint-every 0 for no checkpoints)",
+            ));
+        }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return Err(invalid("lr", self.lr, "must be a finite number > 0"));
         }
@@ -337,4 +350,46 @@ impl TrainSettings {
         }
         Ok(())
     }
+
+    /// Settings that are valid but make no sense for this run (each one
+    /// line, for the user to see before the run starts).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let length = self.schedule_epochs.unwrap_or(self.epochs);
+        if self.warmup_epochs >= length {
+            out.push(format!(
+                "--warmup-epochs {} is not shorter than the {length}-epoch schedule: the learning rate never reaches --lr {}",
+                self.warmup_epochs, self.lr
+            ));
+        }
+        if self.noise != NoiseName::None && self.noise_from >= self.epochs {
+            out.push(format!(
+                "--noise-from {} is past the last epoch ({} epochs, 0-based): no noise is added",
+                self.noise_from, self.epochs
+            ));
+        }
+        if self.schedule == ScheduleName::Multistep
+            && let Some(m) = self.milestones.iter().find(|&&m| m >= length)
+        {
+            out.push(format!(
+                "milestone {m} is past the {length}-epoch schedule and never applies"
+            ));
+        }
+        out
+    }
+}
+
+/// The settings (kebab-case names) whose values differ between `a` and `b`.
+pub fn differences(a: &TrainSettings, b: &TrainSettings) -> Vec<String> {
+    let table = |s: &TrainSettings| toml::Table::try_from(s).unwrap_or_default();
+    let (a, b) = (table(a), table(b));
+    let mut names: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }

@@ -1,0 +1,396 @@
+//! Checkpoints and resume, as a user meets them: a run killed with SIGKILL
+//! (injected at a chosen step, or between a checkpoint's write and its
+//! rename) and resumed must be the unbroken run; bad checkpoints are refused
+//! with one line naming the file; 1,000 mutated checkpoint files never make
+//! the loader panic.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
+use covnoise::train::checkpoint;
+use covnoise::weights;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_covnoise"));
+    c.env_remove("COVNOISE_DATA").env_remove("COVNOISE_FAULT");
+    c
+}
+
+/// 512 training and 128 test images: 8 steps of 64 per epoch.
+fn fixture(root: &Path) -> PathBuf {
+    let dir = root.join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    let train = synthetic_images(512, 28, 28, 10, 1).unwrap();
+    let test = synthetic_images(128, 28, 28, 10, 2).unwrap();
+    write_fashion_mnist_dir(&dir, &train, &test, false).unwrap();
+    dir
+}
+
+/// One thread: flex's parallel reductions may split differently under load,
+/// which changes sums in the last bit; one thread makes runs bit-exact.
+fn train(data: &Path, out: &Path, extra: &[&str], fault: Option<&str>) -> Output {
+    let mut c = bin();
+    c.args([
+        "train",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.1",
+        "--epochs",
+        "3",
+        "--warmup-epochs",
+        "1",
+        "--hidden",
+        "32",
+        "--threads",
+        "1",
+        "--quiet",
+        "--data",
+    ])
+    .arg(data)
+    .arg("--out")
+    .arg(out)
+    .args(extra);
+    if let Some(f) = fault {
+        c.env("COVNOISE_FAULT", f);
+    }
+    c.output().unwrap()
+}
+
+fn resume(dir: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args(["train", "--quiet", "--resume"])
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// metrics.jsonl without its wall-clock fields.
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let m = v.as_object_mut().unwrap();
+            m.remove("seconds");
+            m.remove("eval_seconds");
+            v
+        })
+        .collect()
+}
+
+/// The final weights: every tensor's name, shape and bits.
+fn final_weights(dir: &Path) -> Vec<(String, Vec<usize>, Vec<u32>)> {
+    let (_, newest) = checkpoint::list(dir).unwrap().pop().unwrap();
+    let bytes = std::fs::read(newest.join("model.safetensors")).unwrap();
+    weights::from_safetensors(&bytes)
+        .unwrap()
+        .into_iter()
+        .map(|t| {
+            (
+                t.name,
+                t.shape,
+                t.values.iter().map(|v| v.to_bits()).collect(),
+            )
+        })
+        .collect()
+}
+
+#[cfg(unix)]
+fn killed(o: &Output) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    o.status.signal() == Some(9)
+}
+
+#[cfg(not(unix))]
+fn killed(o: &Output) -> bool {
+    !o.status.success()
+}
+
+const NOISES: [(&str, &[&str]); 3] = [
+    ("plain", &["--noise", "none"]),
+    ("diag exact", &["--noise", "diag", "--small-batch", "16"]),
+    (
+        "diag microbatch",
+        &[
+            "--noise",
+            "diag",
+            "--small-batch",
+            "16",
+            "--estimator",
+            "microbatch",
+            "--micro-batches",
+            "4",
+            "--ema",
+            "0.9",
+        ],
+    ),
+];
+
+#[test]
+fn a_run_killed_mid_epoch_and_resumed_is_the_unbroken_run() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture(root.path());
+    for (name, noise) in NOISES {
+        let unbroken = root.path().join(format!("{name}-unbroken"));
+        let o = train(&data, &unbroken, noise, None);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+
+        // Step 11 is the 4th of 8 steps in epoch 2: epoch 1's checkpoint
+        // exists, epoch 2's work is lost and redone.
+        let broken = root.path().join(format!("{name}-broken"));
+        let o = train(&data, &broken, noise, Some("step:11"));
+        assert!(
+            killed(&o),
+            "{name}: not killed: {:?} {}",
+            o.status,
+            stderr(&o)
+        );
+        assert_eq!(metrics(&broken).len(), 1, "{name}");
+        let o = resume(&broken, &[]);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+
+        assert_eq!(metrics(&broken), metrics(&unbroken), "{name}");
+        assert_eq!(metrics(&broken).len(), 3, "{name}");
+        assert_eq!(final_weights(&broken), final_weights(&unbroken), "{name}");
+        // Keep 2 (the default): epochs 2 and 3.
+        let kept: Vec<usize> = checkpoint::list(&broken)
+            .unwrap()
+            .iter()
+            .map(|c| c.0)
+            .collect();
+        assert_eq!(kept, [2, 3], "{name}");
+    }
+}
+
+#[test]
+fn a_crash_between_checkpoint_write_and_rename_leaves_a_resumable_run() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture(root.path());
+    let (_, noise) = NOISES[1];
+    let unbroken = root.path().join("unbroken");
+    assert!(train(&data, &unbroken, noise, None).status.success());
+    let broken = root.path().join("broken");
+    // Dies at the first checkpoint's rename (after epoch 1).
+    let o = train(&data, &broken, noise, Some("checkpoint-rename"));
+    assert!(killed(&o), "{:?} {}", o.status, stderr(&o));
+    assert!(checkpoint::list(&broken).unwrap().is_empty());
+    // The half-made checkpoint is a hidden temporary directory.
+    let leftovers = std::fs::read_dir(broken.join("checkpoints"))
+        .unwrap()
+        .count();
+    assert_eq!(leftovers, 1);
+    // No checkpoint: the resumed run starts over from the seed, and ends as
+    // the unbroken run did.
+    let o = resume(&broken, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metrics(&broken), metrics(&unbroken));
+    assert_eq!(final_weights(&broken), final_weights(&unbroken));
+}
+
+#[test]
+fn resume_refuses_changes_and_extends_a_finished_run() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture(root.path());
+    let run = root.path().join("run");
+    assert!(
+        train(&data, &run, &["--schedule", "constant"], None)
+            .status
+            .success()
+    );
+    let o = resume(&run, &["--lr", "0.5"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--lr"), "{}", stderr(&o));
+    let o = resume(&run, &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("is complete"), "{}", stderr(&o));
+    let o = resume(&run, &["--epochs", "4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metrics(&run).len(), 4);
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("epochs = 4"), "{config}");
+}
+
+/// Copies the files of `from` into a fresh directory `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// Snapshot of every file under `dir` (path and contents).
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(snapshot(&path));
+        } else {
+            out.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn bad_checkpoints_are_refused_naming_the_file_and_leave_the_run_untouched() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture(root.path());
+    let good = root.path().join("good");
+    assert!(
+        train(
+            &data,
+            &good,
+            &["--epochs", "2", "--keep-checkpoints", "1"],
+            None
+        )
+        .status
+        .success()
+    );
+    let other = root.path().join("other");
+    let narrower = ["--epochs", "2", "--keep-checkpoints", "1", "--hidden", "16"];
+    assert!(train(&data, &other, &narrower, None).status.success());
+    let ckpt = |run: &Path| run.join("checkpoints").join(checkpoint::dir_name(2));
+
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, &str, Damage)> = vec![
+        (
+            "truncated",
+            "model.safetensors",
+            Box::new(|d: &Path| {
+                let f = d.join("model.safetensors");
+                let bytes = std::fs::read(&f).unwrap();
+                std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+            }),
+        ),
+        (
+            "corrupt",
+            "optimizer.bpk",
+            Box::new(|d: &Path| {
+                let f = d.join("optimizer.bpk");
+                let mut bytes = std::fs::read(&f).unwrap();
+                let mid = bytes.len() / 2;
+                bytes[mid] ^= 0x40;
+                std::fs::write(&f, bytes).unwrap();
+            }),
+        ),
+        (
+            "foreign",
+            "state.json",
+            Box::new(|d: &Path| std::fs::write(d.join("state.json"), b"{\"hello\": 1}").unwrap()),
+        ),
+        (
+            "another version",
+            "state.json",
+            Box::new(|d: &Path| {
+                let f = d.join("state.json");
+                let text = std::fs::read_to_string(&f).unwrap();
+                std::fs::write(&f, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+            }),
+        ),
+        (
+            "another model",
+            "model.safetensors",
+            Box::new(move |d: &Path| {
+                std::fs::remove_dir_all(d).unwrap();
+                copy_dir(&ckpt(&other), d);
+            }),
+        ),
+    ];
+    for (i, (what, file, damage)) in cases.iter().enumerate() {
+        let run = root.path().join(format!("case{i}"));
+        copy_dir(&good, &run);
+        // Ask for a longer run so that a good checkpoint would resume.
+        damage(&ckpt(&run));
+        let before = snapshot(&run);
+        let o = resume(&run, &["--epochs", "3"]);
+        let err = stderr(&o);
+        assert!(!o.status.success(), "{what}: accepted");
+        assert_eq!(err.trim().lines().count(), 1, "{what}: {err}");
+        assert!(
+            err.contains(file) && !err.contains("panicked"),
+            "{what}: {err}"
+        );
+        assert_eq!(snapshot(&run), before, "{what}: the run directory changed");
+    }
+}
+
+#[test]
+fn a_thousand_mutated_checkpoint_files_never_panic_the_loader() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture(root.path());
+    let run = root.path().join("run");
+    let o = train(
+        &data,
+        &run,
+        &["--epochs", "1", "--noise", "diag", "--small-batch", "16"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let good = run.join("checkpoints").join(checkpoint::dir_name(1));
+    let files = [
+        "model.safetensors",
+        "optimizer.bpk",
+        "noise.safetensors",
+        "state.json",
+    ];
+    let originals: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(good.join(f)).unwrap())
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let dir = root.path().join("mutant");
+    copy_dir(&good, &dir);
+    let (mut refused, mut readable) = (0, 0);
+    for trial in 0..1000 {
+        let k = trial % files.len();
+        let mut bytes = originals[k].clone();
+        match rng.random_range(0..4) {
+            // Flip 1-8 random bytes.
+            0 => {
+                for _ in 0..rng.random_range(1..=8) {
+                    let i = rng.random_range(0..bytes.len());
+                    bytes[i] = rng.random();
+                }
+            }
+            // Truncate.
+            1 => bytes.truncate(rng.random_range(0..bytes.len())),
+            // Append garbage.
+            2 => bytes.extend((0..rng.random_range(1..64)).map(|_| rng.random::<u8>())),
+            // Random bytes of the same length.
+            _ => bytes = (0..bytes.len()).map(|_| rng.random()).collect(),
+        }
+        std::fs::write(dir.join(files[k]), &bytes).unwrap();
+        // The safetensors reader on the raw bytes too: no checksum in front.
+        let _ = weights::from_safetensors(&bytes);
+        match checkpoint::read(&dir) {
+            Ok(_) => readable += 1,
+            Err(e) => {
+                refused += 1;
+                assert!(e.to_string().contains(files[k]), "trial {trial}: {e}");
+            }
+        }
+        std::fs::write(dir.join(files[k]), &originals[k]).unwrap();
+    }
+    // Only a mutation of state.json that keeps it valid JSON with the same
+    // meaning may pass (e.g. appended whitespace is rejected as trailing
+    // characters); every other must be refused.
+    assert!(refused >= 990, "refused {refused}, readable {readable}");
+    assert!(checkpoint::read(&dir).is_ok());
+}
