@@ -65,6 +65,15 @@ fn not_built(feature: &str) -> CovnoiseError {
     ))
 }
 
+/// Total memory of this machine in bytes (`MemTotal` of /proc/meminfo; None
+/// where that cannot be read).
+pub fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
+mod common;
+
 use covnoise::train::checkpoint;
 use covnoise::weights;
 use rand::{RngExt, SeedableRng};
@@ -22,10 +23,7 @@ fn bin() -> Command {
 /// 512 training and 128 test images: 8 steps of 64 per epoch.
 fn fixture(root: &Path) -> PathBuf {
     let dir = root.join("data");
-    std::fs::create_dir_all(&dir).unwrap();
-    let train = synthetic_images(512, 28, 28, 10, 1).unwrap();
-    let test = synthetic_images(128, 28, 28, 10, 2).unwrap();
-    write_fashion_mnist_dir(&dir, &train, &test, false).unwrap();
+    common::write_fashion_fixture(&dir, 512, 128);
     dir
 }
 
@@ -393,4 +391,108 @@ fn a_thousand_mutated_checkpoint_files_never_panic_the_loader() {
     // characters); every other must be refused.
     assert!(refused >= 990, "refused {refused}, readable {readable}");
     assert!(checkpoint::read(&dir).is_ok());
+}
+
+#[test]
+fn eval_reports_the_saved_model_and_init_from_starts_from_it() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture(root.path());
+    let run = root.path().join("run");
+    assert!(
+        train(&data, &run, &["--epochs", "2"], None)
+            .status
+            .success()
+    );
+    let o = bin().arg("eval").arg(&run).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let eval: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval.json")).unwrap()).unwrap();
+    let last = metrics(&run).pop().unwrap();
+    assert_eq!(eval["epoch"], 2);
+    assert_eq!(eval["test_accuracy"], last["test_accuracy"]);
+    // Summed with another thread count than the run's: equal to float32
+    // rounding of the per-batch losses.
+    let (a, b) = (
+        eval["test_loss"].as_f64().unwrap(),
+        last["test_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-6 * b, "{a} vs {b}");
+
+    let o = bin()
+        .args(["eval", "--checkpoint", "9"])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && stderr(&o).contains("no checkpoint of epoch 9"));
+
+    // One epoch at a negligible learning rate from the saved weights keeps
+    // the saved model's predictions.
+    let weights = run
+        .join("checkpoints")
+        .join(checkpoint::dir_name(2))
+        .join("model.safetensors");
+    let again = root.path().join("again");
+    let o = train(
+        &data,
+        &again,
+        &[
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-12",
+            "--init-from",
+            weights.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metrics(&again)[0]["test_accuracy"], last["test_accuracy"]);
+    // Weights of another architecture (a second hidden layer) are refused,
+    // naming the file and the tensor.
+    let o = train(
+        &data,
+        &root.path().join("wrong"),
+        &["--hidden", "16", "--init-from", weights.to_str().unwrap()],
+        None,
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("model.safetensors") && err.contains("layers.1.weight"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_model_too_big_for_memory_is_refused_up_front_and_odd_settings_warn() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture(root.path());
+    let o = train(
+        &data,
+        &root.path().join("huge"),
+        &["--hidden", "100000000"],
+        None,
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("GiB") && err.contains("--hidden"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        !root.path().join("huge").exists(),
+        "nothing is written for a refused run"
+    );
+
+    let o = train(
+        &data,
+        &root.path().join("warm"),
+        &["--warmup-epochs", "5"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: --warmup-epochs 5"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -20,6 +20,9 @@ use proptest::prelude::*;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod common;
+use common::Running;
+
 fn device() -> Device {
     Device::flex().autodiff()
 }
@@ -209,44 +212,6 @@ proptest! {
     }
 }
 
-/// Accumulates vectors and reports the mean and, per coordinate, the
-/// variance of that mean (sample variance / R).
-struct Running {
-    sum: Vec<f64>,
-    sumsq: Vec<f64>,
-    n: usize,
-}
-
-impl Running {
-    fn new(d: usize) -> Self {
-        Self {
-            sum: vec![0.0; d],
-            sumsq: vec![0.0; d],
-            n: 0,
-        }
-    }
-    fn push(&mut self, v: &[f64]) {
-        for ((s, q), x) in self.sum.iter_mut().zip(self.sumsq.iter_mut()).zip(v) {
-            *s += x;
-            *q += x * x;
-        }
-        self.n += 1;
-    }
-    fn mean(&self) -> Vec<f64> {
-        self.sum.iter().map(|s| s / self.n as f64).collect()
-    }
-    /// Expected squared norm of (mean - expectation): sum_j var_j / R.
-    fn mean_error_norm(&self) -> f64 {
-        let n = self.n as f64;
-        self.sum
-            .iter()
-            .zip(&self.sumsq)
-            .map(|(s, q)| (q / n - (s / n).powi(2)).max(0.0) * n / (n - 1.0) / n)
-            .sum::<f64>()
-            .sqrt()
-    }
-}
-
 #[test]
 fn microbatch_estimator_is_unbiased_for_the_centered_variance() {
     let (input, classes, pop) = (6, 4, 96);
@@ -291,28 +256,11 @@ fn microbatch_estimator_is_unbiased_for_the_centered_variance() {
         .unwrap();
         acc.push(&diag(out.moment.as_ref().unwrap()));
     }
-    let est = acc.mean();
-    let err = norm(
-        &est.iter()
-            .zip(&sigma)
-            .map(|(a, b)| a - b)
-            .collect::<Vec<_>>(),
-    );
     // The error norm's expected size is sqrt(sum_j var_j / R) (estimated from
     // the same draws); over d ~ 100 coordinates its square concentrates, so
     // 4 times that is a bound a correct estimator essentially never exceeds,
     // while a wrong factor (b/M instead of b/(M-1) is a 25% bias) does.
-    let tol = 4.0 * acc.mean_error_norm();
-    assert!(
-        err <= tol,
-        "error {err} > tolerance {tol} (|sigma| = {})",
-        norm(&sigma)
-    );
-    assert!(
-        tol < 0.15 * norm(&sigma),
-        "test too weak: tolerance {tol}, |sigma| {}",
-        norm(&sigma)
-    );
+    common::assert_monte_carlo_mean(&acc, &sigma, 0.15, "micro-batch diag(Sigma)");
 }
 
 #[test]
@@ -353,17 +301,8 @@ fn mc_fisher_matches_the_expected_fisher_over_model_labels() {
         .unwrap();
         acc.push(&diag(out.moment.as_ref().unwrap()));
     }
-    let est = acc.mean();
-    let err = norm(
-        &est.iter()
-            .zip(&reference)
-            .map(|(a, b)| a - b)
-            .collect::<Vec<_>>(),
-    );
     // Same Monte-Carlo bound as for the micro-batch estimator.
-    let tol = 4.0 * acc.mean_error_norm();
-    assert!(err <= tol, "error {err} > tolerance {tol}");
-    assert!(tol < 0.1 * norm(&reference), "test too weak");
+    common::assert_monte_carlo_mean(&acc, &reference, 0.1, "MC Fisher diagonal");
 }
 
 /// Empirical covariance of `draws` (each of length d) against `expected`

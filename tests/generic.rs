@@ -26,6 +26,9 @@ use covnoise::tensor_util::to_vec;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+mod common;
+use common::Running;
+
 fn device() -> Device {
     Device::flex().autodiff()
 }
@@ -198,7 +201,7 @@ fn microbatch_estimate_on_any_model_matches_the_centered_variance() {
     // micro-batch gradients, so the estimator's expectation is diag(Sigma).
     let (m, b, reps) = (4, 4, 1500);
     let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let (mut sum, mut sumsq) = (vec![0.0; d], vec![0.0; d]);
+    let mut acc = Running::new(d);
     for r in 0..reps {
         let idx: Vec<i64> = (0..m * b)
             .map(|_| rng.random_range(0..pop as i64))
@@ -221,29 +224,11 @@ fn microbatch_estimate_on_any_model_matches_the_centered_variance() {
         let SecondMoment::Diag(est) = out.moment.unwrap() else {
             panic!("diagonal requested")
         };
-        for (j, v) in flat(&est).into_iter().enumerate() {
-            sum[j] += v;
-            sumsq[j] += v * v;
-        }
+        acc.push(&flat(&est));
     }
-    let n = reps as f64;
-    let est: Vec<f64> = sum.iter().map(|s| s / n).collect();
-    let err = norm(
-        &est.iter()
-            .zip(&sigma)
-            .map(|(a, b)| a - b)
-            .collect::<Vec<_>>(),
-    );
     // Same bound as for the MLP: 4 times the expected error norm
     // sqrt(sum_j var_j / R), estimated from the draws themselves.
-    let se = sum
-        .iter()
-        .zip(&sumsq)
-        .map(|(s, q)| (q / n - (s / n).powi(2)).max(0.0) / (n - 1.0))
-        .sum::<f64>()
-        .sqrt();
-    assert!(err <= 4.0 * se, "error {err} > {}", 4.0 * se);
-    assert!(4.0 * se < 0.15 * norm(&sigma), "test too weak");
+    common::assert_monte_carlo_mean(&acc, &sigma, 0.15, "micro-batch diag(Sigma)");
 }
 
 /// Every entry of the empirical covariance of `draws` within 5 standard

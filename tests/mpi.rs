@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
+mod common;
 
 /// One MPI job at a time: the machine may have two cores only, and the
 /// failure tests time their jobs.
@@ -27,12 +27,7 @@ fn data_dir(root: &Path) -> PathBuf {
     if real.join("train-images-idx3-ubyte.gz").exists() {
         return real.to_path_buf();
     }
-    let dir = root.join("data");
-    std::fs::create_dir_all(&dir).unwrap();
-    let train = synthetic_images(2048, 28, 28, 10, 1).unwrap();
-    let test = synthetic_images(512, 28, 28, 10, 2).unwrap();
-    write_fashion_mnist_dir(&dir, &train, &test, false).unwrap();
-    dir
+    common::write_fashion_fixture(&root.join("data"), 2048, 512)
 }
 
 /// A small run: 2048 examples, batches of 256, 2 epochs (16 steps).
@@ -298,11 +293,7 @@ fn corrupt_data_on_one_rank_ends_the_job() {
     let tmp = tempfile::tempdir().unwrap();
     let good = data_dir(tmp.path());
     // Rank 1 reads a directory whose training images are garbage.
-    let bad = tmp.path().join("bad");
-    std::fs::create_dir_all(&bad).unwrap();
-    let train = synthetic_images(2048, 28, 28, 10, 1).unwrap();
-    let test = synthetic_images(512, 28, 28, 10, 2).unwrap();
-    write_fashion_mnist_dir(&bad, &train, &test, false).unwrap();
+    let bad = common::write_fashion_fixture(&tmp.path().join("bad"), 2048, 512);
     std::fs::write(bad.join("train-images-idx3-ubyte"), b"not an IDX file").unwrap();
     let script = wrapper(
         tmp.path(),

@@ -2,17 +2,13 @@
 
 use std::path::{Path, PathBuf};
 
-use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
 use covnoise::study::{StudyEvent, StudySpec, aggregate, run_study};
 use covnoise::train::{EpochMetrics, RunStatus, RunSummary, Silent, TrainSettings};
 
+mod common;
+
 fn fixture(root: &Path) -> PathBuf {
-    let dir = root.join("data");
-    std::fs::create_dir_all(&dir).unwrap();
-    let train = synthetic_images(256, 28, 28, 10, 1).unwrap();
-    let test = synthetic_images(64, 28, 28, 10, 2).unwrap();
-    write_fashion_mnist_dir(&dir, &train, &test, false).unwrap();
-    dir
+    common::write_fashion_fixture(&root.join("data"), 256, 64)
 }
 
 fn spec_text(data: &Path, lr_grid: &str) -> String {
@@ -232,6 +228,8 @@ fn write_run(dir: &Path, accs: &[f64], final_acc: f64, status: RunStatus) {
         world_size: 1,
         replicas_identical: None,
         diverged: None,
+        checkpoint_seconds: 0.0,
+        checkpoint_bytes: 0,
     };
     std::fs::write(
         dir.join("summary.json"),

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
+mod common;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_covnoise"));
@@ -16,12 +16,7 @@ fn bin() -> Command {
 
 /// A data directory with 512 training and 128 test images of 28x28.
 fn fixture(root: &Path) -> PathBuf {
-    let dir = root.join("data");
-    std::fs::create_dir_all(&dir).unwrap();
-    let train = synthetic_images(512, 28, 28, 10, 1).unwrap();
-    let test = synthetic_images(128, 28, 28, 10, 2).unwrap();
-    write_fashion_mnist_dir(&dir, &train, &test, false).unwrap();
-    dir
+    common::write_fashion_fixture(&root.join("data"), 512, 128)
 }
 
 const SMALL: &[&str] = &[

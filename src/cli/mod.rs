@@ -1,6 +1,9 @@
 //! Command-line parsing and dispatch: one file per subcommand.
 
 mod bench;
+mod csv;
+mod eval;
+mod illustrate;
 mod plot;
 mod quadratic;
 mod study;
@@ -20,10 +23,12 @@ struct Cli {
 enum Command {
     /// Train an MLP on Fashion-MNIST, with or without structured noise.
     Train(Box<train::TrainArgs>),
+    /// Test loss and accuracy of a run's saved model (a checkpoint).
+    Eval(eval::EvalArgs),
     /// Exact and Monte-Carlo expected loss of noisy gradient descent on a quadratic.
     Quadratic(quadratic::QuadraticArgs),
     /// Draw the four-panel figure of one-step update clouds on a 2-D least-squares problem.
-    Illustrate(quadratic::IllustrateArgs),
+    Illustrate(illustrate::IllustrateArgs),
     /// Time one training step for plain SGD and each noise variant (release build).
     Bench(bench::BenchArgs),
     /// Plot test accuracy and train loss against epochs for run directories.
@@ -38,10 +43,11 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train::run(&args),
         Command::Study(args) => study::run(&args),
+        Command::Eval(args) => eval::run(&args),
         Command::Plot(args) => plot::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Quadratic(args) => quadratic::run(&args),
-        Command::Illustrate(args) => quadratic::run_illustrate(&args),
+        Command::Illustrate(args) => illustrate::run(&args),
     }
 }
 

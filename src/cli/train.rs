@@ -318,7 +318,7 @@ fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<Ru
     let data = covnoise::train::load_data(&settings)?;
     let mut trainer = Trainer::new(&settings, &data, collective)?;
     let writer = trainer.is_writer();
-    if writer && !args.quiet {
+    if writer {
         for warning in settings.warnings() {
             eprintln!("warning: {warning}");
         }

@@ -17,10 +17,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::dataset::{LoadOptions, RawSplit, TrainTest, build_train_test};
 use super::error::{DataError, TriedDir};
-use super::fashion::{DataSource, DirOrigin, locate};
 use super::idx::{check_labels, read_all, write_bytes};
+use super::locate::{DataSource, DirOrigin, locate};
+use super::split::{LoadOptions, RawSplit, TrainTest, build_train_test};
 
 /// Image side in pixels.
 pub const CIFAR_SIDE: usize = 32;

@@ -11,19 +11,19 @@
 //! because a run must use the data its user named (and a typo must not go
 //! unnoticed). Nothing is ever downloaded.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::dataset::{LoadOptions, RawSplit, TrainTest, build_train_test};
 use super::error::{DataError, TriedDir};
-use super::idx::{IdxArray, read_idx_images, read_idx_labels, write_idx_images, write_idx_labels};
-use super::synthetic::RawImages;
+use super::idx::{
+    IdxArray, RawImages, read_idx_images, read_idx_labels, write_idx_images, write_idx_labels,
+};
+use super::locate::{DATA_ENV_VAR, DataSource, DirOrigin, locate};
+use super::split::{LoadOptions, RawSplit, TrainTest, build_train_test};
 
-/// Environment variable naming a directory with the data files.
-pub const DATA_ENV_VAR: &str = "COVNOISE_DATA";
 /// Where Debian's package `dataset-fashion-mnist` installs the files.
 pub const FASHION_MNIST_DEFAULT_DIR: &str = "/usr/share/datasets/fashion-mnist";
 /// Image side in pixels (images are 28x28, one grey channel).
@@ -42,42 +42,6 @@ pub const FASHION_MNIST_FILES: [&str; 4] = [
 /// Advice printed when the files are nowhere to be found.
 const ADVICE: &str = "run `sudo apt-get install dataset-fashion-mnist` or pass --data DIR \
                       (a directory with the four IDX files, plain or .gz)";
-
-/// Why a data directory was chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum DirOrigin {
-    /// Given on the command line (`--data DIR`).
-    Explicit,
-    /// Taken from the `COVNOISE_DATA` environment variable.
-    EnvVar,
-    /// The default location, as neither of the above was given.
-    Default,
-}
-
-impl DirOrigin {
-    /// A short label, e.g. for lists of tried directories.
-    pub fn label(self) -> &'static str {
-        match self {
-            DirOrigin::Explicit => "--data",
-            DirOrigin::EnvVar => DATA_ENV_VAR,
-            DirOrigin::Default => "default",
-        }
-    }
-}
-
-impl fmt::Display for DirOrigin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            DirOrigin::Explicit => "given with --data",
-            DirOrigin::EnvVar => "from the COVNOISE_DATA environment variable",
-            DirOrigin::Default => {
-                "the default location of Debian's dataset-fashion-mnist; \
-                 neither --data nor COVNOISE_DATA was given"
-            }
-        })
-    }
-}
 
 /// The four Fashion-MNIST files, each the plain or the `.gz` path that exists.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,32 +85,6 @@ impl fmt::Display for ResolvedDir {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "fashion-mnist: {} ({})", self.dir.display(), self.origin)
     }
-}
-
-/// Where a loaded data set came from; serializable for the run's record.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DataSource {
-    /// The data set's name, e.g. "fashion-mnist".
-    pub dataset: String,
-    /// The directory read.
-    pub dir: PathBuf,
-    /// Why that directory.
-    pub origin: DirOrigin,
-    /// Every file read, in order.
-    pub files: Vec<PathBuf>,
-}
-
-/// `dir/name` if it is a file, else `dir/name.gz` if that is, else `None`.
-/// Plain wins so that a user who unpacked the files gets the fast path.
-pub(crate) fn locate(dir: &Path, name: &str) -> Option<PathBuf> {
-    let plain = dir.join(name);
-    if plain.is_file() {
-        return Some(plain);
-    }
-    let mut gz = OsString::from(plain.as_os_str());
-    gz.push(".gz");
-    let gz = PathBuf::from(gz);
-    gz.is_file().then_some(gz)
 }
 
 /// Finds the Fashion-MNIST directory: `explicit` (from `--data`), else the

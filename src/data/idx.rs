@@ -42,6 +42,21 @@ pub struct IdxArray {
     pub data: Vec<u8>,
 }
 
+/// Unsigned-byte images with labels, as stored in IDX files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawImages {
+    /// Number of images.
+    pub n: usize,
+    /// Rows per image.
+    pub rows: usize,
+    /// Columns per image.
+    pub cols: usize,
+    /// Row-major `[n, rows, cols]`.
+    pub pixels: Vec<u8>,
+    /// One label per image.
+    pub labels: Vec<u8>,
+}
+
 /// True when the path names a gzip file (`*.gz`). Compression follows the
 /// name, both when reading and when writing, so a file written by
 /// [`write_idx`] is always read back the same way.

@@ -24,12 +24,24 @@
 //! All bad input becomes a [`DataError`] whose `Display` is one line naming
 //! the file; no input bytes can make this module panic.
 
+// Layers, lowest first; a module imports only from lower layers (and from
+// `error`, which imports nothing):
+// - error, idx, batch, locate: errors, the IDX format, shuffling and batching,
+//   where files are found;
+// - memory: the in-memory `Dataset` and `Batch`;
+// - split: limits and standardization shared by the image loaders;
+// - synthetic, fashion, cifar: the leaves that make or load data sets, which
+//   never import each other;
+// - dataset: the hub, `DatasetKind`, dispatching to the loaders.
 mod batch;
 mod cifar;
 mod dataset;
 mod error;
 mod fashion;
 mod idx;
+mod locate;
+mod memory;
+mod split;
 mod synthetic;
 
 pub use batch::{
@@ -40,16 +52,18 @@ pub use cifar::{
     CIFAR_CHANNELS, CIFAR_PIXELS, CIFAR_SIDE, Cifar100Label, load_cifar10, load_cifar100,
     write_cifar10_file, write_cifar100_file,
 };
-pub use dataset::{Batch, Dataset, DatasetKind, LoadOptions, Standardization, TrainTest};
+pub use dataset::DatasetKind;
 pub use error::{DataError, TriedDir};
 pub use fashion::{
-    DATA_ENV_VAR, DataSource, DirOrigin, FASHION_MNIST_CLASSES, FASHION_MNIST_DEFAULT_DIR,
-    FASHION_MNIST_FILES, FASHION_MNIST_SIDE, FashionFiles, ResolvedDir, load_fashion_mnist,
-    load_fashion_mnist_from, resolve_fashion_mnist_dir, resolve_fashion_mnist_dir_with,
-    write_fashion_mnist_dir,
+    FASHION_MNIST_CLASSES, FASHION_MNIST_DEFAULT_DIR, FASHION_MNIST_FILES, FASHION_MNIST_SIDE,
+    FashionFiles, ResolvedDir, load_fashion_mnist, load_fashion_mnist_from,
+    resolve_fashion_mnist_dir, resolve_fashion_mnist_dir_with, write_fashion_mnist_dir,
 };
 pub use idx::{
-    IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IdxArray, decode_idx, encode_idx, read_idx,
+    IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, IdxArray, RawImages, decode_idx, encode_idx, read_idx,
     read_idx_images, read_idx_labels, write_idx, write_idx_images, write_idx_labels,
 };
-pub use synthetic::{RawImages, synthetic_clusters, synthetic_images};
+pub use locate::{DATA_ENV_VAR, DataSource, DirOrigin};
+pub use memory::{Batch, Dataset};
+pub use split::{LoadOptions, Standardization, TrainTest};
+pub use synthetic::{synthetic_clusters, synthetic_images};

@@ -9,8 +9,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
 use super::batch::{splitmix64, uniform_below};
-use super::dataset::Dataset;
 use super::error::DataError;
+use super::idx::RawImages;
+use super::memory::Dataset;
 
 /// Mixed into the seed for synthetic data ("SYNTHDAT" in ASCII), so synthetic
 /// data and the shuffler never share a stream for the same seed.
@@ -76,19 +77,18 @@ pub fn synthetic_clusters(
     Dataset::new(features, labels, vec![dim], num_classes)
 }
 
-/// Unsigned-byte images with labels, as stored in IDX files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawImages {
-    /// Number of images.
-    pub n: usize,
-    /// Rows per image.
-    pub rows: usize,
-    /// Columns per image.
-    pub cols: usize,
-    /// Row-major `[n, rows, cols]`.
-    pub pixels: Vec<u8>,
-    /// One label per image.
-    pub labels: Vec<u8>,
+impl Dataset {
+    /// Gaussian class clusters with unit separation, for examples and tests:
+    /// [`synthetic_clusters`]`(n, dim, num_classes, 1.0, seed)`.
+    ///
+    /// # Panics
+    /// If `dim` is 0 or `num_classes` is not in `1..=256`.
+    pub fn synthetic(n: usize, dim: usize, num_classes: usize, seed: u64) -> Dataset {
+        match synthetic_clusters(n, dim, num_classes, 1.0, seed) {
+            Ok(ds) => ds,
+            Err(e) => panic!("Dataset::synthetic: {e}"),
+        }
+    }
 }
 
 /// Learnable fake images: each class has a random template of bytes, and an
@@ -129,6 +129,7 @@ pub fn synthetic_images(
 
 #[cfg(test)]
 mod tests {
+    use super::super::batch::EpochShuffler;
     use super::*;
 
     #[test]
@@ -186,5 +187,23 @@ mod tests {
         assert_eq!(im.labels[13], 3);
         assert!(synthetic_images(1, 1, 1, 0, 1).is_err());
         assert!(synthetic_clusters(1, 1, 300, 1.0, 1).is_err());
+    }
+
+    #[test]
+    fn convenience_constructors() {
+        let ds = Dataset::synthetic(10, 3, 2, 0);
+        assert_eq!((ds.n, ds.dim, ds.shape.clone()), (10, 3, vec![3]));
+        let batches: Vec<Vec<usize>> = ds.batches(4, 0, 1).into_iter().collect();
+        assert_eq!(batches.len(), 2);
+        assert_eq!(
+            batches.concat(),
+            EpochShuffler::new(0).permutation(10, 1)[..8]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "batch size 0")]
+    fn batches_panics_on_zero() {
+        let _ = Dataset::synthetic(10, 3, 2, 0).batches(0, 0, 0);
     }
 }

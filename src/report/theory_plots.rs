@@ -13,7 +13,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::report::output::{drawing_error, format_of, prepare_output, render};
-use crate::theory::Illustration;
+use crate::theory::{Analysis, Illustration};
 
 /// Exact expected loss of one noise structure on a dense grid of steps, and
 /// optionally its Monte-Carlo estimate at a few steps.
@@ -43,6 +43,31 @@ pub struct MonteCarloPoints {
     /// The exact deterministic part at the same steps, subtracted to place
     /// the points on the noise-part panel.
     pub deterministic: Vec<f64>,
+}
+
+/// The curves of an [`Analysis`] for [`draw_loss_curves`]: the exact ones on
+/// its dense grid, with the Monte-Carlo points (if any) at the requested
+/// steps. Draw them with `analysis.dense.deterministic` as the noiseless
+/// loss.
+pub fn loss_curves(analysis: &Analysis) -> Vec<LossCurve> {
+    let dense = &analysis.dense;
+    analysis
+        .results
+        .iter()
+        .enumerate()
+        .map(|(i, r)| LossCurve {
+            label: r.structure.clone(),
+            k: dense.k.clone(),
+            total: dense.total[i].clone(),
+            noise: dense.noise[i].clone(),
+            monte_carlo: (!r.mc_mean.is_empty()).then(|| MonteCarloPoints {
+                k: analysis.steps.clone(),
+                mean: r.mc_mean.clone(),
+                stderr: r.mc_stderr.clone(),
+                deterministic: analysis.deterministic_loss.clone(),
+            }),
+        })
+        .collect()
 }
 
 /// Colour of a structure's curve; the same in every plot.

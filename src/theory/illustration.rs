@@ -203,6 +203,20 @@ pub struct Cloud {
     pub predicted_cov: Matrix2<f64>,
 }
 
+impl Cloud {
+    /// Sample correlation of the two coordinates.
+    pub fn correlation(&self) -> f64 {
+        self.cov[(0, 1)] / (self.cov[(0, 0)] * self.cov[(1, 1)]).sqrt()
+    }
+
+    /// ||predicted_cov - reference|| / ||reference|| (Frobenius norms): how
+    /// far this cloud's predicted covariance is from `reference`, e.g.
+    /// small-batch SGD's.
+    pub fn predicted_gap(&self, reference: &Matrix2<f64>) -> f64 {
+        (self.predicted_cov - reference).norm() / reference.norm()
+    }
+}
+
 /// Everything the four-panel figure draws.
 #[derive(Debug, Clone)]
 pub struct Illustration {

@@ -27,14 +27,25 @@
 //!
 //! [`stationary_loss`] solves the discrete Lyapunov equation for k -> infinity
 //! and refuses an unstable step; [`simulate`] runs the dynamics themselves.
+//!
+//! [`analyze`] puts these together for a set of noise covariances (exact and
+//! Monte-Carlo losses, stationary losses, dense curves for a plot, the
+//! recursion cross-check), and [`QuadraticReport`] is its JSON document and
+//! printed table: `covnoise quadratic` only reads its inputs and writes these.
 
+mod analysis;
 mod error;
 mod exact;
 mod illustration;
 mod lyapunov;
 mod monte_carlo;
 mod problem;
+mod summary;
 
+pub use analysis::{
+    Analysis, AnalysisSettings, DENSE_GRID_POINTS, DenseCurves, RECURSION_CHECK_BUDGET,
+    RecursionCheck, StructureResult, analyze, check_recursion, dense_grid, noises_from_fisher,
+};
 pub use error::TheoryError;
 pub use exact::{
     Dynamics, LossParts, expected_loss_closed_form, expected_loss_recursion, stationary_loss,
@@ -46,3 +57,4 @@ pub use monte_carlo::{MonteCarlo, simulate};
 pub use problem::{
     Noise, NoiseStructure, Quadratic, RANDOM_SPD_GENERATOR, random_spd, validate_start,
 };
+pub use summary::{ProblemSummary, QuadraticReport, monte_carlo_z};

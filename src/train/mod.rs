@@ -216,6 +216,80 @@ pub fn evaluate_sharded(
     })
 }
 
+/// The result of `covnoise eval`: a checkpoint's model on a test set.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckpointEvaluation {
+    /// The checkpoint's directory.
+    pub checkpoint: PathBuf,
+    /// Epochs trained when it was written.
+    pub epoch: usize,
+    /// Mean cross-entropy on the test set.
+    pub test_loss: f64,
+    /// Fraction of the test set predicted correctly.
+    pub test_accuracy: f64,
+    /// Test examples.
+    pub examples: usize,
+}
+
+/// Evaluates the model of checkpoint `epoch` (None: the newest) of the run
+/// in `run_dir` on its test set, or on the test set of the Fashion-MNIST
+/// files in `data` (standardized with the statistics of that directory's
+/// training set, as the run's were).
+pub fn evaluate_checkpoint(
+    run_dir: &std::path::Path,
+    epoch: Option<usize>,
+    data: Option<&std::path::Path>,
+) -> Result<CheckpointEvaluation, TrainError> {
+    let dir = RunDir::open(run_dir)?;
+    let mut settings = dir.read_settings()?;
+    // The test set, also for a run that evaluated on held-out examples.
+    settings.holdout = None;
+    if let Some(data) = data {
+        settings.data = Some(data.to_path_buf());
+        settings.test_limit = None;
+    }
+    let all = checkpoint::list(run_dir)?;
+    let chosen = match epoch {
+        None => all.last(),
+        Some(e) => all.iter().find(|(n, _)| *n == e),
+    };
+    let Some((_, path)) = chosen else {
+        let have: Vec<String> = all.iter().map(|(n, _)| n.to_string()).collect();
+        return Err(TrainError::Checkpoint {
+            path: run_dir.join(checkpoint::DIR),
+            message: match epoch {
+                Some(e) => format!(
+                    "no checkpoint of epoch {e} (there are: {})",
+                    if have.is_empty() {
+                        "none".into()
+                    } else {
+                        have.join(", ")
+                    }
+                ),
+                None => "no checkpoint (was the run started with --checkpoint-every 0?)".into(),
+            },
+        });
+    };
+    let saved = checkpoint::read(path)?;
+    let data = load_data(&settings)?;
+    let device = crate::device::parse_device(&settings.device)?;
+    let config = settings.mlp_config(data.train.dim, data.train.num_classes)?;
+    let model = Mlp::new(&config, settings.seed, &device.clone().autodiff())?;
+    let model =
+        weights::load_into(model, &saved.weights, false).map_err(|e| TrainError::Checkpoint {
+            path: path.join("model.safetensors"),
+            message: e.to_string(),
+        })?;
+    let test = evaluate(&model, &data.test, settings.eval_batch, &device)?;
+    Ok(CheckpointEvaluation {
+        checkpoint: path.clone(),
+        epoch: saved.epoch,
+        test_loss: test.loss,
+        test_accuracy: test.accuracy,
+        examples: test.examples,
+    })
+}
+
 /// Receives the loop's progress (a progress bar, log lines, or nothing).
 pub trait Progress {
     /// Called once before the first step.
@@ -277,6 +351,20 @@ impl<'a> Trainer<'a> {
             .into());
         }
         let device = crate::device::parse_device(&settings.device)?;
+        let needed = settings.memory_estimate(data.train.dim, data.train.num_classes);
+        if let Some(total) = crate::device::host_memory_bytes()
+            && needed > total as u128
+        {
+            let gib = |b: f64| b / f64::from(1u32 << 30);
+            return Err(CovnoiseError::Unsupported(format!(
+                "--hidden {:?} at --batch-size {} needs at least {:.1} GiB (parameters, optimizer and noise state, batch activations), more than this machine's {:.1} GiB of memory",
+                settings.hidden,
+                settings.batch_size,
+                gib(needed as f64),
+                gib(total as f64)
+            ))
+            .into());
+        }
         let mlp = settings.mlp_config(data.train.dim, data.train.num_classes)?;
         let model = Mlp::new(&mlp, settings.seed, &device.clone().autodiff())?;
         let noise = settings.noise_config()?;

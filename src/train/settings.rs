@@ -351,6 +351,27 @@ impl TrainSettings {
         Ok(())
     }
 
+    /// A lower bound on the memory, in bytes, a run on `input` features and
+    /// `classes` classes allocates: five float32 copies of the parameters
+    /// (values, gradients, momentum, noise estimate and its average) plus
+    /// the activations of a batch (forward values and their gradients,
+    /// twice for the exact estimator's per-example factors).
+    pub fn memory_estimate(&self, input: usize, classes: usize) -> u128 {
+        let widths: Vec<u128> = std::iter::once(input)
+            .chain(self.hidden.iter().copied())
+            .chain(std::iter::once(classes))
+            .map(|w| w as u128)
+            .collect();
+        let params: u128 = widths.windows(2).map(|w| w[0] * w[1] + w[1]).sum();
+        let units: u128 = widths.iter().sum();
+        let factor = if self.estimator == EstimatorName::Exact {
+            4
+        } else {
+            2
+        };
+        4 * (5 * params + factor * self.batch_size as u128 * units)
+    }
+
     /// Settings that are valid but make no sense for this run (each one
     /// line, for the user to see before the run starts).
     pub fn warnings(&self) -> Vec<String> {

@@ -1,0 +1,98 @@
+//! Helpers shared by the integration tests: a stand-in Fashion-MNIST
+//! directory, and the Monte-Carlo mean accumulator with its error bound.
+//! A test file that needs them says `mod common;`.
+
+// Each test file is its own crate and uses only some of these.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
+
+/// Makes `dir` a stand-in Fashion-MNIST directory (the four plain IDX
+/// files) of learnable synthetic 28x28 images in 10 classes: `train`
+/// training images (seed 1) and `test` test images (seed 2). Returns `dir`.
+pub fn write_fashion_fixture(dir: &Path, train: usize, test: usize) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let train = synthetic_images(train, 28, 28, 10, 1).unwrap();
+    let test = synthetic_images(test, 28, 28, 10, 2).unwrap();
+    write_fashion_mnist_dir(dir, &train, &test, false).unwrap();
+    dir.to_path_buf()
+}
+
+/// Accumulates vectors and reports the mean and, per coordinate, the
+/// variance of that mean (sample variance / R).
+pub struct Running {
+    sum: Vec<f64>,
+    sumsq: Vec<f64>,
+    n: usize,
+}
+
+impl Running {
+    /// An empty accumulator for vectors of length `d`.
+    pub fn new(d: usize) -> Self {
+        Self {
+            sum: vec![0.0; d],
+            sumsq: vec![0.0; d],
+            n: 0,
+        }
+    }
+
+    /// Adds one draw.
+    pub fn push(&mut self, v: &[f64]) {
+        for ((s, q), x) in self.sum.iter_mut().zip(self.sumsq.iter_mut()).zip(v) {
+            *s += x;
+            *q += x * x;
+        }
+        self.n += 1;
+    }
+
+    /// The mean of the draws so far.
+    pub fn mean(&self) -> Vec<f64> {
+        self.sum.iter().map(|s| s / self.n as f64).collect()
+    }
+
+    /// Expected norm of (mean - expectation): sqrt(sum_j var_j / R), with
+    /// var_j the sample variance of coordinate j.
+    pub fn mean_error_norm(&self) -> f64 {
+        let n = self.n as f64;
+        self.sum
+            .iter()
+            .zip(&self.sumsq)
+            .map(|(s, q)| (q / n - (s / n).powi(2)).max(0.0) * n / (n - 1.0) / n)
+            .sum::<f64>()
+            .sqrt()
+    }
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// Asserts that the Monte-Carlo mean in `acc` estimates `expected`: the error
+/// norm is at most 4 times its expected size [`Running::mean_error_norm`]
+/// (estimated from the same draws). Over many coordinates the squared error
+/// concentrates, so a correct estimator essentially never exceeds this,
+/// while a biased one does. Also asserts that this tolerance is below
+/// `max_fraction` of |expected|, so that the test can see a bias of that size.
+pub fn assert_monte_carlo_mean(acc: &Running, expected: &[f64], max_fraction: f64, label: &str) {
+    let est = acc.mean();
+    assert_eq!(est.len(), expected.len(), "{label}: lengths differ");
+    let err = norm(
+        &est.iter()
+            .zip(expected)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+    );
+    let tol = 4.0 * acc.mean_error_norm();
+    assert!(
+        err <= tol,
+        "{label}: error {err} > tolerance {tol} (|expected| = {})",
+        norm(expected)
+    );
+    assert!(
+        tol < max_fraction * norm(expected),
+        "{label}: test too weak: tolerance {tol}, |expected| {}",
+        norm(expected)
+    );
+}
