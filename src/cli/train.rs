@@ -352,10 +352,14 @@ fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<Ru
         _ => None,
     };
     if let Some(dir) = &run_dir {
-        dir.write(
-            "config.toml",
-            covnoise::train::config_record(&settings, &data, &trainer)?.as_bytes(),
-        )?;
+        // A resumed run keeps its record (code version included) unless
+        // --epochs extended it.
+        if resume.is_none() || dir.read_settings()? != settings {
+            dir.write(
+                "config.toml",
+                covnoise::train::config_record(&settings, &data, &trainer)?.as_bytes(),
+            )?;
+        }
     }
     let mut progress = TerminalProgress::new(args.quiet || !writer);
     if writer && let Some(path) = &args.log_steps {
