@@ -17,7 +17,6 @@
 //! the previous checkpoints intact.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -28,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use super::fault;
+use super::run_dir::{io_error, write_synced};
 use crate::moments::{MomentValues, SmootherState};
 use crate::noise::NoiseState;
 use crate::weights::{self, NamedTensor};
@@ -104,13 +104,6 @@ fn bad(path: &Path, message: impl Into<String>) -> TrainError {
     }
 }
 
-fn io(path: &Path, e: std::io::Error) -> TrainError {
-    TrainError::Io {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    }
-}
-
 /// The directory name of the checkpoint after `epoch` epochs.
 pub fn dir_name(epoch: usize) -> String {
     format!("epoch-{epoch:06}")
@@ -124,8 +117,8 @@ pub fn list(run_dir: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
         return Ok(Vec::new());
     }
     let mut found = Vec::new();
-    for entry in std::fs::read_dir(&root).map_err(|e| io(&root, e))? {
-        let entry = entry.map_err(|e| io(&root, e))?;
+    for entry in std::fs::read_dir(&root).map_err(|e| io_error(&root, e))? {
+        let entry = entry.map_err(|e| io_error(&root, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(epoch) = name
             .strip_prefix("epoch-")
@@ -150,21 +143,21 @@ pub fn write<M: Module>(
 ) -> Result<Written, TrainError> {
     let started = Instant::now();
     let root = run_dir.join(DIR);
-    std::fs::create_dir_all(&root).map_err(|e| io(&root, e))?;
+    std::fs::create_dir_all(&root).map_err(|e| io_error(&root, e))?;
     let target = root.join(dir_name(epoch));
     // Temporary directories are left only by writers that died (one writer
     // per run directory): remove them.
-    for entry in std::fs::read_dir(&root).map_err(|e| io(&root, e))? {
-        let path = entry.map_err(|e| io(&root, e))?.path();
+    for entry in std::fs::read_dir(&root).map_err(|e| io_error(&root, e))? {
+        let path = entry.map_err(|e| io_error(&root, e))?.path();
         if path
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with(".tmp-"))
         {
-            std::fs::remove_dir_all(&path).map_err(|e| io(&path, e))?;
+            std::fs::remove_dir_all(&path).map_err(|e| io_error(&path, e))?;
         }
     }
     let tmp = root.join(format!(".tmp-{}-{}", dir_name(epoch), std::process::id()));
-    std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+    std::fs::create_dir(&tmp).map_err(|e| io_error(&tmp, e))?;
 
     let ser = |e: crate::CovnoiseError| bad(&target, e.to_string());
     let model_bytes =
@@ -205,7 +198,8 @@ pub fn write<M: Module>(
         (OPTIMIZER, &optimizer_bytes),
         (NOISE, &noise_bytes),
     ] {
-        write_synced(&tmp.join(name), contents)?;
+        let path = tmp.join(name);
+        write_synced(&path, contents).map_err(|e| io_error(&path, e))?;
         files.insert(name.to_string(), sum(contents));
         bytes += contents.len() as u64;
     }
@@ -224,21 +218,22 @@ pub fn write<M: Module>(
         files,
     };
     let state_text = serde_json::to_string_pretty(&state).expect("the state serializes");
-    write_synced(&tmp.join(STATE), state_text.as_bytes())?;
+    let path = tmp.join(STATE);
+    write_synced(&path, state_text.as_bytes()).map_err(|e| io_error(&path, e))?;
     bytes += state_text.len() as u64;
     sync_dir(&tmp)?;
 
     fault::point(fault::Point::CheckpointRename);
     if target.exists() {
         // A checkpoint of this epoch from before a resume: superseded.
-        std::fs::remove_dir_all(&target).map_err(|e| io(&target, e))?;
+        std::fs::remove_dir_all(&target).map_err(|e| io_error(&target, e))?;
     }
-    std::fs::rename(&tmp, &target).map_err(|e| io(&target, e))?;
+    std::fs::rename(&tmp, &target).map_err(|e| io_error(&target, e))?;
     sync_dir(&root)?;
 
     let all = list(run_dir)?;
     for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
-        std::fs::remove_dir_all(old).map_err(|e| io(old, e))?;
+        std::fs::remove_dir_all(old).map_err(|e| io_error(old, e))?;
     }
     Ok(Written {
         bytes,
@@ -364,18 +359,12 @@ fn sum(bytes: &[u8]) -> FileSum {
     }
 }
 
-fn write_synced(path: &Path, contents: &[u8]) -> Result<(), TrainError> {
-    let mut f = std::fs::File::create(path).map_err(|e| io(path, e))?;
-    f.write_all(contents).map_err(|e| io(path, e))?;
-    f.sync_all().map_err(|e| io(path, e))
-}
-
 /// Makes a directory's entries (creations, renames) durable.
 fn sync_dir(dir: &Path) -> Result<(), TrainError> {
     #[cfg(unix)]
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| io(dir, e))?;
+        .map_err(|e| io_error(dir, e))?;
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())

@@ -16,7 +16,8 @@ pub struct RunDir {
     path: PathBuf,
 }
 
-fn io_error(path: &Path, e: std::io::Error) -> TrainError {
+/// An I/O failure on `path` as a [`TrainError`].
+pub(crate) fn io_error(path: &Path, e: std::io::Error) -> TrainError {
     TrainError::Io {
         path: path.to_path_buf(),
         message: e.to_string(),
@@ -132,14 +133,16 @@ pub fn write_atomic(target: &Path, contents: &[u8]) -> Result<(), TrainError> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, target)
-    })();
+    let result = write_synced(&tmp, contents).and_then(|()| std::fs::rename(&tmp, target));
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         io_error(target, e)
     })
+}
+
+/// Creates `path` with `contents` and flushes it to disk.
+pub(crate) fn write_synced(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
 }
