@@ -11,9 +11,9 @@ pub fn to_vec<const D: usize>(t: &Tensor<D>) -> Result<Vec<f32>> {
         .map_err(|e| CovnoiseError::Backend(format!("reading tensor data: {e:?}")))
 }
 
-/// Builds a rank-2 float tensor from a row-major host vector.
-pub fn from_vec(values: Vec<f32>, shape: [usize; 2], device: &Device) -> Tensor<2> {
-    debug_assert_eq!(values.len(), shape[0] * shape[1]);
+/// Builds a float tensor of `shape` from a row-major host vector.
+pub fn from_vec<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    debug_assert_eq!(values.len(), shape.iter().product::<usize>());
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 

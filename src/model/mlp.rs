@@ -5,18 +5,14 @@
 //! exact and Monte-Carlo estimators get per-example factors from the same
 //! backward pass; with the probes off it is the plain network.
 
-use burn::module::{Module, Param, RunningState};
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{Device, Int, Tensor, TensorData, activation};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::{Coupling, Objective, Probes};
+use super::{Coupling, GhostBatchNorm, Objective, Probes};
 use crate::error::{CovnoiseError, Result};
-
-/// Batch-norm epsilon and running-average momentum, PyTorch's defaults.
-const BN_EPS: f64 = 1e-5;
-const BN_MOMENTUM: f64 = 0.1;
 
 /// Normalization after each hidden Linear layer (before the ReLU).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -54,75 +50,6 @@ pub struct MlpConfig {
     pub classes: usize,
     /// Normalization of hidden layers.
     pub normalization: Normalization,
-}
-
-/// Batch normalization in PyTorch's semantics over consecutive groups of
-/// `group` examples (0: the whole batch); running statistics keep the
-/// unbiased variance, as PyTorch does.
-#[derive(Module, Debug)]
-pub struct GhostBatchNorm {
-    /// Scale gamma `[features]`.
-    pub gamma: Param<Tensor<1>>,
-    /// Shift beta `[features]`.
-    pub beta: Param<Tensor<1>>,
-    /// Running mean `[features]`.
-    pub running_mean: RunningState<Tensor<1>>,
-    /// Running (unbiased) variance `[features]`.
-    pub running_var: RunningState<Tensor<1>>,
-    /// Examples per normalization group; 0 for the whole batch.
-    pub group: usize,
-}
-
-impl GhostBatchNorm {
-    /// Scale 1, shift 0, running mean 0 and variance 1.
-    pub fn new(features: usize, group: usize, device: &Device) -> Self {
-        Self {
-            gamma: Param::from_tensor(Tensor::ones([features], device)),
-            beta: Param::from_tensor(Tensor::zeros([features], device)),
-            running_mean: RunningState::new(Tensor::zeros([features], device)),
-            running_var: RunningState::new(Tensor::ones([features], device)),
-            group,
-        }
-    }
-
-    /// Normalizes `z` `[B, F]` with batch statistics (and updates the running
-    /// ones) on an autodiff device, with the running statistics otherwise.
-    pub fn forward(&self, z: Tensor<2>) -> Tensor<2> {
-        let [b, f] = z.dims();
-        let gamma = self.gamma.val().reshape([1, f]);
-        let beta = self.beta.val().reshape([1, f]);
-        if !z.is_autodiff() {
-            let mean = self.running_mean.value_sync().reshape([1, f]);
-            let var = self.running_var.value_sync().reshape([1, f]);
-            return (z - mean) / (var + BN_EPS).sqrt() * gamma + beta;
-        }
-        let group = if self.group == 0 { b } else { self.group };
-        assert!(
-            b % group == 0 && group >= 2,
-            "batch of {b} examples cannot be split into normalization groups of {group}"
-        );
-        let groups = b / group;
-        let zr = z.reshape([groups, group, f]);
-        let mean = zr.clone().mean_dim(1);
-        let centered = zr - mean.clone();
-        let var = centered.clone().square().mean_dim(1);
-        let normalized = centered / (var.clone() + BN_EPS).sqrt();
-        let out = normalized.reshape([b, f]) * gamma + beta;
-        let unbias = group as f64 / (group as f64 - 1.0);
-        let batch_mean = mean.detach().inner().mean_dim(0).reshape([f]);
-        let batch_var = (var.detach().inner() * unbias).mean_dim(0).reshape([f]);
-        let old_mean = self.running_mean.value_sync().inner();
-        let old_var = self.running_var.value_sync().inner();
-        self.running_mean
-            .update(old_mean * (1.0 - BN_MOMENTUM) + batch_mean * BN_MOMENTUM);
-        self.running_var
-            .update(old_var * (1.0 - BN_MOMENTUM) + batch_var * BN_MOMENTUM);
-        // Fold the update in now, so that module visitors (buffer averaging
-        // across replicas, records) read the current statistics.
-        self.running_mean.value_sync();
-        self.running_var.value_sync();
-        out
-    }
 }
 
 /// A ReLU MLP: `Linear -> [BatchNorm] -> ReLU` for each hidden layer, then a

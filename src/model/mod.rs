@@ -3,15 +3,27 @@
 //! batches it can slice ([`Examples`]), and, for the per-example
 //! estimators, layers routed through [`Probes`].
 //!
-//! covnoise's own models ([`Mlp`]) are users of this API like anyone's.
+//! covnoise's own models ([`Mlp`], [`LeNet5`], [`Vgg`], [`ResNet`], one
+//! [`Network`] for the command line) are users of this API like anyone's.
 
+pub mod init;
+mod lenet;
 mod mlp;
+mod network;
+mod norm;
 mod objective;
 mod probe;
+mod resnet;
+mod vgg;
 
-pub use mlp::{GhostBatchNorm, Mlp, MlpConfig, Normalization};
+pub use lenet::LeNet5;
+pub use mlp::{Mlp, MlpConfig, Normalization};
+pub use network::{Architecture, Network, NetworkConfig};
+pub use norm::GhostBatchNorm;
 pub use objective::{Examples, Objective, count_correct, cross_entropy_per_example, labels_tensor};
-pub use probe::{LinearFactors, Probes};
+pub use probe::{ConvFactors, LayerFactors, LinearFactors, Probes};
+pub use resnet::{BasicBlock, ResNet};
+pub use vgg::{ConvBn, Vgg};
 
 use burn::tensor::{Int, Tensor};
 

@@ -7,12 +7,14 @@
 //! output gets a zero "probe" leaf added, and after backward the probe's
 //! gradient is the gradient of the objective with respect to the layer's
 //! pre-activation output, one row per example (BackPACK's quantity, without
-//! storing per-example weight gradients). When they are off, the call is the
-//! plain layer. The model's struct keeps burn's own layers, so its records
-//! and optimizers are unchanged.
+//! storing per-example weight gradients). `probes.conv2d(&self.conv, x)` does
+//! the same for burn's `Conv2d`. When they are off, the call is the plain
+//! layer. The model's struct keeps burn's own layers, so its records and
+//! optimizers are unchanged.
 
 use burn::module::ParamId;
-use burn::nn::Linear;
+use burn::nn::conv::Conv2d;
+use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::{Gradients, Tensor};
 
 use crate::error::{CovnoiseError, Result};
@@ -34,19 +36,68 @@ pub struct LinearFactors {
     pub output_grad: Tensor<2>,
 }
 
+/// A probed `Conv2d` layer's per-example factors after backward (same
+/// convention as [`LinearFactors`]).
+#[derive(Debug, Clone)]
+pub struct ConvFactors {
+    /// The layer's weight `[out, in, kh, kw]`.
+    pub weight: ParamId,
+    /// The layer's bias `[out]`, if it has one.
+    pub bias: Option<ParamId>,
+    /// Layer input `[B, in, H, W]`, before padding (no autodiff graph).
+    pub input: Tensor<4>,
+    /// Output gradients `delta`, `[B, out, H', W']`.
+    pub output_grad: Tensor<4>,
+    /// Kernel size `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// Stride `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// Dilation `[dh, dw]`.
+    pub dilation: [usize; 2],
+    /// Zero padding `[(top, bottom), (left, right)]` as the layer applied it.
+    pub padding: [(usize, usize); 2],
+}
+
+/// One probed layer's factors.
+#[derive(Debug, Clone)]
+pub enum LayerFactors {
+    /// A `Linear` layer.
+    Linear(LinearFactors),
+    /// A `Conv2d` layer.
+    Conv2d(ConvFactors),
+}
+
+impl LayerFactors {
+    /// The layer's weight and bias.
+    pub fn params(&self) -> (ParamId, Option<ParamId>) {
+        match self {
+            LayerFactors::Linear(f) => (f.weight, f.bias),
+            LayerFactors::Conv2d(f) => (f.weight, f.bias),
+        }
+    }
+}
+
 #[derive(Debug)]
-struct LinearProbe {
-    weight: ParamId,
-    bias: Option<ParamId>,
-    input: Tensor<2>,
-    probe: Tensor<2>,
+enum Recorded {
+    Linear {
+        weight: ParamId,
+        bias: Option<ParamId>,
+        input: Tensor<2>,
+        probe: Tensor<2>,
+    },
+    Conv2d {
+        factors: Box<ConvFactors>,
+        probe: Tensor<4>,
+    },
+    /// A layer the estimators cannot take apart (grouped convolution).
+    Unsupported(String),
 }
 
 /// The recorder a model's forward pass routes its probe-aware layers through.
 #[derive(Debug, Default)]
 pub struct Probes {
     enabled: bool,
-    linear: Vec<LinearProbe>,
+    layers: Vec<Recorded>,
 }
 
 impl Probes {
@@ -77,7 +128,7 @@ impl Probes {
         let input = x.clone().detach().inner();
         let z = layer.forward(x);
         let probe = Tensor::<2>::zeros(z.dims(), &z.device()).require_grad();
-        self.linear.push(LinearProbe {
+        self.layers.push(Recorded::Linear {
             weight: layer.weight.id,
             bias: layer.bias.as_ref().map(|b| b.id),
             input,
@@ -86,23 +137,92 @@ impl Probes {
         z + probe
     }
 
+    /// `layer.forward(x)` for images `x` of shape `[B, C, H, W]`, recording
+    /// the layer when the probes are on.
+    pub fn conv2d(&mut self, layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+        if !self.enabled {
+            return layer.forward(x);
+        }
+        if layer.groups != 1 {
+            self.layers.push(Recorded::Unsupported(format!(
+                "a Conv2d layer with {} groups (the exact estimator handles groups = 1)",
+                layer.groups
+            )));
+            return layer.forward(x);
+        }
+        let [_, _, h, w] = x.dims();
+        let input = x.clone().detach().inner();
+        let z = layer.forward(x);
+        let probe = Tensor::<4>::zeros(z.dims(), &z.device()).require_grad();
+        let factors = ConvFactors {
+            weight: layer.weight.id,
+            bias: layer.bias.as_ref().map(|b| b.id),
+            input,
+            // Filled from the probe's gradient after backward.
+            output_grad: Tensor::<4>::zeros([0, 0, 0, 0], &z.device().inner()),
+            kernel: layer.kernel_size,
+            stride: layer.stride,
+            dilation: layer.dilation,
+            padding: padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride),
+        };
+        self.layers.push(Recorded::Conv2d {
+            factors: Box::new(factors),
+            probe: probe.clone(),
+        });
+        z + probe
+    }
+
     /// Reads the recorded layers' output gradients from `grads`.
-    pub fn linear_factors(&self, grads: &Gradients) -> Result<Vec<LinearFactors>> {
-        self.linear
+    pub fn factors(&self, grads: &Gradients) -> Result<Vec<LayerFactors>> {
+        let missing = || {
+            CovnoiseError::Unsupported(
+                "a probe received no gradient: the model must live on an autodiff device (device.autodiff()) and its probed layers must reach the loss".into(),
+            )
+        };
+        self.layers
             .iter()
-            .map(|p| {
-                let output_grad = p.probe.grad(grads).ok_or_else(|| {
-                    CovnoiseError::Unsupported(
-                        "a probe received no gradient: the model must live on an autodiff device (device.autodiff()) and its probed layers must reach the loss".into(),
-                    )
-                })?;
-                Ok(LinearFactors {
-                    weight: p.weight,
-                    bias: p.bias,
-                    input: p.input.clone(),
-                    output_grad,
-                })
+            .map(|layer| match layer {
+                Recorded::Linear {
+                    weight,
+                    bias,
+                    input,
+                    probe,
+                } => Ok(LayerFactors::Linear(LinearFactors {
+                    weight: *weight,
+                    bias: *bias,
+                    input: input.clone(),
+                    output_grad: probe.grad(grads).ok_or_else(missing)?,
+                })),
+                Recorded::Conv2d { factors, probe } => Ok(LayerFactors::Conv2d(ConvFactors {
+                    output_grad: probe.grad(grads).ok_or_else(missing)?,
+                    ..(**factors).clone()
+                })),
+                Recorded::Unsupported(what) => Err(CovnoiseError::Unsupported(format!(
+                    "{what} has no per-example gradient rule; use --estimator microbatch"
+                ))),
             })
             .collect()
+    }
+}
+
+/// The zero padding burn's `Conv2d` applies for `config` to an input of
+/// spatial size `[h, w]` (`Same` may be asymmetric), as `[(top, bottom),
+/// (left, right)]`.
+fn padding_pairs(
+    config: &PaddingConfig2d,
+    [h, w]: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+) -> [(usize, usize); 2] {
+    // TensorFlow's "same": the output has ceil(size / stride) positions.
+    let same = |size: usize, k: usize, s: usize| {
+        let out = size.div_ceil(s);
+        let total = ((out.max(1) - 1) * s + k).saturating_sub(size);
+        (total / 2, total - total / 2)
+    };
+    match config {
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Same => [same(h, kernel[0], stride[0]), same(w, kernel[1], stride[1])],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(*top, *bottom), (*left, *right)],
     }
 }

@@ -1,5 +1,5 @@
-//! Exact per-example second moments of Linear layers from the factors of one
-//! backward pass, without forming per-example gradients.
+//! Exact per-example second moments of Linear and Conv2d layers from the
+//! factors of one backward pass.
 //!
 //! For a Linear layer `z_i = a_i W + b` (burn's layout, `W` is `[in, out]`),
 //! example i's weight gradient is the outer product `a_i^T delta_i`, so
@@ -7,12 +7,23 @@
 //! matrix product per layer), `sum_i (grad_b l_i)^2 = sum_i delta_i^2`, and
 //! the squared norm `||grad_W l_i||^2 = ||a_i||^2 ||delta_i||^2` gives the
 //! trace in O(B (in + out)).
+//!
+//! For a Conv2d layer, example i's weight gradient sums over the output
+//! positions p *before* it is squared: `G_i = delta_i U_i^T` with `U_i` the
+//! unfolded (im2col) input `[in kh kw, P]` and `delta_i` `[out, P]`, and the
+//! estimate is `sum_i G_i^2` (not the sum of per-position squares, a
+//! different, KFAC-like quantity). The examples go through in chunks, so the
+//! unfolded inputs and per-example gradients of one chunk are all that is
+//! held: about `CHUNK_BYTES` (64 MiB) per layer, or one example's worth when
+//! that is larger (`4 (in kh kw P + out in kh kw + out P)` bytes).
 
 use burn::tensor::Tensor;
+use burn::tensor::module::unfold4d;
+use burn::tensor::ops::{PadMode, UnfoldOptions};
 
 use super::{MomentKind, SecondMoment};
 use crate::error::{CovnoiseError, Result};
-use crate::model::LinearFactors;
+use crate::model::{ConvFactors, LayerFactors};
 use crate::params::ParamTable;
 use crate::tensor_util::scalar;
 
@@ -26,7 +37,7 @@ use crate::tensor_util::scalar;
 /// per-example gradient would be a sum of two products), is refused with its
 /// name, never skipped.
 pub fn moment_sums(
-    factors: &[LinearFactors],
+    factors: &[LayerFactors],
     table: &ParamTable,
     per_example_scale: f32,
     kind: MomentKind,
@@ -34,15 +45,42 @@ pub fn moment_sums(
     let mut slots: Vec<Option<Tensor<1>>> = vec![None; table.len()];
     let mut covered = vec![false; table.len()];
     let mut trace = 0.0;
-    for f in factors {
-        let weight = claim(table, &mut covered, f.weight)?;
-        let bias = match f.bias {
+    for layer in factors {
+        let (weight_id, bias_id) = layer.params();
+        let weight = claim(table, &mut covered, weight_id)?;
+        let bias = match bias_id {
             Some(b) => claim(table, &mut covered, b)?,
             None => None,
         };
         if weight.is_none() && bias.is_none() {
             continue;
         }
+        let f = match layer {
+            LayerFactors::Linear(f) => f,
+            LayerFactors::Conv2d(f) => {
+                let (w, b) = conv_sums(
+                    f,
+                    per_example_scale,
+                    [weight.is_some(), bias.is_some()],
+                    CHUNK_BYTES,
+                )?;
+                match kind {
+                    MomentKind::Diag => {
+                        if let (Some(i), Some(w)) = (weight, w) {
+                            slots[i] = Some(w);
+                        }
+                        if let (Some(i), Some(b)) = (bias, b) {
+                            slots[i] = Some(b);
+                        }
+                    }
+                    MomentKind::Trace => {
+                        trace +=
+                            w.map_or(0.0, |w| scalar(w.sum())) + b.map_or(0.0, |b| scalar(b.sum()));
+                    }
+                }
+                continue;
+            }
+        };
         let delta = f.output_grad.clone() * per_example_scale;
         let d2 = delta.square();
         match kind {
@@ -73,7 +111,7 @@ pub fn moment_sums(
     if let Some(i) = covered.iter().position(|c| !c) {
         let e = &table.entries()[i];
         return Err(CovnoiseError::Unsupported(format!(
-            "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover Linear layers routed through Probes::linear; use --estimator microbatch for other layers",
+            "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover Linear and Conv2d layers routed through Probes::linear and Probes::conv2d; use --estimator microbatch for other layers",
             e.name, e.shape
         )));
     }
@@ -86,6 +124,72 @@ pub fn moment_sums(
         ),
         MomentKind::Trace => SecondMoment::Trace(trace),
     })
+}
+
+/// Bytes of unfolded inputs and per-example gradients one chunk of examples
+/// may hold (see the module documentation).
+const CHUNK_BYTES: usize = 64 << 20;
+
+/// `sum_i G_i^2` flat in the weight's `[out, in, kh, kw]` order, and
+/// `sum_i (sum_p delta_i[:, p])^2` for the bias, of one Conv2d layer.
+/// The examples go through in chunks of at most `chunk_bytes` of unfolded
+/// inputs and per-example gradients (at least one example).
+fn conv_sums(
+    f: &ConvFactors,
+    per_example_scale: f32,
+    [want_weight, want_bias]: [bool; 2],
+    chunk_bytes: usize,
+) -> Result<(Option<Tensor<1>>, Option<Tensor<1>>)> {
+    let [b, cin, _, _] = f.input.dims();
+    let [bd, cout, ho, wo] = f.output_grad.dims();
+    let (positions, k) = (ho * wo, cin * f.kernel[0] * f.kernel[1]);
+    if bd != b {
+        return Err(CovnoiseError::Shape(format!(
+            "a Conv2d probe saw {b} inputs but {bd} output gradients"
+        )));
+    }
+    let per_example = 4 * (k * positions + cout * k + cout * positions);
+    let chunk = (chunk_bytes / per_example.max(1)).clamp(1, b.max(1));
+    let [(top, bottom), (left, right)] = f.padding;
+    let (mut weight, mut bias): (Option<Tensor<1>>, Option<Tensor<1>>) = (None, None);
+    let add = |acc: Option<Tensor<1>>, t: Tensor<1>| Some(acc.map_or(t.clone(), |a| a + t));
+    let mut start = 0;
+    while start < b {
+        let c = chunk.min(b - start);
+        let delta = f
+            .output_grad
+            .clone()
+            .narrow(0, start, c)
+            .reshape([c, cout, positions])
+            * per_example_scale;
+        if want_weight {
+            let mut x = f.input.clone().narrow(0, start, c);
+            if top + bottom + left + right > 0 {
+                x = x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0));
+            }
+            let unfolded = unfold4d(
+                x,
+                f.kernel,
+                UnfoldOptions::new(f.stride, [0, 0], f.dilation),
+            );
+            let [_, uk, up] = unfolded.dims();
+            if uk != k || up != positions {
+                return Err(CovnoiseError::Shape(format!(
+                    "a Conv2d probe's unfolded input is [{uk}, {up}] per example, its output gradient has {positions} positions and the kernel {k} inputs"
+                )));
+            }
+            // Example i's gradient [out, in kh kw]: the positions are summed
+            // by the product, before the square.
+            let g = delta.clone().matmul(unfolded.swap_dims(1, 2));
+            weight = add(weight, g.square().sum_dim(0).reshape([cout * k]));
+        }
+        if want_bias {
+            let s = delta.sum_dim(2).reshape([c, cout]).square().sum_dim(0);
+            bias = add(bias, s.reshape([cout]));
+        }
+        start += c;
+    }
+    Ok((weight, bias))
 }
 
 /// Marks parameter `id` as covered by a probed layer and returns its index;
@@ -106,4 +210,42 @@ fn claim(
     }
     covered[i] = true;
     Ok(Some(i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor_util::{from_vec, to_vec};
+    use burn::module::ParamId;
+    use burn::tensor::Device;
+
+    /// Chunks of one example give the same sums as the whole batch at once
+    /// (the batch-at-once result is checked against single-example backward
+    /// passes in tests/conv.rs): only float32 summation order differs.
+    #[test]
+    fn chunking_does_not_change_the_sums() {
+        let device = Device::flex();
+        let (b, cin, cout, side) = (5, 2, 3, 6);
+        let value = |i: usize| ((i * 37 % 17) as f32 - 8.0) / 7.0;
+        let input: Vec<f32> = (0..b * cin * side * side).map(value).collect();
+        let delta: Vec<f32> = (0..b * cout * 3 * 3).map(|i| value(i + 5)).collect();
+        let f = ConvFactors {
+            weight: ParamId::new(),
+            bias: Some(ParamId::new()),
+            input: from_vec(input, [b, cin, side, side], &device),
+            output_grad: from_vec(delta, [b, cout, 3, 3], &device),
+            kernel: [3, 3],
+            stride: [2, 2],
+            dilation: [1, 1],
+            padding: [(1, 0), (1, 0)],
+        };
+        let whole = conv_sums(&f, 2.0, [true, true], usize::MAX).unwrap();
+        let single = conv_sums(&f, 2.0, [true, true], 1).unwrap();
+        for (a, c) in [(whole.0, single.0), (whole.1, single.1)] {
+            let (a, c) = (to_vec(&a.unwrap()).unwrap(), to_vec(&c.unwrap()).unwrap());
+            for (x, y) in a.iter().zip(&c) {
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
+            }
+        }
+    }
 }

@@ -26,7 +26,7 @@ use rand::RngExt;
 use crate::collective::{Collective, all_reduce_packed};
 use crate::error::{CovnoiseError, Result};
 use crate::model::{
-    Coupling, Examples, LinearFactors, Objective, Probes, count_correct, cross_entropy_per_example,
+    Coupling, Examples, LayerFactors, Objective, Probes, count_correct, cross_entropy_per_example,
 };
 use crate::params::ParamTable;
 use crate::rng::{keyed_rng, stream};
@@ -36,8 +36,8 @@ use crate::tensor_util::{scalar, to_vec};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Estimator {
-    /// Exact per-example squared gradients, `(delta^2)^T (a^2)` per probed
-    /// Linear layer (the reference).
+    /// Exact per-example squared gradients of the probed Linear and Conv2d
+    /// layers (the reference).
     Exact,
     /// Centered variance of M micro-batch gradients (M >= 2, over all
     /// processes together). Needs nothing from the model but its loss.
@@ -171,7 +171,7 @@ pub struct Pass {
     /// Logits without autodiff graph (classifiers only).
     pub logits: Option<Tensor<2>>,
     /// Per-example factors of the probed layers, when requested.
-    pub factors: Vec<LinearFactors>,
+    pub factors: Vec<LayerFactors>,
     /// Number of examples.
     pub examples: usize,
 }
@@ -263,7 +263,7 @@ where
     };
     let mut gradients = value.backward();
     let factors = if request.probes {
-        probes.linear_factors(&gradients)?
+        probes.factors(&gradients)?
     } else {
         Vec::new()
     };

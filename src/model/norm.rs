@@ -1,0 +1,96 @@
+//! Batch normalization in PyTorch's semantics, over the whole batch or over
+//! consecutive groups of examples (ghost batch normalization), for feature
+//! vectors `[B, F]` and images `[B, C, H, W]`.
+//!
+//! burn's own `BatchNorm` keeps the *biased* batch variance in its running
+//! estimate; PyTorch keeps the unbiased one (`n / (n - 1)` times it, n the
+//! examples times positions normalized together), and evaluation uses the
+//! running estimate. This module follows PyTorch, so a model trained here
+//! evaluates as the same model trained in PyTorch would.
+
+use burn::module::{Module, Param, RunningState};
+use burn::tensor::{Device, Tensor};
+
+/// Batch-norm epsilon and running-average momentum, PyTorch's defaults.
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// Batch normalization over consecutive groups of `group` examples (0: the
+/// whole batch); running statistics keep the unbiased variance, as PyTorch
+/// does. Batch statistics on an autodiff device (training), running
+/// statistics otherwise (burn's `valid()` model).
+#[derive(Module, Debug)]
+pub struct GhostBatchNorm {
+    /// Scale gamma `[features]`.
+    pub gamma: Param<Tensor<1>>,
+    /// Shift beta `[features]`.
+    pub beta: Param<Tensor<1>>,
+    /// Running mean `[features]`.
+    pub running_mean: RunningState<Tensor<1>>,
+    /// Running (unbiased) variance `[features]`.
+    pub running_var: RunningState<Tensor<1>>,
+    /// Examples per normalization group; 0 for the whole batch.
+    pub group: usize,
+}
+
+impl GhostBatchNorm {
+    /// Scale 1, shift 0, running mean 0 and variance 1.
+    pub fn new(features: usize, group: usize, device: &Device) -> Self {
+        Self {
+            gamma: Param::from_tensor(Tensor::ones([features], device)),
+            beta: Param::from_tensor(Tensor::zeros([features], device)),
+            running_mean: RunningState::new(Tensor::zeros([features], device)),
+            running_var: RunningState::new(Tensor::ones([features], device)),
+            group,
+        }
+    }
+
+    /// Normalizes features `z` `[B, F]` (see [`GhostBatchNorm::forward_images`]).
+    pub fn forward(&self, z: Tensor<2>) -> Tensor<2> {
+        let [b, f] = z.dims();
+        self.forward_images(z.reshape([b, f, 1, 1])).reshape([b, f])
+    }
+
+    /// Normalizes images `z` `[B, C, H, W]` per channel, over the examples of
+    /// a group and all positions; with batch statistics (updating the
+    /// running ones) on an autodiff device, with the running ones otherwise.
+    pub fn forward_images(&self, z: Tensor<4>) -> Tensor<4> {
+        let [b, c, h, w] = z.dims();
+        let gamma = self.gamma.val().reshape([1, c, 1, 1]);
+        let beta = self.beta.val().reshape([1, c, 1, 1]);
+        if !z.is_autodiff() {
+            let mean = self.running_mean.value_sync().reshape([1, c, 1, 1]);
+            let var = self.running_var.value_sync().reshape([1, c, 1, 1]);
+            return (z - mean) / (var + BN_EPS).sqrt() * gamma + beta;
+        }
+        let group = if self.group == 0 { b } else { self.group };
+        let n = group * h * w;
+        // Models check divisibility when they are configured; this guards
+        // direct use of the module.
+        assert!(
+            b % group == 0 && n >= 2,
+            "batch of {b} examples cannot be split into normalization groups of {group}"
+        );
+        let groups = b / group;
+        let zr = z.reshape([groups, group, c, h * w]);
+        let mean = zr.clone().mean_dim(1).mean_dim(3);
+        let centered = zr - mean.clone();
+        let var = centered.clone().square().mean_dim(1).mean_dim(3);
+        let normalized = centered / (var.clone() + BN_EPS).sqrt();
+        let out = normalized.reshape([b, c, h, w]) * gamma + beta;
+        let unbias = n as f64 / (n as f64 - 1.0);
+        let batch_mean = mean.detach().inner().mean_dim(0).reshape([c]);
+        let batch_var = (var.detach().inner() * unbias).mean_dim(0).reshape([c]);
+        let old_mean = self.running_mean.value_sync().inner();
+        let old_var = self.running_var.value_sync().inner();
+        self.running_mean
+            .update(old_mean * (1.0 - BN_MOMENTUM) + batch_mean * BN_MOMENTUM);
+        self.running_var
+            .update(old_var * (1.0 - BN_MOMENTUM) + batch_var * BN_MOMENTUM);
+        // Fold the update in now, so that module visitors (buffer averaging
+        // across replicas, records) read the current statistics.
+        self.running_mean.value_sync();
+        self.running_var.value_sync();
+        out
+    }
+}
