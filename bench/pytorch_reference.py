@@ -1,12 +1,35 @@
 """PyTorch reference for `covnoise bench`: the time of one plain SGD step.
 
-Measures, on the CPU, one training step of the same MLP as covnoise
-(784-512-512-10, ReLU, PyTorch-default Linear init, mean cross-entropy,
-SGD lr 0.01 momentum 0.9): zero_grad, forward, loss, backward, optimizer
-step. Like `covnoise bench`, each batch size uses a fixed synthetic batch
-(features uniform in [-1.5, 1.5), labels uniform in 0..9), runs the warm-up
-steps untimed, then reports median, p10 and p90 in milliseconds over the
-timed steps, in the same line format as its `plain` variant.
+Measures, on the CPU, one training step of the same model as covnoise
+(mean cross-entropy, SGD lr 0.01 momentum 0.9): zero_grad, forward, loss,
+backward, optimizer step. Like `covnoise bench`, each batch size uses a fixed
+synthetic batch (inputs uniform in [-1.5, 1.5), labels uniform in
+0..classes-1), runs the warm-up steps untimed, then reports median, p10 and
+p90 in milliseconds over the timed steps, in the same line format as its
+`plain` variant. Models (--model), all in training mode (batch norm uses
+batch statistics):
+
+  mlp       784-512-512-classes (--hidden), ReLU, PyTorch-default init;
+            input [B, 784]. The default.
+  lenet5    Conv2d(1,6,5,padding=2) ReLU MaxPool2d(2); Conv2d(6,16,5) ReLU
+            MaxPool2d(2); flatten 400; Linear(400,120) ReLU Linear(120,84)
+            ReLU Linear(84,classes); PyTorch-default init; input [B,1,28,28].
+  vgg11, vgg16
+            CIFAR VGG with batch norm (kuangliu/pytorch-cifar): per cfg
+            number n, Conv2d(in,n,3,padding=1) BatchNorm2d(n) ReLU; 'M' is
+            MaxPool2d(2,2); flatten 512; Linear(512,classes); PyTorch-default
+            init; input [B,3,32,32].
+  resnet20, resnet32, resnet44, resnet56
+            He et al. 2016 CIFAR ResNet-(6n+2), n = 3, 5, 7, 9, as in
+            Yerlan Idelbayev's pytorch_resnet_cifar10: conv3x3(3,16) BN ReLU;
+            3 stages of n BasicBlocks (16, 32, 64 channels; first-block
+            stride 1, 2, 2); option-A shortcut (identity, or x[:, :, ::2, ::2]
+            zero-padded by planes//4 channels each side); global average
+            pooling; Linear(64,classes); kaiming_normal_ on Conv2d and Linear
+            weights; input [B,3,32,32].
+
+At start it prints `params MODEL N`, the number of trainable parameters (sum
+of p.numel(); batch-norm running statistics are buffers, not counted).
 
 Optional and not part of CI. Install PyTorch in a venv outside the repo
 (only the CPU is used; PyPI's Linux wheel also pulls ~5 GB of CUDA libraries,
@@ -19,6 +42,9 @@ Run, on a quiet machine, with the same thread count as the Rust run:
 
     /work/.venv-torch/bin/python bench/pytorch_reference.py --threads 2 --json torch-2t.json
     /work/.venv-torch/bin/python bench/pytorch_reference.py --threads 1 --json torch-1t.json
+    /work/.venv-torch/bin/python bench/pytorch_reference.py --model resnet20 --threads 2 \\
+        --batch-sizes 128 --json torch-resnet20-2t.json
+    /work/.venv-torch/bin/python bench/pytorch_reference.py --model vgg16 --classes 100 --count-only
 """
 
 import argparse
@@ -30,6 +56,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+MODELS = ["mlp", "lenet5", "resnet20", "resnet32", "resnet44", "resnet56", "vgg11", "vgg16"]
+
+VGG_CFG = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+              512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+RESNET_BLOCKS = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}
+
 
 def int_list(s):
     return [int(v) for v in s.split(",") if v.strip()]
@@ -40,16 +76,116 @@ def percentile(sorted_ms, q):
     return sorted_ms[int(math.floor((len(sorted_ms) - 1) * q + 0.5))]
 
 
-def bench_batch(b, hidden, warmup, steps):
-    torch.manual_seed(b)
+def mlp(hidden, classes):
     sizes = [784] + hidden
     layers = []
     for i, o in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(i, o), nn.ReLU()]
-    model = nn.Sequential(*layers, nn.Linear(sizes[-1], 10))
+    return nn.Sequential(*layers, nn.Linear(sizes[-1], classes))
+
+
+def lenet5(classes):
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(400, 120), nn.ReLU(),
+        nn.Linear(120, 84), nn.ReLU(),
+        nn.Linear(84, classes))
+
+
+def vgg(cfg, classes):
+    # kuangliu/pytorch-cifar VGG; its trailing AvgPool2d(1, 1) is the identity
+    # and is left out.
+    layers = []
+    c = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(c, v, kernel_size=3, padding=1, bias=True),
+                       nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+            c = v
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(512, classes))
+
+
+class BasicBlock(nn.Module):
+    """CIFAR ResNet block with the parameter-free option-A shortcut."""
+
+    def __init__(self, in_planes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pad = planes // 4 if (stride != 1 or in_planes != planes) else None
+
+    def shortcut(self, x):
+        if self.pad is None:
+            return x
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0.0)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, n, classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        blocks = []
+        in_planes = 16
+        for planes, stride in [(16, 1), (32, 2), (64, 2)]:
+            for k in range(n):
+                blocks.append(BasicBlock(in_planes, planes, stride if k == 0 else 1))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.linear = nn.Linear(64, classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.blocks(out)
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+def build(name, classes, hidden):
+    if name == "mlp":
+        return mlp(hidden, classes)
+    if name == "lenet5":
+        return lenet5(classes)
+    if name in VGG_CFG:
+        return vgg(VGG_CFG[name], classes)
+    if name in RESNET_BLOCKS:
+        return CifarResNet(RESNET_BLOCKS[name], classes)
+    raise ValueError(f"unknown model {name}")
+
+
+def input_shape(name):
+    if name == "mlp":
+        return (784,)
+    if name == "lenet5":
+        return (1, 28, 28)
+    return (3, 32, 32)
+
+
+def param_count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def bench_batch(name, b, classes, hidden, warmup, steps):
+    torch.manual_seed(b)
+    model = build(name, classes, hidden)
+    model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(b, 784) * 3.0 - 1.5
-    y = torch.randint(0, 10, (b,))
+    x = torch.rand(b, *input_shape(name)) * 3.0 - 1.5
+    y = torch.randint(0, classes, (b,))
     times = []
     for k in range(warmup + steps):
         start = time.perf_counter()
@@ -61,36 +197,51 @@ def bench_batch(b, hidden, warmup, steps):
         if k >= warmup:
             times.append(elapsed)
     times.sort()
-    return {"batch_size": b, "variant": "pytorch-plain",
+    return {"model": name, "batch_size": b, "variant": "pytorch-plain",
             "median_ms": percentile(times, 0.5), "p10_ms": percentile(times, 0.1),
             "p90_ms": percentile(times, 0.9), "steps": len(times)}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=MODELS, default="mlp",
+                   help="model to time (default: mlp)")
+    p.add_argument("--classes", type=int, default=10,
+                   help="number of output classes (default: 10)")
     p.add_argument("--batch-sizes", type=int_list, default=[128, 4096])
-    p.add_argument("--hidden", type=int_list, default=[512, 512])
+    p.add_argument("--hidden", type=int_list, default=[512, 512],
+                   help="hidden widths of the mlp (ignored by the other models)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--count-only", action="store_true",
+                   help="print the parameter count and exit")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     a = p.parse_args()
     if a.steps < 1:
         p.error("--steps must be at least 1")
+    if a.classes < 1:
+        p.error("--classes must be at least 1")
     if a.threads is not None:
         torch.set_num_threads(a.threads)
+    params = param_count(build(a.model, a.classes, a.hidden))
+    print(f"params {a.model} {params}", flush=True)
+    if a.count_only:
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []
     for b in a.batch_sizes:
-        r = bench_batch(b, a.hidden, a.warmup, a.steps)
+        r = bench_batch(a.model, b, a.classes, a.hidden, a.warmup, a.steps)
         print(f"batch {b:>5}  {r['variant']:<22} median {r['median_ms']:>9.2f} ms"
               f"  [p10 {r['p10_ms']:>8.2f}, p90 {r['p90_ms']:>8.2f}]", flush=True)
         results.append(r)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"torch_version": torch.__version__,
-                       "threads": torch.get_num_threads(), "results": results}, f, indent=2)
+                       "threads": torch.get_num_threads(), "model": a.model,
+                       "classes": a.classes, "params": params,
+                       "results": results}, f, indent=2)
             f.write("\n")
 
 

@@ -278,7 +278,7 @@ fn batch_norm_on_images_matches_pytorch_semantics() {
     let n = (group * s * s) as f64;
     let mut unbiased_mean = vec![0.0; c];
     for g in 0..b / group {
-        for ch in 0..c {
+        for (ch, unbiased) in unbiased_mean.iter_mut().enumerate() {
             let idx: Vec<usize> = (g * group..(g + 1) * group)
                 .flat_map(|i| (0..s * s).map(move |p| at(i, ch, p)))
                 .collect();
@@ -292,7 +292,7 @@ fn batch_norm_on_images_matches_pytorch_semantics() {
                 let want = (f64::from(x[k]) - mean) / (var + 1e-5).sqrt();
                 assert!((f64::from(out[k]) - want).abs() < 1e-4, "normalized value");
             }
-            unbiased_mean[ch] += var * n / (n - 1.0) / (b / group) as f64;
+            *unbiased += var * n / (n - 1.0) / (b / group) as f64;
         }
     }
     let running = to_vec(&norm.running_var.value()).unwrap();

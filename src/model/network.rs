@@ -177,6 +177,8 @@ impl NetworkConfig {
 
 /// One of covnoise's own models, as one burn module (records, optimizers
 /// and checkpoints see the variant's parameters).
+// One value per run, moved rarely: the variants' size difference is harmless.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Network {
     /// A ReLU MLP.

@@ -77,6 +77,8 @@ impl LayerFactors {
     }
 }
 
+// A handful per forward pass: the variants' size difference is harmless.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Recorded {
     Linear {
@@ -86,7 +88,7 @@ enum Recorded {
         probe: Tensor<2>,
     },
     Conv2d {
-        factors: Box<ConvFactors>,
+        factors: ConvFactors,
         probe: Tensor<4>,
     },
     /// A layer the estimators cannot take apart (grouped convolution).
@@ -166,7 +168,7 @@ impl Probes {
             padding: padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride),
         };
         self.layers.push(Recorded::Conv2d {
-            factors: Box::new(factors),
+            factors,
             probe: probe.clone(),
         });
         z + probe
@@ -195,7 +197,7 @@ impl Probes {
                 })),
                 Recorded::Conv2d { factors, probe } => Ok(LayerFactors::Conv2d(ConvFactors {
                     output_grad: probe.grad(grads).ok_or_else(missing)?,
-                    ..(**factors).clone()
+                    ..factors.clone()
                 })),
                 Recorded::Unsupported(what) => Err(CovnoiseError::Unsupported(format!(
                     "{what} has no per-example gradient rule; use --estimator microbatch"

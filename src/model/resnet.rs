@@ -81,7 +81,7 @@ impl ResNet {
     /// (0: the whole batch), weights drawn from `seed`.
     pub fn new(depth: usize, classes: usize, bn_group: usize, seed: u64, device: &Device) -> Self {
         assert!(
-            depth >= 8 && (depth - 2) % 6 == 0,
+            depth >= 8 && (depth - 2).is_multiple_of(6),
             "ResNet depth {depth}: 6n + 2 (checked by the configuration)"
         );
         let n = (depth - 2) / 6;
