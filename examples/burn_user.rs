@@ -13,7 +13,7 @@ use burn::tensor::{Device, Tensor, activation};
 use covnoise::data::{DatasetKind, LoadOptions};
 use covnoise::model::{Batch, Objective, Probes, cross_entropy_and_correct};
 use covnoise::noise::{NoiseConfig, NoiseStage};
-use covnoise::train::to_device;
+use covnoise::train::features_to_device;
 
 #[derive(Module, Debug)]
 struct Net {
@@ -57,13 +57,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut noise = NoiseStage::new(NoiseConfig::diag_fisher(64), batch_size, lr, 0)?;
     for epoch in 0..epochs {
         for indices in data.train.batches(batch_size, 0, epoch as u64).iter() {
-            let batch = to_device(&data.train.gather(indices), &device);
+            let batch = features_to_device(&data.train.gather(indices), &device);
             let step = noise.gradient(&net, &batch, epoch, Net::forward)?;
             net = optimizer.step(lr, net, step.grads);
         }
     }
     let all: Vec<usize> = (0..data.test.len()).collect();
-    let test = to_device(&data.test.gather(&all), &Device::flex());
+    let test = features_to_device(&data.test.gather(&all), &Device::flex());
     let logits = net.valid().logits(test.x, &mut Probes::off());
     let (loss, correct) = cross_entropy_and_correct(&logits, &test.labels)?;
     let accuracy = correct as f64 / all.len() as f64;

@@ -23,7 +23,7 @@ use burn::train::{
 use covnoise::data::{self, DatasetKind, LoadOptions};
 use covnoise::model::{Batch, Objective, Probes};
 use covnoise::noise::{NoiseConfig, NoiseStage, SharedNoiseStage};
-use covnoise::train::to_device;
+use covnoise::train::features_to_device;
 
 #[derive(Module, Debug)]
 struct Net {
@@ -99,7 +99,7 @@ struct Gather(Arc<data::Dataset>);
 
 impl Batcher<usize, Batch> for Gather {
     fn batch(&self, indices: Vec<usize>, device: &Device) -> Batch {
-        to_device(&self.0.gather(&indices), device)
+        features_to_device(&self.0.gather(&indices), device)
     }
 }
 
@@ -142,7 +142,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (model, examples) = (result.model, test.len());
     let all: Vec<usize> = (0..examples).collect();
-    let output = model.output(to_device(&test.gather(&all), &Device::flex()));
+    let output = model.output(features_to_device(&test.gather(&all), &Device::flex()));
     let predicted = output.output.argmax(1).squeeze_dim::<1>(1);
     let correct: i64 = predicted
         .equal(output.targets)

@@ -214,8 +214,21 @@ fn conv_bn(i: usize, o: usize) -> usize {
 
 #[test]
 fn parameter_counts_match_closed_forms_and_published_counts() {
+    // The model's own count, which the footprint (the memory estimate's
+    // input, computed without building the model) must agree with.
     let count = |a: Architecture, input: [usize; 3], norm: Normalization| {
-        network(a, input, norm).parameter_count()
+        let config = NetworkConfig {
+            architecture: a,
+            input,
+            classes: 10,
+            hidden: vec![],
+            normalization: norm,
+        };
+        let n = Network::new(&config, 0, &device())
+            .unwrap()
+            .parameter_count();
+        assert_eq!(config.footprint().0, n as u128, "{a} footprint");
+        n
     };
     let bn = Normalization::BatchNorm;
     // LeNet-5: (25*1+1)*6 + (25*6+1)*16 + 401*120 + 121*84 + 85*10.

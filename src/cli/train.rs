@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use covnoise::collective::{Collective, SingleProcess};
+use covnoise::data::DatasetKind;
+use covnoise::model::Architecture;
 use covnoise::train::settings::{EstimatorName, NoiseName, ScaleName, ScheduleName};
 use covnoise::train::{
     EpochMetrics, Progress, RunDir, RunSummary, TrainSettings, Trainer, checkpoint,
@@ -50,10 +52,27 @@ pub struct TrainArgs {
     #[arg(long, value_enum, value_name = "GROUP", default_value_t = Distributed::Single)]
     pub distributed: Distributed,
 
-    /// Directory with the four Fashion-MNIST IDX files (plain or .gz)
-    /// [default: $COVNOISE_DATA, then /usr/share/datasets/fashion-mnist].
+    /// Model: mlp, lenet5 (28x28 grey), vgg11, vgg16, resnet20, resnet32,
+    /// resnet44, resnet56 (32x32 colour) [default: mlp].
+    #[arg(long, value_name = "NAME", value_parser = parse_model)]
+    pub model: Option<Architecture>,
+    /// Data set: fashion-mnist, cifar10, cifar100, cifar100-coarse
+    /// [default: fashion-mnist].
+    #[arg(long, value_name = "NAME", value_parser = parse_dataset)]
+    pub dataset: Option<DatasetKind>,
+    /// Directory with the data set's files: Fashion-MNIST's four IDX files
+    /// (plain or .gz) [default: $COVNOISE_DATA, then
+    /// /usr/share/datasets/fashion-mnist]; CIFAR's binary version (no default).
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
+    /// Augment training images: random crop with 4-pixel zero padding and
+    /// horizontal flip, seeded by (seed, epoch, example) [default: on for
+    /// CIFAR, off for Fashion-MNIST].
+    #[arg(long, conflicts_with = "no_augment")]
+    pub augment: bool,
+    /// Do not augment training images.
+    #[arg(long)]
+    pub no_augment: bool,
     /// Use only the first N training examples.
     #[arg(long, value_name = "N")]
     pub train_limit: Option<usize>,
@@ -65,13 +84,13 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     pub holdout: Option<usize>,
 
-    /// Hidden layer widths, comma-separated [default: 512,512].
+    /// Hidden layer widths of the MLP, comma-separated [default: 512,512].
     #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
     pub hidden: Option<Vec<usize>>,
-    /// Batch normalization after each hidden layer (statistics over the whole batch).
+    /// Batch normalization after each hidden layer of the MLP (statistics over the whole batch; VGG and ResNet always have it).
     #[arg(long)]
     pub batch_norm: bool,
-    /// Ghost batch normalization: statistics over sub-batches of N (Hoffer et al. 2017).
+    /// Ghost batch normalization (MLP, VGG, ResNet): statistics over sub-batches of N (Hoffer et al. 2017).
     #[arg(long, value_name = "N")]
     pub ghost_batch: Option<usize>,
 
@@ -194,6 +213,8 @@ impl TrainArgs {
             ($($field:ident),*) => { $( if self.$field.is_some() { s.$field = self.$field.clone(); } )* };
         }
         set!(
+            model,
+            dataset,
             hidden,
             batch_size,
             lr,
@@ -232,6 +253,11 @@ impl TrainArgs {
             threads
         );
         s.batch_norm |= self.batch_norm;
+        if self.augment {
+            s.augment = Some(true);
+        } else if self.no_augment {
+            s.augment = Some(false);
+        }
         s.nesterov |= self.nesterov;
         s.centered |= self.centered;
         s
@@ -321,6 +347,21 @@ fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<Ru
     if writer {
         for warning in settings.warnings() {
             eprintln!("warning: {warning}");
+        }
+        if !args.quiet {
+            eprintln!(
+                "model {}: {} parameters; data {}: {} training and {} test examples{}",
+                settings.model,
+                group_thousands(trainer.model().parameter_count()),
+                settings.dataset,
+                data.train.n,
+                data.test.n,
+                if settings.augmentation_on() {
+                    ", augmented"
+                } else {
+                    ""
+                }
+            );
         }
     }
     if let Some(file) = &args.init_from {
@@ -539,4 +580,27 @@ impl Progress for TerminalProgress {
             bar.finish_and_clear();
         }
     }
+}
+
+fn parse_model(s: &str) -> Result<Architecture, String> {
+    s.parse()
+        .map_err(|e: covnoise::CovnoiseError| e.to_string())
+}
+
+fn parse_dataset(s: &str) -> Result<DatasetKind, String> {
+    s.parse()
+        .map_err(|e: covnoise::data::DataError| e.to_string())
+}
+
+/// `1234567` as `1,234,567`.
+fn group_thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }

@@ -14,23 +14,30 @@ use crate::error::{CovnoiseError, Result};
 
 /// A model architecture by its command-line name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
 pub enum Architecture {
     /// ReLU MLP with `--hidden` widths ("mlp").
+    #[serde(rename = "mlp")]
     Mlp,
     /// LeNet-5 for 28x28 grey images ("lenet5").
+    #[serde(rename = "lenet5")]
     LeNet5,
     /// VGG-11 with batch norm, CIFAR variant ("vgg11").
+    #[serde(rename = "vgg11")]
     Vgg11,
     /// VGG-16 with batch norm, CIFAR variant ("vgg16").
+    #[serde(rename = "vgg16")]
     Vgg16,
     /// CIFAR ResNet-20 ("resnet20").
+    #[serde(rename = "resnet20")]
     ResNet20,
     /// CIFAR ResNet-32 ("resnet32").
+    #[serde(rename = "resnet32")]
     ResNet32,
     /// CIFAR ResNet-44 ("resnet44").
+    #[serde(rename = "resnet44")]
     ResNet44,
     /// CIFAR ResNet-56 ("resnet56").
+    #[serde(rename = "resnet56")]
     ResNet56,
 }
 
@@ -160,6 +167,74 @@ impl NetworkConfig {
             });
         }
         Ok(())
+    }
+
+    /// Trainable parameters and activation values per example (the outputs
+    /// of the conv, Linear and normalization layers), computed from the
+    /// definition without building the model: the inputs of the memory
+    /// estimate, which must refuse a model too large to allocate.
+    pub fn footprint(&self) -> (u128, u128) {
+        let classes = self.classes as u128;
+        let conv_bn = |i: u128, o: u128, bias: bool| 9 * i * o + 2 * o + if bias { o } else { 0 };
+        match self.architecture {
+            Architecture::Mlp => {
+                let widths: Vec<u128> = std::iter::once(self.input.iter().product::<usize>())
+                    .chain(self.hidden.iter().copied())
+                    .map(|w| w as u128)
+                    .chain(std::iter::once(classes))
+                    .collect();
+                let params = widths.windows(2).map(|w| w[0] * w[1] + w[1]).sum();
+                (params, widths.iter().sum())
+            }
+            Architecture::LeNet5 => (
+                26 * 6 + 151 * 16 + 401 * 120 + 121 * 84 + 85 * classes,
+                6 * 28 * 28 + 6 * 14 * 14 + 16 * 10 * 10 + 16 * 5 * 5 + 120 + 84 + classes,
+            ),
+            Architecture::Vgg11 | Architecture::Vgg16 => {
+                let widths: &[u128] = if self.architecture == Architecture::Vgg11 {
+                    &[64, 0, 128, 0, 256, 256, 0, 512, 512, 0, 512, 512, 0]
+                } else {
+                    &[
+                        64, 64, 0, 128, 128, 0, 256, 256, 256, 0, 512, 512, 512, 0, 512, 512, 512,
+                        0,
+                    ]
+                };
+                let (mut c, mut side, mut params, mut units) = (3u128, 32u128, 0, 0);
+                for &w in widths {
+                    if w == 0 {
+                        side /= 2;
+                        units += c * side * side;
+                    } else {
+                        params += conv_bn(c, w, true);
+                        units += 2 * w * side * side;
+                        c = w;
+                    }
+                }
+                (params + 512 * classes + classes, units + classes)
+            }
+            Architecture::ResNet20
+            | Architecture::ResNet32
+            | Architecture::ResNet44
+            | Architecture::ResNet56 => {
+                let depth = match self.architecture {
+                    Architecture::ResNet20 => 20,
+                    Architecture::ResNet32 => 32,
+                    Architecture::ResNet44 => 44,
+                    _ => 56,
+                };
+                let n = (depth - 2) / 6;
+                let (mut params, mut units) = (conv_bn(3, 16, false), 2 * 16 * 1024);
+                let mut c = 16;
+                for (w, side) in [(16u128, 32u128), (32, 16), (64, 8)] {
+                    for _ in 0..n {
+                        params += conv_bn(c, w, false) + conv_bn(w, w, false);
+                        units += 5 * w * side * side;
+                        c = w;
+                    }
+                }
+                (params + 64 * classes + classes, units + 64 + classes)
+            }
+        }
     }
 
     /// How the examples of a training batch interact in this model.

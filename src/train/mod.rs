@@ -23,7 +23,7 @@ use crate::collective::{
 };
 use crate::data::{self, Dataset, TrainTest};
 use crate::error::CovnoiseError;
-use crate::model::{Batch, Mlp, cross_entropy_and_correct, labels_tensor};
+use crate::model::{Batch, Network, NetworkConfig, cross_entropy_and_correct, labels_tensor};
 use crate::noise::NoiseStage;
 use crate::optim::LrSchedule;
 use crate::params::ParamTable;
@@ -115,13 +115,13 @@ pub fn config_record(
     toml::to_string(&table).map_err(ser)
 }
 
-/// Loads Fashion-MNIST as `settings` say (directory, limits, holdout).
+/// Loads the data set as `settings` say (which, directory, limits, holdout).
 pub fn load_data(settings: &TrainSettings) -> Result<TrainTest, TrainError> {
     let opts = data::LoadOptions {
         train_limit: settings.train_limit,
         test_limit: settings.test_limit,
     };
-    let loaded = data::DatasetKind::FashionMnist.load(settings.data.as_deref(), &opts)?;
+    let loaded = settings.dataset.load(settings.data.as_deref(), &opts)?;
     match settings.holdout {
         Some(n) => hold_out(loaded, n),
         None => Ok(loaded),
@@ -154,17 +154,35 @@ pub fn hold_out(mut data: TrainTest, n: usize) -> Result<TrainTest, TrainError> 
     Ok(data)
 }
 
-/// Copies a host batch to `device`.
-pub fn to_device(batch: &data::Batch, device: &Device) -> Batch {
+/// The `[C, H, W]` shape a data set's examples take as model inputs
+/// (`[1, 1, dim]` for feature vectors).
+pub fn input_shape(data: &Dataset) -> [usize; 3] {
+    match *data.shape.as_slice() {
+        [c, h, w] => [c, h, w],
+        _ => [1, 1, data.dim],
+    }
+}
+
+/// Copies a host batch to `device` as feature rows `[B, dim]` (for models
+/// that take vectors).
+pub fn features_to_device(batch: &data::Batch, device: &Device) -> Batch<2> {
     Batch {
         x: from_vec(batch.features.clone(), [batch.size, batch.dim], device),
         labels: labels_tensor(&batch.labels, device),
     }
 }
 
+/// Copies a host batch of examples of `shape` to `device` as `[B, C, H, W]`.
+pub fn to_device(batch: &data::Batch, [c, h, w]: [usize; 3], device: &Device) -> Batch<4> {
+    Batch {
+        x: from_vec(batch.features.clone(), [batch.size, c, h, w], device),
+        labels: labels_tensor(&batch.labels, device),
+    }
+}
+
 /// Sums of loss and correct predictions over `data.rows(range)`.
 fn evaluate_range(
-    model: &Mlp,
+    model: &Network,
     data: &Dataset,
     range: std::ops::Range<usize>,
     batch_size: usize,
@@ -172,10 +190,11 @@ fn evaluate_range(
 ) -> Result<(f64, f64), CovnoiseError> {
     let (mut loss_sum, mut correct) = (0.0, 0.0);
     let mut start = range.start;
+    let [c, h, w] = input_shape(data);
     while start < range.end {
         let end = (start + batch_size).min(range.end);
         let (x, labels) = data.rows(start..end);
-        let logits = model.logits(from_vec(x.to_vec(), [end - start, data.dim], device));
+        let logits = model.logits(from_vec(x.to_vec(), [end - start, c, h, w], device));
         let labels = labels_tensor(labels, device);
         let (loss, ok) = cross_entropy_and_correct(&logits, &labels)?;
         loss_sum += loss * (end - start) as f64;
@@ -187,7 +206,7 @@ fn evaluate_range(
 
 /// Evaluates `model` (evaluation mode) on all of `data`.
 pub fn evaluate(
-    model: &Mlp,
+    model: &Network,
     data: &Dataset,
     batch_size: usize,
     device: &Device,
@@ -198,7 +217,7 @@ pub fn evaluate(
 /// Evaluates with each process taking a contiguous shard of `data` and one
 /// all-reduce combining the sums.
 pub fn evaluate_sharded(
-    model: &Mlp,
+    model: &Network,
     data: &Dataset,
     batch_size: usize,
     device: &Device,
@@ -273,8 +292,8 @@ pub fn evaluate_checkpoint(
     let saved = checkpoint::read(path)?;
     let data = load_data(&settings)?;
     let device = crate::device::parse_device(&settings.device)?;
-    let config = settings.mlp_config(data.train.dim, data.train.num_classes)?;
-    let model = Mlp::new(&config, settings.seed, &device.clone().autodiff())?;
+    let config = settings.network_config(&data.train.shape, data.train.num_classes)?;
+    let model = Network::new(&config, settings.seed, &device.clone().autodiff())?;
     let model =
         weights::load_into(model, &saved.weights, false).map_err(|e| TrainError::Checkpoint {
             path: path.join("model.safetensors"),
@@ -313,7 +332,9 @@ pub struct Trainer<'a> {
     data: &'a TrainTest,
     device: Device,
     /// Taken by the optimizer during a step and put back after it.
-    model: Option<Mlp>,
+    model: Option<Network>,
+    /// The model's definition.
+    network: NetworkConfig,
     stage: NoiseStage<Box<dyn Collective>>,
     optimizer: ModuleOptimizer,
     schedule: LrSchedule,
@@ -351,26 +372,30 @@ impl<'a> Trainer<'a> {
             .into());
         }
         let device = crate::device::parse_device(&settings.device)?;
-        let needed = settings.memory_estimate(data.train.dim, data.train.num_classes);
+        let network = settings.network_config(&data.train.shape, data.train.num_classes)?;
+        network.validate()?;
+        let needed = settings.memory_estimate(&network);
         if let Some(total) = crate::device::host_memory_bytes()
             && needed > total as u128
         {
             let gib = |b: f64| b / f64::from(1u32 << 30);
+            let what = match settings.model {
+                crate::model::Architecture::Mlp => format!("--hidden {:?}", settings.hidden),
+                other => format!("--model {other}"),
+            };
             return Err(CovnoiseError::Unsupported(format!(
-                "--hidden {:?} at --batch-size {} needs at least {:.1} GiB (parameters, optimizer and noise state, batch activations), more than this machine's {:.1} GiB of memory",
-                settings.hidden,
+                "{what} at --batch-size {} needs at least {:.1} GiB (parameters, optimizer and noise state, batch activations), more than this machine's {:.1} GiB of memory",
                 settings.batch_size,
                 gib(needed as f64),
                 gib(total as f64)
             ))
             .into());
         }
-        let mlp = settings.mlp_config(data.train.dim, data.train.num_classes)?;
-        let model = Mlp::new(&mlp, settings.seed, &device.clone().autodiff())?;
+        let model = Network::new(&network, settings.seed, &device.clone().autodiff())?;
         let noise = settings.noise_config()?;
         let stage = NoiseStage::new(noise, settings.batch_size, settings.lr, settings.seed)?
             .with_collective(collective)
-            .with_coupling(mlp.normalization.coupling());
+            .with_coupling(network.coupling());
         stage.validate_model(&model, settings.batch_size / world)?;
         let optimizer = settings.sgd_config().init()?;
         let schedule_epochs = settings.schedule_epochs.unwrap_or(settings.epochs);
@@ -387,6 +412,7 @@ impl<'a> Trainer<'a> {
             data,
             device,
             model: Some(model),
+            network,
             stage,
             optimizer,
             schedule,
@@ -474,8 +500,13 @@ impl<'a> Trainer<'a> {
         self.steps_per_epoch
     }
 
+    /// The model's definition.
+    pub fn network(&self) -> &NetworkConfig {
+        &self.network
+    }
+
     /// The model (e.g. to evaluate or inspect after training).
-    pub fn model(&self) -> &Mlp {
+    pub fn model(&self) -> &Network {
         self.model
             .as_ref()
             .expect("the model is back after every step")
@@ -536,7 +567,7 @@ impl<'a> Trainer<'a> {
                 self.data
                     .train
                     .gather_into(&indices[rank * shard..(rank + 1) * shard], &mut host_batch);
-                let batch = to_device(&host_batch, &self.device);
+                let batch = to_device(&host_batch, self.network.input, &self.device);
                 lr = self.schedule.lr_at(self.stage.step());
                 let model = self
                     .model
@@ -544,7 +575,7 @@ impl<'a> Trainer<'a> {
                     .expect("the model is back after every step");
                 let gradient =
                     self.stage
-                        .gradient(&model, &batch, epoch, |m: &Mlp, b: &Batch, p| {
+                        .gradient(&model, &batch, epoch, |m: &Network, b: &Batch<4>, p| {
                             m.objective(b.x.clone(), b.labels.clone(), p)
                         });
                 let step = match gradient {

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::DatasetKind;
 use crate::error::{CovnoiseError, Result};
-use crate::model::{MlpConfig, Normalization};
+use crate::model::{Architecture, NetworkConfig, Normalization};
 use crate::moments::Estimator;
 use crate::noise::{NoiseConfig, NoiseStructure, NoiseWindow, ScaleRule};
 use crate::optim::{ScheduleKind, SgdConfig};
@@ -66,9 +67,16 @@ pub enum ScheduleName {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
 pub struct TrainSettings {
-    /// Directory with the Fashion-MNIST IDX files (None: COVNOISE_DATA, then
-    /// /usr/share/datasets/fashion-mnist).
+    /// The model architecture.
+    pub model: Architecture,
+    /// The data set.
+    pub dataset: DatasetKind,
+    /// Directory with the data set's files (None for Fashion-MNIST:
+    /// COVNOISE_DATA, then /usr/share/datasets/fashion-mnist; CIFAR needs it).
     pub data: Option<PathBuf>,
+    /// Training augmentation, random crop with 4-pixel zero padding and
+    /// horizontal flip (None: on for CIFAR, off for Fashion-MNIST).
+    pub augment: Option<bool>,
     /// Keep only the first N training examples.
     pub train_limit: Option<usize>,
     /// Keep only the first N test examples.
@@ -76,11 +84,13 @@ pub struct TrainSettings {
     /// Hold out the last N training examples and evaluate on them instead
     /// of the test set (for hyper-parameter search).
     pub holdout: Option<usize>,
-    /// Hidden layer widths.
+    /// Hidden layer widths (the MLP).
     pub hidden: Vec<usize>,
-    /// Batch normalization after each hidden Linear layer.
+    /// Batch normalization after each hidden Linear layer (the MLP; VGG and
+    /// ResNet always have it).
     pub batch_norm: bool,
-    /// Ghost batch normalization over sub-batches of this size.
+    /// Ghost batch normalization over sub-batches of this size (the MLP,
+    /// VGG and ResNet).
     pub ghost_batch: Option<usize>,
     /// Global batch size B (B_L for large-batch runs).
     pub batch_size: usize,
@@ -148,7 +158,10 @@ pub struct TrainSettings {
 impl Default for TrainSettings {
     fn default() -> Self {
         Self {
+            model: Architecture::Mlp,
+            dataset: DatasetKind::FashionMnist,
             data: None,
+            augment: None,
             train_limit: None,
             test_limit: None,
             holdout: None,
@@ -204,9 +217,34 @@ impl TrainSettings {
         toml::from_str(text)
     }
 
-    /// The model architecture for `input` features and `classes` classes.
-    pub fn mlp_config(&self, input: usize, classes: usize) -> Result<MlpConfig> {
-        let normalization = match (self.batch_norm, self.ghost_batch) {
+    /// Whether training batches are augmented.
+    pub fn augmentation_on(&self) -> bool {
+        // CIFAR's standard recipe augments; Fashion-MNIST's does not.
+        self.augment
+            .unwrap_or(self.dataset != DatasetKind::FashionMnist)
+    }
+
+    /// The model for examples of `shape` (`[C, H, W]`, or `[dim]` for
+    /// feature vectors) and `classes` classes.
+    pub fn network_config(&self, shape: &[usize], classes: usize) -> Result<NetworkConfig> {
+        let input = match *shape {
+            [c, h, w] => [c, h, w],
+            _ => [1, 1, shape.iter().product()],
+        };
+        Ok(NetworkConfig {
+            architecture: self.model,
+            input,
+            classes,
+            hidden: self.hidden.clone(),
+            normalization: self.normalization()?,
+        })
+    }
+
+    /// The normalization the flags ask for: the MLP's is optional, VGG and
+    /// ResNet always normalize (over ghost batches with --ghost-batch).
+    fn normalization(&self) -> Result<Normalization> {
+        let batch_norm = self.batch_norm || self.model.has_batch_norm();
+        let normalization = match (batch_norm, self.ghost_batch) {
             (_, Some(n)) => {
                 if !self.batch_size.is_multiple_of(n) {
                     return Err(invalid(
@@ -220,12 +258,14 @@ impl TrainSettings {
             (true, None) => Normalization::BatchNorm,
             (false, None) => Normalization::None,
         };
-        Ok(MlpConfig {
-            input,
-            hidden: self.hidden.clone(),
-            classes,
-            normalization,
-        })
+        if let Normalization::GhostBatchNorm(0 | 1) = normalization {
+            return Err(invalid(
+                "ghost-batch",
+                self.ghost_batch.unwrap_or(0),
+                "must be >= 2 (variance of one example is 0)",
+            ));
+        }
+        Ok(normalization)
     }
 
     /// The optimizer's settings.
@@ -342,7 +382,14 @@ impl TrainSettings {
             return Err(invalid("lr", self.lr, "must be a finite number > 0"));
         }
         self.sgd_config().validate()?;
-        self.mlp_config(1, 2)?;
+        self.normalization()?;
+        if self.model != Architecture::Mlp && self.hidden != TrainSettings::default().hidden {
+            return Err(invalid(
+                "hidden",
+                format!("{:?}", self.hidden),
+                "applies only to --model mlp",
+            ));
+        }
         let noise = self.noise_config()?;
         // Resolving the scale checks B_S < B_L for the paper rule, etc.
         if noise.structure != NoiseStructure::None {
@@ -351,19 +398,13 @@ impl TrainSettings {
         Ok(())
     }
 
-    /// A lower bound on the memory, in bytes, a run on `input` features and
-    /// `classes` classes allocates: five float32 copies of the parameters
-    /// (values, gradients, momentum, noise estimate and its average) plus
-    /// the activations of a batch (forward values and their gradients,
-    /// twice for the exact estimator's per-example factors).
-    pub fn memory_estimate(&self, input: usize, classes: usize) -> u128 {
-        let widths: Vec<u128> = std::iter::once(input)
-            .chain(self.hidden.iter().copied())
-            .chain(std::iter::once(classes))
-            .map(|w| w as u128)
-            .collect();
-        let params: u128 = widths.windows(2).map(|w| w[0] * w[1] + w[1]).sum();
-        let units: u128 = widths.iter().sum();
+    /// A lower bound on the memory, in bytes, a run of `network` allocates:
+    /// five float32 copies of the parameters (values, gradients, momentum,
+    /// noise estimate and its average) plus the activations of a batch
+    /// (forward values and their gradients, twice for the exact estimator's
+    /// per-example factors).
+    pub fn memory_estimate(&self, network: &NetworkConfig) -> u128 {
+        let (params, units) = network.footprint();
         let factor = if self.estimator == EstimatorName::Exact {
             4
         } else {
