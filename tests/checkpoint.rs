@@ -496,3 +496,75 @@ fn a_model_too_big_for_memory_is_refused_up_front_and_odd_settings_warn() {
         stderr(&o)
     );
 }
+
+/// The run directories under a study's output (those with a config.toml).
+fn study_runs(out: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![out.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() && path.file_name().is_some_and(|n| n != "checkpoints") {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "config.toml") {
+                found.push(dir.clone());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn a_study_killed_mid_run_continues_that_run_from_its_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let data = fixture(root.path());
+    let file = root.path().join("s.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"name = "resume"
+seeds = [0]
+[base]
+data = "{}"
+epochs = 3
+warmup-epochs = 1
+hidden = [32]
+threads = 1
+batch-size = 64
+lr = 0.1
+[[arm]]
+name = "diag"
+settings = {{ noise = "diag", small-batch = 16 }}
+"#,
+            data.display()
+        ),
+    )
+    .unwrap();
+    let study = |out: &Path, fault: Option<&str>| {
+        let mut c = bin();
+        c.arg("study").arg(&file).arg("--out").arg(out);
+        if let Some(f) = fault {
+            c.env("COVNOISE_FAULT", f);
+        }
+        c.output().unwrap()
+    };
+    let unbroken = root.path().join("unbroken");
+    let o = study(&unbroken, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let broken = root.path().join("broken");
+    let o = study(&broken, Some("step:11"));
+    assert!(killed(&o), "not killed: {:?} {}", o.status, stderr(&o));
+    let run = study_runs(&broken).pop().expect("the run directory");
+    assert_eq!(metrics(&run).len(), 1);
+    let o = study(&broken, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("continues from epoch 1"),
+        "{}",
+        stderr(&o)
+    );
+    let reference = study_runs(&unbroken).pop().unwrap();
+    assert_eq!(metrics(&run), metrics(&reference));
+    assert_eq!(final_weights(&run), final_weights(&reference));
+}

@@ -97,7 +97,7 @@ fn run_with(spec: &StudySpec, out: &Path, workers: usize) -> (Vec<String>, Vec<S
     let mut on_event = |e: StudyEvent| match e {
         StudyEvent::Start { dir, .. } => started.push(dir.display().to_string()),
         StudyEvent::Skip { dir } => skipped.push(dir.display().to_string()),
-        StudyEvent::Done { .. } => {}
+        _ => {}
     };
     run_study(spec, out, workers, &mut Silent, &mut on_event).unwrap();
     (started, skipped)

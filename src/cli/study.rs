@@ -74,6 +74,12 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
                 eprintln!("[{index}/{total}] {} ...", dir.display())
             }
             StudyEvent::Skip { dir } => eprintln!("reusing finished run {}", dir.display()),
+            StudyEvent::Continue { dir, epoch } => {
+                eprintln!("{} continues from epoch {epoch}", dir.display())
+            }
+            StudyEvent::Restart { dir, reason } => {
+                eprintln!("{} starts again: {reason}", dir.display())
+            }
             StudyEvent::Done { dir, summary } => eprintln!(
                 "  {} {:?}: test accuracy {:.4}, {:.2} s/epoch",
                 dir.display(),

@@ -32,7 +32,7 @@ use crate::collective::SingleProcess;
 use crate::data::TrainTest;
 use crate::train::{
     Progress, RunDir, RunStatus, RunSummary, Silent, TrainError, TrainSettings, Trainer,
-    config_record, load_data,
+    checkpoint, config_record, load_data,
 };
 
 /// Errors of a study: a bad study file (before anything runs), or a run that
@@ -306,6 +306,20 @@ pub enum StudyEvent<'a> {
         /// Run directory.
         dir: &'a Path,
     },
+    /// An unfinished run continues from its newest checkpoint.
+    Continue {
+        /// Run directory.
+        dir: &'a Path,
+        /// Epochs already done.
+        epoch: usize,
+    },
+    /// An unfinished run's checkpoint cannot be used; the run starts again.
+    Restart {
+        /// Run directory.
+        dir: &'a Path,
+        /// Why the checkpoint was not used.
+        reason: String,
+    },
     /// A run ended.
     Done {
         /// Run directory.
@@ -398,16 +412,26 @@ fn run_or_reuse(
     on_event(StudyEvent::Start { dir, index, total });
     let data = cache.get(settings);
     let mut trainer = Trainer::new(settings, data, Box::new(SingleProcess)).map_err(fail)?;
-    // An unfinished run (no summary) is started again from scratch.
-    let run_dir = RunDir::create(dir, true).map_err(fail)?;
-    run_dir
-        .write(
-            "config.toml",
-            config_record(settings, data, &trainer)
-                .map_err(fail)?
-                .as_bytes(),
-        )
-        .map_err(fail)?;
+    // An unfinished run with these settings continues from its newest
+    // checkpoint; without a usable one it starts again from scratch.
+    let resumed =
+        recorded_settings(dir).is_some() && resume_from_checkpoint(&mut trainer, dir, on_event);
+    let run_dir = if resumed {
+        RunDir::open(dir).map_err(fail)?
+    } else {
+        // A failed restore may have changed part of the trainer.
+        trainer = Trainer::new(settings, data, Box::new(SingleProcess)).map_err(fail)?;
+        let run_dir = RunDir::create(dir, true).map_err(fail)?;
+        run_dir
+            .write(
+                "config.toml",
+                config_record(settings, data, &trainer)
+                    .map_err(fail)?
+                    .as_bytes(),
+            )
+            .map_err(fail)?;
+        run_dir
+    };
     let summary = match trainer.run(Some(&run_dir), progress) {
         Ok(summary) => summary,
         Err(TrainError::Diverged(_)) => {
@@ -422,6 +446,39 @@ fn run_or_reuse(
         summary: &summary,
     });
     Ok(summary)
+}
+
+/// Restores `trainer` from the newest checkpoint in `dir`; false (and the
+/// trainer to be rebuilt) when there is none or it is unusable.
+fn resume_from_checkpoint(
+    trainer: &mut Trainer<'_>,
+    dir: &Path,
+    on_event: &mut dyn FnMut(StudyEvent),
+) -> bool {
+    let Ok(Some((_, newest))) = checkpoint::list(dir).map(|mut all| all.pop()) else {
+        return false;
+    };
+    let restored = (|| -> Result<(), TrainError> {
+        let saved = checkpoint::read(&newest)?;
+        let metrics = RunDir::open(dir)?.read_metrics()?;
+        trainer.restore(&saved, metrics)
+    })();
+    match restored {
+        Ok(()) => {
+            on_event(StudyEvent::Continue {
+                dir,
+                epoch: trainer.start_epoch(),
+            });
+            true
+        }
+        Err(e) => {
+            on_event(StudyEvent::Restart {
+                dir,
+                reason: e.to_string(),
+            });
+            false
+        }
+    }
 }
 
 /// The chosen grid point of each arm (by final holdout accuracy; ties and
