@@ -48,14 +48,22 @@ pub fn splitmix64(state: &mut u64) -> u64 {
 /// The generator for one epoch's shuffle (see the module documentation for
 /// the exact derivation from `(seed, epoch)`).
 pub fn epoch_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
-    let mut state = seed ^ SHUFFLE_DOMAIN;
+    let mut rng = domain_rng(seed, SHUFFLE_DOMAIN);
+    rng.set_stream(epoch);
+    rng
+}
+
+/// ChaCha8 keyed by four outputs of [`splitmix64`] started from
+/// `seed ^ domain`, each little-endian, at stream 0 and word 0: the key
+/// derivation of the shuffler, shared by other users of the run seed (each
+/// with its own domain constant) so they never share a stream.
+pub(crate) fn domain_rng(seed: u64, domain: u64) -> ChaCha8Rng {
+    let mut state = seed ^ domain;
     let mut key = [0u8; 32];
     for chunk in key.chunks_exact_mut(8) {
         chunk.copy_from_slice(&splitmix64(&mut state).to_le_bytes());
     }
-    let mut rng = ChaCha8Rng::from_seed(key);
-    rng.set_stream(epoch);
-    rng
+    ChaCha8Rng::from_seed(key)
 }
 
 /// A uniform integer in `0..bound` (`bound >= 1`), unbiased, by Lemire's

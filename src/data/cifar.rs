@@ -10,8 +10,8 @@
 //! The directory may be the one holding the files or its parent, into which
 //! the official archive extracts `cifar-10-batches-bin/` or `cifar-100-binary/`.
 //! Files may also be gzipped (`*.bin.gz`), as for IDX. Preprocessing is the
-//! same as for Fashion-MNIST: one scalar mean and standard deviation from the
-//! training pixels.
+//! same as for Fashion-MNIST: a mean and standard deviation per channel from
+//! the training pixels (here three: red, green, blue).
 
 use std::path::{Path, PathBuf};
 
@@ -281,7 +281,7 @@ mod tests {
         assert_eq!(tt.train.shape, vec![3, 32, 32]);
         assert_eq!(tt.train.labels, all_labels);
         // The first training pixel is byte 0 of batch 1's first record.
-        let expect = tt.standardization.u8_table()[usize::from(pixels(1, 0)[0])];
+        let expect = tt.standardization.u8_table(0)[usize::from(pixels(1, 0)[0])];
         assert_eq!(tt.train.features[0], expect);
     }
 

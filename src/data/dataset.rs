@@ -9,6 +9,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use super::augment::Augmentation;
 use super::cifar::{self, Cifar100Label};
 use super::error::DataError;
 use super::fashion;
@@ -63,6 +64,18 @@ impl DatasetKind {
                 [1, fashion::FASHION_MNIST_SIDE, fashion::FASHION_MNIST_SIDE]
             }
             _ => [cifar::CIFAR_CHANNELS, cifar::CIFAR_SIDE, cifar::CIFAR_SIDE],
+        }
+    }
+
+    /// The training augmentation of the standard recipe for this data set:
+    /// [`Augmentation::cifar`] for the CIFAR kinds, none for Fashion-MNIST
+    /// (whose usual recipe has none: its images are centred and upright).
+    pub fn default_augmentation(self) -> Option<Augmentation> {
+        match self {
+            DatasetKind::FashionMnist => None,
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 | DatasetKind::Cifar100Coarse => {
+                Some(Augmentation::cifar())
+            }
         }
     }
 
@@ -123,5 +136,24 @@ mod tests {
             assert!(k.shape().iter().product::<usize>() > 0);
         }
         assert!("mnist".parse::<DatasetKind>().is_err());
+    }
+
+    #[test]
+    fn only_cifar_is_augmented_by_default() {
+        for k in DatasetKind::ALL {
+            let want = (k != DatasetKind::FashionMnist).then(Augmentation::cifar);
+            assert_eq!(k.default_augmentation(), want, "{k}");
+            if let Some(a) = k.default_augmentation() {
+                let shape = k.shape();
+                assert!(a.check(&shape, &vec![0.0; shape[0]]).is_ok());
+            }
+        }
+        assert_eq!(
+            Augmentation::cifar(),
+            Augmentation {
+                crop_padding: 4,
+                flip: true
+            }
+        );
     }
 }

@@ -11,12 +11,14 @@
 //! - [`load_fashion_mnist`] (or [`load_cifar10`], [`load_cifar100`], or
 //!   [`DatasetKind::load`]) reads and validates every file, keeps the first
 //!   `--train-limit` / `--test-limit` examples, scales pixels to [0, 1] and
-//!   standardizes train and test with the training set's scalar mean and
-//!   standard deviation ([`Standardization`], recorded in [`TrainTest`]).
+//!   standardizes train and test with the training set's per-channel mean
+//!   and standard deviation ([`Standardization`], recorded in [`TrainTest`]).
 //! - [`EpochShuffler`] gives each epoch a seeded permutation and cuts it into
 //!   [`TrainBatches`] (the incomplete last batch is dropped);
 //!   [`eval_batches`] covers every example. [`Dataset::gather`] copies a batch
-//!   into one contiguous row-major buffer.
+//!   into one contiguous row-major buffer, and
+//!   [`Dataset::gather_augmented_into`] does so with each image randomly
+//!   cropped and flipped ([`Augmentation`], keyed by seed, epoch and example).
 //! - [`synthetic_clusters`] and [`synthetic_images`] make small seeded data
 //!   sets, and [`write_idx`] and friends write IDX files, so that tests never
 //!   depend on the real data being installed.
@@ -29,10 +31,12 @@
 // - error, idx, batch, locate: errors, the IDX format, shuffling and batching,
 //   where files are found;
 // - memory: the in-memory `Dataset` and `Batch`;
+// - augment: random crops and flips gathered into a `Batch`;
 // - split: limits and standardization shared by the image loaders;
 // - synthetic, fashion, cifar: the leaves that make or load data sets, which
 //   never import each other;
 // - dataset: the hub, `DatasetKind`, dispatching to the loaders.
+mod augment;
 mod batch;
 mod cifar;
 mod dataset;
@@ -44,6 +48,7 @@ mod memory;
 mod split;
 mod synthetic;
 
+pub use augment::{AUGMENT_DOMAIN, AugmentDraw, Augmentation};
 pub use batch::{
     EpochShuffler, EvalBatches, SHUFFLE_DOMAIN, TrainBatches, TrainBatchesIntoIter,
     epoch_permutation, epoch_rng, eval_batches, shuffle_in_place, splitmix64, uniform_below,

@@ -105,8 +105,8 @@ pub fn config_record(
     );
     meta.insert("train-examples".into(), (data.train.n as i64).into());
     meta.insert("test-examples".into(), (data.test.n as i64).into());
-    meta.insert("data-mean".into(), data.standardization.mean.into());
-    meta.insert("data-std".into(), data.standardization.std.into());
+    meta.insert("data-mean".into(), data.standardization.mean.clone().into());
+    meta.insert("data-std".into(), data.standardization.std.clone().into());
     meta.insert(
         "data".into(),
         toml::Value::try_from(&data.source).map_err(ser)?,
