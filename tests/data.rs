@@ -922,7 +922,9 @@ fn augmentation_is_the_same_however_the_batch_is_split() {
 }
 
 #[test]
-fn augmented_gather_reuses_the_batch_and_is_fast() {
+fn augmented_gather_reuses_the_batch() {
+    // Speed is measured by `covnoise bench`, not here; this checks that the
+    // buffer from the first call is reused (no allocation per batch).
     let ds = random_images(512, [3, 32, 32], 6);
     let aug = Augmentation::cifar();
     let fill = [0.0f32; 3];
@@ -931,29 +933,13 @@ fn augmented_gather_reuses_the_batch_and_is_fast() {
     let first = batches.batch(0).unwrap();
     ds.gather_augmented_into(first, &aug, &fill, 1, 0, &mut batch);
     let (ptr, cap) = (batch.features.as_ptr(), batch.features.capacity());
-    let mut times = Vec::new();
-    for epoch in 0..51 {
+    for epoch in 0..8 {
         let idx = batches.batch(epoch as usize % 4).unwrap();
-        let start = Instant::now();
         ds.gather_augmented_into(idx, &aug, &fill, 1, epoch, &mut batch);
-        times.push(start.elapsed().as_secs_f64());
-        // The buffer from the first call is reused: no reallocation.
         assert_eq!(
             (batch.features.as_ptr(), batch.features.capacity()),
             (ptr, cap)
         );
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    eprintln!(
-        "augmented gather of 128 CIFAR images: median {:.1} us",
-        median * 1e6
-    );
-    // Loose bound (the target is well under 1 ms) so a busy machine does not
-    // fail it, while a per-example allocation or quadratic loop would; only
-    // optimized builds are timed.
-    if !cfg!(debug_assertions) {
-        assert!(median < 5e-3, "median {median} s");
     }
 }
 

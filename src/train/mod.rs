@@ -353,6 +353,9 @@ impl<'a> Trainer<'a> {
         collective: Box<dyn Collective>,
     ) -> Result<Self, TrainError> {
         settings.validate()?;
+        // The model and the data must fit each other before anything else.
+        let network = settings.network_config(&data.train.shape, data.train.num_classes)?;
+        network.validate()?;
         let world = collective.world_size();
         if !settings.batch_size.is_multiple_of(world) {
             return Err(CovnoiseError::InvalidSetting {
@@ -372,8 +375,6 @@ impl<'a> Trainer<'a> {
             .into());
         }
         let device = crate::device::parse_device(&settings.device)?;
-        let network = settings.network_config(&data.train.shape, data.train.num_classes)?;
-        network.validate()?;
         let needed = settings.memory_estimate(&network);
         if let Some(total) = crate::device::host_memory_bytes()
             && needed > total as u128
@@ -390,6 +391,9 @@ impl<'a> Trainer<'a> {
                 gib(total as f64)
             ))
             .into());
+        }
+        if let Some(aug) = settings.augmentation() {
+            aug.check(&data.train.shape, &data.standardization.fill_values())?;
         }
         let model = Network::new(&network, settings.seed, &device.clone().autodiff())?;
         let noise = settings.noise_config()?;
@@ -544,6 +548,8 @@ impl<'a> Trainer<'a> {
         }
         let mut last_finite_loss = None;
         let mut host_batch = data::Batch::default();
+        let augmentation = self.settings.augmentation();
+        let fill = self.data.standardization.fill_values();
         let (mut checkpoint_seconds, mut checkpoint_bytes) = (0.0, 0);
         if let Some(dir) = run_dir {
             // From the start, the epochs done so far (none for a new run): a
@@ -564,9 +570,18 @@ impl<'a> Trainer<'a> {
             )?;
             for (k, indices) in batches.iter().enumerate() {
                 // This process's contiguous shard of the global batch.
-                self.data
-                    .train
-                    .gather_into(&indices[rank * shard..(rank + 1) * shard], &mut host_batch);
+                let mine = &indices[rank * shard..(rank + 1) * shard];
+                match &augmentation {
+                    Some(aug) => self.data.train.gather_augmented_into(
+                        mine,
+                        aug,
+                        &fill,
+                        seed,
+                        epoch as u64,
+                        &mut host_batch,
+                    ),
+                    None => self.data.train.gather_into(mine, &mut host_batch),
+                }
                 let batch = to_device(&host_batch, self.network.input, &self.device);
                 lr = self.schedule.lr_at(self.stage.step());
                 let model = self

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::DatasetKind;
+use crate::data::{Augmentation, DatasetKind};
 use crate::error::{CovnoiseError, Result};
 use crate::model::{Architecture, NetworkConfig, Normalization};
 use crate::moments::Estimator;
@@ -219,9 +219,22 @@ impl TrainSettings {
 
     /// Whether training batches are augmented.
     pub fn augmentation_on(&self) -> bool {
-        // CIFAR's standard recipe augments; Fashion-MNIST's does not.
-        self.augment
-            .unwrap_or(self.dataset != DatasetKind::FashionMnist)
+        self.augmentation().is_some()
+    }
+
+    /// The training augmentation: the data set's standard one (CIFAR's crop
+    /// and flip; none for Fashion-MNIST) unless --augment/--no-augment say
+    /// otherwise; --augment on Fashion-MNIST uses CIFAR's.
+    pub fn augmentation(&self) -> Option<Augmentation> {
+        match self.augment {
+            None => self.dataset.default_augmentation(),
+            Some(false) => None,
+            Some(true) => Some(
+                self.dataset
+                    .default_augmentation()
+                    .unwrap_or(Augmentation::cifar()),
+            ),
+        }
     }
 
     /// The model for examples of `shape` (`[C, H, W]`, or `[dim]` for
