@@ -153,6 +153,19 @@ fn parallel_workers_give_the_same_runs_and_resume() {
             .collect::<Vec<_>>()
     };
     assert_eq!(strip_times(read(&one)), strip_times(read(&three)));
+    // A run recorded before a setting existed (here eval-every, at its
+    // default) is the same run and is reused.
+    let old = three.join("runs/small/search-0/config.toml");
+    let text = std::fs::read_to_string(&old).unwrap();
+    assert!(text.contains("eval-every = 1"));
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("eval-every"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&old, text).unwrap();
+    let (started, skipped) = run_with(&spec, &three, 1);
+    assert_eq!((started.len(), skipped.len()), (0, 6));
 }
 
 #[test]

@@ -604,3 +604,28 @@ fn bench_writes_every_field_and_times_a_chosen_subset() {
         .unwrap();
     assert_clean_failure(&o, "diag-exactt");
 }
+
+#[test]
+fn eval_every_skips_test_evaluations_but_not_the_last() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let out = tmp.path().join("run");
+    let o = train(
+        &data,
+        &[
+            "--epochs",
+            "3",
+            "--eval-every",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = read_json_lines(&out.join("metrics.jsonl"));
+    let evaluated: Vec<bool> = lines.iter().map(|l| l["test_accuracy"].is_f64()).collect();
+    assert_eq!(evaluated, [false, true, true]);
+    assert!(lines[0]["test_accuracy"].is_null() && lines[0]["train_loss"].is_f64());
+    let o = train(&data, &["--eval-every", "0"]);
+    assert_clean_failure(&o, "eval-every");
+}

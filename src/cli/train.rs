@@ -181,6 +181,11 @@ pub struct TrainArgs {
     /// Evaluation batch size (does not change results) [default: 2000].
     #[arg(long, value_name = "N")]
     pub eval_batch: Option<usize>,
+    /// Evaluate on the test set after every E epochs and after the last;
+    /// other epochs record null test metrics (for many short epochs, e.g.
+    /// full-batch training) [default: 1].
+    #[arg(long, value_name = "E")]
+    pub eval_every: Option<usize>,
     /// Checkpoint every E epochs and after the last (0: never) [default: 1].
     #[arg(long, value_name = "E")]
     pub checkpoint_every: Option<usize>,
@@ -236,6 +241,7 @@ impl TrainArgs {
             seed,
             device,
             eval_batch,
+            eval_every,
             checkpoint_every,
             keep_checkpoints
         );
@@ -516,14 +522,17 @@ impl TerminalProgress {
 }
 
 fn epoch_line(m: &EpochMetrics, epochs: usize) -> String {
+    let test = if m.test_accuracy.is_nan() {
+        "test -".to_string()
+    } else {
+        format!("test loss {:.4} acc {:.4}", m.test_loss, m.test_accuracy)
+    };
     format!(
-        "epoch {:>3}/{epochs}  lr {:.4}  train loss {:.4} acc {:.4}  test loss {:.4} acc {:.4}  noise {}  {:.1}s",
+        "epoch {:>3}/{epochs}  lr {:.4}  train loss {:.4} acc {:.4}  {test}  noise {}  {:.1}s",
         m.epoch,
         m.lr,
         m.train_loss,
         m.train_accuracy,
-        m.test_loss,
-        m.test_accuracy,
         m.noise_trace
             .map_or("-".to_string(), |t| format!("{t:.3e}")),
         m.seconds

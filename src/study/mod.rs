@@ -394,9 +394,10 @@ fn run_or_reuse(
         dir: dir.to_path_buf(),
         source,
     };
-    let wanted = toml::Table::try_from(settings).map_err(|e| StudyError::Io(e.to_string()))?;
     if let Some(existing) = recorded_settings(dir) {
-        if existing != wanted {
+        // Compared as settings, so that a run recorded before a setting
+        // existed (its default then) still matches.
+        if existing.try_into::<TrainSettings>().ok().as_ref() != Some(settings) {
             return Err(StudyError::Io(format!(
                 "{} holds a run with other settings than the study file asks for; delete it or use another --out",
                 dir.display()

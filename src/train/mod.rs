@@ -629,13 +629,24 @@ impl<'a> Trainer<'a> {
             let seconds = epoch_start.elapsed().as_secs_f64();
             self.sync_buffers()?;
             let eval_start = Instant::now();
-            let test = evaluate_sharded(
-                self.model(),
-                &self.data.test,
-                self.settings.eval_batch,
-                &self.device,
-                self.stage.collective(),
-            )?;
+            let done = epoch + 1;
+            let test =
+                if done.is_multiple_of(self.settings.eval_every) || done == self.settings.epochs {
+                    evaluate_sharded(
+                        self.model(),
+                        &self.data.test,
+                        self.settings.eval_batch,
+                        &self.device,
+                        self.stage.collective(),
+                    )?
+                } else {
+                    // Not evaluated this epoch (--eval-every): null in metrics.jsonl.
+                    Evaluation {
+                        loss: f64::NAN,
+                        accuracy: f64::NAN,
+                        examples: 0,
+                    }
+                };
             let metrics = EpochMetrics {
                 epoch: epoch + 1,
                 lr,
@@ -656,7 +667,6 @@ impl<'a> Trainer<'a> {
             progress.epoch(&metrics);
             history.push(metrics);
             let every = self.settings.checkpoint_every;
-            let done = epoch + 1;
             if let Some(dir) = run_dir
                 && every > 0
                 && (done % every == 0 || done == self.settings.epochs)

@@ -149,6 +149,9 @@ pub struct TrainSettings {
     pub device: String,
     /// Batch size for evaluation (does not affect results).
     pub eval_batch: usize,
+    /// Evaluate after every E epochs (and after the last); the other
+    /// epochs' test metrics are null. For runs of many short epochs.
+    pub eval_every: usize,
     /// Write a checkpoint every E epochs (and after the last); 0: never.
     pub checkpoint_every: usize,
     /// Checkpoints kept (the newest), >= 1.
@@ -196,6 +199,7 @@ impl Default for TrainSettings {
             threads: None,
             device: "cpu".to_string(),
             eval_batch: 2000,
+            eval_every: 1,
             checkpoint_every: 1,
             keep_checkpoints: 2,
         }
@@ -370,6 +374,9 @@ impl TrainSettings {
                 self.schedule_epochs.unwrap_or(0),
                 "must be at least --epochs (a run may stop early, not run past its schedule)",
             ));
+        }
+        if self.eval_every == 0 {
+            return Err(invalid("eval-every", 0, "must be >= 1"));
         }
         if self.eval_batch == 0 {
             return Err(invalid("eval-batch", 0, "must be >= 1"));
