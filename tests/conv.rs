@@ -99,6 +99,7 @@ fn ctx(table: &ParamTable) -> StepContext<'_> {
         collective: &SingleProcess,
         table,
         coupling: Coupling::Independent,
+        chunk: None,
     }
 }
 
@@ -390,4 +391,78 @@ fn batch_norm_models_refuse_per_example_estimators_and_run_ghost_microbatches() 
         "{}",
         rel_err(&est, &reference)
     );
+}
+
+#[test]
+fn chunked_passes_give_the_whole_batch_step() {
+    // Chunks of 7 (the last one shorter) against one pass over 24 examples:
+    // the same mean gradient and estimates up to float32 summation order
+    // (1e-5 relative, ~100x the rounding of these sums).
+    let model = network(Architecture::LeNet5, [1, 28, 28], Normalization::None);
+    let table = ParamTable::of(&model);
+    let batch = image_batch(24, [1, 28, 28], 10, 11);
+    let whole = ctx(&table);
+    let chunked = StepContext {
+        chunk: Some(7),
+        ..ctx(&table)
+    };
+    for (estimator, kind) in [
+        (Estimator::Exact, MomentKind::Diag),
+        (Estimator::Exact, MomentKind::Trace),
+        (Estimator::McFisher, MomentKind::Diag),
+        (Estimator::Microbatch { micro_batches: 4 }, MomentKind::Diag),
+    ] {
+        let a = moments::estimate(&model, &batch, &objective, estimator, kind, &whole).unwrap();
+        let b = moments::estimate(&model, &batch, &objective, estimator, kind, &chunked).unwrap();
+        let what = format!("{estimator:?} {kind:?}");
+        assert!(
+            rel_err(&flat(&b.grads), &flat(&a.grads)) < 1e-5,
+            "{what}: gradient"
+        );
+        assert!(
+            (a.loss - b.loss).abs() < 1e-6 * a.loss.abs(),
+            "{what}: loss"
+        );
+        assert_eq!(a.correct, b.correct, "{what}");
+        match (a.moment.unwrap(), b.moment.unwrap()) {
+            (SecondMoment::Diag(x), SecondMoment::Diag(y)) => {
+                assert!(rel_err(&flat(&y), &flat(&x)) < 1e-5, "{what}: estimate")
+            }
+            (SecondMoment::Trace(x), SecondMoment::Trace(y)) => {
+                assert!((x - y).abs() < 1e-5 * x.abs(), "{what}: trace")
+            }
+            _ => panic!("{what}: kinds differ"),
+        }
+    }
+    // Weighted objective (the full-Fisher sampler's pass).
+    let weights: Vec<f32> = (0..24).map(|i| 0.5 + i as f32 / 24.0).collect();
+    let pass = |chunk| {
+        let request = PassRequest {
+            weights: Some(&weights),
+            chunk,
+            ..Default::default()
+        };
+        flat(
+            &backward_pass(&model, &table, &batch, &objective, request)
+                .unwrap()
+                .grads,
+        )
+    };
+    assert!(rel_err(&pass(Some(5)), &pass(None)) < 1e-5, "weighted pass");
+    // Whole-batch batch norm is never split.
+    let bn = StepContext {
+        coupling: Coupling::WholeBatch,
+        ..chunked
+    };
+    assert_eq!(bn.pass_chunk(), None);
+    let ghost = StepContext {
+        coupling: Coupling::Groups(4),
+        ..chunked
+    };
+    assert_eq!(ghost.pass_chunk(), None, "7 would split groups of 4");
+    let ghost8 = StepContext {
+        chunk: Some(8),
+        ..ghost
+    };
+    assert_eq!(ghost8.pass_chunk(), Some(8));
 }

@@ -108,6 +108,7 @@ fn ctx_with(step: u64, table: &ParamTable, coupling: Coupling) -> StepContext<'_
         collective: &SingleProcess,
         table,
         coupling,
+        chunk: None,
     }
 }
 

@@ -123,6 +123,7 @@ fn ctx<'a>(step: u64, table: &'a ParamTable) -> StepContext<'a> {
         collective: &SingleProcess,
         table,
         coupling: covnoise::model::Coupling::Independent,
+        chunk: None,
     }
 }
 

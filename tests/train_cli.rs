@@ -628,4 +628,30 @@ fn eval_every_skips_test_evaluations_but_not_the_last() {
     assert!(lines[0]["test_accuracy"].is_null() && lines[0]["train_loss"].is_f64());
     let o = train(&data, &["--eval-every", "0"]);
     assert_clean_failure(&o, "eval-every");
+    // Batch size 0 is the whole (here held-out-reduced) training set: one
+    // step per epoch, and the noise scale uses B_L = 512 - 112 = 400.
+    let full = tmp.path().join("full");
+    let o = train(
+        &data,
+        &[
+            "--batch-size",
+            "0",
+            "--holdout",
+            "112",
+            "--epochs",
+            "2",
+            "--noise",
+            "diag",
+            "--small-batch",
+            "16",
+            "--out",
+            full.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(full.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 2);
+    let c = summary["noise_scale"].as_f64().unwrap();
+    assert!((c - (1.0 / 16.0 - 1.0 / 400.0)).abs() < 1e-12, "c = {c}");
 }

@@ -122,6 +122,23 @@ pub struct StepContext<'a> {
     pub table: &'a ParamTable,
     /// How the model's examples interact.
     pub coupling: Coupling,
+    /// Run forward and backward passes over at most this many examples at a
+    /// time, accumulating (see [`PassRequest::chunk`]); None: whole batches.
+    pub chunk: Option<usize>,
+}
+
+impl StepContext<'_> {
+    /// The chunk a pass over these examples may use: [`StepContext::chunk`]
+    /// when the examples may be split there (independent examples, or ghost
+    /// groups that the chunk size keeps whole), else None.
+    pub fn pass_chunk(&self) -> Option<usize> {
+        let c = self.chunk?;
+        match self.coupling {
+            Coupling::Independent => Some(c),
+            Coupling::Groups(g) if c.is_multiple_of(g) => Some(c),
+            _ => None,
+        }
+    }
 }
 
 /// The mean gradient over the global batch, its loss and accuracy counts, and
@@ -154,6 +171,12 @@ pub struct PassRequest<'a> {
     pub probes: bool,
     /// Skip the parameter gradients (only per-example factors are wanted).
     pub skip_param_grads: bool,
+    /// Split the batch into passes over at most this many examples and
+    /// accumulate: the same gradients, loss, predictions and factors up to
+    /// float rounding, with the activations of one chunk alive at a time.
+    /// Only for examples that may be split there (see
+    /// [`StepContext::pass_chunk`]).
+    pub chunk: Option<usize>,
 }
 
 /// The result of one forward + backward pass over `n` examples.
@@ -198,6 +221,9 @@ where
         return Err(CovnoiseError::Shape(
             "example weights do not match the batch size".into(),
         ));
+    }
+    if let Some(chunk) = request.chunk.filter(|&c| c >= 1 && c < n) {
+        return chunked_pass(model, table, batch, forward, request, chunk);
     }
     // Without parameter gradients the backward pass only needs to reach the
     // probes: a frozen copy (shared tensors) skips the weight products.
@@ -283,6 +309,106 @@ where
     })
 }
 
+/// [`backward_pass`] over consecutive chunks of at most `chunk` examples,
+/// combined into the pass over the whole batch: each chunk's gradients and
+/// probe factors are of its own mean objective, so they are weighted by the
+/// chunk's share of the batch.
+fn chunked_pass<M, B, F>(
+    model: &M,
+    table: &ParamTable,
+    batch: &B,
+    forward: &F,
+    request: PassRequest,
+    chunk: usize,
+) -> Result<Pass>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
+    let n = batch.len();
+    let mut total: Option<Pass> = None;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let part = PassRequest {
+            weights: request.weights.map(|w| &w[start..start + len]),
+            labels: request.labels.clone().map(|l| l.narrow(0, start, len)),
+            chunk: None,
+            ..request
+        };
+        let mut pass = backward_pass(model, table, &batch.slice(start, len), forward, part)?;
+        let share = len as f32 / n as f32;
+        pass.grads.iter_mut().for_each(|g| *g = g.clone() * share);
+        for f in pass.factors.iter_mut() {
+            match f {
+                LayerFactors::Linear(f) => f.output_grad = f.output_grad.clone() * share,
+                LayerFactors::Conv2d(f) => f.output_grad = f.output_grad.clone() * share,
+            }
+        }
+        total = Some(match total {
+            None => pass,
+            Some(t) => combine_passes(t, pass)?,
+        });
+        start += len;
+    }
+    Ok(total.expect("a non-empty batch has a chunk"))
+}
+
+/// The pass over the examples of `a` followed by those of `b`.
+fn combine_passes(a: Pass, b: Pass) -> Result<Pass> {
+    if a.factors.len() != b.factors.len() || a.grads.len() != b.grads.len() {
+        return Err(CovnoiseError::Shape(
+            "two chunks of a batch recorded different layers".into(),
+        ));
+    }
+    let cat2 = |x: Tensor<2>, y: Tensor<2>| Tensor::cat(vec![x, y], 0);
+    let cat4 = |x: Tensor<4>, y: Tensor<4>| Tensor::cat(vec![x, y], 0);
+    let factors = a
+        .factors
+        .into_iter()
+        .zip(b.factors)
+        .map(|pair| match pair {
+            (LayerFactors::Linear(x), LayerFactors::Linear(y)) => {
+                Ok(LayerFactors::Linear(crate::model::LinearFactors {
+                    input: cat2(x.input, y.input),
+                    output_grad: cat2(x.output_grad, y.output_grad),
+                    ..x
+                }))
+            }
+            (LayerFactors::Conv2d(x), LayerFactors::Conv2d(y)) => {
+                Ok(LayerFactors::Conv2d(crate::model::ConvFactors {
+                    input: cat4(x.input, y.input),
+                    output_grad: cat4(x.output_grad, y.output_grad),
+                    ..x
+                }))
+            }
+            _ => Err(CovnoiseError::Shape(
+                "two chunks of a batch recorded different layers".into(),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Pass {
+        grads: a
+            .grads
+            .into_iter()
+            .zip(b.grads)
+            .map(|(x, y)| x + y)
+            .collect(),
+        loss_sum: a.loss_sum + b.loss_sum,
+        correct: match (a.correct, b.correct) {
+            (Some(x), Some(y)) => Some(x + y),
+            _ => None,
+        },
+        logits: match (a.logits, b.logits) {
+            (Some(x), Some(y)) => Some(cat2(x, y)),
+            _ => None,
+        },
+        factors,
+        examples: a.examples + b.examples,
+    })
+}
+
 /// Checks that `estimator` can run on a model with `coupling`, with a local
 /// batch of `local_batch` examples on `world` processes.
 pub fn validate(
@@ -354,7 +480,11 @@ where
     B: Examples,
     F: Fn(&M, &B, &mut Probes) -> Objective,
 {
-    let pass = backward_pass(model, ctx.table, batch, forward, PassRequest::default())?;
+    let request = PassRequest {
+        chunk: ctx.pass_chunk(),
+        ..Default::default()
+    };
+    let pass = backward_pass(model, ctx.table, batch, forward, request)?;
     reduce_step(
         pass.grads,
         pass.loss_sum,
@@ -438,6 +568,7 @@ where
                 forward,
                 PassRequest {
                     probes: !mc,
+                    chunk: ctx.pass_chunk(),
                     ..Default::default()
                 },
             )?;
@@ -461,7 +592,8 @@ where
                         labels: Some(labels),
                         probes: true,
                         skip_param_grads: true,
-                        ..Default::default()
+                        chunk: ctx.pass_chunk(),
+                        weights: None,
                     },
                 )?
                 .factors;
@@ -547,7 +679,10 @@ where
             ctx.table,
             &batch.slice(j * b, b),
             forward,
-            PassRequest::default(),
+            PassRequest {
+                chunk: ctx.pass_chunk(),
+                ..Default::default()
+            },
         )?;
         loss_sum += pass.loss_sum;
         correct = pass.correct.map(|c| c + correct.unwrap_or(0));

@@ -353,6 +353,8 @@ impl<'a> Trainer<'a> {
         collective: Box<dyn Collective>,
     ) -> Result<Self, TrainError> {
         settings.validate()?;
+        let settings = &settings.for_training_set(data.train.n);
+        settings.validate()?;
         // The model and the data must fit each other before anything else.
         let network = settings.network_config(&data.train.shape, data.train.num_classes)?;
         network.validate()?;
@@ -399,7 +401,8 @@ impl<'a> Trainer<'a> {
         let noise = settings.noise_config()?;
         let stage = NoiseStage::new(noise, settings.batch_size, settings.lr, settings.seed)?
             .with_collective(collective)
-            .with_coupling(network.coupling());
+            .with_coupling(network.coupling())
+            .with_chunk(settings.chunk);
         stage.validate_model(&model, settings.batch_size / world)?;
         let optimizer = settings.sgd_config().init()?;
         let schedule_epochs = settings.schedule_epochs.unwrap_or(settings.epochs);

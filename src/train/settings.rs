@@ -92,7 +92,12 @@ pub struct TrainSettings {
     /// Ghost batch normalization over sub-batches of this size (the MLP,
     /// VGG and ResNet).
     pub ghost_batch: Option<usize>,
-    /// Global batch size B (B_L for large-batch runs).
+    /// Forward/backward passes over at most this many examples at a time,
+    /// accumulated (the same step up to float rounding); None: whole batches.
+    pub chunk: Option<usize>,
+    /// Global batch size B (B_L for large-batch runs); 0: the whole
+    /// training set (full-batch gradient descent), resolved by
+    /// [`TrainSettings::for_training_set`].
     pub batch_size: usize,
     /// Peak learning rate.
     pub lr: f64,
@@ -171,6 +176,7 @@ impl Default for TrainSettings {
             hidden: vec![512, 512],
             batch_norm: false,
             ghost_batch: None,
+            chunk: None,
             batch_size: 4096,
             lr: 0.2,
             momentum: 0.9,
@@ -221,6 +227,16 @@ impl TrainSettings {
         toml::from_str(text)
     }
 
+    /// These settings for a training set of `n` examples: batch size 0
+    /// (full batch) becomes `n`.
+    pub fn for_training_set(&self, n: usize) -> TrainSettings {
+        let mut s = self.clone();
+        if s.batch_size == 0 {
+            s.batch_size = n;
+        }
+        s
+    }
+
     /// Whether training batches are augmented.
     pub fn augmentation_on(&self) -> bool {
         self.augmentation().is_some()
@@ -263,7 +279,7 @@ impl TrainSettings {
         let batch_norm = self.batch_norm || self.model.has_batch_norm();
         let normalization = match (batch_norm, self.ghost_batch) {
             (_, Some(n)) => {
-                if !self.batch_size.is_multiple_of(n) {
+                if self.batch_size > 0 && !self.batch_size.is_multiple_of(n) {
                     return Err(invalid(
                         "ghost-batch",
                         n,
@@ -362,9 +378,6 @@ impl TrainSettings {
     /// Checks the settings that need no data: everything the run could
     /// otherwise only discover after loading and training for a while.
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 {
-            return Err(invalid("batch-size", 0, "must be >= 1"));
-        }
         if self.epochs == 0 {
             return Err(invalid("epochs", 0, "must be >= 1"));
         }
@@ -373,6 +386,13 @@ impl TrainSettings {
                 "schedule-epochs",
                 self.schedule_epochs.unwrap_or(0),
                 "must be at least --epochs (a run may stop early, not run past its schedule)",
+            ));
+        }
+        if self.chunk == Some(0) {
+            return Err(invalid(
+                "chunk",
+                0,
+                "must be >= 1 (omit it for whole batches)",
             ));
         }
         if self.eval_every == 0 {
@@ -412,7 +432,7 @@ impl TrainSettings {
         }
         let noise = self.noise_config()?;
         // Resolving the scale checks B_S < B_L for the paper rule, etc.
-        if noise.structure != NoiseStructure::None {
+        if noise.structure != NoiseStructure::None && self.batch_size > 0 {
             noise.scale.resolve(self.batch_size, self.lr)?;
         }
         Ok(())
