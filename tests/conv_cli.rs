@@ -249,3 +249,57 @@ fn lenet_trains_with_every_estimator_and_refuses_what_does_not_apply() {
     );
     assert!(stderr(&o).contains("[3, 32, 32]"), "{}", stderr(&o));
 }
+
+#[test]
+fn cifar_study_files_plan_and_run_their_first_steps() {
+    use covnoise::study::{StudySpec, run_study};
+    use covnoise::train::Silent;
+    let root = tempfile::tempdir().unwrap();
+    let c10 = cifar10(&root.path().join("c10"), 24);
+    let c100 = cifar100(&root.path().join("c100"), 120, 16);
+    let studies = Path::new(env!("CARGO_MANIFEST_DIR")).join("studies");
+    for (file, data) in [
+        ("cifar10-resnet44.toml", &c10),
+        ("cifar100-resnet44.toml", &c100),
+        ("cifar10-vgg16.toml", &c10),
+    ] {
+        // Every arm at every grid point validates as written, with the data
+        // directory given as a user would (--set data=...).
+        let mut spec = StudySpec::load(&studies.join(file)).unwrap();
+        spec.set(&format!("data = \"{}\"", data.display())).unwrap();
+        spec.plan().unwrap_or_else(|e| panic!("{file}: {e}"));
+    }
+    // The ResNet-44 study's arms (estimators, ghost batch norm, augmentation)
+    // through their first steps on generated files, scaled down to one
+    // epoch of 3 batches of 32, one seed.
+    let mut spec = StudySpec::load(&studies.join("cifar10-resnet44.toml")).unwrap();
+    spec.seeds = vec![0];
+    let search = spec.search.as_mut().unwrap();
+    search.epochs = 1;
+    search.holdout = 24;
+    for set in [
+        format!("data = \"{}\"", c10.display()),
+        "train-limit = 96".into(),
+        "test-limit = 24".into(),
+        "epochs = 1".into(),
+        "warmup-epochs = 0".into(),
+        "batch-size = 32".into(),
+        "micro-batches = 4".into(),
+        "ghost-batch = 8".into(),
+        "small-batch = 8".into(),
+        "eval-batch = 24".into(),
+        "threads = 1".into(),
+    ] {
+        spec.set(&set).unwrap();
+    }
+    let out = root.path().join("study");
+    run_study(&spec, &out, 1, &mut Silent, &mut |_| {}).unwrap();
+    let md = std::fs::read_to_string(out.join("study.md")).unwrap();
+    for arm in [
+        "small batch 128",
+        "ghost BN 128",
+        "diag microbatch + ghost BN 128",
+    ] {
+        assert!(md.contains(arm), "{arm} missing from study.md");
+    }
+}

@@ -31,11 +31,19 @@ pub struct StudyArgs {
     /// Validate the study file and list its runs and budget, without training.
     #[arg(long)]
     pub plan: bool,
+    /// Override a setting in every run (base, arms and grids), e.g.
+    /// `--set data=/data/cifar-10-batches-bin --set device=cuda`; VALUE is
+    /// TOML (a bare word is a string). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
 }
 
 /// Runs `covnoise study`.
 pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
-    let spec = StudySpec::load(&args.file)?;
+    let mut spec = StudySpec::load(&args.file)?;
+    for assignment in &args.set {
+        spec.set(assignment)?;
+    }
     // Validate every arm before touching the output directory or the CPU.
     let plans = spec.plan()?;
     if args.plan {

@@ -112,6 +112,10 @@ pub struct StudySpec {
     /// The arms.
     #[serde(rename = "arm")]
     pub arms: Vec<ArmSpec>,
+    /// Settings that override the file's everywhere (base, arms and grids),
+    /// e.g. where the data are and which device: `covnoise study --set`.
+    #[serde(skip)]
+    pub overrides: toml::Table,
 }
 
 /// One arm, resolved: the settings of each search candidate and of each
@@ -177,6 +181,22 @@ impl StudySpec {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StudyError::Io(format!("{}: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| StudyError::Spec(format!("{}: {e}", path.display())))
+    }
+
+    /// Adds an override `key=value` (a TOML value; a bare word is a string):
+    /// see [`StudySpec::overrides`].
+    pub fn set(&mut self, assignment: &str) -> Result<(), StudyError> {
+        let (key, value) = assignment
+            .split_once('=')
+            .ok_or_else(|| StudyError::Spec(format!("--set {assignment}: expected KEY=VALUE")))?;
+        let (key, value) = (key.trim(), value.trim());
+        let value = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        self.overrides.insert(key.to_string(), value);
+        Ok(())
     }
 
     /// Resolves and validates every arm at every grid point: a bad arm is an
@@ -248,6 +268,7 @@ impl StudySpec {
                 let mut table = self.base.clone();
                 merge(&mut table, &arm.settings);
                 merge(&mut table, &point);
+                merge(&mut table, &self.overrides);
                 let settings: TrainSettings = table
                     .clone()
                     .try_into()
