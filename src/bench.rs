@@ -15,7 +15,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::model::{Batch, Mlp, MlpConfig, Normalization, labels_tensor};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+
+use crate::model::{Architecture, Batch, Network, NetworkConfig, Normalization, labels_tensor};
 use crate::moments::Estimator;
 use crate::noise::{NoiseConfig, NoiseStage, NoiseStructure, ScaleRule};
 use crate::optim::SgdConfig;
@@ -145,10 +148,15 @@ pub struct BenchResult {
 /// Settings of a bench run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
+    /// The model: the MLP takes 784 features, LeNet-5 28x28 grey images,
+    /// VGG and ResNet 32x32 colour images; 10 classes.
+    pub model: Architecture,
     /// Batch sizes to time.
     pub batch_sizes: Vec<usize>,
-    /// Hidden widths of the MLP (input 784, 10 classes as Fashion-MNIST).
+    /// Hidden widths of the MLP.
     pub hidden: Vec<usize>,
+    /// Passes over at most this many examples, accumulated (every variant).
+    pub chunk: Option<usize>,
     /// Untimed rounds first.
     pub warmup: usize,
     /// Timed rounds.
@@ -162,16 +170,42 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[i]
 }
 
-/// A synthetic batch with standardized features and uniform labels (step
-/// cost does not depend on the values).
-fn synthetic_batch(b: usize, device: &Device) -> Batch {
+/// A synthetic batch of examples of `shape` with standardized values and
+/// uniform labels (step cost does not depend on the values).
+fn synthetic_batch(b: usize, [c, h, w]: [usize; 3], device: &Device) -> Batch<4> {
     let mut rng = ChaCha8Rng::seed_from_u64(b as u64);
-    let x: Vec<f32> = (0..b * 784).map(|_| rng.random_range(-1.5..1.5)).collect();
+    let x: Vec<f32> = (0..b * c * h * w)
+        .map(|_| rng.random_range(-1.5..1.5))
+        .collect();
     let labels: Vec<u8> = (0..b).map(|_| rng.random_range(0..10u8)).collect();
     Batch {
-        x: from_vec(x, [b, 784], device),
+        x: from_vec(x, [b, c, h, w], device),
         labels: labels_tensor(&labels, device),
     }
+}
+
+/// Reads back the sum of a module's first parameter, so that a backend that
+/// defers work has finished the step before the clock stops.
+#[derive(Default)]
+struct FirstParameter(Option<f64>);
+
+impl ModuleVisitor for FirstParameter {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.0.is_none() {
+            self.0 = Some(crate::tensor_util::scalar(param.val().sum()));
+        }
+    }
+}
+
+/// Whether `variant` can run on `architecture`: the per-example estimators
+/// (exact, MC-Fisher) need a model without batch norm.
+pub fn applies(variant: &Variant, architecture: Architecture) -> bool {
+    !architecture.has_batch_norm()
+        || matches!(
+            variant.noise.structure,
+            NoiseStructure::None | NoiseStructure::Full { .. }
+        )
+        || matches!(variant.noise.estimator, Estimator::Microbatch { .. })
 }
 
 /// Times every variant at every batch size.
@@ -182,18 +216,37 @@ pub fn run_bench(
 ) -> Result<Vec<BenchResult>> {
     let device = Device::flex().autodiff();
     let mut results = Vec::new();
+    let shape = config.model.input_shape().unwrap_or([1, 28, 28]);
+    let variants: Vec<&Variant> = variants
+        .iter()
+        .filter(|v| applies(v, config.model))
+        .collect();
     for &b in &config.batch_sizes {
-        let batch = synthetic_batch(b, &device);
-        let mlp = MlpConfig {
-            input: 784,
-            hidden: config.hidden.clone(),
-            classes: 10,
-            normalization: Normalization::None,
-        };
+        let batch = synthetic_batch(b, shape, &device);
         let mut states = Vec::new();
-        for v in variants {
-            let model = Mlp::new(&mlp, 0, &device)?;
-            let stage = NoiseStage::new(v.noise.clone(), b, 0.1, 0)?;
+        for v in &variants {
+            // Batch norm: plain steps normalize over the whole batch; the
+            // micro-batch estimator needs ghost batches of one micro-batch.
+            let normalization = match v.noise.estimator {
+                _ if !config.model.has_batch_norm() => Normalization::None,
+                Estimator::Microbatch { micro_batches }
+                    if v.noise.structure != NoiseStructure::None =>
+                {
+                    Normalization::GhostBatchNorm(b / micro_batches)
+                }
+                _ => Normalization::BatchNorm,
+            };
+            let network = NetworkConfig {
+                architecture: config.model,
+                input: shape,
+                classes: 10,
+                hidden: config.hidden.clone(),
+                normalization,
+            };
+            let model = Network::new(&network, 0, &device)?;
+            let stage = NoiseStage::new(v.noise.clone(), b, 0.1, 0)?
+                .with_coupling(network.coupling())
+                .with_chunk(config.chunk);
             let sgd = SgdConfig {
                 momentum: 0.9,
                 ..Default::default()
@@ -206,12 +259,12 @@ pub fn run_bench(
                 let before = reset_peak();
                 let start = Instant::now();
                 let current = model.take().expect("put back after every step");
-                let g = stage.gradient(&current, &batch, 0, |m: &Mlp, b: &Batch, p| {
+                let g = stage.gradient(&current, &batch, 0, |m: &Network, b: &Batch<4>, p| {
                     m.objective(b.x.clone(), b.labels.clone(), p)
                 })?;
                 let next = sgd.step(0.01, current, g.grads);
-                // Read back one value so that any deferred work has finished.
-                let _ = crate::tensor_util::scalar(next.layers[0].weight.val().sum());
+                let mut first = FirstParameter::default();
+                next.visit(&mut first);
                 *model = Some(next);
                 let elapsed = start.elapsed().as_secs_f64() * 1e3;
                 if round >= config.warmup {

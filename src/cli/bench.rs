@@ -11,6 +11,15 @@ pub struct BenchArgs {
     /// Batch sizes to time, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "128,4096")]
     pub batch_sizes: Vec<usize>,
+    /// Model: mlp (784 inputs), lenet5 (28x28 grey), vgg11, vgg16,
+    /// resnet20..resnet56 (32x32 colour); 10 classes. Batch-norm models time
+    /// plain steps and the micro-batch estimator (with ghost batches of one
+    /// micro-batch); per-example estimators do not apply to them.
+    #[arg(long, value_name = "NAME", default_value = "mlp", value_parser = super::train::parse_model)]
+    pub model: covnoise::model::Architecture,
+    /// Run each pass over at most N examples, accumulated (every variant).
+    #[arg(long, value_name = "N")]
+    pub chunk: Option<usize>,
     /// Hidden widths of the MLP (input 784, 10 classes).
     #[arg(long, value_delimiter = ',', default_value = "512,512")]
     pub hidden: Vec<usize>,
@@ -48,6 +57,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("warning: this is a debug build; time a release build (cargo build --release)");
     }
     let config = BenchConfig {
+        model: args.model,
+        chunk: args.chunk,
         batch_sizes: args.batch_sizes.clone(),
         hidden: args.hidden.clone(),
         warmup: args.warmup,
@@ -63,15 +74,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         variants.retain(|v| v.name == "plain" || args.variants.iter().any(|n| n == v.name));
     }
     println!(
-        "threads {}  hidden {:?}  {} timed steps after {} warm-up rounds",
+        "model {}  threads {}  hidden {:?}  chunk {}  {} timed steps after {} warm-up rounds",
+        args.model,
         rayon::current_num_threads(),
         args.hidden,
+        args.chunk.map_or("none".to_string(), |c| c.to_string()),
         args.steps,
         args.warmup
     );
     let results = run_bench(&config, &variants, |line| println!("{line}"))?;
     if let Some(path) = &args.json {
         let doc = serde_json::json!({
+            "model": args.model,
+            "chunk": args.chunk,
             "threads": rayon::current_num_threads(),
             "hidden": args.hidden,
             "warmup": args.warmup,

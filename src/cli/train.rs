@@ -598,7 +598,7 @@ impl Progress for TerminalProgress {
     }
 }
 
-fn parse_model(s: &str) -> Result<Architecture, String> {
+pub(crate) fn parse_model(s: &str) -> Result<Architecture, String> {
     s.parse()
         .map_err(|e: covnoise::CovnoiseError| e.to_string())
 }
