@@ -352,6 +352,13 @@ fn bad_flags_are_refused_without_panic() {
 }
 
 #[test]
+fn a_monte_carlo_count_too_large_for_memory_is_refused_up_front() {
+    // 10^11 runs would need terabytes for their losses: one line, no abort.
+    let out = covnoise(&["quadratic", "--dim", "4", "--mc-runs", "100000000000"]);
+    assert_clean_failure(&out, "GiB");
+}
+
+#[test]
 fn illustrate_writes_the_figure() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["fig.png", "fig.svg"] {

@@ -59,6 +59,24 @@ pub fn simulate(
         });
     }
     let (unique, index) = unique_steps(steps);
+    // Every run's losses are kept for the two-pass statistics: refuse, up
+    // front, a count whose record cannot fit in memory.
+    let needed = runs as u128 * (24 + 8 * unique.len() as u128);
+    if let Some(total) = crate::device::host_memory_bytes()
+        && needed > u128::from(total)
+    {
+        let gib = |b: f64| b / f64::from(1u32 << 30);
+        return Err(TheoryError::InvalidParameter {
+            name: "Monte-Carlo runs".into(),
+            value: runs.to_string(),
+            reason: format!(
+                "keeping every run's losses at {} steps needs at least {:.1} GiB, more than this machine's {:.1} GiB of memory",
+                unique.len(),
+                gib(needed as f64),
+                gib(total as f64)
+            ),
+        });
+    }
     let factor = noise_factor(noise.cov());
     let chunks: Vec<(usize, usize)> = (0..runs)
         .step_by(RUNS_PER_CHUNK)
