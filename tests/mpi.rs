@@ -375,3 +375,64 @@ fn divergence_ends_the_job_with_a_summary() {
     assert_eq!(summary["status"].as_str(), Some("diverged"));
     assert_eq!(summary["world_size"].as_u64(), Some(2));
 }
+
+/// metrics.jsonl without its wall-clock fields.
+fn metrics_without_times(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let m = v.as_object_mut().unwrap();
+            m.remove("seconds");
+            m.remove("eval_seconds");
+            v
+        })
+        .collect()
+}
+
+/// A 2-process job killed mid-epoch (every rank SIGKILLs itself at step 11,
+/// in epoch 2) and resumed under mpirun ends as the unbroken job: every rank
+/// reads rank 0's checkpoint.
+#[test]
+fn a_killed_job_resumes_from_its_checkpoint_under_mpirun() {
+    let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data_dir(tmp.path());
+    let args = |out: &Path| {
+        let mut a = small_run(&data);
+        a.extend(["--noise", "diag", "--small-batch", "32", "--out"].map(String::from));
+        a.push(out.display().to_string());
+        a
+    };
+    let unbroken = tmp.path().join("unbroken");
+    let job = run_bounded(
+        mpirun(2, &bin(), &args(&unbroken)),
+        Duration::from_secs(300),
+    );
+    assert!(job.success, "{}", job.stderr);
+    let broken = tmp.path().join("broken");
+    let mut cmd = mpirun(2, &bin(), &args(&broken));
+    cmd.env("COVNOISE_FAULT", "step:11");
+    let job = run_bounded(cmd, Duration::from_secs(300));
+    assert!(!job.success, "the fault did not fire: {}", job.stdout);
+    assert_eq!(metrics_without_times(&broken).len(), 1, "epoch 1 only");
+    let resume: Vec<String> = [
+        "train",
+        "--resume",
+        &broken.display().to_string(),
+        "--threads",
+        "1",
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec();
+    let job = run_bounded(mpirun(2, &bin(), &resume), Duration::from_secs(300));
+    assert!(job.success, "resume failed: {}", job.stderr);
+    assert_eq!(
+        metrics_without_times(&broken),
+        metrics_without_times(&unbroken)
+    );
+    let summary = json(&broken.join("summary.json"));
+    assert_eq!(summary["replicas_identical"].as_bool(), Some(true));
+}
