@@ -14,7 +14,7 @@ pub struct EvalArgs {
     /// The checkpoint after epoch N [default: the newest].
     #[arg(long, value_name = "N")]
     pub checkpoint: Option<usize>,
-    /// Directory with the Fashion-MNIST files to test on [default: the run's data].
+    /// Directory with the files of the run's data set (Fashion-MNIST or CIFAR) to test on [default: the run's data].
     #[arg(long, value_name = "DIR")]
     pub data: Option<PathBuf>,
 }

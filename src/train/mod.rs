@@ -251,9 +251,9 @@ pub struct CheckpointEvaluation {
 }
 
 /// Evaluates the model of checkpoint `epoch` (None: the newest) of the run
-/// in `run_dir` on its test set, or on the test set of the Fashion-MNIST
-/// files in `data` (standardized with the statistics of that directory's
-/// training set, as the run's were).
+/// in `run_dir` on its test set, or on the test set of the run's data set
+/// in the files under `data` (standardized with the statistics of that
+/// directory's training set, as the run's were).
 pub fn evaluate_checkpoint(
     run_dir: &std::path::Path,
     epoch: Option<usize>,
