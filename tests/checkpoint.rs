@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
+use common::metrics_without_times as metrics;
 
 use covnoise::train::checkpoint;
 use covnoise::weights;
@@ -69,21 +70,6 @@ fn resume(dir: &Path, extra: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// metrics.jsonl without its wall-clock fields.
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let m = v.as_object_mut().unwrap();
-            m.remove("seconds");
-            m.remove("eval_seconds");
-            v
-        })
-        .collect()
 }
 
 /// The final weights: every tensor's name, shape and bits.

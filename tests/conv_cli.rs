@@ -10,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod common;
+use common::metrics_without_times as metrics;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_covnoise"));
@@ -86,20 +87,6 @@ fn train(args: &[&str], data: &Path, out: &Path) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn metrics(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let m = v.as_object_mut().unwrap();
-            m.remove("seconds");
-            m.remove("eval_seconds");
-            v
-        })
-        .collect()
 }
 
 fn assert_run_dir(dir: &Path, what: &str) {

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
+use common::metrics_without_times;
 
 /// One MPI job at a time: the machine may have two cores only, and the
 /// failure tests time their jobs.
@@ -374,21 +375,6 @@ fn divergence_ends_the_job_with_a_summary() {
     let summary = json(&out.join("summary.json"));
     assert_eq!(summary["status"].as_str(), Some("diverged"));
     assert_eq!(summary["world_size"].as_u64(), Some(2));
-}
-
-/// metrics.jsonl without its wall-clock fields.
-fn metrics_without_times(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let m = v.as_object_mut().unwrap();
-            m.remove("seconds");
-            m.remove("eval_seconds");
-            v
-        })
-        .collect()
 }
 
 /// A 2-process job killed mid-epoch (every rank SIGKILLs itself at step 11,

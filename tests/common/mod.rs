@@ -96,3 +96,19 @@ pub fn assert_monte_carlo_mean(acc: &Running, expected: &[f64], max_fraction: f6
         norm(expected)
     );
 }
+
+/// A run directory's metrics.jsonl without its wall-clock fields (the part
+/// two runs of the same settings must agree on).
+pub fn metrics_without_times(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let m = v.as_object_mut().unwrap();
+            m.remove("seconds");
+            m.remove("eval_seconds");
+            v
+        })
+        .collect()
+}
