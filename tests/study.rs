@@ -147,8 +147,11 @@ fn parallel_workers_give_the_same_runs_and_resume() {
     assert_eq!(started, vec![killed.display().to_string()]);
     assert_eq!(skipped.len(), 5);
     let read = |out: &Path| std::fs::read_to_string(out.join("study.md")).unwrap();
+    // Without the timing: the seconds column and the line saying how many
+    // threads each run had.
     let strip_times = |t: String| {
         t.lines()
+            .filter(|l| !l.starts_with("Final runs:"))
             .map(|l| l.rsplitn(4, '|').nth(3).unwrap_or(l).to_string())
             .collect::<Vec<_>>()
     };
@@ -264,6 +267,8 @@ fn aggregation_computes_mean_std_and_the_table() {
     let report = aggregate(
         &spec,
         vec![("a".into(), String::new(), settings, vec![], dirs)],
+        2,
+        1,
     )
     .unwrap();
     let arm = &report.arms[0];
@@ -279,4 +284,9 @@ fn aggregation_computes_mean_std_and_the_table() {
     assert!(md.contains("| a | 4096 | 0.2 | 10 | none |"), "{md}");
     assert!(md.contains("82.00 ± 2.83"), "{md}");
     assert!(md.contains("2/3"), "{md}");
+    // The seconds column says what it is.
+    assert!(
+        md.contains("s/epoch (1 thr)") && md.contains("2 run(s) trained at once"),
+        "{md}"
+    );
 }

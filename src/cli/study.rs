@@ -20,9 +20,11 @@ pub struct StudyArgs {
     /// study's `threads` setting, else all cores].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Runs trained at once (searches first, then final runs). Results do not
-    /// depend on it; a per-run progress bar is shown only with 1. Small-model
-    /// steps use few cores each, so on 2 cores `--jobs 2` nearly halves a study.
+    /// Runs trained at once (searches first, then final runs), each on its
+    /// own pool of threads/N threads (study.md says how many). Results do
+    /// not depend on it; a per-run progress bar is shown only with 1.
+    /// Small-model steps use few cores each, so on 2 cores `--jobs 2` nearly
+    /// halves a study.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub jobs: u64,
     /// Print only the final table.

@@ -83,6 +83,11 @@ pub struct StudyReport {
     pub search: Option<SearchSpec>,
     /// One entry per arm, in file order.
     pub arms: Vec<ArmResult>,
+    /// Runs trained at once (`--jobs`).
+    pub jobs: usize,
+    /// Threads of each run's own pool (the process's threads divided by
+    /// the jobs): the seconds per epoch are with this many threads.
+    pub threads_per_run: usize,
 }
 
 /// An arm as the runner hands it over: name, chosen point, final settings,
@@ -96,7 +101,12 @@ pub type ArmRuns = (
 );
 
 /// Reads each arm's final run directories and computes its spreads.
-pub fn aggregate(spec: &StudySpec, arms: Vec<ArmRuns>) -> Result<StudyReport, StudyError> {
+pub fn aggregate(
+    spec: &StudySpec,
+    arms: Vec<ArmRuns>,
+    jobs: usize,
+    threads_per_run: usize,
+) -> Result<StudyReport, StudyError> {
     let mut results = Vec::new();
     for (name, chosen, settings, search, runs) in arms {
         let records: Vec<RunRecord> = runs
@@ -152,6 +162,8 @@ pub fn aggregate(spec: &StudySpec, arms: Vec<ArmRuns>) -> Result<StudyReport, St
         seeds: spec.seeds.clone(),
         search: spec.search.clone(),
         arms: results,
+        jobs,
+        threads_per_run,
     })
 }
 
@@ -190,10 +202,17 @@ impl StudyReport {
         let seeds: Vec<String> = self.seeds.iter().map(|s| s.to_string()).collect();
         md += &format!(
             "Final runs: seeds {} (mean ± sample std over completed seeds). Accuracies in %, on the test set; \
-             train accuracy and loss on the whole training set in evaluation mode; seconds per epoch exclude evaluation.\n\n",
-            seeds.join(", ")
+             train accuracy and loss on the whole training set in evaluation mode. s/epoch: training seconds per epoch \
+             (evaluation excluded) of a run on its own pool of {} thread(s), {} run(s) trained at once; for the cost \
+             of a step on an idle machine see `covnoise bench`.\n\n",
+            seeds.join(", "),
+            self.threads_per_run,
+            self.jobs
         );
-        md += "| arm | batch | lr | epochs | noise | c | test acc | train acc | train loss | s/epoch | seeds ok |\n";
+        md += &format!(
+            "| arm | batch | lr | epochs | noise | c | test acc | train acc | train loss | s/epoch ({} thr) | seeds ok |\n",
+            self.threads_per_run
+        );
         md += "|---|---|---|---|---|---|---|---|---|---|---|\n";
         for a in &self.arms {
             md += &format!(

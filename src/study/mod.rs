@@ -470,6 +470,12 @@ fn run_or_reuse(
     Ok(summary)
 }
 
+/// Threads each of `workers` concurrent runs gets: an equal share of the
+/// process's pool, at least one.
+pub fn threads_per_job(workers: usize) -> usize {
+    (rayon::current_num_threads() / workers.max(1)).max(1)
+}
+
 /// Restores `trainer` from the newest checkpoint in `dir`; false (and the
 /// trainer to be rebuilt) when there is none or it is unusable.
 fn resume_from_checkpoint(
@@ -561,34 +567,46 @@ fn run_jobs(
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failed = std::sync::atomic::AtomicBool::new(false);
+    // Each concurrent run gets its own share of the threads, so that runs
+    // do not queue behind each other's tensor work and their seconds per
+    // epoch mean "with this many threads".
+    let share = threads_per_job(workers);
     let events = std::sync::Mutex::new(on_event);
     let results: Vec<std::sync::Mutex<Option<Result<RunSummary, StudyError>>>> =
         jobs.iter().map(|_| std::sync::Mutex::new(None)).collect();
     std::thread::scope(|scope| {
         for _ in 0..workers.min(jobs.len()) {
             scope.spawn(|| {
-                use std::sync::atomic::Ordering;
-                // Events of concurrent runs are serialized through one lock.
-                let mut forward = |event: StudyEvent| {
-                    let mut sink = events.lock().unwrap_or_else(|e| e.into_inner());
-                    (*sink)(event)
-                };
-                while !failed.load(Ordering::SeqCst) {
-                    let k = next.fetch_add(1, Ordering::SeqCst);
-                    let Some(job) = jobs.get(k) else { break };
-                    let result = run_or_reuse(
-                        &job.settings,
-                        &job.dir,
-                        cache,
-                        &mut Silent,
-                        &mut forward,
-                        job.index,
-                        total,
-                    );
-                    if result.is_err() {
-                        failed.store(true, Ordering::SeqCst);
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(share).build();
+                let work = || {
+                    use std::sync::atomic::Ordering;
+                    // Events of concurrent runs are serialized through one lock.
+                    let mut forward = |event: StudyEvent| {
+                        let mut sink = events.lock().unwrap_or_else(|e| e.into_inner());
+                        (*sink)(event)
+                    };
+                    while !failed.load(Ordering::SeqCst) {
+                        let k = next.fetch_add(1, Ordering::SeqCst);
+                        let Some(job) = jobs.get(k) else { break };
+                        let result = run_or_reuse(
+                            &job.settings,
+                            &job.dir,
+                            cache,
+                            &mut Silent,
+                            &mut forward,
+                            job.index,
+                            total,
+                        );
+                        if result.is_err() {
+                            failed.store(true, Ordering::SeqCst);
+                        }
+                        *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
                     }
-                    *results[k].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+                };
+                match pool {
+                    Ok(pool) => pool.install(work),
+                    // No pool (out of OS threads): share the global one.
+                    Err(_) => work(),
                 }
             });
         }
@@ -711,7 +729,13 @@ pub fn run_study(
             )
         })
         .collect();
-    let report = aggregate(spec, arms)?;
+    let jobs = workers.max(1);
+    let threads = if jobs > 1 {
+        threads_per_job(jobs)
+    } else {
+        rayon::current_num_threads()
+    };
+    let report = aggregate(spec, arms, jobs, threads)?;
     report.write(out)?;
     Ok(report)
 }
