@@ -167,20 +167,16 @@ fn conv_sums(
             if top + bottom + left + right > 0 {
                 x = x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0));
             }
-            let unfolded = unfold4d(
-                x,
-                f.kernel,
-                UnfoldOptions::new(f.stride, [0, 0], f.dilation),
-            );
-            let [_, uk, up] = unfolded.dims();
+            let unfolded_t = unfold_transposed(x, f);
+            let [_, up, uk] = unfolded_t.dims();
             if uk != k || up != positions {
                 return Err(CovnoiseError::Shape(format!(
-                    "a Conv2d probe's unfolded input is [{uk}, {up}] per example, its output gradient has {positions} positions and the kernel {k} inputs"
+                    "a Conv2d probe's unfolded input is [{up}, {uk}] per example, its output gradient has {positions} positions and the kernel {k} inputs"
                 )));
             }
             // Example i's gradient [out, in kh kw]: the positions are summed
             // by the product, before the square.
-            let g = delta.clone().matmul(unfolded.swap_dims(1, 2));
+            let g = delta.clone().matmul(unfolded_t);
             weight = add(weight, g.square().sum_dim(0).reshape([cout * k]));
         }
         if want_bias {
@@ -190,6 +186,31 @@ fn conv_sums(
         start += c;
     }
     Ok((weight, bias))
+}
+
+/// The transposed im2col of padded inputs `x` `[c, in, H, W]`: `[c, P,
+/// in kh kw]`, row p holding the input patch under output position p.
+/// Without dilation it is two sliding-window views and one copy; burn's
+/// `unfold4d`, kept for dilated kernels, is a convolution with a one-hot
+/// kernel and costs `in kh kw` multiply-adds per copied value.
+fn unfold_transposed(x: Tensor<4>, f: &ConvFactors) -> Tensor<3> {
+    let [c, cin, _, _] = x.dims();
+    let [kh, kw] = f.kernel;
+    if f.dilation != [1, 1] {
+        let u = unfold4d(
+            x,
+            f.kernel,
+            UnfoldOptions::new(f.stride, [0, 0], f.dilation),
+        );
+        return u.swap_dims(1, 2);
+    }
+    // [c, in, Ho, Wp, kh], then [c, in, Ho, Wo, kh, kw].
+    let rows: Tensor<5> = x.unfold(2, kh, f.stride[0]);
+    let patches: Tensor<6> = rows.unfold(3, kw, f.stride[1]);
+    let [_, _, ho, wo, _, _] = patches.dims();
+    patches
+        .permute([0, 2, 3, 1, 4, 5])
+        .reshape([c, ho * wo, cin * kh * kw])
 }
 
 /// Marks parameter `id` as covered by a probed layer and returns its index;
