@@ -189,6 +189,27 @@ fn unsupported_rank(e: &ParamEntry, rank: usize) -> CovnoiseError {
     ))
 }
 
+/// The segment a module adds to its parameters' paths: its field name, or
+/// nothing for the variant of an enum module (which model it is is the
+/// run's configuration, not part of its weights' names, so that
+/// `Network::Mlp`'s weights keep the MLP's own paths, `layers.0.weight`).
+pub(crate) fn path_segment(name: &str, container_type: &str) -> String {
+    if container_type.starts_with("Enum:") {
+        String::new()
+    } else {
+        name.to_string()
+    }
+}
+
+/// A parameter's path from its modules' segments.
+pub(crate) fn join_path(path: &[String]) -> String {
+    path.iter()
+        .filter(|s| !s.is_empty())
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 #[derive(Default)]
 struct TableVisitor {
     path: Vec<String>,
@@ -198,7 +219,7 @@ struct TableVisitor {
 
 impl ModuleVisitor for TableVisitor {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.to_string());
+        self.path.push(path_segment(name, container_type));
         self.containers.push(container_type.to_string());
     }
 
@@ -214,7 +235,7 @@ impl ModuleVisitor for TableVisitor {
         let shape = param.lazy_shape().dims::<D>().to_vec();
         self.entries.push(ParamEntry {
             id: param.id,
-            name: self.path.join("."),
+            name: join_path(&self.path),
             shape,
         });
     }

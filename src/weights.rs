@@ -50,8 +50,9 @@ struct Collect {
 }
 
 impl ModuleVisitor for Collect {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push(crate::params::path_segment(name, container_type));
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -62,7 +63,7 @@ impl ModuleVisitor for Collect {
         let value = param.val().inner();
         let shape = value.dims().to_vec();
         let n = value.shape().num_elements();
-        let name = self.path.join(".");
+        let name = crate::params::join_path(&self.path);
         self.tensors
             .push(to_vec(&value.reshape([n])).map(|values| NamedTensor {
                 name,
@@ -205,8 +206,9 @@ struct Load<'a> {
 }
 
 impl ModuleMapper for Load<'_> {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path
+            .push(crate::params::path_segment(name, container_type));
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -217,7 +219,7 @@ impl ModuleMapper for Load<'_> {
         if self.error.is_some() {
             return param;
         }
-        let name = self.path.join(".");
+        let name = crate::params::join_path(&self.path);
         let (id, old, mapper) = param.consume();
         let dims = old.dims().to_vec();
         let Some(t) = self.tensors.get(name.as_str()) else {

@@ -466,3 +466,41 @@ fn chunked_passes_give_the_whole_batch_step() {
     };
     assert_eq!(ghost8.pass_chunk(), Some(8));
 }
+
+#[test]
+fn weights_are_named_by_their_path_in_the_model_not_the_enum_variant() {
+    // The command line's Network enum adds no segment: the MLP's weights keep
+    // the names its checkpoints always had, and LeNet-5's are its fields'.
+    let names = |n: &Network| -> Vec<String> {
+        covnoise::weights::collect(n)
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect()
+    };
+    let mlp = Network::new(
+        &NetworkConfig {
+            architecture: Architecture::Mlp,
+            input: [1, 1, 6],
+            classes: 3,
+            hidden: vec![4],
+            normalization: Normalization::None,
+        },
+        0,
+        &device(),
+    )
+    .unwrap();
+    assert_eq!(
+        names(&mlp),
+        [
+            "layers.0.weight",
+            "layers.0.bias",
+            "layers.1.weight",
+            "layers.1.bias"
+        ]
+    );
+    let lenet = network(Architecture::LeNet5, [1, 28, 28], Normalization::None);
+    assert_eq!(names(&lenet)[..2], ["conv1.weight", "conv1.bias"]);
+    let table = ParamTable::of(&lenet);
+    assert_eq!(table.entries()[0].name, "conv1.weight");
+}
