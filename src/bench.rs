@@ -157,6 +157,8 @@ pub struct BenchConfig {
     pub hidden: Vec<usize>,
     /// Passes over at most this many examples, accumulated (every variant).
     pub chunk: Option<usize>,
+    /// The device (without autodiff; the bench adds it).
+    pub device: Device,
     /// Untimed rounds first.
     pub warmup: usize,
     /// Timed rounds.
@@ -214,7 +216,7 @@ pub fn run_bench(
     variants: &[Variant],
     mut log: impl FnMut(&str),
 ) -> Result<Vec<BenchResult>> {
-    let device = Device::flex().autodiff();
+    let device = config.device.clone().autodiff();
     let mut results = Vec::new();
     let shape = config.model.input_shape().unwrap_or([1, 28, 28]);
     let variants: Vec<&Variant> = variants

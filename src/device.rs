@@ -10,16 +10,17 @@ use crate::error::{CovnoiseError, Result};
 
 /// The names `--device` accepts.
 pub const DEVICE_NAMES: &str =
-    "cpu, wgpu, wgpu-cpu (a software Vulkan adapter such as lavapipe), cuda, cuda:N";
+    "cpu, ndarray, wgpu, wgpu-cpu (a software Vulkan adapter such as lavapipe), cuda, cuda:N";
 
 /// The device named `spec`: `cpu`, `wgpu` (the best adapter wgpu finds),
 /// `wgpu-cpu` (wgpu's CPU adapter, named explicitly because wgpu never
-/// picks a software adapter by itself), `cuda` or `cuda:N`.
+/// picks a software adapter by itself), `cuda` or `cuda:N`, or `ndarray`
+/// (burn's ndarray CPU backend, with OpenBLAS in a build with `openblas`).
 pub fn parse_device(spec: &str) -> Result<Device> {
     let unknown = || CovnoiseError::InvalidSetting {
         name: "device",
         value: spec.to_string(),
-        reason: "is not a device name (cpu, wgpu, wgpu-cpu, cuda, cuda:N)",
+        reason: "is not a device name (cpu, ndarray, wgpu, wgpu-cpu, cuda, cuda:N)",
     };
     let (kind, index) = match spec.split_once(':') {
         Some((k, i)) => (k, Some(i.parse::<usize>().map_err(|_| unknown())?)),
@@ -27,6 +28,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     };
     match (kind, index) {
         ("cpu", None) => Ok(Device::flex()),
+        ("ndarray", None) => ndarray(),
         ("wgpu", None) | ("wgpu-cpu", None) => wgpu(kind == "wgpu-cpu"),
         ("cuda", i) => cuda(i.unwrap_or(0)),
         _ => Err(unknown()),
@@ -58,7 +60,17 @@ fn cuda(_index: usize) -> Result<Device> {
     Err(not_built("cuda"))
 }
 
-#[cfg(any(not(feature = "wgpu"), not(feature = "cuda")))]
+#[cfg(feature = "ndarray")]
+fn ndarray() -> Result<Device> {
+    Ok(Device::ndarray())
+}
+
+#[cfg(not(feature = "ndarray"))]
+fn ndarray() -> Result<Device> {
+    Err(not_built("ndarray"))
+}
+
+#[cfg(any(not(feature = "wgpu"), not(feature = "cuda"), not(feature = "ndarray")))]
 fn not_built(feature: &str) -> CovnoiseError {
     CovnoiseError::Unsupported(format!(
         "this covnoise was built without the {feature} device: build it with `cargo build --release --features {feature}`"

@@ -17,6 +17,10 @@ pub struct BenchArgs {
     /// micro-batch); per-example estimators do not apply to them.
     #[arg(long, value_name = "NAME", default_value = "mlp", value_parser = super::train::parse_model)]
     pub model: covnoise::model::Architecture,
+    /// The device: cpu (burn's flex backend), ndarray (burn's ndarray
+    /// backend, OpenBLAS with `--features openblas`), wgpu, cuda.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Run each pass over at most N examples, accumulated (every variant).
     #[arg(long, value_name = "N")]
     pub chunk: Option<usize>,
@@ -59,6 +63,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let config = BenchConfig {
         model: args.model,
         chunk: args.chunk,
+        device: covnoise::device::parse_device(&args.device)?,
         batch_sizes: args.batch_sizes.clone(),
         hidden: args.hidden.clone(),
         warmup: args.warmup,
@@ -74,8 +79,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         variants.retain(|v| v.name == "plain" || args.variants.iter().any(|n| n == v.name));
     }
     println!(
-        "model {}  threads {}  hidden {:?}  chunk {}  {} timed steps after {} warm-up rounds",
+        "model {}  device {}  threads {}  hidden {:?}  chunk {}  {} timed steps after {} warm-up rounds",
         args.model,
+        args.device,
         rayon::current_num_threads(),
         args.hidden,
         args.chunk.map_or("none".to_string(), |c| c.to_string()),
@@ -86,6 +92,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         let doc = serde_json::json!({
             "model": args.model,
+            "device": args.device,
             "chunk": args.chunk,
             "threads": rayon::current_num_threads(),
             "hidden": args.hidden,

@@ -218,7 +218,11 @@ impl StudyReport {
             md += &format!(
                 "| {} | {} | {} | {} | {} | {:.3e} | {} | {} | {:.4} ± {:.4} | {:.2} | {}/{} |\n",
                 a.name,
-                a.settings.batch_size,
+                if a.settings.batch_size == 0 {
+                    "full".to_string()
+                } else {
+                    a.settings.batch_size.to_string()
+                },
                 a.settings.lr,
                 a.settings.epochs,
                 noise_label(&a.settings),
