@@ -60,7 +60,10 @@ fn cuda(_index: usize) -> Result<Device> {
     Err(not_built("cuda"))
 }
 
+// burn 0.22 deprecates its ndarray backend in favour of flex; it stays here
+// as the BLAS-backed alternative the bench compares against (RESULTS 5).
 #[cfg(feature = "ndarray")]
+#[allow(deprecated)]
 fn ndarray() -> Result<Device> {
     Ok(Device::ndarray())
 }
