@@ -15,6 +15,7 @@ pub use settings::TrainSettings;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::optim::ModuleOptimizer;
 use burn::tensor::Device;
 
@@ -191,10 +192,14 @@ fn evaluate_range(
     let (mut loss_sum, mut correct) = (0.0, 0.0);
     let mut start = range.start;
     let [c, h, w] = input_shape(data);
+    // Evaluation mode once per evaluation, not per batch: `valid()` copies
+    // the model (60 MB for VGG-16).
+    let eval = model.valid();
     while start < range.end {
         let end = (start + batch_size).min(range.end);
         let (x, labels) = data.rows(start..end);
-        let logits = model.logits(from_vec(x.to_vec(), [end - start, c, h, w], device));
+        let x = from_vec(x.to_vec(), [end - start, c, h, w], device);
+        let logits = eval.forward(x, &mut crate::model::Probes::off());
         let labels = labels_tensor(labels, device);
         let (loss, ok) = cross_entropy_and_correct(&logits, &labels)?;
         loss_sum += loss * (end - start) as f64;
@@ -352,7 +357,8 @@ impl<'a> Trainer<'a> {
         data: &'a TrainTest,
         collective: Box<dyn Collective>,
     ) -> Result<Self, TrainError> {
-        settings.validate()?;
+        // Batch size 0 becomes the training set's size first; validating the
+        // resolved settings checks everything the given ones would.
         let settings = &settings.for_training_set(data.train.n);
         settings.validate()?;
         // The model and the data must fit each other before anything else.
