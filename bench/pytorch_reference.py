@@ -42,6 +42,7 @@ Run, on a quiet machine, with the same thread count as the Rust run:
 
     /work/.venv-torch/bin/python bench/pytorch_reference.py --threads 2 --json torch-2t.json
     /work/.venv-torch/bin/python bench/pytorch_reference.py --threads 1 --json torch-1t.json
+    /work/.venv-torch/bin/python bench/pytorch_reference.py --threads 2 --products
     /work/.venv-torch/bin/python bench/pytorch_reference.py --model resnet20 --threads 2 \\
         --batch-sizes 128 --json torch-resnet20-2t.json
     /work/.venv-torch/bin/python bench/pytorch_reference.py --model vgg16 --classes 100 --count-only
@@ -50,11 +51,29 @@ Run, on a quiet machine, with the same thread count as the Rust run:
 import argparse
 import json
 import math
+import os
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+
+def _threads_from_argv():
+    # OpenBLAS (numpy's, timed by --products) fixes its thread count when it
+    # is loaded, so --threads is read before numpy and torch are imported.
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+if _threads_from_argv() is not None:
+    os.environ["OPENBLAS_NUM_THREADS"] = _threads_from_argv()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 MODELS = ["mlp", "lenet5", "resnet20", "resnet32", "resnet44", "resnet56", "vgg11", "vgg16"]
 
@@ -202,6 +221,41 @@ def bench_batch(name, b, classes, hidden, warmup, steps):
             "p90_ms": percentile(times, 0.9), "steps": len(times)}
 
 
+def mlp_products(b, hidden, classes, warmup, steps):
+    """The matrix products of a plain MLP step alone, as covnoise bench's
+    matmul-products variant: per layer a @ W, a.T @ delta, and delta @ W.T
+    except for the first layer; transposes are views. Timed with torch.mm
+    (MKL) and numpy.matmul (numpy's OpenBLAS), round-robin."""
+    g = torch.Generator().manual_seed(b)
+    sizes = [784] + hidden + [classes]
+    pairs = []
+    for l, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        a = torch.rand(b, n_in, generator=g) * 2 - 1
+        w = torch.rand(n_in, n_out, generator=g) * 2 - 1
+        d = torch.rand(b, n_out, generator=g) * 2 - 1
+        pairs += [(a, w), (a.t(), d)]
+        if l > 0:
+            pairs.append((d, w.t()))
+    np_pairs = [(x.numpy(), y.numpy()) for x, y in pairs]
+    runs = {"pytorch-matmul-products": lambda: [torch.mm(x, y) for x, y in pairs],
+            "numpy-openblas-products": lambda: [np.matmul(x, y) for x, y in np_pairs]}
+    times = {name: [] for name in runs}
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            for name, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for name, ts in times.items():
+        ts.sort()
+        out.append({"model": "mlp", "batch_size": b, "variant": name,
+                    "median_ms": percentile(ts, 0.5), "p10_ms": percentile(ts, 0.1),
+                    "p90_ms": percentile(ts, 0.9), "steps": len(ts)})
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=MODELS, default="mlp",
@@ -217,8 +271,13 @@ def main():
                    help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--count-only", action="store_true",
                    help="print the parameter count and exit")
+    p.add_argument("--products", action="store_true",
+                   help="mlp only: also time the step's matrix products alone, "
+                        "with torch.mm (MKL) and numpy.matmul (OpenBLAS)")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     a = p.parse_args()
+    if a.products and a.model != "mlp":
+        p.error("--products applies to the mlp only")
     if a.steps < 1:
         p.error("--steps must be at least 1")
     if a.classes < 1:
@@ -232,10 +291,13 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = []
     for b in a.batch_sizes:
-        r = bench_batch(a.model, b, a.classes, a.hidden, a.warmup, a.steps)
-        print(f"batch {b:>5}  {r['variant']:<22} median {r['median_ms']:>9.2f} ms"
-              f"  [p10 {r['p10_ms']:>8.2f}, p90 {r['p90_ms']:>8.2f}]", flush=True)
-        results.append(r)
+        rows = [bench_batch(a.model, b, a.classes, a.hidden, a.warmup, a.steps)]
+        if a.products:
+            rows += mlp_products(b, a.hidden, a.classes, a.warmup, a.steps)
+        for r in rows:
+            print(f"batch {b:>5}  {r['variant']:<23} median {r['median_ms']:>9.2f} ms"
+                  f"  [p10 {r['p10_ms']:>8.2f}, p90 {r['p90_ms']:>8.2f}]", flush=True)
+            results.append(r)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"torch_version": torch.__version__,

@@ -16,7 +16,8 @@ use serde::Serialize;
 
 use crate::error::Result;
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::Tensor;
+use burn::optim::ModuleOptimizer;
+use burn::tensor::{Distribution, Tensor};
 
 use crate::model::{Architecture, Batch, Network, NetworkConfig, Normalization, labels_tensor};
 use crate::moments::Estimator;
@@ -61,17 +62,34 @@ fn reset_peak() -> usize {
     now
 }
 
+/// What a benchmarked round runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A whole training step: forward, backward, noise stage, SGD update.
+    Step,
+    /// Only the matrix products of a plain MLP step, on the backend without
+    /// autodiff: the forward `a_l W_l`, the weight gradients `a_lᵀ δ_l` and
+    /// the input gradients `δ_l W_lᵀ` (transposed operands as views, as
+    /// burn's autodiff passes them). Its ratio to plain is the share of a
+    /// step the matrix-multiply library sets; the same products in PyTorch
+    /// (`bench/pytorch_reference.py --products`) compare the libraries.
+    MatmulProducts,
+}
+
 /// One benchmarked configuration.
 #[derive(Debug, Clone)]
 pub struct Variant {
     /// Short name, e.g. `diag-exact`.
     pub name: &'static str,
-    /// The noise stage's configuration.
+    /// The noise stage's configuration (unused by [`Work::MatmulProducts`]).
     pub noise: NoiseConfig,
+    /// What each round runs.
+    pub work: Work,
 }
 
 /// The variants the issue asks for: plain, exact every step, exact refreshed
-/// every 10 steps, micro-batch, MC-Fisher, full and isotropic.
+/// every 10 steps, micro-batch, MC-Fisher, full and isotropic; and, for the
+/// MLP, the plain step's matrix products alone (`matmul-products`).
 pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Variant> {
     let diag = |estimator, refresh_every| NoiseConfig {
         structure: NoiseStructure::Diag,
@@ -86,40 +104,38 @@ pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Varian
         },
         ..c
     };
+    let step = |name, noise| Variant {
+        name,
+        noise,
+        work: Work::Step,
+    };
     vec![
-        Variant {
-            name: "plain",
-            noise: NoiseConfig::none(),
-        },
-        Variant {
-            name: "diag-exact",
-            noise: fixed(diag(Estimator::Exact, 1)),
-        },
-        Variant {
-            name: "diag-exact-refresh10",
-            noise: fixed(diag(Estimator::Exact, 10)),
-        },
-        Variant {
-            name: "diag-microbatch",
-            noise: fixed(diag(Estimator::Microbatch { micro_batches }, 1)),
-        },
-        Variant {
-            name: "diag-mc-fisher",
-            noise: fixed(diag(Estimator::McFisher, 1)),
-        },
-        Variant {
-            name: "full",
-            noise: fixed(NoiseConfig {
+        step("plain", NoiseConfig::none()),
+        step("diag-exact", fixed(diag(Estimator::Exact, 1))),
+        step("diag-exact-refresh10", fixed(diag(Estimator::Exact, 10))),
+        step(
+            "diag-microbatch",
+            fixed(diag(Estimator::Microbatch { micro_batches }, 1)),
+        ),
+        step("diag-mc-fisher", fixed(diag(Estimator::McFisher, 1))),
+        step(
+            "full",
+            fixed(NoiseConfig {
                 structure: NoiseStructure::Full { centered: false },
                 ..NoiseConfig::none()
             }),
-        },
-        Variant {
-            name: "isotropic-exact",
-            noise: fixed(NoiseConfig {
+        ),
+        step(
+            "isotropic-exact",
+            fixed(NoiseConfig {
                 structure: NoiseStructure::Isotropic,
                 ..diag(Estimator::Exact, 1)
             }),
+        ),
+        Variant {
+            name: "matmul-products",
+            noise: NoiseConfig::none(),
+            work: Work::MatmulProducts,
         },
     ]
 }
@@ -200,14 +216,119 @@ impl ModuleVisitor for FirstParameter {
 }
 
 /// Whether `variant` can run on `architecture`: the per-example estimators
-/// (exact, MC-Fisher) need a model without batch norm.
+/// (exact, MC-Fisher) need a model without batch norm, and the matrix
+/// products alone are those of the MLP.
 pub fn applies(variant: &Variant, architecture: Architecture) -> bool {
+    if variant.work == Work::MatmulProducts {
+        return architecture == Architecture::Mlp;
+    }
     !architecture.has_batch_norm()
         || matches!(
             variant.noise.structure,
             NoiseStructure::None | NoiseStructure::Full { .. }
         )
         || matches!(variant.noise.estimator, Estimator::Microbatch { .. })
+}
+
+/// One variant's state between rounds.
+enum RoundWork {
+    /// A model (taken out during a step), its noise stage and optimizer.
+    Step(Option<Network>, NoiseStage, ModuleOptimizer),
+    /// The operand pairs of the products, multiplied in order.
+    Products(Vec<(Tensor<2>, Tensor<2>)>),
+}
+
+impl RoundWork {
+    /// Runs one round: a training step, or the products.
+    fn run(&mut self, batch: &Batch<4>) -> Result<()> {
+        match self {
+            RoundWork::Step(model, stage, sgd) => {
+                let current = model.take().expect("put back after every step");
+                let g = stage.gradient(&current, batch, 0, |m: &Network, b: &Batch<4>, p| {
+                    m.objective(b.x.clone(), b.labels.clone(), p)
+                })?;
+                let next = sgd.step(0.01, current, g.grads);
+                let mut first = FirstParameter::default();
+                next.visit(&mut first);
+                *model = Some(next);
+            }
+            RoundWork::Products(pairs) => {
+                let mut last = None;
+                for (lhs, rhs) in pairs.iter() {
+                    last = Some(lhs.clone().matmul(rhs.clone()));
+                }
+                // One element read back: a backend that defers work runs
+                // the queued products before it can answer.
+                if let Some(out) = last {
+                    crate::tensor_util::scalar(out.slice([0..1, 0..1]));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A training step's state for `variant` at batch size `b`.
+fn step_state(
+    config: &BenchConfig,
+    variant: &Variant,
+    b: usize,
+    shape: [usize; 3],
+    device: &Device,
+) -> Result<RoundWork> {
+    // Batch norm: plain steps normalize over the whole batch; the
+    // micro-batch estimator needs ghost batches of one micro-batch.
+    let normalization = match variant.noise.estimator {
+        _ if !config.model.has_batch_norm() => Normalization::None,
+        Estimator::Microbatch { micro_batches }
+            if variant.noise.structure != NoiseStructure::None =>
+        {
+            Normalization::GhostBatchNorm(b / micro_batches)
+        }
+        _ => Normalization::BatchNorm,
+    };
+    let network = NetworkConfig {
+        architecture: config.model,
+        input: shape,
+        classes: 10,
+        hidden: config.hidden.clone(),
+        normalization,
+    };
+    let model = Network::new(&network, 0, device)?;
+    let stage = NoiseStage::new(variant.noise.clone(), b, 0.1, 0)?
+        .with_coupling(network.coupling())
+        .with_chunk(config.chunk);
+    let sgd = SgdConfig {
+        momentum: 0.9,
+        ..Default::default()
+    }
+    .init()?;
+    Ok(RoundWork::Step(Some(model), stage, sgd))
+}
+
+/// The operands of a plain MLP step's matrix products at batch size `b`
+/// (784 inputs, `config.hidden`, 10 classes), on the device without
+/// autodiff: per layer `a W`, `aᵀ δ`, and `δ Wᵀ` except for the first layer,
+/// whose input needs no gradient.
+fn mlp_products(config: &BenchConfig, b: usize) -> Vec<(Tensor<2>, Tensor<2>)> {
+    let device = &config.device;
+    let uniform =
+        |shape: [usize; 2]| Tensor::<2>::random(shape, Distribution::Uniform(-1.0, 1.0), device);
+    let mut sizes = vec![784];
+    sizes.extend(&config.hidden);
+    sizes.push(10);
+    let mut pairs = Vec::new();
+    for (l, w) in sizes.windows(2).enumerate() {
+        let a = uniform([b, w[0]]);
+        let weight = uniform([w[0], w[1]]);
+        let delta = uniform([b, w[1]]);
+        pairs.push((a.clone(), weight.clone()));
+        pairs.push((a.transpose(), delta.clone()));
+        if l > 0 {
+            pairs.push((delta, weight.transpose()));
+        }
+    }
+    pairs
 }
 
 /// Times every variant at every batch size.
@@ -227,47 +348,17 @@ pub fn run_bench(
         let batch = synthetic_batch(b, shape, &device);
         let mut states = Vec::new();
         for v in &variants {
-            // Batch norm: plain steps normalize over the whole batch; the
-            // micro-batch estimator needs ghost batches of one micro-batch.
-            let normalization = match v.noise.estimator {
-                _ if !config.model.has_batch_norm() => Normalization::None,
-                Estimator::Microbatch { micro_batches }
-                    if v.noise.structure != NoiseStructure::None =>
-                {
-                    Normalization::GhostBatchNorm(b / micro_batches)
-                }
-                _ => Normalization::BatchNorm,
+            let work = match v.work {
+                Work::Step => step_state(config, v, b, shape, &device)?,
+                Work::MatmulProducts => RoundWork::Products(mlp_products(config, b)),
             };
-            let network = NetworkConfig {
-                architecture: config.model,
-                input: shape,
-                classes: 10,
-                hidden: config.hidden.clone(),
-                normalization,
-            };
-            let model = Network::new(&network, 0, &device)?;
-            let stage = NoiseStage::new(v.noise.clone(), b, 0.1, 0)?
-                .with_coupling(network.coupling())
-                .with_chunk(config.chunk);
-            let sgd = SgdConfig {
-                momentum: 0.9,
-                ..Default::default()
-            }
-            .init()?;
-            states.push((Some(model), stage, sgd, Vec::new(), 0usize));
+            states.push((work, Vec::new(), 0usize));
         }
         for round in 0..config.warmup + config.steps {
-            for (model, stage, sgd, times, peak) in states.iter_mut() {
+            for (work, times, peak) in states.iter_mut() {
                 let before = reset_peak();
                 let start = Instant::now();
-                let current = model.take().expect("put back after every step");
-                let g = stage.gradient(&current, &batch, 0, |m: &Network, b: &Batch<4>, p| {
-                    m.objective(b.x.clone(), b.labels.clone(), p)
-                })?;
-                let next = sgd.step(0.01, current, g.grads);
-                let mut first = FirstParameter::default();
-                next.visit(&mut first);
-                *model = Some(next);
+                work.run(&batch)?;
                 let elapsed = start.elapsed().as_secs_f64() * 1e3;
                 if round >= config.warmup {
                     times.push(elapsed);
@@ -276,7 +367,7 @@ pub fn run_bench(
             }
         }
         let mut plain_median = f64::NAN;
-        for (v, (_, _, _, times, peak)) in variants.iter().zip(states.iter_mut()) {
+        for (v, (_, times, peak)) in variants.iter().zip(states.iter_mut()) {
             times.sort_by(|a, b| a.total_cmp(b));
             let median = percentile(times, 0.5);
             if v.name == "plain" {
@@ -306,4 +397,52 @@ pub fn run_bench(
         }
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The products are those of a plain MLP step: their multiply-adds per
+    /// example add up to the hand count for 784-512-512-10 (forward
+    /// 668,672; weight gradients 668,672; input gradients of layers 2-3
+    /// 262,144 + 5,120), and each has its gradient's shape.
+    #[test]
+    fn mlp_products_are_the_plain_steps_products() {
+        let config = BenchConfig {
+            model: Architecture::Mlp,
+            batch_sizes: vec![3],
+            hidden: vec![512, 512],
+            chunk: None,
+            device: Device::flex(),
+            warmup: 0,
+            steps: 1,
+            micro_batches: 1,
+        };
+        let b = 3;
+        let pairs = mlp_products(&config, b);
+        assert_eq!(pairs.len(), 3 * 3 - 1);
+        let mut multiply_adds = 0;
+        let mut shapes = Vec::new();
+        for (lhs, rhs) in &pairs {
+            let ([m, k], [k2, n]) = (lhs.dims(), rhs.dims());
+            assert_eq!(k, k2);
+            multiply_adds += m * k * n;
+            shapes.push([m, n]);
+        }
+        assert_eq!(multiply_adds, b * (668_672 + 668_672 + 262_144 + 5_120));
+        assert_eq!(
+            shapes,
+            [
+                [b, 512],
+                [784, 512],
+                [b, 512],
+                [512, 512],
+                [b, 512],
+                [b, 10],
+                [512, 10],
+                [b, 512]
+            ]
+        );
+    }
 }

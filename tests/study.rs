@@ -290,3 +290,66 @@ fn aggregation_computes_mean_std_and_the_table() {
         "{md}"
     );
 }
+
+#[test]
+fn step_cost_is_relative_to_the_plain_arm_at_the_same_batch_size() {
+    use covnoise::train::settings::NoiseName;
+    let tmp = tempfile::tempdir().unwrap();
+    // One run per arm; the summary's seconds per epoch set its ms/step
+    // (10 steps per epoch): 2 s -> 200 ms, 3 s -> 300 ms.
+    let run = |name: &str, seconds_per_epoch: f64| {
+        let dir = tmp.path().join(name);
+        write_run(&dir, &[0.5, 0.8], 0.8, RunStatus::Completed);
+        let path = dir.join("summary.json");
+        let mut summary: RunSummary =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        summary.seconds_per_epoch = seconds_per_epoch;
+        std::fs::write(&path, serde_json::to_string(&summary).unwrap()).unwrap();
+        dir
+    };
+    let with = |batch_size: usize, noise: NoiseName| TrainSettings {
+        batch_size,
+        noise,
+        ..TrainSettings::default()
+    };
+    let arms = vec![
+        (
+            "plain".into(),
+            String::new(),
+            with(4096, NoiseName::None),
+            vec![],
+            vec![run("p", 2.0)],
+        ),
+        (
+            "noisy".into(),
+            String::new(),
+            with(4096, NoiseName::Diag),
+            vec![],
+            vec![run("n", 3.0)],
+        ),
+        (
+            "alone".into(),
+            String::new(),
+            with(256, NoiseName::Diag),
+            vec![],
+            vec![run("a", 3.0)],
+        ),
+    ];
+    let spec =
+        StudySpec::from_toml("name = \"cost\"\nseeds = [0]\n[[arm]]\nname = \"a\"\n").unwrap();
+    let report = aggregate(&spec, arms, 1, 2).unwrap();
+    assert!((report.arms[0].ms_per_step.mean - 200.0).abs() < 1e-9);
+    assert!((report.arms[1].ms_per_step.mean - 300.0).abs() < 1e-9);
+    let md = report.markdown();
+    let row = |name: &str| {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row {name} in {md}"))
+            .to_string()
+    };
+    assert!(row("plain").contains("| 200.00 | 1.00x |"), "{md}");
+    assert!(row("noisy").contains("| 300.00 | 1.50x |"), "{md}");
+    // No arm without noise at batch 256: no baseline, no ratio.
+    assert!(row("alone").contains("| 300.00 | – |"), "{md}");
+    assert!(md.contains("ms/step | step cost"), "{md}");
+}

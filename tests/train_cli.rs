@@ -555,7 +555,7 @@ fn bench_writes_every_field_and_times_a_chosen_subset() {
             "--micro-batches",
             "4",
             "--variants",
-            "diag-exact,full",
+            "diag-exact,full,matmul-products",
             "--json",
             json.to_str().unwrap(),
         ])
@@ -576,11 +576,11 @@ fn bench_writes_every_field_and_times_a_chosen_subset() {
         })
         .collect();
     for b in [16, 32] {
-        for v in ["plain", "diag-exact", "full"] {
+        for v in ["plain", "diag-exact", "full", "matmul-products"] {
             assert!(names.contains(&(b, v)), "{b} {v} missing: {names:?}");
         }
     }
-    assert_eq!(results.len(), 6, "{names:?}");
+    assert_eq!(results.len(), 8, "{names:?}");
     for r in results {
         for field in ["steps", "median_ms", "p10_ms", "p90_ms", "ratio_to_plain"] {
             assert!(r[field].as_f64().is_some_and(|x| x > 0.0), "{field}: {r}");

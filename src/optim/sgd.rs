@@ -144,6 +144,9 @@ impl Optimizer for Sgd {
         if momentum != 0.0 {
             let b = match state.and_then(|s| s.momentum) {
                 None => d.clone(),
+                // Without dampening (the default) the gradient enters as
+                // it is: one pass over the parameters fewer per step.
+                Some(b) if dampening == 0.0 => b * momentum as f32 + d.clone(),
                 Some(b) => b * momentum as f32 + d.clone() * (1.0 - dampening) as f32,
             };
             d = if nesterov {

@@ -62,6 +62,9 @@ pub struct ArmResult {
     pub train_loss: Spread,
     /// Training seconds per epoch over completed seeds.
     pub seconds_per_epoch: Spread,
+    /// Training milliseconds per optimizer step over completed seeds (the
+    /// epoch's training time, data batching included, over its steps).
+    pub ms_per_step: Spread,
     /// Test accuracy per epoch (mean and std over completed seeds).
     pub curve: Vec<(usize, Spread)>,
     /// The search runs, in grid order.
@@ -151,6 +154,9 @@ pub fn aggregate(
             train_accuracy: field(&|s| s.train_accuracy),
             train_loss: field(&|s| s.train_loss),
             seconds_per_epoch: field(&|s| s.seconds_per_epoch),
+            ms_per_step: field(&|s| {
+                1e3 * s.seconds_per_epoch * s.epochs as f64 / s.steps.max(1) as f64
+            }),
             curve,
             search,
             runs,
@@ -193,6 +199,16 @@ fn noise_label(s: &TrainSettings) -> String {
 }
 
 impl StudyReport {
+    /// The first arm without noise that trains the same model at the same
+    /// batch size as `arm` (the baseline of its step cost).
+    fn plain_arm_for(&self, arm: &ArmResult) -> Option<&ArmResult> {
+        use crate::train::settings::NoiseName;
+        let shape = |x: &TrainSettings| (x.model, x.hidden.clone(), x.batch_size, x.chunk);
+        self.arms.iter().find(|b| {
+            b.settings.noise == NoiseName::None && shape(&b.settings) == shape(&arm.settings)
+        })
+    }
+
     /// The results as a Markdown document.
     pub fn markdown(&self) -> String {
         let mut md = format!("# Study `{}`\n\n", self.name);
@@ -203,20 +219,27 @@ impl StudyReport {
         md += &format!(
             "Final runs: seeds {} (mean ± sample std over completed seeds). Accuracies in %, on the test set; \
              train accuracy and loss on the whole training set in evaluation mode. s/epoch: training seconds per epoch \
-             (evaluation excluded) of a run on its own pool of {} thread(s), {} run(s) trained at once; for the cost \
-             of a step on an idle machine see `covnoise bench`.\n\n",
+             (evaluation excluded) of a run on its own pool of {} thread(s), {} run(s) trained at once; ms/step: the \
+             same time per optimizer step; step cost: ms/step over that of the arm without noise at the same batch \
+             size and model (the per-step cost of the noise, to compare with `covnoise bench` at that many threads).\n\n",
             seeds.join(", "),
             self.threads_per_run,
             self.jobs
         );
         md += &format!(
-            "| arm | batch | lr | epochs | noise | c | test acc | train acc | train loss | s/epoch ({} thr) | seeds ok |\n",
+            "| arm | batch | lr | epochs | noise | c | test acc | train acc | train loss | s/epoch ({} thr) | ms/step | step cost | seeds ok |\n",
             self.threads_per_run
         );
-        md += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+        md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
         for a in &self.arms {
+            let cost = self
+                .plain_arm_for(a)
+                .filter(|base| base.completed > 0 && a.completed > 0)
+                .map_or("–".to_string(), |base| {
+                    format!("{:.2}x", a.ms_per_step.mean / base.ms_per_step.mean)
+                });
             md += &format!(
-                "| {} | {} | {} | {} | {} | {:.3e} | {} | {} | {:.4} ± {:.4} | {:.2} | {}/{} |\n",
+                "| {} | {} | {} | {} | {} | {:.3e} | {} | {} | {:.4} ± {:.4} | {:.2} | {:.2} | {} | {}/{} |\n",
                 a.name,
                 if a.settings.batch_size == 0 {
                     "full".to_string()
@@ -232,6 +255,8 @@ impl StudyReport {
                 a.train_loss.mean,
                 a.train_loss.std,
                 a.seconds_per_epoch.mean,
+                a.ms_per_step.mean,
+                cost,
                 a.completed,
                 a.completed + a.diverged
             );
