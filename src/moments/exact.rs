@@ -81,17 +81,19 @@ pub fn moment_sums(
                 continue;
             }
         };
-        let delta = f.output_grad.clone() * per_example_scale;
-        let d2 = delta.square();
+        // The per-example scale enters squared on the small results, not
+        // on the B x out output gradients: one pass over them fewer.
+        let scale2 = per_example_scale * per_example_scale;
+        let d2 = f.output_grad.clone().square();
         match kind {
             MomentKind::Diag => {
                 if let Some(weight) = weight {
-                    let w = f.input.clone().square().transpose().matmul(d2.clone());
+                    let w = f.input.clone().square().transpose().matmul(d2.clone()) * scale2;
                     let n = w.shape().num_elements();
                     slots[weight] = Some(w.reshape([n]));
                 }
                 if let Some(b) = bias {
-                    let s = d2.sum_dim(0);
+                    let s = d2.sum_dim(0) * scale2;
                     let n = s.shape().num_elements();
                     slots[b] = Some(s.reshape([n]));
                 }
@@ -104,7 +106,7 @@ pub fn moment_sums(
                     None => d2.zeros_like(),
                 };
                 let a2 = if bias.is_some() { a2 + 1.0 } else { a2 };
-                trace += scalar((a2 * d2).sum());
+                trace += scale2 as f64 * scalar((a2 * d2).sum());
             }
         }
     }
@@ -160,8 +162,7 @@ fn conv_sums(
             .output_grad
             .clone()
             .narrow(0, start, c)
-            .reshape([c, cout, positions])
-            * per_example_scale;
+            .reshape([c, cout, positions]);
         if want_weight {
             let mut x = f.input.clone().narrow(0, start, c);
             if top + bottom + left + right > 0 {
@@ -185,7 +186,9 @@ fn conv_sums(
         }
         start += c;
     }
-    Ok((weight, bias))
+    // The scale of one example's gradient, squared, once on the sums.
+    let scale2 = per_example_scale * per_example_scale;
+    Ok((weight.map(|w| w * scale2), bias.map(|b| b * scale2)))
 }
 
 /// The transposed im2col of padded inputs `x` `[c, in, H, W]`: `[c, P,
