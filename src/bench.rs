@@ -233,7 +233,7 @@ pub fn applies(variant: &Variant, architecture: Architecture) -> bool {
 /// One variant's state between rounds.
 enum RoundWork {
     /// A model (taken out during a step), its noise stage and optimizer.
-    Step(Option<Network>, NoiseStage, ModuleOptimizer),
+    Step(Box<(Option<Network>, NoiseStage, ModuleOptimizer)>),
     /// The operand pairs of the products, multiplied in order.
     Products(Vec<(Tensor<2>, Tensor<2>)>),
 }
@@ -242,7 +242,8 @@ impl RoundWork {
     /// Runs one round: a training step, or the products.
     fn run(&mut self, batch: &Batch<4>) -> Result<()> {
         match self {
-            RoundWork::Step(model, stage, sgd) => {
+            RoundWork::Step(state) => {
+                let (model, stage, sgd) = &mut **state;
                 let current = model.take().expect("put back after every step");
                 let g = stage.gradient(&current, batch, 0, |m: &Network, b: &Batch<4>, p| {
                     m.objective(b.x.clone(), b.labels.clone(), p)
@@ -303,7 +304,7 @@ fn step_state(
         ..Default::default()
     }
     .init()?;
-    Ok(RoundWork::Step(Some(model), stage, sgd))
+    Ok(RoundWork::Step(Box::new((Some(model), stage, sgd))))
 }
 
 /// The operands of a plain MLP step's matrix products at batch size `b`
