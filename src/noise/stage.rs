@@ -432,15 +432,61 @@ fn check_finite(g: &StepGradient, step: u64) -> Result<()> {
             loss: g.loss as f32,
         });
     }
-    // One host read for all parameters.
-    let sq = g
+    // One host read for all parameters, one pass over them: a NaN or an
+    // infinity in any entry makes the plain sum non-finite (so would a sum
+    // beyond f32::MAX, itself a diverged step).
+    let sum = g
         .grads
         .iter()
-        .map(|t| t.clone().square().sum())
+        .map(|t| t.clone().sum())
         .reduce(|a, b| a + b)
         .map_or(0.0, scalar);
-    if !sq.is_finite() {
+    if !sum.is_finite() {
         return Err(CovnoiseError::NonFiniteGradient { step });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step_with(values: &[&[f32]]) -> StepGradient {
+        let device = Device::flex();
+        StepGradient {
+            grads: values
+                .iter()
+                .map(|v| crate::tensor_util::from_vec1(v.to_vec(), &device))
+                .collect(),
+            loss: 1.0,
+            correct: None,
+            examples: 1,
+            moment: None,
+        }
+    }
+
+    /// Every kind of non-finite entry is caught, including infinities of
+    /// opposite sign in different parameters and entries whose squares
+    /// would overflow f32 while they themselves are finite.
+    #[test]
+    fn check_finite_catches_each_non_finite_entry() {
+        assert!(check_finite(&step_with(&[&[1.0, -2.0], &[3.0]]), 0).is_ok());
+        assert!(check_finite(&step_with(&[&[1e20, -1e20], &[3e30]]), 0).is_ok());
+        for bad in [
+            step_with(&[&[1.0, f32::NAN], &[3.0]]),
+            step_with(&[&[1.0, 2.0], &[f32::INFINITY]]),
+            step_with(&[&[f32::NEG_INFINITY], &[f32::INFINITY]]),
+        ] {
+            assert!(matches!(
+                check_finite(&bad, 7),
+                Err(CovnoiseError::NonFiniteGradient { step: 7 })
+            ));
+        }
+        let mut nan_loss = step_with(&[&[1.0]]);
+        nan_loss.loss = f64::NAN;
+        assert!(matches!(
+            check_finite(&nan_loss, 0),
+            Err(CovnoiseError::NonFiniteLoss { .. })
+        ));
+    }
 }
