@@ -767,3 +767,52 @@ fn ghost_batch_norm_normalizes_each_ghost_batch() {
         .collect();
     assert!(rel_err(&flat(&whole.grads), &half_mean) < 1e-4);
 }
+
+/// Between refreshes the stage adds noise shaped by the last estimate, and
+/// a refresh on other data replaces it (the noise's scale is kept between
+/// refreshes, so this checks that it is dropped on every refresh).
+#[test]
+fn refreshed_noise_uses_the_estimate_of_the_last_refresh() {
+    let model = mlp(4, &[5], 3, 0);
+    let table = ParamTable::of(&model);
+    let (x, y) = (random_batch(8, 4, 3, 1), random_batch(8, 4, 3, 2));
+    let config = NoiseConfig {
+        refresh_every: 3,
+        ..NoiseConfig::diag_fisher(2)
+    };
+    let mut stage = NoiseStage::new(config.clone(), 8, 0.1, 9).unwrap();
+    let reference = NoiseStage::new(config, 8, 0.1, 9).unwrap();
+    let estimate = |batch: &Batch| {
+        moments::estimate(
+            &model,
+            batch,
+            &fwd,
+            Estimator::Exact,
+            MomentKind::Diag,
+            &ctx(0, &table),
+        )
+        .unwrap()
+    };
+    let (at_x, at_y) = (estimate(&x), estimate(&y));
+    // Steps 0-2 see batch x (refresh at 0), steps 3-4 batch y (refresh at 3).
+    for (step, batch, fresh) in [
+        (0, &x, &at_x),
+        (1, &x, &at_x),
+        (2, &x, &at_x),
+        (3, &y, &at_y),
+        (4, &y, &at_y),
+    ] {
+        let mut got = stage.gradient(&model, batch, 0, fwd).unwrap().grads;
+        let got = flat(&table.flatten(&mut got, &Device::flex()).unwrap());
+        let plain = moments::plain_gradient(&model, batch, &fwd, &ctx(step, &table)).unwrap();
+        let mut expected = plain.grads;
+        let moment = fresh.moment.clone().unwrap();
+        reference.add_noise(&mut expected, &moment, step).unwrap();
+        let expected = flat(&expected);
+        assert!(
+            rel_err(&got, &expected) < 1e-6,
+            "step {step}: {}",
+            rel_err(&got, &expected)
+        );
+    }
+}

@@ -74,6 +74,25 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
     coupling: Option<Coupling>,
     chunk: Option<usize>,
     collective: C,
+    /// The noise's standard deviations for the current estimate: they
+    /// change only when the estimate does, so the steps between refreshes
+    /// reuse them. Cleared whenever the smoother changes.
+    noise_scale: Option<NoiseScale>,
+}
+
+/// `sqrt(c S)` of one estimate, ready to multiply standard normals, and the
+/// total variance `c tr(S)` it gives.
+#[derive(Debug, Clone)]
+struct NoiseScale {
+    std: NoiseStd,
+    variance: f64,
+}
+
+/// Per-entry (diagonal) or one shared (isotropic) standard deviation.
+#[derive(Debug, Clone)]
+enum NoiseStd {
+    PerEntry(Vec<Tensor<1>>),
+    Shared(f32),
 }
 
 impl<C: Collective> std::fmt::Debug for NoiseStage<C> {
@@ -127,6 +146,7 @@ impl NoiseStage {
             coupling: None,
             chunk: None,
             collective: SingleProcess,
+            noise_scale: None,
         })
     }
 
@@ -143,6 +163,7 @@ impl NoiseStage {
             coupling: self.coupling,
             chunk: self.chunk,
             collective,
+            noise_scale: self.noise_scale,
         }
     }
 }
@@ -202,6 +223,7 @@ impl<C: Collective> NoiseStage<C> {
     pub fn restore(&mut self, state: NoiseState, device: &Device) {
         self.step = state.step;
         self.smoother.restore(state.smoother, device);
+        self.noise_scale = None;
         self.estimate_ids = state.estimate_ids.into_iter().map(ParamId::from).collect();
     }
 
@@ -312,14 +334,23 @@ impl<C: Collective> NoiseStage<C> {
                             self.smoother.reset();
                         }
                         self.smoother.update(fresh, step)?;
+                        self.noise_scale = None;
                         self.estimate_ids = ids;
                     }
-                    let moment = self
-                        .smoother
-                        .current()
-                        .expect("refreshed above at least once");
-                    let trace = self.add_noise(&mut g.grads, &moment, step)?;
-                    (g, Some(trace))
+                    let scale = match self.noise_scale.take() {
+                        Some(scale) => scale,
+                        None => {
+                            let moment = self
+                                .smoother
+                                .current()
+                                .expect("refreshed above at least once");
+                            self.noise_scale_of(&moment, &g.grads)?
+                        }
+                    };
+                    self.add_scaled_noise(&mut g.grads, &scale, step);
+                    let variance = scale.variance;
+                    self.noise_scale = Some(scale);
+                    (g, Some(variance))
                 }
             }
         };
@@ -346,29 +377,44 @@ impl<C: Collective> NoiseStage<C> {
         moment: &SecondMoment,
         step: u64,
     ) -> Result<f64> {
-        let d: usize = grads.iter().map(|g| g.dims()[0]).sum();
-        let trace = moment.trace();
-        match moment {
+        let scale = self.noise_scale_of(moment, grads)?;
+        self.add_scaled_noise(grads, &scale, step);
+        Ok(scale.variance)
+    }
+
+    /// `sqrt(c S)` for `moment`, checked against the gradients' layout.
+    fn noise_scale_of(&self, moment: &SecondMoment, grads: &[Tensor<1>]) -> Result<NoiseScale> {
+        let variance = self.c * moment.trace();
+        let std = match moment {
             SecondMoment::Diag(diag) => {
                 if diag.len() != grads.len() {
                     return Err(CovnoiseError::Shape(
                         "second moment and gradients have different parameter counts".into(),
                     ));
                 }
-                for (p, (g, s)) in grads.iter_mut().zip(diag).enumerate() {
-                    let xi = standard_normal_like(g, self.seed, step, p as u64);
-                    *g = g.clone() + xi * (s.clone() * self.c as f32).sqrt();
-                }
+                NoiseStd::PerEntry(
+                    diag.iter()
+                        .map(|s| (s.clone() * self.c as f32).sqrt())
+                        .collect(),
+                )
             }
             SecondMoment::Trace(t) => {
-                let std = (self.c * t / d as f64).sqrt() as f32;
-                for (p, g) in grads.iter_mut().enumerate() {
-                    let xi = standard_normal_like(g, self.seed, step, p as u64);
-                    *g = g.clone() + xi * std;
-                }
+                let d: usize = grads.iter().map(|g| g.dims()[0]).sum();
+                NoiseStd::Shared((self.c * t / d as f64).sqrt() as f32)
             }
+        };
+        Ok(NoiseScale { std, variance })
+    }
+
+    /// Adds `scale`'s noise for `step` to `grads`.
+    fn add_scaled_noise(&self, grads: &mut [Tensor<1>], scale: &NoiseScale, step: u64) {
+        for (p, g) in grads.iter_mut().enumerate() {
+            let xi = standard_normal_like(g, self.seed, step, p as u64);
+            *g = match &scale.std {
+                NoiseStd::PerEntry(std) => g.clone() + xi * std[p].clone(),
+                NoiseStd::Shared(std) => g.clone() + xi * *std,
+            };
         }
-        Ok(self.c * trace)
     }
 }
 
