@@ -223,21 +223,33 @@ def bench_batch(name, b, classes, hidden, warmup, steps):
 
 def mlp_products(b, hidden, classes, warmup, steps):
     """The matrix products of a plain MLP step alone, as covnoise bench's
-    matmul-products variant: per layer a @ W, a.T @ delta, and delta @ W.T
-    except for the first layer; transposes are views. Timed with torch.mm
-    (MKL) and numpy.matmul (numpy's OpenBLAS), round-robin."""
+    matmul-products variant: per layer the forward product, the weight
+    gradient and, except for the first layer, the input gradient;
+    transposes are views. Timed round-robin in three ways:
+
+      pytorch-matmul-products  torch.mm in covnoise's layout (W is
+                               [in, out]): a @ W, a.T @ delta, delta @ W.T
+      pytorch-linear-products  torch.mm in nn.Linear's layout (W is
+                               [out, in]), as its autograd runs them:
+                               a @ W.T, delta.T @ a, delta @ W
+      numpy-openblas-products  numpy.matmul (OpenBLAS), covnoise's layout
+    """
     g = torch.Generator().manual_seed(b)
     sizes = [784] + hidden + [classes]
-    pairs = []
+    ours, linear = [], []
     for l, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
         a = torch.rand(b, n_in, generator=g) * 2 - 1
         w = torch.rand(n_in, n_out, generator=g) * 2 - 1
+        w_out_in = w.t().contiguous()
         d = torch.rand(b, n_out, generator=g) * 2 - 1
-        pairs += [(a, w), (a.t(), d)]
+        ours += [(a, w), (a.t(), d)]
+        linear += [(a, w_out_in.t()), (d.t(), a)]
         if l > 0:
-            pairs.append((d, w.t()))
-    np_pairs = [(x.numpy(), y.numpy()) for x, y in pairs]
-    runs = {"pytorch-matmul-products": lambda: [torch.mm(x, y) for x, y in pairs],
+            ours.append((d, w.t()))
+            linear.append((d, w_out_in))
+    np_pairs = [(x.numpy(), y.numpy()) for x, y in ours]
+    runs = {"pytorch-matmul-products": lambda: [torch.mm(x, y) for x, y in ours],
+            "pytorch-linear-products": lambda: [torch.mm(x, y) for x, y in linear],
             "numpy-openblas-products": lambda: [np.matmul(x, y) for x, y in np_pairs]}
     times = {name: [] for name in runs}
     with torch.no_grad():
