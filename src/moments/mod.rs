@@ -688,11 +688,11 @@ where
         correct = pass.correct.map(|c| c + correct.unwrap_or(0));
         micro_grads.push(pass.grads);
     }
+    // Accumulators are moved through each sum, never cloned, so that the
+    // backend may add in place into a uniquely owned buffer.
     let mut sum: Vec<Tensor<1>> = micro_grads[0].clone();
     for g in &micro_grads[1..] {
-        for (s, t) in sum.iter_mut().zip(g) {
-            *s = s.clone() + t.clone();
-        }
+        sum = sum.into_iter().zip(g).map(|(s, t)| s + t.clone()).collect();
     }
     // sum is over local micro-batches; after the reduce, the global sum
     // divided by the world size: turn it into the mean over all M.
@@ -700,12 +700,18 @@ where
     scale_all(&mut reduced.grads, world as f64 / micro_batches as f64);
     let mean = &reduced.grads;
     let factor = b as f64 / (micro_batches as f64 - 1.0);
-    let mut centered: Vec<Tensor<1>> = mean.iter().map(|m| m.zeros_like()).collect();
-    for g in &micro_grads {
-        for ((c, gj), m) in centered.iter_mut().zip(g).zip(mean) {
-            *c = c.clone() + (gj.clone() - m.clone()).square();
-        }
+    let mut centered: Option<Vec<Tensor<1>>> = None;
+    for g in micro_grads {
+        let squares = g
+            .into_iter()
+            .zip(mean)
+            .map(|(gj, m)| (gj - m.clone()).square());
+        centered = Some(match centered {
+            None => squares.collect(),
+            Some(c) => c.into_iter().zip(squares).map(|(c, sq)| c + sq).collect(),
+        });
     }
+    let mut centered = centered.expect("at least one micro-batch");
     let moment = match kind {
         MomentKind::Diag => {
             all_reduce_packed(ctx.collective, &mut centered, &mut [])?;
