@@ -20,7 +20,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     let unknown = || CovnoiseError::InvalidSetting {
         name: "device",
         value: spec.to_string(),
-        reason: "is not a device name (cpu, ndarray, wgpu, wgpu-cpu, cuda, cuda:N)",
+        reason: "is not a device name (cpu, ndarray, libtorch, wgpu, wgpu-cpu, cuda, cuda:N)",
     };
     let (kind, index) = match spec.split_once(':') {
         Some((k, i)) => (k, Some(i.parse::<usize>().map_err(|_| unknown())?)),
@@ -29,6 +29,7 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match (kind, index) {
         ("cpu", None) => Ok(Device::flex()),
         ("ndarray", None) => ndarray(),
+        ("libtorch", None) => libtorch(),
         ("wgpu", None) | ("wgpu-cpu", None) => wgpu(kind == "wgpu-cpu"),
         ("cuda", i) => cuda(i.unwrap_or(0)),
         _ => Err(unknown()),
@@ -73,7 +74,25 @@ fn ndarray() -> Result<Device> {
     Err(not_built("ndarray"))
 }
 
-#[cfg(any(not(feature = "wgpu"), not(feature = "cuda"), not(feature = "ndarray")))]
+// burn 0.22 deprecates its LibTorch backend; it stays here because it runs
+// conv nets 1.4-2.7x faster than flex on the CPU (RESULTS.md section 5).
+#[cfg(feature = "tch")]
+#[allow(deprecated)]
+fn libtorch() -> Result<Device> {
+    Ok(Device::libtorch())
+}
+
+#[cfg(not(feature = "tch"))]
+fn libtorch() -> Result<Device> {
+    Err(not_built("tch"))
+}
+
+#[cfg(any(
+    not(feature = "wgpu"),
+    not(feature = "cuda"),
+    not(feature = "ndarray"),
+    not(feature = "tch")
+))]
 fn not_built(feature: &str) -> CovnoiseError {
     CovnoiseError::Unsupported(format!(
         "this covnoise was built without the {feature} device: build it with `cargo build --release --features {feature}`"

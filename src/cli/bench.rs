@@ -18,7 +18,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "NAME", default_value = "mlp", value_parser = super::train::parse_model)]
     pub model: covnoise::model::Architecture,
     /// The device: cpu (burn's flex backend), ndarray (burn's ndarray
-    /// backend, OpenBLAS with `--features openblas`), wgpu, cuda.
+    /// backend, OpenBLAS with `--features openblas`), libtorch (burn's
+    /// LibTorch backend, `--features tch`), wgpu, cuda.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Run each pass over at most N examples, accumulated (every variant).

@@ -180,8 +180,8 @@ pub struct TrainArgs {
     /// Worker threads [default: all cores].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// The burn device: cpu, wgpu, wgpu-cpu (software Vulkan), cuda, cuda:N; GPU devices need
-    /// a build with `--features wgpu` or `--features cuda` [default: cpu].
+    /// The burn device: cpu, wgpu, wgpu-cpu (software Vulkan), cuda, cuda:N, libtorch;
+    /// all but cpu need a build with `--features wgpu`, `cuda` or `tch` [default: cpu].
     #[arg(long, value_name = "NAME")]
     pub device: Option<String>,
     /// Evaluation batch size (does not change results) [default: 2000].

@@ -150,7 +150,7 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Worker threads (None: all cores).
     pub threads: Option<usize>,
-    /// The burn device: cpu, wgpu, wgpu-cpu, cuda or cuda:N.
+    /// The burn device: cpu, wgpu, wgpu-cpu, cuda, cuda:N or libtorch.
     pub device: String,
     /// Batch size for evaluation (does not affect results).
     pub eval_batch: usize,
