@@ -1,6 +1,7 @@
 # covnoise: the two commands a fresh machine needs are `make demo` and `make test`.
 CARGO ?= cargo
-BIN := target/release/covnoise
+# Where cargo puts the binary (CARGO_TARGET_DIR when set, as cargo does).
+BIN := $(or $(CARGO_TARGET_DIR),target)/release/covnoise
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-out
 
