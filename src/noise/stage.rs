@@ -86,6 +86,20 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
 struct NoiseScale {
     std: NoiseStd,
     variance: f64,
+    /// Entries per parameter of the gradients it was made for.
+    layout: Vec<usize>,
+}
+
+impl NoiseScale {
+    /// Whether it was made for gradients of this layout.
+    fn fits(&self, grads: &[Tensor<1>]) -> bool {
+        self.layout.len() == grads.len()
+            && self
+                .layout
+                .iter()
+                .zip(grads)
+                .all(|(&n, g)| g.dims()[0] == n)
+    }
 }
 
 /// Per-entry (diagonal) or one shared (isotropic) standard deviation.
@@ -338,8 +352,8 @@ impl<C: Collective> NoiseStage<C> {
                         self.estimate_ids = ids;
                     }
                     let scale = match self.noise_scale.take() {
-                        Some(scale) => scale,
-                        None => {
+                        Some(scale) if scale.fits(&g.grads) => scale,
+                        _ => {
                             let moment = self
                                 .smoother
                                 .current()
@@ -403,7 +417,12 @@ impl<C: Collective> NoiseStage<C> {
                 NoiseStd::Shared((self.c * t / d as f64).sqrt() as f32)
             }
         };
-        Ok(NoiseScale { std, variance })
+        let layout = grads.iter().map(|g| g.dims()[0]).collect();
+        Ok(NoiseScale {
+            std,
+            variance,
+            layout,
+        })
     }
 
     /// Adds `scale`'s noise for `step` to `grads`.
