@@ -67,8 +67,9 @@ def _threads_from_argv():
     return None
 
 
-if _threads_from_argv() is not None:
-    os.environ["OPENBLAS_NUM_THREADS"] = _threads_from_argv()
+_THREADS = _threads_from_argv()
+if _THREADS is not None:
+    os.environ["OPENBLAS_NUM_THREADS"] = _THREADS
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

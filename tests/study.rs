@@ -109,17 +109,7 @@ fn run_metrics(out: &Path) -> Vec<(String, Vec<serde_json::Value>)> {
     for arm in std::fs::read_dir(out.join("runs")).unwrap() {
         for run in std::fs::read_dir(arm.unwrap().path()).unwrap() {
             let dir = run.unwrap().path();
-            let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
-            let lines = text
-                .lines()
-                .map(|l| {
-                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    let obj = v.as_object_mut().unwrap();
-                    obj.remove("seconds");
-                    obj.remove("eval_seconds");
-                    v
-                })
-                .collect();
+            let lines = common::metrics_without_times(&dir);
             let name = dir.strip_prefix(out).unwrap().display().to_string();
             runs.push((name, lines));
         }
