@@ -54,11 +54,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut optimizer = SgdConfig::new().with_momentum(Some(momentum)).init();
     let (batch_size, lr) = (1024.min(train_limit), 0.1);
     // Noise with the diagonal Fisher's structure, as if the batch were 64.
-    let mut noise = NoiseStage::new(NoiseConfig::diag_fisher(64), batch_size, lr, 0)?;
+    let mut noise = NoiseStage::new(NoiseConfig::diag_fisher(64), batch_size, 0)?;
     for epoch in 0..epochs {
         for indices in data.train.batches(batch_size, 0, epoch as u64).iter() {
             let batch = features_to_device(&data.train.gather(indices), &device);
-            let step = noise.gradient(&net, &batch, epoch, Net::forward)?;
+            let step = noise.gradient(&net, &batch, Net::forward)?;
             net = optimizer.step(lr, net, step.grads);
         }
     }

@@ -125,7 +125,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let device = Device::flex().autodiff();
     device.seed(0);
     // Noise with the diagonal Fisher's structure, as if the batch were 64.
-    let stage = NoiseStage::new(NoiseConfig::diag_fisher(64), batch_size, lr, 0)?;
+    let stage = NoiseStage::new(NoiseConfig::diag_fisher(64), batch_size, 0)?;
     let net = Net {
         hidden: LinearConfig::new(784, 256).init(&device),
         out: LinearConfig::new(256, 10).init(&device),

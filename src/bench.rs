@@ -245,7 +245,7 @@ impl RoundWork {
             RoundWork::Step(state) => {
                 let (model, stage, sgd) = &mut **state;
                 let current = model.take().expect("put back after every step");
-                let g = stage.gradient(&current, batch, 0, |m: &Network, b: &Batch<4>, p| {
+                let g = stage.gradient(&current, batch, |m: &Network, b: &Batch<4>, p| {
                     m.objective(b.x.clone(), b.labels.clone(), p)
                 })?;
                 let next = sgd.step(0.01, current, g.grads);
@@ -296,7 +296,7 @@ fn step_state(
         normalization,
     };
     let model = Network::new(&network, 0, device)?;
-    let stage = NoiseStage::new(variant.noise.clone(), b, 0.1, 0)?
+    let stage = NoiseStage::new(variant.noise.clone(), b, 0)?
         .with_coupling(network.coupling())
         .with_chunk(config.chunk);
     let sgd = SgdConfig {

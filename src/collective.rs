@@ -3,7 +3,7 @@
 //! `mpi`) implements the same trait, so the step and the loop are the same
 //! code on one process or many.
 
-use burn::module::{Module, ModuleMapper, Param};
+use burn::module::Module;
 use burn::tensor::Tensor;
 
 use crate::error::Result;
@@ -118,32 +118,8 @@ pub fn average_buffers<M: Module>(model: M, collective: &dyn Collective) -> Resu
         return Ok(model);
     }
     all_reduce_packed(collective, &mut buffers, &mut [])?;
-    let mut writer = BufferWriter {
-        values: buffers
-            .into_iter()
-            .map(|b| b / world as f32)
-            .collect::<Vec<_>>()
-            .into_iter(),
-    };
-    Ok(model.map(&mut writer))
-}
-
-struct BufferWriter {
-    values: std::vec::IntoIter<Tensor<1>>,
-}
-
-impl ModuleMapper for BufferWriter {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if param.is_require_grad() {
-            return param;
-        }
-        let (id, value, mapper) = param.consume();
-        let averaged = self
-            .values
-            .next()
-            .expect("the same module visited twice yields the same buffers")
-            .reshape(value.shape())
-            .to_device(&value.device());
-        Param::from_mapped_value(id, averaged, mapper)
-    }
+    Ok(crate::params::replace_buffers(
+        model,
+        buffers.into_iter().map(|b| b / world as f32).collect(),
+    ))
 }

@@ -46,7 +46,7 @@
 //!     .init();
 //! let (batch_size, lr) = (128, 0.1);
 //! // Diagonal-Fisher noise imitating batch 16: c = 1/16 - 1/128.
-//! let mut noise = NoiseStage::new(NoiseConfig::diag_fisher(16), batch_size, lr, 7)?;
+//! let mut noise = NoiseStage::new(NoiseConfig::diag_fisher(16), batch_size, 7)?;
 //! let x = Tensor::<2>::random([batch_size, 20], burn::tensor::Distribution::Default, &device);
 //! // The class is the sign pattern of the first two features.
 //! let sign = |j| x.clone().narrow(1, j, 1).reshape([batch_size]).greater_elem(0.0).int();
@@ -54,11 +54,11 @@
 //! let batch = Batch { x, labels };
 //! let mut first = None;
 //! for _ in 0..30 {
-//!     let step = noise.gradient(&net, &batch, 0, Net::forward)?;
+//!     let step = noise.gradient(&net, &batch, Net::forward)?;
 //!     first.get_or_insert(step.loss);
 //!     net = optimizer.step(lr, net, step.grads);
 //! }
-//! let last = noise.gradient(&net, &batch, 0, Net::forward)?.loss;
+//! let last = noise.gradient(&net, &batch, Net::forward)?.loss;
 //! assert!(last < 0.5 * first.unwrap(), "loss {first:?} -> {last}");
 //! # Ok(())
 //! # }

@@ -9,7 +9,7 @@
 //! is the module's visiting order, which is the same in every process that
 //! builds the same architecture (a `ParamId` is not: it is drawn at random).
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 
@@ -72,7 +72,9 @@ impl ParamEntry {
 #[derive(Debug, Clone, Default)]
 pub struct ParamTable {
     entries: Vec<ParamEntry>,
-    containers: Vec<String>,
+    /// Every module that holds a field, as (its path, its type), in
+    /// visiting order.
+    containers: Vec<(String, String)>,
 }
 
 impl ParamTable {
@@ -111,13 +113,32 @@ impl ParamTable {
         self.entries.iter().position(|e| e.id == id)
     }
 
-    /// The first submodule whose type normalizes over the batch (burn's
-    /// `BatchNorm`, or any type whose name ends in `BatchNorm`).
-    pub fn batch_norm(&self) -> Option<&str> {
+    /// The name of parameter `id` (its path), or a description for one the
+    /// table does not hold (frozen, or of another module).
+    pub fn name_of(&self, id: ParamId) -> String {
+        self.index_of(id).map_or_else(
+            || format!("(id {id}, not a trainable parameter of this model)"),
+            |i| self.entries[i].name.clone(),
+        )
+    }
+
+    /// The submodules whose type name ends in `BatchNorm` (burn's
+    /// `BatchNorm`, covnoise's `GhostBatchNorm`, a user's own), as
+    /// `(path, type name)` in visiting order.
+    pub fn batch_norms(&self) -> Vec<(&str, &str)> {
         self.containers
             .iter()
-            .map(String::as_str)
-            .find(|c| c.ends_with("BatchNorm"))
+            .filter_map(|(path, kind)| {
+                let name = kind.rsplit(':').next().unwrap_or(kind);
+                name.ends_with("BatchNorm").then_some((path.as_str(), name))
+            })
+            .collect()
+    }
+
+    /// The first submodule whose type normalizes over the batch (see
+    /// [`ParamTable::batch_norms`]), by type name.
+    pub fn batch_norm(&self) -> Option<&str> {
+        self.batch_norms().first().map(|(_, kind)| *kind)
     }
 
     /// Moves the gradients of `grads` into flat rank-1 tensors in table
@@ -214,13 +235,18 @@ pub(crate) fn join_path(path: &[String]) -> String {
 struct TableVisitor {
     path: Vec<String>,
     entries: Vec<ParamEntry>,
-    containers: Vec<String>,
+    containers: Vec<(String, String)>,
 }
 
 impl ModuleVisitor for TableVisitor {
     fn enter_module(&mut self, name: &str, container_type: &str) {
+        // `container_type` is the type of the module that holds field
+        // `name`: the module itself lives at the path before the field.
+        let entry = (join_path(&self.path), container_type.to_string());
+        if self.containers.last() != Some(&entry) {
+            self.containers.push(entry);
+        }
         self.path.push(path_segment(name, container_type));
-        self.containers.push(container_type.to_string());
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
@@ -266,5 +292,36 @@ impl ModuleVisitor for ValueVisitor {
         let value = param.val().inner();
         let n = value.shape().num_elements();
         self.values.push(value.reshape([n]));
+    }
+}
+
+/// `module` with its buffers (float tensors that take no gradient, in
+/// visiting order, flat) replaced by `values`. A `RunningState` shares its
+/// value with every clone of the module, so replacing the buffers of a
+/// clone replaces the original's too.
+pub fn replace_buffers<M: Module>(module: M, values: Vec<Tensor<1>>) -> M {
+    let mut writer = BufferWriter {
+        values: values.into_iter(),
+    };
+    module.map(&mut writer)
+}
+
+struct BufferWriter {
+    values: std::vec::IntoIter<Tensor<1>>,
+}
+
+impl ModuleMapper for BufferWriter {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if param.is_require_grad() {
+            return param;
+        }
+        let (id, value, mapper) = param.consume();
+        let replaced = self
+            .values
+            .next()
+            .expect("the same module visited twice yields the same buffers")
+            .reshape(value.shape())
+            .to_device(&value.device());
+        Param::from_mapped_value(id, replaced, mapper)
     }
 }

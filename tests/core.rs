@@ -370,7 +370,6 @@ fn diag_and_isotropic_noise_have_covariance_c_s_and_equal_trace() {
             ..NoiseConfig::diag_fisher(2)
         },
         8,
-        0.1,
         5,
     )
     .unwrap();
@@ -430,7 +429,7 @@ fn full_noise_has_the_batch_fisher_as_covariance() {
             scale: ScaleRule::Fixed { c },
             ..NoiseConfig::none()
         };
-        let mut stage = NoiseStage::new(config, b, 0.1, 17).unwrap();
+        let mut stage = NoiseStage::new(config, b, 17).unwrap();
         let plain = flat(
             &moments::plain_gradient(&model, &batch, &fwd, &ctx(0, &table))
                 .unwrap()
@@ -438,7 +437,7 @@ fn full_noise_has_the_batch_fisher_as_covariance() {
         );
         let mut draws = Vec::new();
         for _ in 0..DRAWS {
-            let mut g = stage.gradient(&model, &batch, 0, fwd).unwrap().grads;
+            let mut g = stage.gradient(&model, &batch, fwd).unwrap().grads;
             let g = flat(&table.flatten(&mut g, &Device::flex()).unwrap());
             draws.push(g.iter().zip(&plain).map(|(a, b)| a - b).collect());
         }
@@ -456,7 +455,7 @@ fn params_of(model: &Mlp) -> Vec<f64> {
 
 fn train_steps(config: NoiseConfig, seed: u64, steps: usize) -> Vec<f64> {
     let (mut model, batch) = (mlp(6, &[10], 3, 1), random_batch(16, 6, 3, 2));
-    let mut stage = NoiseStage::new(config, 16, 0.1, seed).unwrap();
+    let mut stage = NoiseStage::new(config, 16, seed).unwrap();
     let mut sgd = SgdConfig {
         momentum: 0.9,
         ..Default::default()
@@ -464,7 +463,7 @@ fn train_steps(config: NoiseConfig, seed: u64, steps: usize) -> Vec<f64> {
     .init()
     .unwrap();
     for _ in 0..steps {
-        let g = stage.gradient(&model, &batch, 0, fwd).unwrap();
+        let g = stage.gradient_in_epoch(&model, &batch, 0, fwd).unwrap();
         model = sgd.step(0.1, model, g.grads);
     }
     params_of(&model)
@@ -636,7 +635,7 @@ fn schedules_match_hand_computed_values() {
 
 #[test]
 fn impossible_settings_are_typed_errors() {
-    let err = NoiseStage::new(NoiseConfig::diag_fisher(4096), 4096, 0.1, 0).unwrap_err();
+    let err = NoiseStage::new(NoiseConfig::diag_fisher(4096), 4096, 0).unwrap_err();
     assert_eq!(
         err,
         CovnoiseError::SmallBatchNotSmaller {
@@ -650,11 +649,11 @@ fn impossible_settings_are_typed_errors() {
         ..NoiseConfig::diag_fisher(4)
     };
     assert_eq!(
-        NoiseStage::new(micro(1), 64, 0.1, 0).unwrap_err(),
+        NoiseStage::new(micro(1), 64, 0).unwrap_err(),
         CovnoiseError::TooFewMicroBatches(1)
     );
     assert_eq!(
-        NoiseStage::new(micro(5), 64, 0.1, 0).unwrap_err(),
+        NoiseStage::new(micro(5), 64, 0).unwrap_err(),
         CovnoiseError::MicroBatchesDoNotDivide {
             batch: 64,
             micro_batches: 5
@@ -665,7 +664,7 @@ fn impossible_settings_are_typed_errors() {
         ..NoiseConfig::diag_fisher(4)
     };
     assert!(matches!(
-        NoiseStage::new(neg, 64, 0.1, 0),
+        NoiseStage::new(neg, 64, 0),
         Err(CovnoiseError::InvalidSetting { name: "kappa", .. })
     ));
     let dev = device();
@@ -726,8 +725,8 @@ fn a_nan_gradient_is_an_error_not_an_update() {
     let (mut model, batch) = (mlp(4, &[5], 3, 0), random_batch(8, 4, 3, 1));
     let nan = (model.layers[0].weight.val() * f32::NAN).detach();
     model.layers[0].weight = burn::module::Param::from_tensor(nan);
-    let mut stage = NoiseStage::new(NoiseConfig::diag_fisher(2), 8, 0.1, 0).unwrap();
-    let err = stage.gradient(&model, &batch, 0, fwd).unwrap_err();
+    let mut stage = NoiseStage::new(NoiseConfig::diag_fisher(2), 8, 0).unwrap();
+    let err = stage.gradient(&model, &batch, fwd).unwrap_err();
     assert!(
         matches!(
             err,
@@ -780,8 +779,8 @@ fn refreshed_noise_uses_the_estimate_of_the_last_refresh() {
         refresh_every: 3,
         ..NoiseConfig::diag_fisher(2)
     };
-    let mut stage = NoiseStage::new(config.clone(), 8, 0.1, 9).unwrap();
-    let reference = NoiseStage::new(config, 8, 0.1, 9).unwrap();
+    let mut stage = NoiseStage::new(config.clone(), 8, 9).unwrap();
+    let reference = NoiseStage::new(config, 8, 9).unwrap();
     let estimate = |batch: &Batch| {
         moments::estimate(
             &model,
@@ -802,7 +801,7 @@ fn refreshed_noise_uses_the_estimate_of_the_last_refresh() {
         (3, &y, &at_y),
         (4, &y, &at_y),
     ] {
-        let mut got = stage.gradient(&model, batch, 0, fwd).unwrap().grads;
+        let mut got = stage.gradient(&model, batch, fwd).unwrap().grads;
         let got = flat(&table.flatten(&mut got, &Device::flex()).unwrap());
         let plain = moments::plain_gradient(&model, batch, &fwd, &ctx(step, &table)).unwrap();
         let mut expected = plain.grads;

@@ -271,7 +271,7 @@ fn diag_and_isotropic_noise_on_any_model_have_covariance_c_s() {
             refresh_every: u64::MAX,
             ..NoiseConfig::none()
         };
-        let mut stage = NoiseStage::new(config, 8, 0.1, 11).unwrap();
+        let mut stage = NoiseStage::new(config, 8, 11).unwrap();
         // The estimate of step 0 is kept for every later step.
         let s = moments::estimate(
             &model,
@@ -298,7 +298,7 @@ fn diag_and_isotropic_noise_on_any_model_have_covariance_c_s() {
         };
         let mut draws = Vec::new();
         for _ in 0..20_000 {
-            let mut g = stage.gradient(&model, &batch, 0, odd_forward).unwrap();
+            let mut g = stage.gradient(&model, &batch, odd_forward).unwrap();
             assert!((g.noise_trace.unwrap() - c * trace).abs() <= 1e-4 * c * trace);
             let noisy = flat(&table.flatten(&mut g.grads, &Device::flex()).unwrap());
             draws.push(noisy.iter().zip(&plain).map(|(a, b)| a - b).collect());
@@ -411,8 +411,8 @@ fn kappa_zero_and_none_give_burns_own_gradients_bit_for_bit() {
         },
     ];
     for config in configs {
-        let mut stage = NoiseStage::new(config, 8, 0.1, 1).unwrap();
-        let mut g = stage.gradient(&model, &batch, 0, odd_forward).unwrap();
+        let mut stage = NoiseStage::new(config, 8, 1).unwrap();
+        let mut g = stage.gradient(&model, &batch, odd_forward).unwrap();
         let got = flat(&table.flatten(&mut g.grads, &Device::flex()).unwrap());
         assert_eq!(got, reference);
     }
@@ -486,8 +486,8 @@ fn noisy_gradients_give_the_same_update_in_burns_sgd_and_ours() {
         .init();
     let (mut a, mut b) = (new_model(), new_model());
     let (mut stage_a, mut stage_b) = (
-        NoiseStage::new(config.clone(), 2, lr, seed).unwrap(),
-        NoiseStage::new(config, 2, lr, seed).unwrap(),
+        NoiseStage::new(config.clone(), 2, seed).unwrap(),
+        NoiseStage::new(config, 2, seed).unwrap(),
     );
     let mut buf = 0.0f64;
     let mut w = w0 as f64;
@@ -506,8 +506,8 @@ fn noisy_gradients_give_the_same_update_in_burns_sgd_and_ours() {
             momentum * buf + g_tilde
         };
         w -= lr * buf;
-        let ga = stage_a.gradient(&a, &batch, 0, scalar_forward).unwrap();
-        let gb = stage_b.gradient(&b, &batch, 0, scalar_forward).unwrap();
+        let ga = stage_a.gradient(&a, &batch, scalar_forward).unwrap();
+        let gb = stage_b.gradient(&b, &batch, scalar_forward).unwrap();
         a = ours.step(lr, a, ga.grads);
         b = burns.step(lr, b, gb.grads);
         let wa = to_vec(&a.w.weight.val()).unwrap()[0] as f64;
@@ -542,13 +542,12 @@ fn a_shared_stage_in_a_model_field_adds_the_same_noise_as_its_own_stage() {
     };
     let carrier = Carrier {
         odd: Odd::new(12),
-        noise: SharedNoiseStage::new(NoiseStage::new(config.clone(), 8, 0.1, 5).unwrap(), 2)
-            .unwrap(),
+        noise: SharedNoiseStage::new(NoiseStage::new(config.clone(), 8, 5).unwrap(), 2).unwrap(),
     };
     // Parameters come from the model, not from the skipped stage.
     assert_eq!(ParamTable::of(&carrier).num_params(), 33);
     let table = ParamTable::of(&carrier.odd);
-    let mut own = NoiseStage::new(config, 8, 0.1, 5).unwrap();
+    let mut own = NoiseStage::new(config, 8, 5).unwrap();
     let batch = odd_batch(8, 13);
     let forward = |c: &Carrier, b: &OddBatch, p: &mut Probes| odd_forward(&c.odd, b, p);
     for step in 0..4u64 {
@@ -556,7 +555,7 @@ fn a_shared_stage_in_a_model_field_adds_the_same_noise_as_its_own_stage() {
         let model = carrier.clone();
         let mut shared = model.noise.gradient(&model, &batch, forward).unwrap();
         let mut expected = own
-            .gradient(&carrier.odd, &batch, step as usize / 2, odd_forward)
+            .gradient_in_epoch(&carrier.odd, &batch, step as usize / 2, odd_forward)
             .unwrap();
         assert_eq!(shared.step, step);
         assert_eq!(shared.noise_trace.unwrap() > 0.0, step >= 2, "step {step}");

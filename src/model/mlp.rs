@@ -126,7 +126,7 @@ impl Mlp {
                 return z;
             }
             if let Some(norm) = self.norms.get(l) {
-                z = norm.forward(z);
+                z = probes.batch_norm(norm, z);
             }
             h = activation::relu(z);
         }

@@ -21,7 +21,9 @@ pub use mlp::{Mlp, MlpConfig, Normalization};
 pub use network::{Architecture, Network, NetworkConfig};
 pub use norm::GhostBatchNorm;
 pub use objective::{Examples, Objective, count_correct, cross_entropy_per_example, labels_tensor};
-pub use probe::{ConvFactors, LayerFactors, LinearFactors, Probes};
+pub use probe::{
+    AffineFactors, ConvFactors, EmbeddingFactors, LayerFactors, LinearFactors, NormGroups, Probes,
+};
 pub use resnet::{BasicBlock, ResNet};
 pub use vgg::{ConvBn, Vgg};
 
@@ -69,9 +71,9 @@ pub enum Coupling {
 }
 
 impl Coupling {
-    /// The coupling of a model with parameter table `table` when the user
-    /// declared none: batch normalization (a submodule whose type name ends
-    /// in `BatchNorm`) couples the whole batch.
+    /// The coupling of a model with parameter table `table` from type names
+    /// alone (no forward pass seen): batch normalization (a submodule whose
+    /// type name ends in `BatchNorm`) couples the whole batch.
     pub fn detect(table: &crate::params::ParamTable) -> Self {
         if table.batch_norm().is_some() {
             Coupling::WholeBatch
@@ -79,6 +81,98 @@ impl Coupling {
             Coupling::Independent
         }
     }
+
+    /// The coupling of a model from its structure and one observed forward
+    /// pass (`norms`: the batch norms routed through
+    /// [`Probes::batch_norm`]), checked against the caller's declaration.
+    ///
+    /// - burn's `BatchNorm`, or a [`GhostBatchNorm`] over the whole batch,
+    ///   couples the whole batch; a declaration of groups or independence is
+    ///   refused naming the layer.
+    /// - Ghost batch norms of groups g couple groups of lcm(g); a declared
+    ///   group size must be a multiple of it (groups of that size are then
+    ///   independent of each other).
+    /// - A batch norm of another type, or one called without its probe,
+    ///   cannot be checked: the declaration is believed, and without one the
+    ///   whole batch is taken as coupled.
+    /// - A model without batch norm is independent, unless declared
+    ///   otherwise (a declaration can only make splitting stricter).
+    pub fn resolve(
+        table: &crate::params::ParamTable,
+        norms: &[NormGroups],
+        declared: Option<Coupling>,
+    ) -> Result<Coupling> {
+        use crate::error::CovnoiseError;
+        let routed = |path: &str| {
+            norms
+                .iter()
+                .find(|n| table.name_of(n.gamma) == format!("{path}.gamma"))
+        };
+        let mut whole: Option<String> = None;
+        let mut unchecked = false;
+        let mut group = 1usize;
+        for (path, kind) in table.batch_norms() {
+            let path = if path.is_empty() { "(the model)" } else { path };
+            match routed(path) {
+                Some(n) if n.group == 0 => {
+                    whole.get_or_insert(format!("{path} (GhostBatchNorm over the whole batch)"));
+                }
+                Some(n) => group = lcm(group, n.group),
+                None if kind == "BatchNorm" => {
+                    whole.get_or_insert(format!("{path} (burn's BatchNorm)"));
+                }
+                None => unchecked = true,
+            }
+        }
+        // Ghost batch norms routed through the probes but missing from the
+        // table (frozen scale) still group examples.
+        for n in norms {
+            if n.group == 0 {
+                whole.get_or_insert("a GhostBatchNorm over the whole batch".into());
+            } else {
+                group = lcm(group, n.group);
+            }
+        }
+        let derived = if whole.is_some() {
+            Coupling::WholeBatch
+        } else if group > 1 {
+            Coupling::Groups(group)
+        } else {
+            Coupling::Independent
+        };
+        if let Some(layer) = &whole {
+            return match declared {
+                None | Some(Coupling::WholeBatch) => Ok(Coupling::WholeBatch),
+                Some(d) => Err(CovnoiseError::Unsupported(format!(
+                    "the coupling was declared {d:?}, but {layer} normalizes over the whole batch; use GhostBatchNorm with a group size, routed through Probes::batch_norm"
+                ))),
+            };
+        }
+        if unchecked {
+            // Nothing to check a declaration against.
+            return Ok(declared.unwrap_or(Coupling::WholeBatch));
+        }
+        match (derived, declared) {
+            (d, None) => Ok(d),
+            (_, Some(Coupling::WholeBatch)) => Ok(Coupling::WholeBatch),
+            (Coupling::Independent, Some(d)) => Ok(d),
+            (Coupling::Groups(g), Some(Coupling::Groups(n))) if n.is_multiple_of(g) => {
+                Ok(Coupling::Groups(n))
+            }
+            (Coupling::Groups(g), Some(d)) => Err(CovnoiseError::Unsupported(format!(
+                "the coupling was declared {d:?}, but the model's ghost batch norms normalize groups of {g} examples together; declare Groups(n) with n a multiple of {g}, or none"
+            ))),
+            (Coupling::WholeBatch, _) => unreachable!("handled above"),
+        }
+    }
+}
+
+/// Least common multiple.
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    a / gcd(a, b) * b
 }
 
 /// Mean cross-entropy of `logits` `[B, classes]` against `labels`, and the

@@ -34,11 +34,10 @@ pub struct BasicBlock {
 
 impl BasicBlock {
     fn forward(&self, x: Tensor<4>, probes: &mut Probes) -> Tensor<4> {
-        let h = activation::relu(
-            self.bn1
-                .forward_images(probes.conv2d(&self.conv1, x.clone())),
-        );
-        let h = self.bn2.forward_images(probes.conv2d(&self.conv2, h));
+        let z = probes.conv2d(&self.conv1, x.clone());
+        let h = activation::relu(probes.batch_norm(&self.bn1, z));
+        let z = probes.conv2d(&self.conv2, h);
+        let h = probes.batch_norm(&self.bn2, z);
         activation::relu(h + self.shortcut(x))
     }
 
@@ -115,7 +114,8 @@ impl ResNet {
 
     /// Logits `[B, classes]` of images `x` `[B, 3, 32, 32]`.
     pub fn forward(&self, x: Tensor<4>, probes: &mut Probes) -> Tensor<2> {
-        let mut h = activation::relu(self.bn.forward_images(probes.conv2d(&self.conv, x)));
+        let z = probes.conv2d(&self.conv, x);
+        let mut h = activation::relu(probes.batch_norm(&self.bn, z));
         for block in &self.blocks {
             h = block.forward(h, probes);
         }

@@ -121,7 +121,8 @@ impl Vgg {
     pub fn forward(&self, x: Tensor<4>, probes: &mut Probes) -> Tensor<2> {
         let mut h = x;
         for (layer, &pool) in self.features.iter().zip(&self.pool_after) {
-            h = activation::relu(layer.norm.forward_images(probes.conv2d(&layer.conv, h)));
+            let z = probes.conv2d(&layer.conv, h);
+            h = activation::relu(probes.batch_norm(&layer.norm, z));
             if pool {
                 h = max_pool2(h);
             }

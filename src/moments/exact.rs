@@ -1,147 +1,380 @@
-//! Exact per-example second moments of Linear and Conv2d layers from the
-//! factors of one backward pass.
+//! Exact per-example second moments from the factors of one backward pass,
+//! one rule per layer kind, for any parameter covered by probed layers.
 //!
-//! For a Linear layer `z_i = a_i W + b` (burn's layout, `W` is `[in, out]`),
-//! example i's weight gradient is the outer product `a_i^T delta_i`, so
-//! `sum_i (grad_W l_i)^2 = (a^2)^T (delta^2)` (elementwise squares; one extra
-//! matrix product per layer), `sum_i (grad_b l_i)^2 = sum_i delta_i^2`, and
-//! the squared norm `||grad_W l_i||^2 = ||a_i||^2 ||delta_i||^2` gives the
-//! trace in O(B (in + out)).
+//! Every rule gives example i's gradient of a parameter as a sum over the
+//! example's positions (tokens, pixels) *before* it is squared:
+//! - Linear on `[B, T, in]`: `G_i = a_i^T delta_i` (`[in, T] x [T, out]`); with
+//!   T = 1 the sum of squares is one product, `(a^2)^T (delta^2)`, and the
+//!   squared norm `||a_i||^2 ||delta_i||^2` gives the trace in O(B (in + out)).
+//! - Conv2d / Conv1d: `G_i = delta_i U_i^T`, `U_i` the unfolded (im2col) input
+//!   `[in kh kw, P]` (not the sum of per-position squares, a different,
+//!   KFAC-like quantity).
+//! - Embedding: row v of `G_i` is the sum of `delta_it` over the positions
+//!   where example i holds token v (repeated tokens add before the square).
+//! - LayerNorm / GroupNorm: `sum_p xhat_ip * delta_ip` (gamma) and
+//!   `sum_p delta_ip` (beta), over the positions that share a feature.
+//! - Biases: `sum_p delta_ip`.
 //!
-//! For a Conv2d layer, example i's weight gradient sums over the output
-//! positions p *before* it is squared: `G_i = delta_i U_i^T` with `U_i` the
-//! unfolded (im2col) input `[in kh kw, P]` and `delta_i` `[out, P]`, and the
-//! estimate is `sum_i G_i^2` (not the sum of per-position squares, a
-//! different, KFAC-like quantity). The examples go through in chunks, so the
-//! unfolded inputs and per-example gradients of one chunk are all that is
-//! held: about `CHUNK_BYTES` (64 MiB) per layer, or one example's worth when
-//! that is larger (`4 (in kh kw P + out in kh kw + out P)` bytes).
+//! A parameter used by several probed layers in one forward pass (tied
+//! weights) gets the sum of its uses' per-example gradients, squared. A
+//! parameter no probed layer covers is refused by name, never skipped.
+//!
+//! Where no one-product shortcut applies, examples go through in chunks, so
+//! that the per-example gradients (and unfolded inputs) of one chunk are all
+//! that is held: about `CHUNK_BYTES` (64 MiB) per parameter, or one
+//! example's worth when that is larger.
 
-use burn::tensor::Tensor;
 use burn::tensor::module::unfold4d;
 use burn::tensor::ops::{PadMode, UnfoldOptions};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor};
 
 use super::{MomentKind, SecondMoment};
 use crate::error::{CovnoiseError, Result};
-use crate::model::{ConvFactors, LayerFactors};
+use crate::model::{AffineFactors, ConvFactors, EmbeddingFactors, LayerFactors, LinearFactors};
 use crate::params::ParamTable;
 use crate::tensor_util::scalar;
+
+/// One use of a parameter by a probed layer: which part of the layer's
+/// factors gives its per-example gradients.
+#[derive(Debug, Clone, Copy)]
+enum Use<'a> {
+    LinearWeight(&'a LinearFactors),
+    LinearBias(&'a LinearFactors),
+    ConvWeight(&'a ConvFactors),
+    ConvBias(&'a ConvFactors),
+    EmbeddingWeight(&'a EmbeddingFactors),
+    AffineScale(&'a AffineFactors),
+    AffineShift(&'a AffineFactors),
+}
+
+impl Use<'_> {
+    /// Per-example gradients of examples `start..start + len`, `[len,
+    /// numel]` in the parameter's own flat order (unscaled probe units).
+    fn per_example(&self, start: usize, len: usize) -> Result<Tensor<2>> {
+        Ok(match *self {
+            Use::LinearWeight(f) => {
+                let a = f.input.clone().narrow(0, start, len);
+                let d = f.output_grad.clone().narrow(0, start, len);
+                let [_, _, i] = a.dims();
+                let [_, _, o] = d.dims();
+                a.swap_dims(1, 2).matmul(d).reshape([len, i * o])
+            }
+            Use::LinearBias(f) => {
+                let d = f.output_grad.clone().narrow(0, start, len);
+                let o = d.dims()[2];
+                d.sum_dim(1).reshape([len, o])
+            }
+            Use::ConvWeight(f) => conv_weight_grads(f, start, len)?,
+            Use::ConvBias(f) => {
+                let [_, cout, ho, wo] = f.output_grad.dims();
+                f.output_grad
+                    .clone()
+                    .narrow(0, start, len)
+                    .reshape([len, cout, ho * wo])
+                    .sum_dim(2)
+                    .reshape([len, cout])
+            }
+            Use::EmbeddingWeight(f) => embedding_grads(f, start, len),
+            Use::AffineScale(f) => {
+                let x = f.normalized.clone().narrow(0, start, len);
+                let d = f.output_grad.clone().narrow(0, start, len);
+                let n = d.dims()[2];
+                (x * d).sum_dim(1).reshape([len, n])
+            }
+            Use::AffineShift(f) => {
+                let d = f.output_grad.clone().narrow(0, start, len);
+                let n = d.dims()[2];
+                d.sum_dim(1).reshape([len, n])
+            }
+        })
+    }
+
+    /// Bytes one example's gradient of this use takes to form (the unfolded
+    /// input or scatter buffer included), for sizing chunks.
+    fn bytes_per_example(&self, numel: usize) -> usize {
+        let f32s = match *self {
+            Use::LinearWeight(f) => {
+                let [_, t, i] = f.input.dims();
+                t * i + t * f.output_grad.dims()[2] + numel
+            }
+            Use::ConvWeight(f) => {
+                let [_, cin, _, _] = f.input.dims();
+                let [_, cout, ho, wo] = f.output_grad.dims();
+                let k = cin * f.kernel[0] * f.kernel[1];
+                k * ho * wo + cout * k + cout * ho * wo
+            }
+            Use::EmbeddingWeight(f) => numel + f.output_grad.dims()[1] * f.output_grad.dims()[2],
+            Use::LinearBias(_) | Use::ConvBias(_) | Use::AffineScale(_) | Use::AffineShift(_) => {
+                numel
+            }
+        };
+        4 * f32s.max(1)
+    }
+
+    /// Examples the factors hold.
+    fn examples(&self) -> usize {
+        match *self {
+            Use::LinearWeight(f) | Use::LinearBias(f) => f.output_grad.dims()[0],
+            Use::ConvWeight(f) | Use::ConvBias(f) => f.output_grad.dims()[0],
+            Use::EmbeddingWeight(f) => f.output_grad.dims()[0],
+            Use::AffineScale(f) | Use::AffineShift(f) => f.output_grad.dims()[0],
+        }
+    }
+
+    /// `sum_i g_i^2` in one pass without per-example gradients, where the
+    /// layer has one position per example (Linear on `[B, in]`).
+    fn direct_square_sums(&self) -> Option<Tensor<1>> {
+        match *self {
+            Use::LinearWeight(f) if f.input.dims()[1] == 1 => {
+                let [b, _, i] = f.input.dims();
+                let o = f.output_grad.dims()[2];
+                let a2 = f.input.clone().reshape([b, i]).square();
+                let d2 = f.output_grad.clone().reshape([b, o]).square();
+                Some(a2.transpose().matmul(d2).reshape([i * o]))
+            }
+            Use::LinearBias(f) if f.output_grad.dims()[1] == 1 => {
+                let [b, _, o] = f.output_grad.dims();
+                Some(
+                    f.output_grad
+                        .clone()
+                        .reshape([b, o])
+                        .square()
+                        .sum_dim(0)
+                        .reshape([o]),
+                )
+            }
+            _ => None,
+        }
+    }
+
+    /// `sum_i ||g_i||^2` without the diagonal, where that is cheaper.
+    fn direct_trace(&self) -> Option<f64> {
+        match *self {
+            Use::LinearWeight(f) if f.input.dims()[1] == 1 => {
+                let [b, _, i] = f.input.dims();
+                let o = f.output_grad.dims()[2];
+                let a2 = f.input.clone().reshape([b, i]).square().sum_dim(1);
+                let d2 = f.output_grad.clone().reshape([b, o]).square().sum_dim(1);
+                Some(scalar((a2 * d2).sum()))
+            }
+            _ => self.direct_square_sums().map(|s| scalar(s.sum())),
+        }
+    }
+}
+
+/// The uses of each table parameter by the probed layers, in table order;
+/// an error names a parameter that no probed layer covers. Parameters of
+/// probed layers that the table does not hold (frozen) take no noise and
+/// are skipped.
+fn uses_by_param<'a>(factors: &'a [LayerFactors], table: &ParamTable) -> Result<Vec<Vec<Use<'a>>>> {
+    let mut uses: Vec<Vec<Use<'a>>> = vec![Vec::new(); table.len()];
+    let mut add = |id: Option<burn::module::ParamId>, u: Use<'a>| {
+        if let Some(i) = id.and_then(|id| table.index_of(id)) {
+            uses[i].push(u);
+        }
+    };
+    for layer in factors {
+        match layer {
+            LayerFactors::Linear(f) => {
+                add(Some(f.weight), Use::LinearWeight(f));
+                add(f.bias, Use::LinearBias(f));
+            }
+            LayerFactors::Conv2d(f) => {
+                add(Some(f.weight), Use::ConvWeight(f));
+                add(f.bias, Use::ConvBias(f));
+            }
+            LayerFactors::Embedding(f) => add(Some(f.weight), Use::EmbeddingWeight(f)),
+            LayerFactors::Affine(f) => {
+                add(f.gamma, Use::AffineScale(f));
+                add(f.beta, Use::AffineShift(f));
+            }
+        }
+    }
+    if let Some(i) = uses.iter().position(Vec::is_empty) {
+        let e = &table.entries()[i];
+        return Err(CovnoiseError::Unsupported(format!(
+            "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover Linear, Conv1d, Conv2d, Embedding, LayerNorm and GroupNorm layers routed through Probes; use the micro-batch estimator (Estimator::Microbatch) for other layers",
+            e.name, e.shape
+        )));
+    }
+    Ok(uses)
+}
+
+/// Per-example gradients of one parameter for examples `start..start+len`,
+/// summed over its uses, `[len, numel]`.
+fn summed_per_example(uses: &[Use], start: usize, len: usize, numel: usize) -> Result<Tensor<2>> {
+    let mut total: Option<Tensor<2>> = None;
+    for u in uses {
+        let g = u.per_example(start, len)?;
+        if g.dims()[1] != numel {
+            return Err(CovnoiseError::Shape(format!(
+                "a probed layer gives {} values per example for a parameter of {numel}",
+                g.dims()[1]
+            )));
+        }
+        total = Some(match total {
+            None => g,
+            Some(t) => t + g,
+        });
+    }
+    Ok(total.expect("every parameter has a use"))
+}
 
 /// Sums over the batch of squared per-example gradients: per parameter
 /// (`MomentKind::Diag`, flat and in table order) or in total
 /// (`MomentKind::Trace`). `per_example_scale` turns a probe gradient into
 /// the gradient of one example's own loss (B for a mean over B examples).
 ///
-/// Every parameter of `table` must be covered by exactly one probed layer:
-/// a parameter without a per-example rule, or one used by two layers (whose
-/// per-example gradient would be a sum of two products), is refused with its
-/// name, never skipped.
+/// Every parameter of `table` must be covered by a probed layer; one used
+/// by several (tied weights) gets the sum of its uses before the square.
 pub fn moment_sums(
     factors: &[LayerFactors],
     table: &ParamTable,
     per_example_scale: f32,
     kind: MomentKind,
 ) -> Result<SecondMoment> {
-    let mut slots: Vec<Option<Tensor<1>>> = vec![None; table.len()];
-    let mut covered = vec![false; table.len()];
+    moment_sums_chunked(factors, table, per_example_scale, kind, CHUNK_BYTES)
+}
+
+fn moment_sums_chunked(
+    factors: &[LayerFactors],
+    table: &ParamTable,
+    per_example_scale: f32,
+    kind: MomentKind,
+    chunk_bytes: usize,
+) -> Result<SecondMoment> {
+    let uses = uses_by_param(factors, table)?;
+    // The per-example scale enters squared on the sums, once.
+    let scale2 = per_example_scale * per_example_scale;
+    let mut diag = Vec::with_capacity(table.len());
     let mut trace = 0.0;
-    for layer in factors {
-        let (weight_id, bias_id) = layer.params();
-        let weight = claim(table, &mut covered, weight_id)?;
-        let bias = match bias_id {
-            Some(b) => claim(table, &mut covered, b)?,
-            None => None,
-        };
-        if weight.is_none() && bias.is_none() {
-            continue;
-        }
-        let f = match layer {
-            LayerFactors::Linear(f) => f,
-            LayerFactors::Conv2d(f) => {
-                let (w, b) = conv_sums(
-                    f,
-                    per_example_scale,
-                    [weight.is_some(), bias.is_some()],
-                    CHUNK_BYTES,
-                )?;
-                match kind {
-                    MomentKind::Diag => {
-                        if let (Some(i), Some(w)) = (weight, w) {
-                            slots[i] = Some(w);
-                        }
-                        if let (Some(i), Some(b)) = (bias, b) {
-                            slots[i] = Some(b);
-                        }
-                    }
-                    MomentKind::Trace => {
-                        trace +=
-                            w.map_or(0.0, |w| scalar(w.sum())) + b.map_or(0.0, |b| scalar(b.sum()));
+    for (entry, uses) in table.entries().iter().zip(&uses) {
+        let numel = entry.numel();
+        if let [single] = uses.as_slice() {
+            match kind {
+                MomentKind::Diag => {
+                    if let Some(s) = single.direct_square_sums() {
+                        diag.push(s * scale2);
+                        continue;
                     }
                 }
-                continue;
+                MomentKind::Trace => {
+                    if let Some(t) = single.direct_trace() {
+                        trace += scale2 as f64 * t;
+                        continue;
+                    }
+                }
             }
-        };
-        // The per-example scale enters squared on the small results, not
-        // on the B x out output gradients: one pass over them fewer.
-        let scale2 = per_example_scale * per_example_scale;
-        let d2 = f.output_grad.clone().square();
+        }
+        let sums = square_sums(uses, numel, chunk_bytes)
+            .map_err(|e| name_shape_error(e, &entry.name))?
+            * scale2;
         match kind {
-            MomentKind::Diag => {
-                if let Some(weight) = weight {
-                    let w = f.input.clone().square().transpose().matmul(d2.clone()) * scale2;
-                    let n = w.shape().num_elements();
-                    slots[weight] = Some(w.reshape([n]));
-                }
-                if let Some(b) = bias {
-                    let s = d2.sum_dim(0) * scale2;
-                    let n = s.shape().num_elements();
-                    slots[b] = Some(s.reshape([n]));
-                }
-            }
-            MomentKind::Trace => {
-                let d2 = d2.sum_dim(1);
-                // weight: sum_i |a_i|^2 |delta_i|^2; bias: sum_i |delta_i|^2.
-                let a2 = match weight {
-                    Some(_) => f.input.clone().square().sum_dim(1),
-                    None => d2.zeros_like(),
-                };
-                let a2 = if bias.is_some() { a2 + 1.0 } else { a2 };
-                trace += scale2 as f64 * scalar((a2 * d2).sum());
-            }
+            MomentKind::Diag => diag.push(sums),
+            MomentKind::Trace => trace += scalar(sums.sum()),
         }
-    }
-    if let Some(i) = covered.iter().position(|c| !c) {
-        let e = &table.entries()[i];
-        return Err(CovnoiseError::Unsupported(format!(
-            "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover Linear and Conv2d layers routed through Probes::linear and Probes::conv2d; use --estimator microbatch for other layers",
-            e.name, e.shape
-        )));
     }
     Ok(match kind {
-        MomentKind::Diag => SecondMoment::Diag(
-            slots
-                .into_iter()
-                .map(|s| s.expect("every parameter covered"))
-                .collect(),
-        ),
+        MomentKind::Diag => SecondMoment::Diag(diag),
         MomentKind::Trace => SecondMoment::Trace(trace),
     })
 }
 
-/// Bytes of unfolded inputs and per-example gradients one chunk of examples
-/// may hold (see the module documentation).
-const CHUNK_BYTES: usize = 64 << 20;
+/// `sum_i g_i^2` of one parameter from its uses (per-example gradients
+/// summed over the uses, then squared), over chunks of examples holding at
+/// most `chunk_bytes` (at least one example).
+fn square_sums(uses: &[Use], numel: usize, chunk_bytes: usize) -> Result<Tensor<1>> {
+    let examples = uses[0].examples();
+    if let Some(u) = uses.iter().find(|u| u.examples() != examples) {
+        return Err(CovnoiseError::Shape(format!(
+            "it is used by probed layers that saw {examples} and {} examples",
+            u.examples()
+        )));
+    }
+    let per_example: usize = uses.iter().map(|u| u.bytes_per_example(numel)).sum();
+    let chunk = (chunk_bytes / per_example.max(1)).clamp(1, examples.max(1));
+    let mut sums: Option<Tensor<1>> = None;
+    let mut start = 0;
+    while start < examples {
+        let len = chunk.min(examples - start);
+        let g = summed_per_example(uses, start, len, numel)?;
+        let s = g.square().sum_dim(0).reshape([numel]);
+        sums = Some(match sums {
+            None => s,
+            Some(acc) => acc + s,
+        });
+        start += len;
+    }
+    sums.ok_or_else(|| CovnoiseError::Shape("empty batch".into()))
+}
 
-/// `sum_i G_i^2` flat in the weight's `[out, in, kh, kw]` order, and
-/// `sum_i (sum_p delta_i[:, p])^2` for the bias, of one Conv2d layer.
-/// The examples go through in chunks of at most `chunk_bytes` of unfolded
-/// inputs and per-example gradients (at least one example).
-fn conv_sums(
-    f: &ConvFactors,
-    per_example_scale: f32,
-    [want_weight, want_bias]: [bool; 2],
-    chunk_bytes: usize,
-) -> Result<(Option<Tensor<1>>, Option<Tensor<1>>)> {
+/// A shape error about a parameter, with the parameter's name.
+fn name_shape_error(e: CovnoiseError, name: &str) -> CovnoiseError {
+    match e {
+        CovnoiseError::Shape(m) => CovnoiseError::Shape(format!("parameter {name}: {m}")),
+        other => other,
+    }
+}
+
+/// Checks that the per-example gradients the rules give add up to the
+/// backward pass's gradient `grads` (flat, table order) of the mean
+/// objective over `examples`: a parameter that is also used outside the
+/// probed layers (a tied weight read directly, a layer called without its
+/// probe) would have part of its gradient missing from its estimate.
+/// `tolerance` is relative to the larger of the two norms.
+pub fn check_rules_cover_gradients(
+    factors: &[LayerFactors],
+    table: &ParamTable,
+    grads: &[Tensor<1>],
+    tolerance: f64,
+) -> Result<()> {
+    let uses = uses_by_param(factors, table)?;
+    for ((entry, uses), g) in table.entries().iter().zip(&uses).zip(grads) {
+        let numel = entry.numel();
+        let examples = uses[0].examples();
+        let sum = summed_per_example(uses, 0, examples, numel)?
+            .sum_dim(0)
+            .reshape([numel]);
+        // The probe gradients are of the mean objective already: their sum
+        // over examples is the batch gradient itself.
+        let diff = scalar((sum.clone() - g.clone()).square().sum()).sqrt();
+        let scale = scalar(sum.square().sum())
+            .sqrt()
+            .max(scalar(g.clone().square().sum()).sqrt());
+        if diff > tolerance * scale + 1e-30 {
+            return Err(CovnoiseError::Unsupported(format!(
+                "parameter {} is used outside the layers routed through Probes (its per-example gradients add up to {:.3e} of a gradient of norm {scale:.3e} away): route every use through Probes, or use the micro-batch estimator (Estimator::Microbatch)",
+                entry.name, diff
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Example i's gradients of an Embedding table, `[len, vocabulary * d]`:
+/// each position's output gradient is added into the row of its token, in
+/// a buffer of one table per example.
+fn embedding_grads(f: &EmbeddingFactors, start: usize, len: usize) -> Tensor<2> {
+    let [_, t, d] = f.output_grad.dims();
+    let v = f.vocabulary;
+    let device = f.output_grad.device();
+    let offsets = Tensor::<1, Int>::arange(0..len as i64, &device)
+        .reshape([len, 1])
+        .mul_scalar(v as i64);
+    let keys = (f.tokens.clone().narrow(0, start, len) + offsets).reshape([len * t]);
+    let values = f
+        .output_grad
+        .clone()
+        .narrow(0, start, len)
+        .reshape([len * t, d]);
+    Tensor::<2>::zeros([len * v, d], &device)
+        .select_assign(0, keys, values, IndexingUpdateOp::Add)
+        .reshape([len, v * d])
+}
+
+/// Example i's kernel gradients `G_i = delta_i U_i^T` of a Conv layer for
+/// examples `start..start + len`, `[len, out * in * kh * kw]`.
+fn conv_weight_grads(f: &ConvFactors, start: usize, len: usize) -> Result<Tensor<2>> {
     let [b, cin, _, _] = f.input.dims();
     let [bd, cout, ho, wo] = f.output_grad.dims();
     let (positions, k) = (ho * wo, cin * f.kernel[0] * f.kernel[1]);
@@ -150,46 +383,30 @@ fn conv_sums(
             "a Conv2d probe saw {b} inputs but {bd} output gradients"
         )));
     }
-    let per_example = 4 * (k * positions + cout * k + cout * positions);
-    let chunk = (chunk_bytes / per_example.max(1)).clamp(1, b.max(1));
     let [(top, bottom), (left, right)] = f.padding;
-    let (mut weight, mut bias): (Option<Tensor<1>>, Option<Tensor<1>>) = (None, None);
-    let add = |acc: Option<Tensor<1>>, t: Tensor<1>| Some(acc.map_or(t.clone(), |a| a + t));
-    let mut start = 0;
-    while start < b {
-        let c = chunk.min(b - start);
-        let delta = f
-            .output_grad
-            .clone()
-            .narrow(0, start, c)
-            .reshape([c, cout, positions]);
-        if want_weight {
-            let mut x = f.input.clone().narrow(0, start, c);
-            if top + bottom + left + right > 0 {
-                x = x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0));
-            }
-            let unfolded_t = unfold_transposed(x, f);
-            let [_, up, uk] = unfolded_t.dims();
-            if uk != k || up != positions {
-                return Err(CovnoiseError::Shape(format!(
-                    "a Conv2d probe's unfolded input is [{up}, {uk}] per example, its output gradient has {positions} positions and the kernel {k} inputs"
-                )));
-            }
-            // Example i's gradient [out, in kh kw]: the positions are summed
-            // by the product, before the square.
-            let g = delta.clone().matmul(unfolded_t);
-            weight = add(weight, g.square().sum_dim(0).reshape([cout * k]));
-        }
-        if want_bias {
-            let s = delta.sum_dim(2).reshape([c, cout]).square().sum_dim(0);
-            bias = add(bias, s.reshape([cout]));
-        }
-        start += c;
+    let delta = f
+        .output_grad
+        .clone()
+        .narrow(0, start, len)
+        .reshape([len, cout, positions]);
+    let mut x = f.input.clone().narrow(0, start, len);
+    if top + bottom + left + right > 0 {
+        x = x.pad([(top, bottom), (left, right)], PadMode::Constant(0.0));
     }
-    // The scale of one example's gradient, squared, once on the sums.
-    let scale2 = per_example_scale * per_example_scale;
-    Ok((weight.map(|w| w * scale2), bias.map(|b| b * scale2)))
+    let unfolded_t = unfold_transposed(x, f);
+    let [_, up, uk] = unfolded_t.dims();
+    if uk != k || up != positions {
+        return Err(CovnoiseError::Shape(format!(
+            "a Conv2d probe's unfolded input is [{up}, {uk}] per example, its output gradient has {positions} positions and the kernel {k} inputs"
+        )));
+    }
+    // The positions are summed by the product, before the square.
+    Ok(delta.matmul(unfolded_t).reshape([len, cout * k]))
 }
+
+/// Bytes of unfolded inputs and per-example gradients one chunk of examples
+/// may hold (see the module documentation).
+const CHUNK_BYTES: usize = 64 << 20;
 
 /// The transposed im2col of padded inputs `x` `[c, in, H, W]`: `[c, P,
 /// in kh kw]`, row p holding the input patch under output position p.
@@ -214,26 +431,6 @@ fn unfold_transposed(x: Tensor<4>, f: &ConvFactors) -> Tensor<3> {
     patches
         .permute([0, 2, 3, 1, 4, 5])
         .reshape([c, ho * wo, cin * kh * kw])
-}
-
-/// Marks parameter `id` as covered by a probed layer and returns its index;
-/// None for a frozen parameter (not in the table: it takes no noise).
-fn claim(
-    table: &ParamTable,
-    covered: &mut [bool],
-    id: burn::module::ParamId,
-) -> Result<Option<usize>> {
-    let Some(i) = table.index_of(id) else {
-        return Ok(None);
-    };
-    if covered[i] {
-        return Err(CovnoiseError::Unsupported(format!(
-            "parameter {} is used by more than one probed layer in a forward pass; its per-example gradient is then a sum the exact estimator does not form (use --estimator microbatch)",
-            table.entries()[i].name
-        )));
-    }
-    covered[i] = true;
-    Ok(Some(i))
 }
 
 #[cfg(test)]
@@ -263,10 +460,12 @@ mod tests {
             dilation: [1, 1],
             padding: [(1, 0), (1, 0)],
         };
-        let whole = conv_sums(&f, 2.0, [true, true], usize::MAX).unwrap();
-        let single = conv_sums(&f, 2.0, [true, true], 1).unwrap();
-        for (a, c) in [(whole.0, single.0), (whole.1, single.1)] {
-            let (a, c) = (to_vec(&a.unwrap()).unwrap(), to_vec(&c.unwrap()).unwrap());
+        let uses = [Use::ConvWeight(&f), Use::ConvBias(&f)];
+        for u in uses {
+            let numel = u.per_example(0, 1).unwrap().dims()[1];
+            let whole = square_sums(&[u], numel, usize::MAX).unwrap();
+            let single = square_sums(&[u], numel, 1).unwrap();
+            let (a, c) = (to_vec(&whole).unwrap(), to_vec(&single).unwrap());
             for (x, y) in a.iter().zip(&c) {
                 assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{x} vs {y}");
             }

@@ -50,6 +50,13 @@ pub enum Estimator {
     McFisher,
 }
 
+impl Estimator {
+    /// The micro-batch estimator over `micro_batches` micro-batches (>= 2).
+    pub fn microbatch(micro_batches: usize) -> Self {
+        Estimator::Microbatch { micro_batches }
+    }
+}
+
 /// Whether the full diagonal or only its trace is wanted (isotropic noise
 /// needs only the trace, which is cheaper).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,7 +296,7 @@ where
     };
     let mut gradients = value.backward();
     let factors = if request.probes {
-        probes.factors(&gradients)?
+        probes.factors(&gradients, n, table)?
     } else {
         Vec::new()
     };
@@ -327,32 +334,95 @@ where
     F: Fn(&M, &B, &mut Probes) -> Objective,
 {
     let n = batch.len();
-    let mut total: Option<Pass> = None;
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
+    let starts: Vec<usize> = (0..n).step_by(chunk).collect();
+    let shares: Vec<f64> = starts
+        .iter()
+        .map(|&s| chunk.min(n - s) as f64 / n as f64)
+        .collect();
+    let passes = parts_with_one_buffer_update(model, &shares, |j| {
+        let (start, len) = (starts[j], chunk.min(n - starts[j]));
         let part = PassRequest {
             weights: request.weights.map(|w| &w[start..start + len]),
             labels: request.labels.clone().map(|l| l.narrow(0, start, len)),
             chunk: None,
-            ..request
+            ..request.clone()
         };
         let mut pass = backward_pass(model, table, &batch.slice(start, len), forward, part)?;
         let share = len as f32 / n as f32;
         pass.grads.iter_mut().for_each(|g| *g = g.clone() * share);
-        for f in pass.factors.iter_mut() {
-            match f {
-                LayerFactors::Linear(f) => f.output_grad = f.output_grad.clone() * share,
-                LayerFactors::Conv2d(f) => f.output_grad = f.output_grad.clone() * share,
-            }
-        }
+        pass.factors = std::mem::take(&mut pass.factors)
+            .into_iter()
+            .map(|f| f.scale_output_grad(share))
+            .collect();
+        Ok(pass)
+    })?;
+    let mut total: Option<Pass> = None;
+    for pass in passes {
         total = Some(match total {
             None => pass,
             Some(t) => combine_passes(t, pass)?,
         });
-        start += len;
     }
     Ok(total.expect("a non-empty batch has a chunk"))
+}
+
+/// Runs one part of a step per entry of `shares` (part j holds that share
+/// of the batch's examples) so that the model's buffers (batch-norm running
+/// statistics, any float tensor that takes no gradient) end as after one
+/// pass over the whole batch: every part starts from the buffers the step
+/// started with, and the buffers end at the parts' results averaged by
+/// their shares. For a running average `r <- (1 - m) r + m s` of a batch
+/// statistic that is the mean of its groups' statistics (batch norm over
+/// ghost groups), that is exactly the whole batch's single update.
+pub fn parts_with_one_buffer_update<M: Module, T>(
+    model: &M,
+    shares: &[f64],
+    mut part: impl FnMut(usize) -> Result<T>,
+) -> Result<Vec<T>> {
+    // valid() folds running-state updates still pending on other threads
+    // into the shared value, so that the buffers read here are current.
+    let buffers = |m: &M| {
+        let _ = m.valid();
+        crate::params::flat_values(m, false)
+    };
+    let before = if shares.len() > 1 {
+        buffers(model)
+    } else {
+        Vec::new()
+    };
+    if before.is_empty() {
+        return (0..shares.len()).map(part).collect();
+    }
+    let mut results = Vec::with_capacity(shares.len());
+    let mut average: Option<Vec<Tensor<1>>> = None;
+    for (j, &share) in shares.iter().enumerate() {
+        if j > 0 {
+            crate::params::replace_buffers(model.clone(), before.clone());
+        }
+        results.push(part(j)?);
+        let after = buffers(model).into_iter().map(|b| b * share as f32);
+        average = Some(match average {
+            None => after.collect(),
+            Some(acc) => acc.into_iter().zip(after).map(|(a, b)| a + b).collect(),
+        });
+    }
+    crate::params::replace_buffers(model.clone(), average.expect("at least two parts"));
+    Ok(results)
+}
+
+/// Runs `f` and then puts the model's buffers (running statistics) back as
+/// they were: a dry run must not move them.
+pub fn keeping_buffers<M: Module, T>(model: &M, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    // valid() folds running-state updates pending on other threads into
+    // the shared value before it is read or replaced.
+    let _ = model.valid();
+    let before = crate::params::flat_values(model, false);
+    let out = f();
+    if !before.is_empty() {
+        let _ = model.valid();
+        crate::params::replace_buffers(model.clone(), before);
+    }
+    out
 }
 
 /// The pass over the examples of `a` followed by those of `b`.
@@ -363,30 +433,11 @@ fn combine_passes(a: Pass, b: Pass) -> Result<Pass> {
         ));
     }
     let cat2 = |x: Tensor<2>, y: Tensor<2>| Tensor::cat(vec![x, y], 0);
-    let cat4 = |x: Tensor<4>, y: Tensor<4>| Tensor::cat(vec![x, y], 0);
     let factors = a
         .factors
         .into_iter()
         .zip(b.factors)
-        .map(|pair| match pair {
-            (LayerFactors::Linear(x), LayerFactors::Linear(y)) => {
-                Ok(LayerFactors::Linear(crate::model::LinearFactors {
-                    input: cat2(x.input, y.input),
-                    output_grad: cat2(x.output_grad, y.output_grad),
-                    ..x
-                }))
-            }
-            (LayerFactors::Conv2d(x), LayerFactors::Conv2d(y)) => {
-                Ok(LayerFactors::Conv2d(crate::model::ConvFactors {
-                    input: cat4(x.input, y.input),
-                    output_grad: cat4(x.output_grad, y.output_grad),
-                    ..x
-                }))
-            }
-            _ => Err(CovnoiseError::Shape(
-                "two chunks of a batch recorded different layers".into(),
-            )),
-        })
+        .map(|(x, y)| x.concat(y))
         .collect::<Result<Vec<_>>>()?;
     Ok(Pass {
         grads: a
@@ -421,7 +472,7 @@ pub fn validate(
         Estimator::Exact | Estimator::McFisher => {
             if coupling != Coupling::Independent {
                 return Err(CovnoiseError::Unsupported(
-                    "the exact and mc-fisher estimators need per-example gradients, which batch normalization makes undefined; use --estimator microbatch with --ghost-batch".into(),
+                    "the exact and mc-fisher estimators need per-example gradients, which batch normalization makes undefined; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm".into(),
                 ));
             }
         }
@@ -452,7 +503,7 @@ pub fn validate(
                 }
                 Coupling::WholeBatch => {
                     return Err(CovnoiseError::Unsupported(
-                        "batch normalization over the whole batch would change if the batch were split into micro-batches; use ghost batch normalization (--ghost-batch N) with N dividing the micro-batch size".into(),
+                        "batch normalization over the whole batch would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm".into(),
                     ));
                 }
             }
@@ -670,11 +721,8 @@ where
     let world = ctx.collective.world_size();
     let local_m = micro_batches / world;
     let b = batch.len() / local_m;
-    let mut micro_grads = Vec::with_capacity(local_m);
-    let mut loss_sum = 0.0;
-    let mut correct: Option<usize> = None;
-    for j in 0..local_m {
-        let pass = backward_pass(
+    let passes = parts_with_one_buffer_update(model, &vec![1.0 / local_m as f64; local_m], |j| {
+        backward_pass(
             model,
             ctx.table,
             &batch.slice(j * b, b),
@@ -683,7 +731,12 @@ where
                 chunk: ctx.pass_chunk(),
                 ..Default::default()
             },
-        )?;
+        )
+    })?;
+    let mut micro_grads = Vec::with_capacity(local_m);
+    let mut loss_sum = 0.0;
+    let mut correct: Option<usize> = None;
+    for pass in passes {
         loss_sum += pass.loss_sum;
         correct = pass.correct.map(|c| c + correct.unwrap_or(0));
         micro_grads.push(pass.grads);

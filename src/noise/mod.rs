@@ -50,6 +50,8 @@ pub enum ScaleRule {
         small_batch: usize,
         /// The learning rate lr_S of the small-batch reference.
         small_lr: f64,
+        /// The (peak) learning rate lr_L of the large-batch run.
+        lr: f64,
     },
     /// A fixed c.
     Fixed {
@@ -59,9 +61,9 @@ pub enum ScaleRule {
 }
 
 impl ScaleRule {
-    /// Resolves c for a run with global batch `large_batch` at peak
-    /// learning rate `lr` (before any multiplier).
-    pub fn resolve(&self, large_batch: usize, lr: f64) -> Result<f64> {
+    /// Resolves c for a run with global batch `large_batch` (before any
+    /// multiplier).
+    pub fn resolve(&self, large_batch: usize) -> Result<f64> {
         match *self {
             ScaleRule::Paper { small_batch } => {
                 check_positive("small-batch", small_batch as f64)?;
@@ -76,6 +78,7 @@ impl ScaleRule {
             ScaleRule::Temperature {
                 small_batch,
                 small_lr,
+                lr,
             } => {
                 check_positive("small-batch", small_batch as f64)?;
                 check_positive("small-lr", small_lr)?;
@@ -143,10 +146,73 @@ impl NoiseConfig {
     /// The paper's method: diagonal-Fisher noise from the exact estimator,
     /// scaled by c = 1/B_S - 1/B_L.
     pub fn diag_fisher(small_batch: usize) -> Self {
+        Self::with_structure(NoiseStructure::Diag, small_batch)
+    }
+
+    /// Isotropic noise of the diagonal Fisher's total variance, the control
+    /// without structure (exact estimator, paper rule).
+    pub fn isotropic(small_batch: usize) -> Self {
+        Self::with_structure(NoiseStructure::Isotropic, small_batch)
+    }
+
+    /// Full-Fisher noise by reweighting the per-example losses (no d x d
+    /// matrix, no estimator), scaled by the paper rule.
+    pub fn full_fisher(small_batch: usize) -> Self {
+        Self::with_structure(NoiseStructure::Full { centered: false }, small_batch)
+    }
+
+    /// Full noise of the centered batch covariance Sigma_B (weights centered).
+    pub fn full_covariance(small_batch: usize) -> Self {
+        Self::with_structure(NoiseStructure::Full { centered: true }, small_batch)
+    }
+
+    fn with_structure(structure: NoiseStructure, small_batch: usize) -> Self {
         Self {
-            structure: NoiseStructure::Diag,
+            structure,
             scale: ScaleRule::Paper { small_batch },
             ..Self::none()
+        }
+    }
+
+    /// The same noise, estimated by `estimator` (diag and isotropic).
+    pub fn with_estimator(self, estimator: Estimator) -> Self {
+        Self { estimator, ..self }
+    }
+
+    /// The same noise, scaled by `scale`.
+    pub fn with_scale(self, scale: ScaleRule) -> Self {
+        Self { scale, ..self }
+    }
+
+    /// The same noise, its scale multiplied by `kappa` (0: none, bit for bit).
+    pub fn with_kappa(self, kappa: f64) -> Self {
+        Self { kappa, ..self }
+    }
+
+    /// The same noise, added only in epochs `from..until` (0-based; `None`:
+    /// to the end). Steps then need their epoch
+    /// ([`NoiseStage::gradient_in_epoch`]).
+    pub fn with_window(self, from: usize, until: Option<usize>) -> Self {
+        Self {
+            window: NoiseWindow { from, until },
+            ..self
+        }
+    }
+
+    /// The same noise from an estimate smoothed by an exponential moving
+    /// average of coefficient `beta` (bias-corrected).
+    pub fn with_ema(self, beta: f64) -> Self {
+        Self {
+            ema: Some(beta),
+            ..self
+        }
+    }
+
+    /// The same noise, its estimate refreshed every `steps` steps.
+    pub fn with_refresh(self, steps: u64) -> Self {
+        Self {
+            refresh_every: steps,
+            ..self
         }
     }
 

@@ -40,7 +40,7 @@ impl SharedNoiseStage {
         })
     }
 
-    /// [`NoiseStage::gradient`] for the current step, in the epoch the step
+    /// [`NoiseStage::gradient_in_epoch`] for the current step, in the epoch the step
     /// count implies.
     pub fn gradient<M, B, F>(&self, model: &M, batch: &B, forward: F) -> Result<NoisyGradient>
     where
@@ -50,7 +50,7 @@ impl SharedNoiseStage {
     {
         let mut stage = self.lock()?;
         let epoch = (stage.step() / self.steps_per_epoch) as usize;
-        stage.gradient(model, batch, epoch, forward)
+        stage.gradient_in_epoch(model, batch, epoch, forward)
     }
 
     /// The next step to be computed.

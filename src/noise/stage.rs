@@ -8,10 +8,10 @@ use burn::tensor::{Device, Tensor};
 use super::{NoiseConfig, NoiseStructure};
 use crate::collective::{Collective, SingleProcess};
 use crate::error::{CovnoiseError, Result};
-use crate::model::Coupling;
-use crate::model::{Examples, Objective, Probes};
+use crate::model::{Coupling, Examples, Objective, Probes};
 use crate::moments::{
-    self, MomentKind, PassRequest, SecondMoment, Smoother, SmootherState, StepContext, StepGradient,
+    self, Estimator, MomentKind, PassRequest, SecondMoment, Smoother, SmootherState, StepContext,
+    StepGradient,
 };
 use crate::params::ParamTable;
 use crate::rng::{normals, stream};
@@ -71,13 +71,24 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
     smoother: Smoother,
     /// The parameters the current estimate belongs to.
     estimate_ids: Vec<ParamId>,
-    coupling: Option<Coupling>,
+    /// The caller's declaration of how the model's examples interact.
+    declared: Option<Coupling>,
+    /// The model last checked by [`NoiseStage::validate_model`].
+    checked: Option<CheckedModel>,
     chunk: Option<usize>,
     collective: C,
     /// The noise's standard deviations for the current estimate: they
     /// change only when the estimate does, so the steps between refreshes
     /// reuse them. Cleared whenever the smoother changes.
     noise_scale: Option<NoiseScale>,
+}
+
+/// A model that passed [`NoiseStage::validate_model`]: its parameters and
+/// the coupling of its examples.
+#[derive(Debug, Clone)]
+struct CheckedModel {
+    ids: Vec<ParamId>,
+    coupling: Coupling,
 }
 
 /// `sqrt(c S)` of one estimate, ready to multiply standard normals, and the
@@ -122,14 +133,22 @@ impl<C: Collective> std::fmt::Debug for NoiseStage<C> {
 }
 
 impl NoiseStage {
-    /// A single-process stage for a run whose global batch is `large_batch` examples at peak
-    /// learning rate `lr`, keyed by `seed`. Validates the settings and
-    /// resolves the scale c (including kappa).
-    pub fn new(config: NoiseConfig, large_batch: usize, lr: f64, seed: u64) -> Result<Self> {
+    /// A single-process stage for a run whose global batch is `large_batch`
+    /// examples, keyed by `seed`. Validates the settings and resolves the
+    /// scale c (including kappa).
+    ///
+    /// ```
+    /// use covnoise::noise::{NoiseConfig, NoiseStage};
+    /// // Diagonal-Fisher noise on batch 1024 imitating batch 64.
+    /// let stage = NoiseStage::new(NoiseConfig::diag_fisher(64), 1024, 7)?;
+    /// assert!((stage.scale() - (1.0 / 64.0 - 1.0 / 1024.0)).abs() < 1e-12);
+    /// # Ok::<(), covnoise::CovnoiseError>(())
+    /// ```
+    pub fn new(config: NoiseConfig, large_batch: usize, seed: u64) -> Result<Self> {
         config.validate()?;
         if large_batch == 0 {
             return Err(CovnoiseError::InvalidSetting {
-                name: "batch-size",
+                name: "large_batch",
                 value: "0".into(),
                 reason: "must be >= 1",
             });
@@ -137,7 +156,7 @@ impl NoiseStage {
         let c = if config.structure == NoiseStructure::None {
             0.0
         } else {
-            config.scale.resolve(large_batch, lr)? * config.kappa
+            config.scale.resolve(large_batch)? * config.kappa
         };
         if let moments::Estimator::Microbatch { micro_batches } = config.estimator
             && config.structure != NoiseStructure::None
@@ -157,7 +176,8 @@ impl NoiseStage {
             step: 0,
             smoother,
             estimate_ids: Vec::new(),
-            coupling: None,
+            declared: None,
+            checked: None,
             chunk: None,
             collective: SingleProcess,
             noise_scale: None,
@@ -174,7 +194,8 @@ impl NoiseStage {
             step: self.step,
             smoother: self.smoother,
             estimate_ids: self.estimate_ids,
-            coupling: self.coupling,
+            declared: self.declared,
+            checked: None,
             chunk: self.chunk,
             collective,
             noise_scale: self.noise_scale,
@@ -184,11 +205,15 @@ impl NoiseStage {
 
 impl<C: Collective> NoiseStage<C> {
     /// Declares how the model's examples interact. Without it the stage
-    /// assumes independent examples unless the model holds a batch norm
-    /// (then the whole batch is coupled); declare `Coupling::Groups(n)` for
-    /// ghost batch normalization over groups of n.
+    /// derives the coupling from the model (see [`Coupling::resolve`]): a
+    /// [`GhostBatchNorm`](crate::model::GhostBatchNorm) routed through
+    /// [`Probes::batch_norm`] tells its groups, burn's `BatchNorm` couples the
+    /// whole batch. A declaration is checked against what the model shows,
+    /// and believed only where nothing can be checked (a batch norm of the
+    /// user's own type).
     pub fn with_coupling(mut self, coupling: Coupling) -> Self {
-        self.coupling = Some(coupling);
+        self.declared = Some(coupling);
+        self.checked = None;
         self
     }
 
@@ -246,23 +271,140 @@ impl<C: Collective> NoiseStage<C> {
         self.c > 0.0 && self.config.window.contains(epoch)
     }
 
-    /// Checks, before training, that the configured estimator can run on
-    /// `model` with a local batch of `local_batch` examples.
-    pub fn validate_model<M: Module>(&self, model: &M, local_batch: usize) -> Result<()> {
+    /// Checks, before training, that the configuration can run on `model`
+    /// with batches like `batch` (this process's shard of a global batch),
+    /// and returns how the model's examples interact. One forward pass over
+    /// `batch` shows the model's structure (which layers are probed, how its
+    /// batch norms group examples); for the exact and mc-fisher estimators a
+    /// forward and backward pass over two examples checks that every
+    /// parameter's per-example gradients add up to its gradient (a parameter
+    /// without a rule, or used outside its probed layer, is refused by
+    /// name). The model's buffers (running statistics) are left as they were.
+    ///
+    /// [`NoiseStage::gradient`] runs this on its first batch when it has not
+    /// been run for the model.
+    pub fn validate_model<M, B, F>(&mut self, model: &M, batch: &B, forward: F) -> Result<Coupling>
+    where
+        M: Module,
+        B: Examples,
+        F: Fn(&M, &B, &mut Probes) -> Objective,
+    {
         let table = self.table(model)?;
-        let coupling = self.coupling.unwrap_or_else(|| Coupling::detect(&table));
-        if matches!(
-            self.config.structure,
-            NoiseStructure::Diag | NoiseStructure::Isotropic
-        ) {
-            moments::validate(
-                self.config.estimator,
-                coupling,
-                local_batch,
-                self.collective.world_size(),
-            )?;
+        if batch.is_empty() {
+            return Err(CovnoiseError::Shape("empty batch".into()));
         }
-        Ok(())
+        let mut probes = Probes::observe();
+        moments::keeping_buffers(model, || {
+            forward(model, batch, &mut probes);
+            Ok(())
+        })?;
+        let coupling = Coupling::resolve(&table, probes.norm_groups(), self.declared)?;
+        if self.c > 0.0 {
+            self.check_structure(model, &table, &probes, coupling, batch, &forward)?;
+        }
+        self.checked = Some(CheckedModel {
+            ids: table.entries().iter().map(|e| e.id).collect(),
+            coupling,
+        });
+        Ok(coupling)
+    }
+
+    /// The structure and estimator checks of [`NoiseStage::validate_model`]
+    /// for a stage that adds noise.
+    fn check_structure<M, B, F>(
+        &self,
+        model: &M,
+        table: &ParamTable,
+        observed: &Probes,
+        coupling: Coupling,
+        batch: &B,
+        forward: &F,
+    ) -> Result<()>
+    where
+        M: Module,
+        B: Examples,
+        F: Fn(&M, &B, &mut Probes) -> Objective,
+    {
+        let whole_batch_layer = || {
+            table
+                .batch_norms()
+                .first()
+                .map_or_else(|| "a batch norm".to_string(), |(p, k)| format!("{p} ({k})"))
+        };
+        match self.config.structure {
+            NoiseStructure::None => Ok(()),
+            NoiseStructure::Full { .. } => {
+                if coupling == Coupling::WholeBatch {
+                    return Err(CovnoiseError::Unsupported(format!(
+                        "full-Fisher noise reweights each example's loss, and {} normalizes over the whole batch, so no loss belongs to one example; use GhostBatchNorm with a group size, routed through Probes::batch_norm",
+                        whole_batch_layer()
+                    )));
+                }
+                Ok(())
+            }
+            NoiseStructure::Diag | NoiseStructure::Isotropic => {
+                moments::validate(
+                    self.config.estimator,
+                    coupling,
+                    batch.len(),
+                    self.collective.world_size(),
+                )
+                .map_err(|e| match (e, coupling) {
+                    (CovnoiseError::Unsupported(_), Coupling::WholeBatch) => {
+                        CovnoiseError::Unsupported(match self.config.estimator {
+                            Estimator::Microbatch { .. } => format!(
+                                "{} normalizes over the whole batch, which would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
+                                whole_batch_layer()
+                            ),
+                            _ => format!(
+                                "{} normalizes over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
+                                whole_batch_layer()
+                            ),
+                        })
+                    }
+                    (e, _) => e,
+                })?;
+                if matches!(self.config.estimator, Estimator::Microbatch { .. }) {
+                    return Ok(());
+                }
+                if let Some((param, what)) = observed.unsupported().first() {
+                    return Err(CovnoiseError::Unsupported(format!(
+                        "parameter {} belongs to {what}, which has no per-example gradient rule; use the micro-batch estimator (Estimator::Microbatch)",
+                        table.name_of(*param)
+                    )));
+                }
+                let covered = observed.covered_params();
+                if let Some(e) = table.entries().iter().find(|e| !covered.contains(&e.id)) {
+                    return Err(CovnoiseError::Unsupported(format!(
+                        "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover Linear, Conv1d, Conv2d, Embedding, LayerNorm and GroupNorm layers routed through Probes; use the micro-batch estimator (Estimator::Microbatch) for other layers",
+                        e.name, e.shape
+                    )));
+                }
+                // The probe gradients of two examples must add up to the
+                // parameters' gradients. The sums differ by float32 rounding
+                // (about 1e-6 relative); a use outside the probed layers
+                // misses a whole term, so 1e-3 separates the two.
+                let sample = batch.slice(0, batch.len().min(2));
+                let pass = moments::keeping_buffers(model, || {
+                    moments::backward_pass(
+                        model,
+                        table,
+                        &sample,
+                        forward,
+                        PassRequest {
+                            probes: true,
+                            ..Default::default()
+                        },
+                    )
+                })?;
+                moments::exact::check_rules_cover_gradients(&pass.factors, table, &pass.grads, 1e-3)
+            }
+        }
+    }
+
+    /// Whether the configuration has a noise window (epochs without noise).
+    fn has_window(&self) -> bool {
+        self.config.window != super::NoiseWindow::default()
     }
 
     fn table<M: Module>(&self, model: &M) -> Result<ParamTable> {
@@ -276,10 +418,27 @@ impl<C: Collective> NoiseStage<C> {
     }
 
     /// Runs the forward and backward passes the configuration needs over
-    /// `batch` (this process's shard of the global batch), adds the noise
-    /// due in `epoch`, and advances the step. `model` must live on an
-    /// autodiff device; `forward` is its forward pass.
-    pub fn gradient<M, B, F>(
+    /// `batch` (this process's shard of the global batch), adds the noise,
+    /// and advances the step. `model` must live on an autodiff device;
+    /// `forward` is its forward pass. A configuration with a noise window
+    /// (in epochs) needs the epoch: use [`NoiseStage::gradient_in_epoch`].
+    pub fn gradient<M, B, F>(&mut self, model: &M, batch: &B, forward: F) -> Result<NoisyGradient>
+    where
+        M: Module,
+        B: Examples,
+        F: Fn(&M, &B, &mut Probes) -> Objective,
+    {
+        if self.has_window() {
+            return Err(CovnoiseError::Unsupported(
+                "the noise window is given in epochs: call gradient_in_epoch with the current epoch".into(),
+            ));
+        }
+        self.gradient_in_epoch(model, batch, 0, forward)
+    }
+
+    /// [`NoiseStage::gradient`] in `epoch` (0-based), for configurations
+    /// with a noise window: noise is added only in the window's epochs.
+    pub fn gradient_in_epoch<M, B, F>(
         &mut self,
         model: &M,
         batch: &B,
@@ -301,12 +460,17 @@ impl<C: Collective> NoiseStage<C> {
             )));
         }
         let table = self.table(model)?;
+        let ids: Vec<ParamId> = table.entries().iter().map(|e| e.id).collect();
+        let coupling = match &self.checked {
+            Some(checked) if checked.ids == ids => checked.coupling,
+            _ => self.validate_model(model, batch, &forward)?,
+        };
         let ctx = StepContext {
             seed: self.seed,
             step,
             collective: &self.collective,
             table: &table,
-            coupling: self.coupling.unwrap_or_else(|| Coupling::detect(&table)),
+            coupling,
             chunk: self.chunk,
         };
         let (mut step_grad, noise_trace) = if !self.active_in(epoch) {
@@ -327,7 +491,6 @@ impl<C: Collective> NoiseStage<C> {
                     } else {
                         MomentKind::Trace
                     };
-                    let ids: Vec<ParamId> = table.entries().iter().map(|e| e.id).collect();
                     let stale = !self.estimate_ids.is_empty() && self.estimate_ids != ids;
                     let mut g = if stale || self.smoother.needs_refresh(step) {
                         moments::estimate(

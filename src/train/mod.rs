@@ -405,11 +405,20 @@ impl<'a> Trainer<'a> {
         }
         let model = Network::new(&network, settings.seed, &device.clone().autodiff())?;
         let noise = settings.noise_config()?;
-        let stage = NoiseStage::new(noise, settings.batch_size, settings.lr, settings.seed)?
+        let mut stage = NoiseStage::new(noise, settings.batch_size, settings.seed)?
             .with_collective(collective)
             .with_coupling(network.coupling())
             .with_chunk(settings.chunk);
-        stage.validate_model(&model, settings.batch_size / world)?;
+        // A dry run on a batch of the training shape (the first examples):
+        // every estimator and coupling problem is refused before training.
+        let mut sample = data::Batch::default();
+        let first: Vec<usize> = (0..settings.batch_size / world).collect();
+        data.train.gather_into(&first, &mut sample);
+        stage.validate_model(
+            &model,
+            &to_device(&sample, network.input, &device.clone().autodiff()),
+            |m: &Network, b: &Batch<4>, p| m.objective(b.x.clone(), b.labels.clone(), p),
+        )?;
         let optimizer = settings.sgd_config().init()?;
         let schedule_epochs = settings.schedule_epochs.unwrap_or(settings.epochs);
         let total = (steps_per_epoch * schedule_epochs) as u64;
@@ -597,11 +606,12 @@ impl<'a> Trainer<'a> {
                     .model
                     .take()
                     .expect("the model is back after every step");
-                let gradient =
-                    self.stage
-                        .gradient(&model, &batch, epoch, |m: &Network, b: &Batch<4>, p| {
-                            m.objective(b.x.clone(), b.labels.clone(), p)
-                        });
+                let gradient = self.stage.gradient_in_epoch(
+                    &model,
+                    &batch,
+                    epoch,
+                    |m: &Network, b: &Batch<4>, p| m.objective(b.x.clone(), b.labels.clone(), p),
+                );
                 let step = match gradient {
                     Ok(step) => step,
                     Err(

@@ -352,6 +352,7 @@ impl TrainSettings {
                 small_lr: self.small_lr.ok_or_else(|| {
                     invalid("small-lr", "unset", "the temperature rule needs --small-lr")
                 })?,
+                lr: self.lr,
             },
             ScaleName::Fixed => ScaleRule::Fixed {
                 c: self.noise_scale.ok_or_else(|| {
@@ -433,7 +434,7 @@ impl TrainSettings {
         let noise = self.noise_config()?;
         // Resolving the scale checks B_S < B_L for the paper rule, etc.
         if noise.structure != NoiseStructure::None && self.batch_size > 0 {
-            noise.scale.resolve(self.batch_size, self.lr)?;
+            noise.scale.resolve(self.batch_size)?;
         }
         Ok(())
     }

@@ -1,0 +1,624 @@
+//! Models unlike covnoise's own, as a burn user writes them: a token model
+//! (Embedding, LayerNorm, Conv1d, a Linear applied per token, GroupNorm,
+//! pooling), tied weights, layers without a rule, and batch normalization.
+//! Exact estimates are checked against single-example backward passes,
+//! refusals against the parameter they must name, and ghost batch norm's
+//! running statistics under micro-batch noise against the plain step's.
+
+use burn::module::{Module, Param};
+use burn::nn::conv::{Conv1d, Conv1dConfig};
+use burn::nn::{
+    BatchNorm, BatchNormConfig, Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, LayerNorm,
+    LayerNormConfig, Linear, LinearConfig, PaddingConfig1d,
+};
+use burn::tensor::{Device, Int, Tensor, TensorData, activation};
+use covnoise::CovnoiseError;
+use covnoise::collective::SingleProcess;
+use covnoise::model::{Coupling, Examples, GhostBatchNorm, Objective, Probes, labels_tensor};
+use covnoise::moments::{
+    self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
+};
+use covnoise::noise::{NoiseConfig, NoiseStage, ScaleRule};
+use covnoise::optim::SgdConfig;
+use covnoise::params::{ParamTable, flat_values};
+use covnoise::tensor_util::to_vec;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+const VOCAB: usize = 5;
+const WIDTH: usize = 6;
+const HIDDEN: usize = 8;
+const CLASSES: usize = 3;
+
+/// Tokens `[B, T]` and one label per sequence.
+#[derive(Debug, Clone)]
+struct Sequences {
+    tokens: Tensor<2, Int>,
+    labels: Tensor<1, Int>,
+}
+
+impl Examples for Sequences {
+    fn len(&self) -> usize {
+        self.labels.dims()[0]
+    }
+    fn slice(&self, start: usize, len: usize) -> Self {
+        Self {
+            tokens: self.tokens.clone().narrow(0, start, len),
+            labels: self.labels.clone().narrow(0, start, len),
+        }
+    }
+}
+
+/// `n` sequences of `t` tokens from a vocabulary of 5: with t > 5 every
+/// sequence repeats a token.
+fn sequences(n: usize, t: usize, seed: u64) -> Sequences {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let tokens: Vec<i64> = (0..n * t)
+        .map(|_| rng.random_range(0..VOCAB as i64))
+        .collect();
+    let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..CLASSES as u8)).collect();
+    let d = device();
+    Sequences {
+        tokens: Tensor::from_data(TensorData::new(tokens, [n, t]), &d),
+        labels: labels_tensor(&labels, &d),
+    }
+}
+
+/// A small token classifier with one layer of each kind that has a rule.
+#[derive(Module, Debug)]
+struct TokenNet {
+    embed: Embedding,
+    norm: LayerNorm,
+    conv: Conv1d,
+    mix: Linear,
+    groups: GroupNorm,
+    head: Linear,
+}
+
+impl TokenNet {
+    fn new(seed: u64) -> Self {
+        let d = device();
+        d.seed(seed);
+        let mut net = Self {
+            embed: EmbeddingConfig::new(VOCAB, WIDTH).init(&d),
+            norm: LayerNormConfig::new(WIDTH).init(&d),
+            conv: Conv1dConfig::new(WIDTH, WIDTH, 3)
+                .with_padding(PaddingConfig1d::Same)
+                .init(&d),
+            mix: LinearConfig::new(WIDTH, HIDDEN).init(&d),
+            groups: GroupNormConfig::new(2, HIDDEN).init(&d),
+            head: LinearConfig::new(HIDDEN, CLASSES).init(&d),
+        };
+        // Scales and shifts away from 1 and 0, so that an error in their
+        // rules cannot hide behind the initial values.
+        let jitter = |p: Param<Tensor<1>>, base: f32| {
+            let n = p.dims()[0];
+            let v: Vec<f32> = (0..n).map(|i| base + 0.1 * i as f32).collect();
+            Param::from_tensor(Tensor::from_data(TensorData::new(v, [n]), &d))
+        };
+        net.norm.gamma = jitter(net.norm.gamma, 0.7);
+        net.norm.beta = net.norm.beta.map(|b| jitter(b, -0.2));
+        net.groups.gamma = net.groups.gamma.map(|g| jitter(g, 0.8));
+        net.groups.beta = net.groups.beta.map(|b| jitter(b, 0.1));
+        net
+    }
+
+    fn forward(&self, b: &Sequences, p: &mut Probes) -> Objective {
+        let e = p.embedding(&self.embed, b.tokens.clone()); // [B, T, W]
+        let h = p.layer_norm(&self.norm, e);
+        let c = p
+            .conv1d(&self.conv, h.clone().swap_dims(1, 2))
+            .swap_dims(1, 2);
+        let z = activation::tanh(p.linear(&self.mix, c + h)); // per token, [B, T, H]
+        let g = p.group_norm(&self.groups, z.swap_dims(1, 2)); // [B, H, T]
+        let [n, hidden, _] = g.dims();
+        let pooled = g.mean_dim(2).reshape([n, hidden]);
+        Objective::Classification {
+            logits: p.linear(&self.head, pooled),
+            labels: b.labels.clone(),
+        }
+    }
+}
+
+fn token_forward(m: &TokenNet, b: &Sequences, p: &mut Probes) -> Objective {
+    m.forward(b, p)
+}
+
+fn flat(tensors: &[Tensor<1>]) -> Vec<f64> {
+    tensors
+        .iter()
+        .flat_map(|t| to_vec(t).unwrap())
+        .map(|v| v as f64)
+        .collect()
+}
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+fn ctx(table: &ParamTable) -> StepContext<'_> {
+    StepContext {
+        seed: 3,
+        step: 0,
+        collective: &SingleProcess,
+        table,
+        coupling: Coupling::Independent,
+        chunk: None,
+    }
+}
+
+/// Per-example gradients by brute force, one single-example pass each.
+fn per_example<M: Module, B: Examples, F: Fn(&M, &B, &mut Probes) -> Objective>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+) -> Vec<Vec<f64>> {
+    let table = ParamTable::of(model);
+    (0..batch.len())
+        .map(|i| {
+            let pass = backward_pass(
+                model,
+                &table,
+                &batch.slice(i, 1),
+                forward,
+                PassRequest::default(),
+            );
+            flat(&pass.unwrap().grads)
+        })
+        .collect()
+}
+
+/// The exact diagonal estimate of every parameter against
+/// `(1/n) sum_i g_i^2` from single-example passes, and the trace estimate
+/// against the diagonal's sum. float32 sums over a few examples and
+/// positions err by about 1e-6 relative; a rule that squared per position,
+/// missed a use or mixed examples is off by tens of percent; 1e-4 separates
+/// the two.
+fn assert_exact_matches_brute_force<M, B, F>(model: &M, batch: &B, forward: &F)
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
+    let table = ParamTable::of(model);
+    let n = batch.len();
+    let out = moments::estimate(
+        model,
+        batch,
+        forward,
+        Estimator::Exact,
+        MomentKind::Diag,
+        &ctx(&table),
+    )
+    .unwrap();
+    let SecondMoment::Diag(est) = out.moment.unwrap() else {
+        panic!("diagonal requested")
+    };
+    let per = per_example(model, batch, forward);
+    let mut start = 0;
+    let mut total = 0.0;
+    for (e, est) in table.entries().iter().zip(&est) {
+        let reference: Vec<f64> = (start..start + e.numel())
+            .map(|j| per.iter().map(|g| g[j] * g[j]).sum::<f64>() / n as f64)
+            .collect();
+        let got = flat(std::slice::from_ref(est));
+        let diff: Vec<f64> = got.iter().zip(&reference).map(|(a, b)| a - b).collect();
+        let rel = norm(&diff) / norm(&reference);
+        assert!(rel <= 1e-4, "{}: relative error {rel}", e.name);
+        total += reference.iter().sum::<f64>();
+        start += e.numel();
+    }
+    let trace = moments::estimate(
+        model,
+        batch,
+        forward,
+        Estimator::Exact,
+        MomentKind::Trace,
+        &ctx(&table),
+    )
+    .unwrap()
+    .moment
+    .unwrap()
+    .trace();
+    assert!(
+        (trace - total).abs() <= 1e-4 * total,
+        "trace {trace} vs {total}"
+    );
+}
+
+#[test]
+fn exact_estimate_of_a_token_model_matches_single_example_passes() {
+    let model = TokenNet::new(1);
+    // T = 7 > vocabulary 5: every sequence repeats a token.
+    assert_exact_matches_brute_force(&model, &sequences(6, 7, 2), &token_forward);
+    // T = 1: one position per example (the one-product shortcuts).
+    assert_exact_matches_brute_force(&model, &sequences(5, 1, 3), &token_forward);
+}
+
+/// The same Linear layer applied twice (weight tying): example i's gradient
+/// is the sum of both uses' outer products.
+#[derive(Module, Debug)]
+struct Tied {
+    shared: Linear,
+    head: Linear,
+}
+
+fn tied_forward(m: &Tied, b: &(Tensor<2>, Tensor<1, Int>), p: &mut Probes) -> Objective {
+    let h = activation::tanh(p.linear(&m.shared, b.0.clone()));
+    let h = activation::tanh(p.linear(&m.shared, h));
+    Objective::Classification {
+        logits: p.linear(&m.head, h),
+        labels: b.1.clone(),
+    }
+}
+
+fn features(n: usize, width: usize, classes: u8, seed: u64) -> (Tensor<2>, Tensor<1, Int>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let x: Vec<f32> = (0..n * width)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..classes)).collect();
+    let d = device();
+    (
+        Tensor::from_data(TensorData::new(x, [n, width]), &d),
+        labels_tensor(&labels, &d),
+    )
+}
+
+#[test]
+fn tied_weights_add_their_uses_before_the_square() {
+    let d = device();
+    d.seed(4);
+    let model = Tied {
+        shared: LinearConfig::new(5, 5).init(&d),
+        head: LinearConfig::new(5, 3).init(&d),
+    };
+    assert_exact_matches_brute_force(&model, &features(7, 5, 3, 5), &tied_forward);
+}
+
+/// A per-token Linear fed tokens flattened into rows, `[B*T, in]`.
+#[derive(Module, Debug)]
+struct Flattened {
+    embed: Embedding,
+    mix: Linear,
+    head: Linear,
+}
+
+fn flattened_forward(m: &Flattened, b: &Sequences, p: &mut Probes) -> Objective {
+    let e = p.embedding(&m.embed, b.tokens.clone());
+    let [n, t, w] = e.dims();
+    let z = activation::relu(p.linear(&m.mix, e.reshape([n * t, w])));
+    let pooled = z.reshape([n, t, HIDDEN]).mean_dim(1).reshape([n, HIDDEN]);
+    Objective::Classification {
+        logits: p.linear(&m.head, pooled),
+        labels: b.labels.clone(),
+    }
+}
+
+fn stage(config: NoiseConfig, batch: usize) -> NoiseStage {
+    NoiseStage::new(config, batch, 0).unwrap()
+}
+
+#[test]
+fn tokens_flattened_into_rows_are_refused_naming_the_layer() {
+    let d = device();
+    d.seed(6);
+    let model = Flattened {
+        embed: EmbeddingConfig::new(VOCAB, WIDTH).init(&d),
+        mix: LinearConfig::new(WIDTH, HIDDEN).init(&d),
+        head: LinearConfig::new(HIDDEN, CLASSES).init(&d),
+    };
+    let batch = sequences(8, 4, 7);
+    let err = stage(NoiseConfig::diag_fisher(2), 8)
+        .validate_model(&model, &batch, flattened_forward)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("mix.weight") && msg.contains("rows"), "{msg}");
+    // The step refuses it too, before any estimate.
+    let err = stage(NoiseConfig::diag_fisher(2), 8)
+        .gradient(&model, &batch, flattened_forward)
+        .unwrap_err();
+    assert!(err.to_string().contains("mix.weight"), "{err}");
+}
+
+/// A model with a parameter no probe covers (`scale`), and an embedding
+/// table read directly as the output projection (a tied weight with one use
+/// outside the probes).
+#[derive(Module, Debug)]
+struct Unruled {
+    embed: Embedding,
+    scale: Param<Tensor<1>>,
+}
+
+fn scaled_forward(m: &Unruled, b: &Sequences, p: &mut Probes) -> Objective {
+    let e = p.embedding(&m.embed, b.tokens.clone());
+    let [n, _, w] = e.dims();
+    let pooled = e.mean_dim(1).reshape([n, w]) * m.scale.val().reshape([1, w]);
+    Objective::Classification {
+        logits: pooled.slice([0..n, 0..CLASSES]),
+        labels: b.labels.clone(),
+    }
+}
+
+#[derive(Module, Debug)]
+struct TiedOutput {
+    embed: Embedding,
+}
+
+fn tied_output_forward(m: &TiedOutput, b: &Sequences, p: &mut Probes) -> Objective {
+    let e = p.embedding(&m.embed, b.tokens.clone());
+    let [n, _, w] = e.dims();
+    let pooled = e.mean_dim(1).reshape([n, w]);
+    // [n, w] x [w, vocabulary]: the table read outside its probe.
+    let logits = pooled.matmul(m.embed.weight.val().transpose());
+    Objective::Classification {
+        logits: logits.slice([0..n, 0..CLASSES]),
+        labels: b.labels.clone(),
+    }
+}
+
+#[test]
+fn validate_model_names_each_parameter_without_a_rule() {
+    let d = device();
+    d.seed(8);
+    let model = Unruled {
+        embed: EmbeddingConfig::new(VOCAB, WIDTH).init(&d),
+        scale: Param::from_tensor(Tensor::ones([WIDTH], &d)),
+    };
+    let batch = sequences(4, 3, 9);
+    for estimator in [Estimator::Exact, Estimator::McFisher] {
+        let config = NoiseConfig::diag_fisher(2).with_estimator(estimator);
+        let err = stage(config, 4)
+            .validate_model(&model, &batch, scaled_forward)
+            .unwrap_err();
+        assert!(
+            matches!(&err, CovnoiseError::Unsupported(m) if m.contains("parameter scale")),
+            "{err}"
+        );
+    }
+    let tied = TiedOutput {
+        embed: EmbeddingConfig::new(VOCAB, WIDTH).init(&d),
+    };
+    let err = stage(NoiseConfig::diag_fisher(2), 4)
+        .validate_model(&tied, &batch, tied_output_forward)
+        .unwrap_err();
+    assert!(
+        matches!(&err, CovnoiseError::Unsupported(m) if m.contains("embed.weight") && m.contains("outside")),
+        "{err}"
+    );
+    // The micro-batch estimator needs no rule: both models are accepted.
+    let micro = NoiseConfig::diag_fisher(2).with_estimator(Estimator::microbatch(2));
+    stage(micro.clone(), 4)
+        .validate_model(&model, &batch, scaled_forward)
+        .unwrap();
+    stage(micro, 4)
+        .validate_model(&tied, &batch, tied_output_forward)
+        .unwrap();
+}
+
+/// Linear -> batch norm -> ReLU -> Linear, the batch norm ghost (ours,
+/// routed through the probes) or burn's own.
+#[derive(Module, Debug)]
+struct Normed<N> {
+    first: Linear,
+    bn: N,
+    head: Linear,
+}
+
+fn ghost_forward(
+    m: &Normed<GhostBatchNorm>,
+    b: &(Tensor<2>, Tensor<1, Int>),
+    p: &mut Probes,
+) -> Objective {
+    let z = p.linear(&m.first, b.0.clone());
+    let h = activation::relu(p.batch_norm(&m.bn, z));
+    Objective::Classification {
+        logits: p.linear(&m.head, h),
+        labels: b.1.clone(),
+    }
+}
+
+fn burn_bn_forward(
+    m: &Normed<BatchNorm>,
+    b: &(Tensor<2>, Tensor<1, Int>),
+    p: &mut Probes,
+) -> Objective {
+    let z = p.linear(&m.first, b.0.clone());
+    let [n, f] = z.dims();
+    let h = activation::relu(m.bn.forward(z.reshape([n, f, 1])).reshape([n, f]));
+    Objective::Classification {
+        logits: p.linear(&m.head, h),
+        labels: b.1.clone(),
+    }
+}
+
+fn ghost_net(group: usize, seed: u64) -> Normed<GhostBatchNorm> {
+    let d = device();
+    d.seed(seed);
+    Normed {
+        first: LinearConfig::new(5, 6).init(&d),
+        bn: GhostBatchNorm::new(6, group, &d),
+        head: LinearConfig::new(6, 3).init(&d),
+    }
+}
+
+/// Ten SGD steps of the ghost-batch-norm model (groups of 4, batch 32) with
+/// micro-batch noise (8 micro-batches) at `kappa`; the running statistics
+/// and the losses.
+fn ten_steps(kappa: f64) -> (Vec<f64>, Vec<f64>) {
+    let mut model = ghost_net(4, 10);
+    let config = NoiseConfig::diag_fisher(8)
+        .with_estimator(Estimator::microbatch(8))
+        .with_kappa(kappa);
+    let mut stage = stage(config, 32);
+    let mut sgd = SgdConfig {
+        momentum: 0.9,
+        ..Default::default()
+    }
+    .init()
+    .unwrap();
+    let mut losses = Vec::new();
+    for step in 0..10 {
+        let batch = features(32, 5, 3, 100 + step);
+        let g = stage.gradient(&model, &batch, ghost_forward).unwrap();
+        losses.push(g.loss);
+        model = sgd.step(0.1, model, g.grads);
+    }
+    (flat(&flat_values(&model, false)), losses)
+}
+
+#[test]
+fn ghost_batch_norm_statistics_under_micro_batch_noise_equal_the_plain_steps() {
+    let (plain_stats, plain_losses) = ten_steps(0.0);
+    let (noisy_stats, noisy_losses) = ten_steps(1e-12);
+    // kappa 1e-12 adds noise of relative size ~1e-6 to gradients of order
+    // 1, and the micro-batch passes sum in another order: both stay within
+    // float32 noise over ten steps, while one running update per
+    // micro-batch (the old behaviour) moves the mean by (1 - 0.9^8) / 0.1 =
+    // 5.7 times the plain step's on the first step alone.
+    let diff: Vec<f64> = plain_stats
+        .iter()
+        .zip(&noisy_stats)
+        .map(|(a, b)| a - b)
+        .collect();
+    let rel = norm(&diff) / norm(&plain_stats);
+    assert!(rel <= 1e-4, "running statistics differ by {rel} relative");
+    for (a, b) in plain_losses.iter().zip(&noisy_losses) {
+        assert!((a - b).abs() <= 1e-4 * a.abs(), "losses {a} vs {b}");
+    }
+    // The statistics moved at all (the test would pass on a model whose
+    // running statistics are never updated).
+    let initial = flat(&flat_values(&ghost_net(4, 10), false));
+    let moved: Vec<f64> = plain_stats
+        .iter()
+        .zip(&initial)
+        .map(|(a, b)| a - b)
+        .collect();
+    assert!(norm(&moved) > 1e-2, "statistics did not move");
+}
+
+#[test]
+fn the_coupling_is_derived_from_the_model_and_checked_against_declarations() {
+    let model = ghost_net(4, 11);
+    let batch = features(32, 5, 3, 12);
+    let micro = NoiseConfig::diag_fisher(2).with_estimator(Estimator::microbatch(4));
+    // Derived: groups of 4.
+    let coupling = stage(micro.clone(), 32)
+        .validate_model(&model, &batch, ghost_forward)
+        .unwrap();
+    assert_eq!(coupling, Coupling::Groups(4));
+    // A declared multiple of the group is accepted, a divisor refused.
+    let ok = stage(micro.clone(), 32)
+        .with_coupling(Coupling::Groups(8))
+        .validate_model(&model, &batch, ghost_forward)
+        .unwrap();
+    assert_eq!(ok, Coupling::Groups(8));
+    let err = stage(micro.clone(), 32)
+        .with_coupling(Coupling::Groups(2))
+        .validate_model(&model, &batch, ghost_forward)
+        .unwrap_err();
+    assert!(err.to_string().contains("groups of 4"), "{err}");
+    let err = stage(micro.clone(), 32)
+        .with_coupling(Coupling::Independent)
+        .validate_model(&model, &batch, ghost_forward)
+        .unwrap_err();
+    assert!(err.to_string().contains("groups of 4"), "{err}");
+    // 4 micro-batches of 8 keep the groups of 4 whole (above); 16
+    // micro-batches of 2 would split them.
+    let err = stage(
+        NoiseConfig::diag_fisher(2).with_estimator(Estimator::microbatch(16)),
+        32,
+    )
+    .validate_model(&model, &batch, ghost_forward)
+    .unwrap_err();
+    assert!(err.to_string().contains("ghost"), "{err}");
+    // Validation leaves the running statistics as they were.
+    let before = flat(&flat_values(&model, false));
+    stage(micro, 32)
+        .validate_model(&model, &batch, ghost_forward)
+        .unwrap();
+    assert_eq!(before, flat(&flat_values(&model, false)));
+}
+
+#[test]
+fn burns_batch_norm_is_refused_where_examples_must_be_split_naming_the_layer() {
+    let d = device();
+    d.seed(13);
+    let model = Normed {
+        first: LinearConfig::new(5, 6).init(&d),
+        bn: BatchNormConfig::new(6).init(&d),
+        head: LinearConfig::new(6, 3).init(&d),
+    };
+    let batch = features(16, 5, 3, 14);
+    let micro = NoiseConfig::diag_fisher(2).with_estimator(Estimator::microbatch(4));
+    let refusals = [
+        stage(micro.clone(), 16).validate_model(&model, &batch, burn_bn_forward),
+        stage(micro.clone(), 16)
+            .with_coupling(Coupling::Groups(4))
+            .validate_model(&model, &batch, burn_bn_forward),
+        stage(NoiseConfig::full_fisher(2), 16).validate_model(&model, &batch, burn_bn_forward),
+        stage(NoiseConfig::diag_fisher(2), 16).validate_model(&model, &batch, burn_bn_forward),
+    ];
+    for r in refusals {
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            msg.contains("bn (BatchNorm)") || msg.contains("bn (burn's BatchNorm)"),
+            "{msg}"
+        );
+        assert!(msg.contains("GhostBatchNorm"), "{msg}");
+    }
+    // Without noise nothing is split: the model trains as burn's.
+    assert_eq!(
+        stage(micro.with_kappa(0.0), 16)
+            .validate_model(&model, &batch, burn_bn_forward)
+            .unwrap(),
+        Coupling::WholeBatch
+    );
+}
+
+#[test]
+fn a_noise_window_needs_the_epoch() {
+    let d = device();
+    d.seed(15);
+    let model = Tied {
+        shared: LinearConfig::new(5, 5).init(&d),
+        head: LinearConfig::new(5, 3).init(&d),
+    };
+    let batch = features(4, 5, 3, 16);
+    let config = NoiseConfig::diag_fisher(2).with_window(1, None);
+    let err = stage(config.clone(), 4)
+        .gradient(&model, &batch, tied_forward)
+        .unwrap_err();
+    assert!(err.to_string().contains("gradient_in_epoch"), "{err}");
+    let mut s = stage(config, 4);
+    assert_eq!(
+        s.gradient_in_epoch(&model, &batch, 0, tied_forward)
+            .unwrap()
+            .noise_trace,
+        Some(0.0)
+    );
+    assert!(
+        s.gradient_in_epoch(&model, &batch, 1, tied_forward)
+            .unwrap()
+            .noise_trace
+            .unwrap()
+            > 0.0
+    );
+}
+
+#[test]
+fn the_temperature_rule_carries_its_learning_rates() {
+    let rule = ScaleRule::Temperature {
+        small_batch: 128,
+        small_lr: 0.05,
+        lr: 0.2,
+    };
+    let c = NoiseStage::new(NoiseConfig::diag_fisher(128).with_scale(rule), 4096, 0)
+        .unwrap()
+        .scale();
+    assert!((c - (0.25 / 128.0 - 1.0 / 4096.0)).abs() < 1e-15);
+}
