@@ -16,6 +16,10 @@ build:
 ## MPI tests run too when OpenMPI is installed (mpirun on PATH).
 test:
 	$(CARGO) test --release
+	@# The library alone (default-features = false): builds, and its doctests pass.
+	$(CARGO) test --release --no-default-features --lib --doc
+	@# A token model (Embedding, LayerNorm, per-token MLP) with exact diagonal noise.
+	$(CARGO) run --release --no-default-features --example sequence -- 3 2048
 	@# A burn user's own model with burn's SGD + diagonal-Fisher noise, on a slice.
 	$(CARGO) run --release --example burn_user -- 1 4096
 	@# The same through burn-train's Learner (the stage inside TrainStep::step).
@@ -47,6 +51,9 @@ test-mpi:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
+	$(CARGO) clippy --release --no-default-features --lib -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --no-deps
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --no-deps --no-default-features
 	@if command -v mpirun >/dev/null 2>&1; then \
 		$(CARGO) clippy --release --all-targets --features mpi -- -D warnings; \
 	fi

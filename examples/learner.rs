@@ -16,7 +16,12 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::SgdConfig;
 use burn::optim::momentum::MomentumConfig;
 use burn::tensor::{Device, Tensor, activation};
-use burn::train::metric::{AccuracyMetric, LossMetric};
+use burn::train::logger::{EvaluationProgressLogger, TrainingProgressLogger};
+use burn::train::metric::{AccuracyMetric, LossMetric, MetricDefinition, MetricId};
+use burn::train::renderer::{
+    EvaluationName, MetricState, MetricsRenderer, MetricsRendererEvaluation,
+    MetricsRendererTraining,
+};
 use burn::train::{
     ClassificationOutput, InferenceStep, Learner, SupervisedTraining, TrainOutput, TrainStep,
 };
@@ -83,6 +88,98 @@ impl InferenceStep for Net {
     }
 }
 
+/// One line per epoch and split ("epoch 2/3 train: Loss 0.512, Accuracy
+/// 81.9"), instead of burn-train's line per batch: the last values the
+/// metrics reported in the split (running means over the epoch).
+#[derive(Default)]
+struct EpochLines {
+    names: Vec<(MetricId, String)>,
+    latest: Vec<(MetricId, String)>,
+    split: String,
+    epoch: usize,
+    epochs: usize,
+}
+
+impl EpochLines {
+    fn record(&mut self, state: MetricState) {
+        let entry = match state {
+            MetricState::Generic(e) | MetricState::Numeric(e, _) => e,
+        };
+        let text = entry.serialized_entry.formatted;
+        match self
+            .latest
+            .iter_mut()
+            .find(|(id, _)| *id == entry.metric_id)
+        {
+            Some(slot) => slot.1 = text,
+            None => self.latest.push((entry.metric_id, text)),
+        }
+    }
+}
+
+impl MetricsRendererTraining for EpochLines {
+    fn update_train(&mut self, state: MetricState) {
+        self.record(state);
+    }
+    fn update_valid(&mut self, state: MetricState) {
+        self.record(state);
+    }
+}
+
+impl TrainingProgressLogger for EpochLines {
+    fn start(&mut self, epochs: usize, starting: usize, _: Option<usize>, _: Option<&str>) {
+        (self.epochs, self.epoch) = (epochs, starting);
+    }
+    fn update_epoch(&mut self, epoch: usize) {
+        self.epoch = epoch;
+    }
+    fn start_split(&mut self, split: &str, _: usize) {
+        self.split = split.to_string();
+        self.latest.clear();
+    }
+    fn update_split(&mut self, _: usize) {}
+    fn end_split(&mut self) {
+        let values: Vec<String> = self
+            .latest
+            .iter()
+            .map(|(id, text)| {
+                let name = self.names.iter().find(|(n, _)| n == id);
+                format!("{} {text}", name.map_or("?", |(_, n)| n.as_str()))
+            })
+            .collect();
+        let epoch = (self.epoch + 1).min(self.epochs);
+        println!(
+            "epoch {epoch}/{} {}: {}",
+            self.epochs,
+            self.split,
+            values.join(", ")
+        );
+    }
+    fn end(&mut self) {}
+    fn log_event_training(&mut self, _: String) {}
+}
+
+impl EvaluationProgressLogger for EpochLines {
+    fn start_global_progress(&mut self, _: usize) {}
+    fn start_test(&mut self, _: &str, _: usize) {}
+    fn update_test_progress(&mut self, _: usize) {}
+    fn end_test(&mut self) {}
+    fn end_global_progress(&mut self) {}
+    fn log_event_evaluation(&mut self, _: String) {}
+}
+
+impl MetricsRendererEvaluation for EpochLines {
+    fn update_test(&mut self, _: EvaluationName, _: MetricState) {}
+}
+
+impl MetricsRenderer for EpochLines {
+    fn manual_close(&mut self) {}
+    fn register_metric(&mut self, definition: MetricDefinition) {
+        self.names
+            .push((definition.metric_id, definition.name.to_string()));
+    }
+}
+
 /// The examples of a split, by index; the batcher gathers them.
 struct Indices(usize);
 
@@ -137,6 +234,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join("covnoise-learner-example");
     let result = SupervisedTraining::new(&dir, train_loader, test_loader)
         .metrics((AccuracyMetric::new(), LossMetric::new()))
+        .renderer(Box::new(EpochLines::default()))
         .num_epochs(epochs)
         .launch(Learner::new(net, optimizer, lr));
 

@@ -1,11 +1,23 @@
 //! covnoise: large-batch SGD with structured (Fisher) covariance noise
-//! (Wen et al., AISTATS 2020).
+//! (Wen et al., AISTATS 2020), for any burn module on any burn backend.
 //!
-//! Data flows one way: [`data`] -> [`model`] -> loss and gradients ->
-//! [`moments`] (second moments) -> [`noise`] -> [`optim`]; [`train`] runs the
-//! loop. [`params`] (parameter tables of any burn module) and [`rng`]
+//! Data flows one way: data -> model -> loss and gradients -> [`moments`]
+//! (second moments) -> [`noise`] -> [`optim`]. [`model`] holds what the
+//! noise stage needs from any model (per-example losses, [`model::Probes`]
+//! for the exact estimator's per-layer rules, batch norm that says how it
+//! groups examples) and covnoise's own models, which use that API like
+//! anyone's. [`params`] (parameter tables of any burn module) and [`rng`]
 //! (counter-based randomness) are the layers all of them stand on.
-//! [`theory`] stands alone; [`report`] reads results only.
+//!
+//! # Features
+//!
+//! - default `cli`: the `covnoise` binary and what only it needs: the
+//!   trainer (`train`), data loaders (`data`), studies, plots, benchmarks,
+//!   and `theory` (the quadratic model in closed form).
+//! - `default-features = false`: the library alone (burn, rand, safetensors,
+//!   serde): `covnoise = { version = "0.1", default-features = false }`.
+//! - `theory`, `mpi`, `wgpu`, `cuda`, `ndarray`, `openblas`, `tch`: see the
+//!   README.
 //!
 //! # Example: Fisher noise for any burn model, with any burn optimizer
 //!
@@ -66,9 +78,12 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod collective;
+#[cfg(feature = "cli")]
 pub mod data;
+#[cfg(feature = "cli")]
 pub mod device;
 #[cfg(feature = "mpi")]
 pub mod dist;
@@ -78,11 +93,15 @@ pub mod moments;
 pub mod noise;
 pub mod optim;
 pub mod params;
+#[cfg(feature = "cli")]
 pub mod report;
 pub mod rng;
+#[cfg(feature = "cli")]
 pub mod study;
 pub mod tensor_util;
+#[cfg(feature = "theory")]
 pub mod theory;
+#[cfg(feature = "cli")]
 pub mod train;
 pub mod weights;
 

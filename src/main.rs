@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line for the user, no backtrace: `{:#}` joins the context chain.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli::in_flag_words(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

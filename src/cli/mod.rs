@@ -62,3 +62,54 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A library message in the command line's words: the library names its
+/// own types and methods (`Estimator::Microbatch`, `GhostBatchNorm`), the
+/// user of this binary knows the flags that set them.
+pub fn in_flag_words(message: &str) -> String {
+    const WORDS: [(&str, &str); 7] = [
+        (
+            "use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
+            "use --ghost-batch N with N dividing the micro-batch size",
+        ),
+        (
+            "use GhostBatchNorm with a group size, routed through Probes::batch_norm",
+            "use --ghost-batch N",
+        ),
+        (
+            "the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
+            "--estimator microbatch with --ghost-batch N",
+        ),
+        (
+            "the micro-batch estimator (Estimator::Microbatch)",
+            "--estimator microbatch",
+        ),
+        ("Estimator::Microbatch", "--estimator microbatch"),
+        ("large_batch", "batch-size"),
+        ("routed through Probes", "in covnoise's models"),
+    ];
+    WORDS
+        .iter()
+        .fold(message.to_string(), |m, (library, flags)| {
+            m.replace(library, flags)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_flag_words;
+
+    #[test]
+    fn library_words_become_flags() {
+        let m =
+            "parameter bn.gamma has no rule; use the micro-batch estimator (Estimator::Microbatch)";
+        assert_eq!(
+            in_flag_words(m),
+            "parameter bn.gamma has no rule; use --estimator microbatch"
+        );
+        assert_eq!(
+            in_flag_words("invalid large_batch = 0"),
+            "invalid batch-size = 0"
+        );
+    }
+}

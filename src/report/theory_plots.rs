@@ -23,9 +23,9 @@ pub struct LossCurve {
     pub label: String,
     /// Steps k of the exact curve (k = 0 is skipped on the log axis).
     pub k: Vec<u64>,
-    /// Exact E[L_k] at those steps.
+    /// Exact E\[L_k\] at those steps.
     pub total: Vec<f64>,
-    /// Exact noise part of E[L_k] at those steps.
+    /// Exact noise part of E\[L_k\] at those steps.
     pub noise: Vec<f64>,
     /// Monte-Carlo points, if any were simulated.
     pub monte_carlo: Option<MonteCarloPoints>,
@@ -83,7 +83,7 @@ fn colour(label: &str, index: usize) -> RGBColor {
     }
 }
 
-/// Draws E[L_k] (left) and its noise part (right) against k on log-log axes:
+/// Draws E\[L_k\] (left) and its noise part (right) against k on log-log axes:
 /// exact curves as lines, Monte-Carlo means as dots with ±1 standard error
 /// bars, and the noiseless loss as a grey line on the left. `deterministic`
 /// is the exact noiseless loss on the same grid as the curves.

@@ -55,7 +55,7 @@ pub fn dense_grid(max_k: u64) -> Vec<u64> {
 /// What to compute besides the exact values.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AnalysisSettings {
-    /// Steps k at which to report `E[L_k]`, in any order, repeats allowed
+    /// Steps k at which to report `E\[L_k\]`, in any order, repeats allowed
     /// (the analysis sorts and de-duplicates them); at least one.
     pub steps: Vec<u64>,
     /// Monte-Carlo runs per noise covariance: 0 for exact values only,
@@ -76,11 +76,11 @@ pub struct StructureResult {
     pub frobenius: f64,
     /// tr(A C).
     pub tr_hc: f64,
-    /// Exact `E[L_k]` at each step.
+    /// Exact `E\[L_k\]` at each step.
     pub exact_loss: Vec<f64>,
-    /// Exact noise part `E[L_k] - L(E[e_k])` at each step.
+    /// Exact noise part `E\[L_k\] - L(E\[e_k\])` at each step.
     pub noise_loss: Vec<f64>,
-    /// lim `E[L_k]` as k -> infinity (discrete Lyapunov equation).
+    /// lim `E\[L_k\]` as k -> infinity (discrete Lyapunov equation).
     pub stationary_loss: f64,
     /// Its small-alpha approximation alpha tr(C) / (4 (1 - momentum)).
     pub stationary_first_order: f64,
@@ -97,7 +97,7 @@ pub struct StructureResult {
 pub struct RecursionCheck {
     /// The largest step checked.
     pub checked_up_to_step: Option<u64>,
-    /// The largest relative difference of `E[L_k]` over the checked steps and
+    /// The largest relative difference of `E\[L_k\]` over the checked steps and
     /// all noise covariances.
     pub max_relative_difference: Option<f64>,
 }
@@ -109,7 +109,7 @@ pub struct DenseCurves {
     pub k: Vec<u64>,
     /// Loss of the mean iterate (the same for every noise covariance).
     pub deterministic: Vec<f64>,
-    /// `E[L_k]` per noise covariance, in the order of the results.
+    /// `E\[L_k\]` per noise covariance, in the order of the results.
     pub total: Vec<Vec<f64>>,
     /// The noise part per noise covariance, in the order of the results.
     pub noise: Vec<Vec<f64>>,

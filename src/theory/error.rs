@@ -28,7 +28,7 @@ pub enum TheoryError {
     NonFinite {
         /// Which matrix or vector.
         name: String,
-        /// Where, as "(row, col)" or "[index]" (zero-based).
+        /// Where, as "(row, col)" or "\[index\]" (zero-based).
         position: String,
     },
     /// A matrix that must be symmetric is not (beyond rounding).

@@ -94,18 +94,18 @@ fn mode_radius(x: f64, beta: f64) -> f64 {
     }
 }
 
-/// The expected loss E[L_k] split into the loss of the mean iterate and the
-/// contribution of the noise, 1/2 tr(A Cov[e_k]).
+/// The expected loss E\[L_k\] split into the loss of the mean iterate and the
+/// contribution of the noise, 1/2 tr(A Cov\[e_k\]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossParts {
-    /// 1/2 m_k^T A m_k with m_k = E[e_k]: what noiseless descent would reach.
+    /// 1/2 m_k^T A m_k with m_k = E\[e_k\]: what noiseless descent would reach.
     pub deterministic: f64,
     /// 1/2 tr(A Sigma_k): the cost of the noise.
     pub noise: f64,
 }
 
 impl LossParts {
-    /// E[L_k] = deterministic + noise.
+    /// E\[L_k\] = deterministic + noise.
     pub fn total(&self) -> f64 {
         self.deterministic + self.noise
     }
@@ -138,7 +138,7 @@ pub(crate) fn unique_steps(steps: &[u64]) -> (Vec<u64>, Vec<usize>) {
     (unique, index)
 }
 
-/// E[L_k] at each k in `steps` (any order, repeats allowed) by iterating the
+/// E\[L_k\] at each k in `steps` (any order, repeats allowed) by iterating the
 /// mean and covariance in the original coordinates:
 ///
 /// - plain descent: m_{k+1} = M m_k, Sigma_{k+1} = M Sigma_k M + alpha^2 C,
@@ -247,7 +247,7 @@ fn geometric_sum(ln_r: f64, one_minus_r: f64, k: u64) -> f64 {
     -(k as f64 * ln_r).exp_m1() / one_minus_r
 }
 
-/// E[L_k] at each k in `steps` (any order, repeats allowed) in closed form,
+/// E\[L_k\] at each k in `steps` (any order, repeats allowed) in closed form,
 /// in the eigenbasis of A (eigenpairs lambda_i, v_i; x_i = alpha lambda_i).
 ///
 /// Plain descent (METHOD.md section 4), with mu_i = 1 - x_i:
@@ -383,7 +383,7 @@ fn power_and_geometric_sum(kmat: &Matrix3<f64>, k: u64) -> (Matrix3<f64>, Matrix
     (p, g)
 }
 
-/// The stationary expected loss lim_{k -> infinity} E[L_k]; the deterministic
+/// The stationary expected loss lim_{k -> infinity} E\[L_k\]; the deterministic
 /// part vanishes, so this is the noise part 1/2 tr(A Sigma_inf), where
 /// Sigma_inf solves the discrete Lyapunov equation
 /// Sigma = T Sigma T^T + alpha^2 [[C, 0], [0, 0]].

@@ -14,7 +14,7 @@
 //! started at rest (e_{-1} = e_0). Everything here is float64 and uses
 //! nalgebra; nothing depends on the neural-network parts of the crate.
 //!
-//! The expected loss E[L_k] is the sum of a deterministic part (the loss of the
+//! The expected loss E\[L_k\] is the sum of a deterministic part (the loss of the
 //! mean iterate) and a noise part (1/2 tr(A Sigma_k), Sigma_k the covariance of
 //! e_k). It is computed in two independent ways that must agree:
 //!
