@@ -17,7 +17,8 @@ build:
 test:
 	$(CARGO) test --release
 	@# The library alone (default-features = false): builds, and its doctests pass.
-	$(CARGO) test --release --no-default-features --lib --doc
+	$(CARGO) test --release --no-default-features --lib
+	$(CARGO) test --release --no-default-features --doc
 	@# A token model (Embedding, LayerNorm, per-token MLP) with exact diagonal noise.
 	$(CARGO) run --release --no-default-features --example sequence -- 3 2048
 	@# A burn user's own model with burn's SGD + diagonal-Fisher noise, on a slice.
