@@ -239,6 +239,53 @@ fn exact_estimate_of_a_token_model_matches_single_example_passes() {
     assert_exact_matches_brute_force(&model, &sequences(5, 1, 3), &token_forward);
 }
 
+/// One head of self-attention written with probed Linear layers on
+/// `[B, T, d]`: positions interact within an example only, so each
+/// projection's per-example gradient is its positions' sum.
+#[derive(Module, Debug)]
+struct Attention {
+    embed: Embedding,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    out: Linear,
+    head: Linear,
+}
+
+fn attention_forward(m: &Attention, b: &Sequences, p: &mut Probes) -> Objective {
+    let e = p.embedding(&m.embed, b.tokens.clone());
+    let q = p.linear(&m.query, e.clone());
+    let k = p.linear(&m.key, e.clone());
+    let v = p.linear(&m.value, e.clone());
+    let scores = q.matmul(k.swap_dims(1, 2)) / (WIDTH as f32).sqrt();
+    let mixed = activation::softmax(scores, 2).matmul(v);
+    let o = p.linear(&m.out, mixed) + e;
+    let [n, _, w] = o.dims();
+    Objective::Classification {
+        logits: p.linear(&m.head, o.mean_dim(1).reshape([n, w])),
+        labels: b.labels.clone(),
+    }
+}
+
+#[test]
+fn exact_estimate_of_self_attention_matches_single_example_passes() {
+    let d = device();
+    d.seed(20);
+    let linear = |i, o| LinearConfig::new(i, o).init(&d);
+    let model = Attention {
+        embed: EmbeddingConfig::new(VOCAB, WIDTH).init(&d),
+        query: linear(WIDTH, WIDTH),
+        // A key bias adds the same score to every key of a query, which the
+        // softmax ignores: its gradient is zero but for rounding, and a
+        // relative error of rounding noise tests nothing.
+        key: LinearConfig::new(WIDTH, WIDTH).with_bias(false).init(&d),
+        value: linear(WIDTH, WIDTH),
+        out: linear(WIDTH, WIDTH),
+        head: linear(WIDTH, CLASSES),
+    };
+    assert_exact_matches_brute_force(&model, &sequences(5, 6, 21), &attention_forward);
+}
+
 /// The same Linear layer applied twice (weight tying): example i's gradient
 /// is the sum of both uses' outer products.
 #[derive(Module, Debug)]
