@@ -336,7 +336,7 @@ impl<C: Collective> NoiseStage<C> {
             NoiseStructure::Full { .. } => {
                 if coupling == Coupling::WholeBatch {
                     return Err(CovnoiseError::Unsupported(format!(
-                        "full-Fisher noise reweights each example's loss, and {} normalizes over the whole batch, so no loss belongs to one example; use GhostBatchNorm with a group size, routed through Probes::batch_norm",
+                        "full-Fisher noise reweights each example's loss, and {} is batch normalization over the whole batch, so no loss belongs to one example; use GhostBatchNorm with a group size, routed through Probes::batch_norm",
                         whole_batch_layer()
                     )));
                 }
@@ -353,11 +353,11 @@ impl<C: Collective> NoiseStage<C> {
                     (CovnoiseError::Unsupported(_), Coupling::WholeBatch) => {
                         CovnoiseError::Unsupported(match self.config.estimator {
                             Estimator::Microbatch { .. } => format!(
-                                "{} normalizes over the whole batch, which would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
+                                "{} is batch normalization over the whole batch, which would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
                                 whole_batch_layer()
                             ),
                             _ => format!(
-                                "{} normalizes over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
+                                "{} is batch normalization over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
                                 whole_batch_layer()
                             ),
                         })
