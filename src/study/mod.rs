@@ -276,6 +276,12 @@ impl StudySpec {
                 settings
                     .validate()
                     .map_err(|e| bad(&point, e.to_string()))?;
+                // Memory for the data set's shape, before any run starts.
+                let kind = settings.dataset;
+                settings
+                    .network_config(&kind.shape(), kind.num_classes())
+                    .and_then(|network| settings.check_memory(&network))
+                    .map_err(|e| bad(&point, e.to_string()))?;
                 let mut search = settings.clone();
                 if let Some(s) = &self.search {
                     if s.epochs > settings.epochs {
@@ -640,8 +646,26 @@ pub fn run_study(
     on_event: &mut (dyn FnMut(StudyEvent) + Send),
 ) -> Result<StudyReport, StudyError> {
     let plans = spec.plan()?;
-    std::fs::create_dir_all(out).map_err(|e| StudyError::Io(format!("{}: {e}", out.display())))?;
     let spec_text = toml::to_string(spec).map_err(|e| StudyError::Io(e.to_string()))?;
+    // Every run's data is loaded before the output directory is made, so
+    // that a missing or corrupt data set leaves the file system as it was.
+    let mut cache = DataCache::default();
+    for plan in &plans {
+        for (k, settings) in plan
+            .candidates
+            .iter()
+            .map(|(_, s)| s)
+            .chain(&plan.finals)
+            .enumerate()
+        {
+            cache.load(settings).map_err(|source| StudyError::Run {
+                dir: out.join("runs").join(&plan.slug).join(k.to_string()),
+                source,
+            })?;
+        }
+    }
+    crate::train::run_dir::check_can_create(out).map_err(|e| StudyError::Io(e.to_string()))?;
+    std::fs::create_dir_all(out).map_err(|e| StudyError::Io(format!("{}: {e}", out.display())))?;
     crate::train::run_dir::write_atomic(&out.join("study.toml"), spec_text.as_bytes())
         .map_err(|e| StudyError::Io(e.to_string()))?;
     let total: usize = plans
@@ -661,7 +685,6 @@ pub fn run_study(
             });
         }
     }
-    let mut cache = DataCache::default();
     cache.load_for(&search_jobs)?;
     let mut done = search_jobs.iter().zip(run_jobs(
         &search_jobs,
