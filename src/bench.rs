@@ -247,6 +247,13 @@ pub fn check(config: &BenchConfig, variants: &[Variant]) -> Result<()> {
     if config.steps == 0 {
         return Err(invalid("steps", "0".into(), "must be >= 1"));
     }
+    if config.warmup.checked_add(config.steps).is_none() {
+        return Err(invalid(
+            "warmup",
+            config.warmup.to_string(),
+            "plus --steps does not fit in 64 bits",
+        ));
+    }
     if config.batch_sizes.is_empty() || config.batch_sizes.contains(&0) {
         return Err(invalid(
             "batch-sizes",

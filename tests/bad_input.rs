@@ -686,6 +686,63 @@ fn cases() -> Vec<Case> {
             1,
             "bogus",
         ),
+        other(
+            &[
+                "study",
+                "{root}/study-ok.toml",
+                "--out",
+                "/nonexistent/dir/s",
+                "--set",
+                "data=/nonexistent/fashion",
+            ],
+            1,
+            "/nonexistent/fashion",
+        ),
+        // illustrate.
+        other(&["illustrate", "--out", "{root}/f.txt"], 1, ".png"),
+        other(
+            &["illustrate", "--out", "/nonexistent/dir/f.png"],
+            1,
+            "f.png",
+        ),
+        other(
+            &["illustrate", "--out", "{root}/f.png", "--examples", "1"],
+            1,
+            "examples",
+        ),
+        other(
+            &["illustrate", "--out", "{root}/f.png", "--draws", "1"],
+            1,
+            "draws",
+        ),
+        other(
+            &[
+                "illustrate",
+                "--out",
+                "{root}/f.png",
+                "--draws",
+                "100000000000000",
+            ],
+            1,
+            "GiB",
+        ),
+        other(
+            &[
+                "illustrate",
+                "--out",
+                "{root}/f.png",
+                "--small-batch",
+                "300",
+            ],
+            1,
+            "small batch",
+        ),
+        other(
+            &["illustrate", "--out", "{root}/f.png", "--lr", "0"],
+            1,
+            "lr",
+        ),
+        other(&["bench", "--warmup", "18446744073709551615"], 1, "warmup"),
         // plot.
         other(
             &["plot", "{root}/nonexistent", "--out", "{root}/p.png"],

@@ -62,14 +62,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let json = args.json.as_deref().map(std::path::absolute).transpose()?;
     if let Some(path) = &json {
-        let parent = path.parent().unwrap_or(std::path::Path::new("/"));
-        if path.is_dir() || !parent.is_dir() {
-            anyhow::bail!(
-                "--json {}: cannot be written (a directory, or its directory does not exist)",
-                path.display()
-            );
-        }
-        covnoise::train::run_dir::check_writable(parent)?;
+        super::check_output_file("--json", path)?;
     }
     let mut variants = standard_variants(args.small_batch, args.micro_batches);
     if !args.variants.is_empty() {

@@ -77,6 +77,23 @@ fn usage_error_line(rendered: &str) -> String {
         .join(" ")
 }
 
+/// Refuses an output file (`flag PATH`) that could not be written: a
+/// directory, or one whose directory does not exist or is not writable;
+/// checked before the command computes or writes anything.
+pub fn check_output_file(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let absolute = std::path::absolute(path)?;
+    let parent = absolute.parent().unwrap_or(std::path::Path::new("/"));
+    if absolute.is_dir() || !parent.is_dir() {
+        anyhow::bail!(
+            "{flag} {}: cannot be written (a directory, or its directory does not exist)",
+            path.display()
+        );
+    }
+    covnoise::train::run_dir::check_writable(parent)
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+    Ok(())
+}
+
 /// Builds the global thread pool once (burn's CPU backend and the noise
 /// generator both use it).
 pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {

@@ -132,7 +132,7 @@ pub fn run(args: &QuadraticArgs) -> anyhow::Result<()> {
     // The output files are checked first: nothing is written unless all can be.
     for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
         if let Some(path) = path {
-            check_output(flag, path)?;
+            super::check_output_file(flag, path)?;
         }
     }
     if args.json.is_some() && args.json == args.plot {
@@ -264,21 +264,6 @@ pub fn run(args: &QuadraticArgs) -> anyhow::Result<()> {
         draw_loss_curves(path, &title, &curves, &report.analysis.dense.deterministic)?;
         println!("wrote {}", path.display());
     }
-    Ok(())
-}
-
-/// Refuses an output file that could not be written: a directory, or one
-/// whose directory does not exist or is not writable.
-fn check_output(flag: &str, path: &Path) -> anyhow::Result<()> {
-    let absolute = std::path::absolute(path)?;
-    let parent = absolute.parent().unwrap_or(Path::new("/"));
-    if absolute.is_dir() || !parent.is_dir() {
-        bail!(
-            "{flag} {}: cannot be written (a directory, or its directory does not exist)",
-            path.display()
-        );
-    }
-    covnoise::train::run_dir::check_writable(parent).with_context(|| format!("{flag}"))?;
     Ok(())
 }
 

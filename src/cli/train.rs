@@ -382,6 +382,9 @@ fn check_step_log(path: &Path) -> anyhow::Result<()> {
 /// (rank 0) touches the run directory and reports progress. Every setting,
 /// path and input is checked before the first file is created or changed.
 fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<RunSummary> {
+    // Only rank 0 writes, so only rank 0 checks where it will write: another
+    // rank could otherwise see the directory rank 0 is emptying.
+    let writer = collective.rank() == 0;
     let resume = args.resume.as_deref().map(absolute).transpose()?;
     let (settings, note) = match &resume {
         Some(dir) => resume_settings(args, dir)?,
@@ -410,17 +413,17 @@ fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<Ru
         );
     }
     match (&out, &resume) {
+        _ if !writer => {}
         (Some(dir), None) => RunDir::check_new(dir, args.overwrite)?,
         (None, Some(dir)) => covnoise::train::run_dir::check_writable(dir)?,
         _ => {}
     }
-    if let Some(path) = &log_steps {
+    if writer && let Some(path) = &log_steps {
         check_step_log(path)?;
     }
     super::set_threads(settings.threads)?;
     let data = covnoise::train::load_data(&settings)?;
     let mut trainer = Trainer::new(&settings, &data, collective)?;
-    let writer = trainer.is_writer();
     if let Some(file) = &args.init_from {
         let bytes =
             std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;

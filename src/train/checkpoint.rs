@@ -66,10 +66,14 @@ pub struct Checkpoint {
     /// Each tensor of the optimizer's record: the `ParamId` it belongs to
     /// and its shape (read from the record's header, to be checked against
     /// the model before burn loads it).
-    pub optimizer_tensors: Vec<(Option<u64>, Vec<usize>)>,
+    pub optimizer_tensors: Vec<RecordTensor>,
     /// The noise stage's state.
     pub noise: NoiseState,
 }
+
+/// One tensor of an optimizer record: the `ParamId` it belongs to (None
+/// if the record names none) and its shape.
+pub type RecordTensor = (Option<u64>, Vec<usize>);
 
 /// What writing a checkpoint cost.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -488,7 +492,7 @@ pub fn load_optimizer(
 
 /// The (parameter id, shape) of each tensor in a burnpack optimizer record,
 /// read from its header without loading it into an optimizer.
-fn optimizer_tensors(bytes: &[u8]) -> Result<Vec<(Option<u64>, Vec<usize>)>, String> {
+fn optimizer_tensors(bytes: &[u8]) -> Result<Vec<RecordTensor>, String> {
     let reader = burn_pack::Reader::from_bytes(Bytes::from_bytes_vec(bytes.to_vec()))
         .map_err(|e| format!("{e:?}"))?;
     reader
