@@ -276,12 +276,6 @@ impl StudySpec {
                 settings
                     .validate()
                     .map_err(|e| bad(&point, e.to_string()))?;
-                // Memory for the data set's shape, before any run starts.
-                let kind = settings.dataset;
-                settings
-                    .network_config(&kind.shape(), kind.num_classes())
-                    .and_then(|network| settings.check_memory(&network))
-                    .map_err(|e| bad(&point, e.to_string()))?;
                 let mut search = settings.clone();
                 if let Some(s) = &self.search {
                     if s.epochs > settings.epochs {
@@ -647,8 +641,23 @@ pub fn run_study(
 ) -> Result<StudyReport, StudyError> {
     let plans = spec.plan()?;
     let spec_text = toml::to_string(spec).map_err(|e| StudyError::Io(e.to_string()))?;
-    // Every run's data is loaded before the output directory is made, so
-    // that a missing or corrupt data set leaves the file system as it was.
+    // Every run's memory is checked and its data loaded before the output
+    // directory is made, so that a refused study leaves the file system as
+    // it was. (Not in `plan`: a study for a larger machine can be planned
+    // here.)
+    for plan in &plans {
+        for settings in plan.candidates.iter().map(|(_, s)| s).chain(&plan.finals) {
+            let kind = settings.dataset;
+            settings
+                .network_config(&kind.shape(), kind.num_classes())
+                .and_then(|network| settings.check_memory(&network))
+                .map_err(|e| StudyError::BadArm {
+                    arm: plan.name.clone(),
+                    point: String::new(),
+                    message: e.to_string(),
+                })?;
+        }
+    }
     let mut cache = DataCache::default();
     for plan in &plans {
         for (k, settings) in plan
