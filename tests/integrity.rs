@@ -446,6 +446,15 @@ fn metrics_before_the_checkpoint_survive_a_resume_bit_for_bit() {
         let parsed: EpochMetrics = serde_json::from_str(line).unwrap();
         assert_eq!(serde_json::to_string(&parsed).unwrap(), line);
     }
+    // Lines of a real run whose floats serde_json's default parser reads
+    // back 1 ulp off (lr, train_loss, test_loss): they must survive too.
+    for line in [
+        r#"{"epoch":1,"lr":0.09157348061512727,"train_loss":1.6615987978875637,"train_accuracy":0.49365234375,"test_loss":2.8590731620788574,"test_accuracy":0.62109375,"noise_trace":0.0,"seconds":0.00722857,"eval_seconds":0.002803457,"steps":16}"#,
+        r#"{"epoch":2,"lr":0.1346117057077493,"train_loss":1.3317234814167023,"train_accuracy":0.625,"test_loss":1.0514097213745117,"test_accuracy":0.630859375,"noise_trace":0.0,"seconds":0.005292115,"eval_seconds":0.000488068,"steps":32}"#,
+    ] {
+        let parsed: EpochMetrics = serde_json::from_str(line).unwrap();
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), line);
+    }
 }
 
 /// Finding 9: one warning per ignored setting, on stderr and in config.toml.
