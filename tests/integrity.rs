@@ -622,4 +622,26 @@ fn a_relative_data_path_is_recorded_absolute() {
         .output()
         .unwrap();
     ok(&o);
+
+    // The same for a study file's relative data path.
+    std::fs::write(
+        root.path().join("s.toml"),
+        "name = \"s\"\nseeds = [0]\n[base]\ndata = \"data\"\nepochs = 1\nhidden = [16]\nbatch-size = 64\nthreads = 1\n[[arm]]\nname = \"a\"\nsettings = {}\n",
+    )
+    .unwrap();
+    let o = bin()
+        .current_dir(root.path())
+        .args(["study", "s.toml", "--out", "study", "--quiet"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let config: toml::Table =
+        std::fs::read_to_string(root.path().join("study/runs/a/seed-0/config.toml"))
+            .unwrap()
+            .parse()
+            .unwrap();
+    assert_eq!(
+        PathBuf::from(config["data"].as_str().unwrap()),
+        root.path().join("data")
+    );
 }

@@ -269,10 +269,18 @@ impl StudySpec {
                 merge(&mut table, &arm.settings);
                 merge(&mut table, &point);
                 merge(&mut table, &self.overrides);
-                let settings: TrainSettings = table
+                let mut settings: TrainSettings = table
                     .clone()
                     .try_into()
                     .map_err(|e: toml::de::Error| bad(&point, e.message().trim().to_string()))?;
+                // Recorded absolute, as `covnoise train` records it, so that
+                // each run directory finds its data from anywhere.
+                settings.data = settings
+                    .data
+                    .as_deref()
+                    .map(std::path::absolute)
+                    .transpose()
+                    .map_err(|e| bad(&point, format!("data: {e}")))?;
                 settings
                     .validate()
                     .map_err(|e| bad(&point, e.to_string()))?;
