@@ -203,6 +203,19 @@ fn resume_refuses_what_it_cannot_continue_and_restart_starts_over() {
     // config.toml still says one epoch: a plain resume has nothing to do.
     refused(&resume(&run, &[]), "is complete");
 
+    // An extension killed before its end leaves no summary of the shorter
+    // run that would read as this one's.
+    let extended = root.path().join("extended");
+    copy_dir(&run, &extended);
+    let o = bin()
+        .args(["train", "--quiet", "--epochs", "3", "--resume"])
+        .arg(&extended)
+        .env("COVNOISE_FAULT", "step:11")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(!extended.join("summary.json").exists());
+
     // Checkpoints gone: refused, not retrained from scratch.
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
     let before = snapshot(&run);

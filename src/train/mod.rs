@@ -703,6 +703,9 @@ impl<'a> Trainer<'a> {
             // From the start, the epochs done so far (none for a new run): a
             // run that dies in its next epoch still leaves a well-formed record.
             dir.write("metrics.jsonl", metrics_text.as_bytes())?;
+            // An extended run's earlier summary no longer describes it; the
+            // new one is written at the end.
+            dir.remove("summary.json")?;
         }
         progress.start(self.settings.epochs, self.steps_per_epoch);
 

@@ -62,8 +62,14 @@ impl RunDir {
     pub fn create(path: &Path, overwrite: bool) -> Result<Self, TrainError> {
         Self::check_new(path, overwrite)?;
         if path.is_dir() {
-            for entry in std::fs::read_dir(path).map_err(|e| io_error(path, e))? {
-                let entry = entry.map_err(|e| io_error(path, e))?;
+            // config.toml goes last: emptying cut short by a crash leaves a
+            // run directory, which --overwrite accepts again.
+            let mut entries = std::fs::read_dir(path)
+                .map_err(|e| io_error(path, e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| io_error(path, e))?;
+            entries.sort_by_key(|e| e.file_name() == "config.toml");
+            for entry in entries {
                 let p = entry.path();
                 let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     std::fs::remove_dir_all(&p)
@@ -133,6 +139,15 @@ impl RunDir {
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Removes the file `name` if it exists.
+    pub fn remove(&self, name: &str) -> Result<(), TrainError> {
+        let file = self.path.join(name);
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&file, e)),
+            _ => Ok(()),
+        }
     }
 
     /// Writes `name` atomically: to a temporary file in the same directory,
