@@ -562,6 +562,32 @@ fn ignored_settings_warn_once_each_and_are_recorded() {
             "{err}"
         );
     }
+    // The same rule for a study's arms, also with --quiet.
+    std::fs::write(
+        root.path().join("s.toml"),
+        format!(
+            "name = \"s\"\nseeds = [0]\n[base]\ndata = \"{}\"\nepochs = 1\nhidden = [16]\nbatch-size = 64\nthreads = 1\n[[arm]]\nname = \"a\"\nsettings = {{ kappa = 2.0 }}\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let o = bin()
+        .arg("study")
+        .arg(root.path().join("s.toml"))
+        .arg("--out")
+        .arg(root.path().join("study"))
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(
+        stderr(&o)
+            .matches("warning: arm \"a\": --kappa is ignored")
+            .count(),
+        1,
+        "{}",
+        stderr(&o)
+    );
     // The same rule for bench.
     let o = bin()
         .args([

@@ -86,10 +86,16 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
     let quiet = args.quiet;
     let mut progress = TerminalProgress::new(true);
     let mut on_event = |event: StudyEvent| {
+        if let StudyEvent::Warning { arm, message } = &event {
+            // Warnings are said also with --quiet, as train says them.
+            eprintln!("warning: arm {arm:?}: {message}");
+            return;
+        }
         if quiet {
             return;
         }
         match event {
+            StudyEvent::Warning { .. } => {}
             StudyEvent::Start { dir, index, total } => {
                 eprintln!("[{index}/{total}] {} ...", dir.display())
             }

@@ -349,6 +349,14 @@ pub enum StudyEvent<'a> {
         /// Why the checkpoint was not used.
         reason: String,
     },
+    /// An arm's settings include one its runs ignore (one event per arm
+    /// and warning, before anything is written).
+    Warning {
+        /// The arm's name.
+        arm: &'a str,
+        /// The warning, one line.
+        message: String,
+    },
     /// A run ended.
     Done {
         /// Run directory.
@@ -682,6 +690,19 @@ pub fn run_study(
         }
     }
     crate::train::run_dir::check_can_create(out).map_err(|e| StudyError::Io(e.to_string()))?;
+    for plan in &plans {
+        let mut said = std::collections::BTreeSet::new();
+        for settings in plan.candidates.iter().map(|(_, s)| s).chain(&plan.finals) {
+            for message in settings.warnings() {
+                if said.insert(message.clone()) {
+                    on_event(StudyEvent::Warning {
+                        arm: &plan.name,
+                        message,
+                    });
+                }
+            }
+        }
+    }
     std::fs::create_dir_all(out).map_err(|e| StudyError::Io(format!("{}: {e}", out.display())))?;
     crate::train::run_dir::write_atomic(&out.join("study.toml"), spec_text.as_bytes())
         .map_err(|e| StudyError::Io(e.to_string()))?;
