@@ -230,6 +230,119 @@ pub fn applies(variant: &Variant, architecture: Architecture) -> bool {
         || matches!(variant.noise.estimator, Estimator::Microbatch { .. })
 }
 
+/// Checks a bench before anything is allocated: sizes and counts at least
+/// 1, micro-batches that split every batch, and an estimate of the memory
+/// the largest batch needs (every variant's model, optimizer and noise
+/// state, one batch's activations and the synthetic batch) against this
+/// machine's memory. Products of the user's numbers are taken in u128, so
+/// that no size wraps.
+pub fn check(config: &BenchConfig, variants: &[Variant]) -> Result<()> {
+    let invalid = |name: &'static str, value: String, reason: &'static str| {
+        crate::CovnoiseError::InvalidSetting {
+            name,
+            value,
+            reason,
+        }
+    };
+    if config.steps == 0 {
+        return Err(invalid("steps", "0".into(), "must be >= 1"));
+    }
+    if config.warmup.checked_add(config.steps).is_none() {
+        return Err(invalid(
+            "warmup",
+            config.warmup.to_string(),
+            "plus --steps does not fit in 64 bits",
+        ));
+    }
+    if config.batch_sizes.is_empty() || config.batch_sizes.contains(&0) {
+        return Err(invalid(
+            "batch-sizes",
+            format!("{:?}", config.batch_sizes),
+            "needs at least one batch size, each >= 1",
+        ));
+    }
+    if config.chunk == Some(0) {
+        return Err(invalid(
+            "chunk",
+            "0".into(),
+            "must be >= 1 (omit it for whole batches)",
+        ));
+    }
+    if let Some(&w) = config
+        .hidden
+        .iter()
+        .find(|&&w| w as u128 > crate::train::settings::MAX_WIDTH)
+    {
+        return Err(invalid(
+            "hidden",
+            w.to_string(),
+            "is larger than 2^40, more than any machine's memory holds",
+        ));
+    }
+    if config.hidden.contains(&0) {
+        return Err(invalid(
+            "hidden",
+            format!("{:?}", config.hidden),
+            "widths must be >= 1",
+        ));
+    }
+    let applicable: Vec<&Variant> = variants
+        .iter()
+        .filter(|v| applies(v, config.model))
+        .collect();
+    let microbatch = applicable.iter().any(|v| {
+        v.noise.structure != NoiseStructure::None
+            && matches!(v.noise.estimator, Estimator::Microbatch { .. })
+    });
+    if microbatch {
+        let m = config.micro_batches;
+        if m < 2 {
+            return Err(crate::CovnoiseError::TooFewMicroBatches(m));
+        }
+        if let Some(&b) = config.batch_sizes.iter().find(|b| !b.is_multiple_of(m)) {
+            return Err(crate::CovnoiseError::MicroBatchesDoNotDivide {
+                batch: b,
+                micro_batches: m,
+            });
+        }
+        if config.model.has_batch_norm()
+            && let Some(&b) = config.batch_sizes.iter().find(|&&b| b / m < 2)
+        {
+            return Err(invalid(
+                "batch-sizes",
+                b.to_string(),
+                "leaves micro-batches (ghost batches) of fewer than 2 examples",
+            ));
+        }
+    }
+    let shape = config.model.input_shape().unwrap_or([1, 28, 28]);
+    let network = NetworkConfig {
+        architecture: config.model,
+        input: shape,
+        classes: 10,
+        hidden: config.hidden.clone(),
+        normalization: Normalization::None,
+    };
+    let (params, units) = network.footprint();
+    let largest = *config.batch_sizes.iter().max().expect("checked non-empty") as u128;
+    let input: u128 = shape.iter().map(|&d| d as u128).product();
+    let needed =
+        4 * (5 * params * applicable.len() as u128 + 4 * largest * units + largest * input);
+    if let Some(total) = crate::device::host_memory_bytes()
+        && needed > u128::from(total)
+    {
+        let gib = |b: u128| b as f64 / f64::from(1u32 << 30);
+        return Err(crate::CovnoiseError::Unsupported(format!(
+            "batch size {largest} with --model {} needs at least {:.1} GiB (models, optimizer and noise state of {} variants, a batch's activations), more than this machine's {:.1} GiB of memory",
+            config.model,
+            gib(needed),
+            applicable.len(),
+            gib(u128::from(total))
+        )));
+    }
+    Ok(())
+}
+
 /// One variant's state between rounds.
 enum RoundWork {
     /// A model (taken out during a step), its noise stage and optimizer.

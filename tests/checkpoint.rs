@@ -173,9 +173,15 @@ fn a_crash_between_checkpoint_write_and_rename_leaves_a_resumable_run() {
         .unwrap()
         .count();
     assert_eq!(leftovers, 1);
-    // No checkpoint: the resumed run starts over from the seed, and ends as
-    // the unbroken run did.
+    // No checkpoint: a resume is refused, and --restart starts over from
+    // the seed and ends as the unbroken run did.
     let o = resume(&broken, &[]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--restart"),
+        "{}",
+        stderr(&o)
+    );
+    let o = resume(&broken, &["--restart"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(metrics(&broken), metrics(&unbroken));
     assert_eq!(final_weights(&broken), final_weights(&unbroken));
@@ -285,7 +291,7 @@ fn bad_checkpoints_are_refused_naming_the_file_and_leave_the_run_untouched() {
             Box::new(|d: &Path| {
                 let f = d.join("state.json");
                 let text = std::fs::read_to_string(&f).unwrap();
-                std::fs::write(&f, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+                std::fs::write(&f, text.replace("\"version\": 2", "\"version\": 99")).unwrap();
             }),
         ),
         (
@@ -339,7 +345,8 @@ fn a_thousand_mutated_checkpoint_files_never_panic_the_loader() {
         .map(|f| std::fs::read(good.join(f)).unwrap())
         .collect();
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let dir = root.path().join("mutant");
+    // Named as a checkpoint of epoch 1 is (the reader checks the name).
+    let dir = root.path().join("mutant").join(checkpoint::dir_name(1));
     copy_dir(&good, &dir);
     let (mut refused, mut readable) = (0, 0);
     for trial in 0..1000 {

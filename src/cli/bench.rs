@@ -57,12 +57,34 @@ pub struct BenchArgs {
 
 /// Runs `covnoise bench`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    if args.steps == 0 || args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
-        anyhow::bail!("bench needs --steps >= 1 and batch sizes >= 1");
+    if args.threads == Some(0) {
+        anyhow::bail!("invalid threads = 0: must be >= 1");
     }
-    super::set_threads(args.threads)?;
-    if cfg!(debug_assertions) {
-        eprintln!("warning: this is a debug build; time a release build (cargo build --release)");
+    let json = args.json.as_deref().map(std::path::absolute).transpose()?;
+    if let Some(path) = &json {
+        super::check_output_file("--json", path)?;
+    }
+    let mut variants = standard_variants(args.small_batch, args.micro_batches);
+    if !args.variants.is_empty() {
+        let known: Vec<&str> = variants.iter().map(|v| v.name).collect();
+        if let Some(bad) = args.variants.iter().find(|n| !known.contains(&n.as_str())) {
+            anyhow::bail!("unknown bench variant {bad:?}; known: {}", known.join(", "));
+        }
+        variants.retain(|v| v.name == "plain" || args.variants.iter().any(|n| n == v.name));
+    }
+    // A variant asked for by name that the model cannot run is refused,
+    // rather than silently leaving the table with plain alone.
+    if let Some(v) = variants.iter().find(|v| {
+        args.variants.iter().any(|n| n == v.name) && !covnoise::bench::applies(v, args.model)
+    }) {
+        anyhow::bail!(
+            "bench variant {} does not apply to --model {} (batch-norm models time plain, diag-microbatch and full; matmul-products is the MLP's)",
+            v.name,
+            args.model
+        );
+    }
+    if args.small_batch == 0 {
+        anyhow::bail!("invalid small-batch = 0: must be >= 1 (the noise scale is 1/B_S)");
     }
     let config = BenchConfig {
         model: args.model,
@@ -74,13 +96,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         steps: args.steps,
         micro_batches: args.micro_batches,
     };
-    let mut variants = standard_variants(args.small_batch, args.micro_batches);
-    if !args.variants.is_empty() {
-        let known: Vec<&str> = variants.iter().map(|v| v.name).collect();
-        if let Some(bad) = args.variants.iter().find(|n| !known.contains(&n.as_str())) {
-            anyhow::bail!("unknown bench variant {bad:?}; known: {}", known.join(", "));
-        }
-        variants.retain(|v| v.name == "plain" || args.variants.iter().any(|n| n == v.name));
+    covnoise::bench::check(&config, &variants)?;
+    for warning in ignored(args, &variants) {
+        eprintln!("warning: {warning}");
+    }
+    super::set_threads(args.threads)?;
+    if cfg!(debug_assertions) {
+        eprintln!("warning: this is a debug build; time a release build (cargo build --release)");
     }
     println!(
         "model {}  device {}  threads {}  hidden {:?}  chunk {}  {} timed steps after {} warm-up rounds",
@@ -93,7 +115,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.warmup
     );
     let results = run_bench(&config, &variants, |line| println!("{line}"))?;
-    if let Some(path) = &args.json {
+    if let Some(path) = &json {
         let doc = serde_json::json!({
             "model": args.model,
             "device": args.device,
@@ -111,4 +133,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         println!("written: {}", path.display());
     }
     Ok(())
+}
+
+/// The flags this bench will not use (set away from their defaults), one
+/// warning each.
+fn ignored(args: &BenchArgs, variants: &[covnoise::bench::Variant]) -> Vec<String> {
+    use covnoise::moments::Estimator;
+    use covnoise::noise::NoiseStructure;
+    let mut out = Vec::new();
+    let timed: Vec<_> = variants
+        .iter()
+        .filter(|v| covnoise::bench::applies(v, args.model))
+        .collect();
+    if args.model != covnoise::model::Architecture::Mlp && args.hidden != [512, 512] {
+        out.push(format!(
+            "--hidden is ignored: it applies only to --model mlp, not {}",
+            args.model
+        ));
+    }
+    let microbatch = timed.iter().any(|v| {
+        v.noise.structure != NoiseStructure::None
+            && matches!(v.noise.estimator, Estimator::Microbatch { .. })
+    });
+    if !microbatch && args.micro_batches != 16 {
+        out.push("--micro-batches is ignored: no micro-batch variant is timed".into());
+    }
+    let noisy = timed
+        .iter()
+        .any(|v| v.noise.structure != NoiseStructure::None);
+    if !noisy && args.small_batch != 128 {
+        out.push("--small-batch is ignored: no noisy variant is timed".into());
+    }
+    out
 }

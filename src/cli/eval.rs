@@ -21,9 +21,13 @@ pub struct EvalArgs {
 
 /// Runs `covnoise eval`: prints one line and writes `RUN_DIR/eval.json`.
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
-    let result = evaluate_checkpoint(&args.run_dir, args.checkpoint, args.data.as_deref())?;
+    // Checked before the evaluation, so that a refusal writes nothing.
+    let run_dir = RunDir::open(&args.run_dir)?;
+    covnoise::train::run_dir::check_writable(&args.run_dir)?;
+    let data = args.data.as_deref().map(std::path::absolute).transpose()?;
+    let result = evaluate_checkpoint(&args.run_dir, args.checkpoint, data.as_deref())?;
     let text = serde_json::to_string_pretty(&result)?;
-    RunDir::open(&args.run_dir)?.write("eval.json", format!("{text}\n").as_bytes())?;
+    run_dir.write("eval.json", format!("{text}\n").as_bytes())?;
     println!(
         "test accuracy {:.4}  test loss {:.4}  ({} examples, epoch {}, {})",
         result.test_accuracy,

@@ -46,6 +46,31 @@ pub struct IllustrateArgs {
 
 /// Runs `covnoise illustrate`.
 pub fn run(args: &IllustrateArgs) -> anyhow::Result<()> {
+    super::check_output_file("--out", &args.out)?;
+    if !args
+        .out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png") || e.eq_ignore_ascii_case("svg"))
+    {
+        anyhow::bail!(
+            "--out {}: the file must end in .png or .svg",
+            args.out.display()
+        );
+    }
+    // The examples (two inputs and a target) and four clouds of 2-D points
+    // are held at once: refuse counts no memory holds, before allocating.
+    let needed = 8 * (3 * args.examples as u128 + 4 * 2 * args.draws as u128);
+    if let Some(total) = covnoise::device::host_memory_bytes()
+        && needed > u128::from(total)
+    {
+        anyhow::bail!(
+            "--examples {} and --draws {} need at least {:.1} GiB, more than this machine's {:.1} GiB of memory",
+            args.examples,
+            args.draws,
+            needed as f64 / f64::from(1u32 << 30),
+            total as f64 / f64::from(1u32 << 30)
+        );
+    }
     let config = IllustrationConfig {
         examples: args.examples,
         small_batch: args.small_batch,

@@ -37,9 +37,23 @@ enum Command {
     Study(study::StudyArgs),
 }
 
-/// Parses the command line and runs the subcommand.
+/// Parses the command line and runs the subcommand. A usage error (an
+/// unknown flag, a malformed value) is printed as one line and ends the
+/// process with exit code 2 before anything is read or written; help and
+/// version requests print and exit 0.
 pub fn run() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("error: a subcommand is required (`covnoise --help` lists them)");
+            std::process::exit(2)
+        }
+        Err(e) => {
+            eprintln!("{}", usage_error_line(&e.render().to_string()));
+            std::process::exit(2)
+        }
+    };
     match cli.command {
         Command::Train(args) => train::run(&args),
         Command::Study(args) => study::run(&args),
@@ -49,6 +63,35 @@ pub fn run() -> anyhow::Result<()> {
         Command::Quadratic(args) => quadratic::run(&args),
         Command::Illustrate(args) => illustrate::run(&args),
     }
+}
+
+/// clap's message without its usage and tip paragraphs, on one line (a
+/// list of missing arguments is joined with spaces).
+fn usage_error_line(rendered: &str) -> String {
+    let message = rendered.split("\n\n").next().unwrap_or(rendered);
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Refuses an output file (`flag PATH`) that could not be written: a
+/// directory, or one whose directory does not exist or is not writable;
+/// checked before the command computes or writes anything.
+pub fn check_output_file(flag: &str, path: &std::path::Path) -> anyhow::Result<()> {
+    let absolute = std::path::absolute(path)?;
+    let parent = absolute.parent().unwrap_or(std::path::Path::new("/"));
+    if absolute.is_dir() || !parent.is_dir() {
+        anyhow::bail!(
+            "{flag} {}: cannot be written (a directory, or its directory does not exist)",
+            path.display()
+        );
+    }
+    covnoise::train::run_dir::check_writable(parent)
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+    Ok(())
 }
 
 /// Builds the global thread pool once (burn's CPU backend and the noise

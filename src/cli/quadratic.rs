@@ -63,7 +63,12 @@ pub struct QuadraticArgs {
 
     /// Noise scale c >= 0, multiplying the covariance (also a --noise-cov
     /// one).
-    #[arg(long, value_name = "C", default_value_t = 1.0)]
+    #[arg(
+        long,
+        value_name = "C",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     pub scale: f64,
 
     /// Start point e_0 = theta_0 - theta*: CSV with d numbers (one line, or
@@ -73,11 +78,11 @@ pub struct QuadraticArgs {
 
     /// Step size alpha > 0. Default: 1 / lambda_max(A). Must satisfy
     /// alpha * lambda_max < 2 (1 + momentum), or the iteration diverges.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub alpha: Option<f64>,
 
     /// Heavy-ball momentum beta, in [0, 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub momentum: f64,
 
     /// Steps k (comma-separated) at which to report E[L_k]; k = 0 is the
@@ -124,6 +129,31 @@ fn display(path: &Path) -> String {
 
 /// Runs `covnoise quadratic`.
 pub fn run(args: &QuadraticArgs) -> anyhow::Result<()> {
+    // The output files are checked first: nothing is written unless all can be.
+    for (flag, path) in [("--json", &args.json), ("--plot", &args.plot)] {
+        if let Some(path) = path {
+            super::check_output_file(flag, path)?;
+        }
+    }
+    if args.json.is_some() && args.json == args.plot {
+        bail!("--json and --plot name the same file");
+    }
+    if let Some(path) = &args.plot
+        && !path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png") || e.eq_ignore_ascii_case("svg"))
+    {
+        bail!(
+            "--plot {}: the file must end in .png or .svg",
+            path.display()
+        );
+    }
+    if args.mc_runs == 1 {
+        bail!("--mc-runs 1 gives no standard error: use 0 (exact only) or at least 2");
+    }
+    if args.steps.is_empty() {
+        bail!("--steps needs at least one step");
+    }
     let generated = args.hessian.is_none();
     let hessian = match &args.hessian {
         Some(path) => read_matrix(path, "Hessian")?,
@@ -176,11 +206,10 @@ pub fn run(args: &QuadraticArgs) -> anyhow::Result<()> {
     let alpha = args.alpha.unwrap_or(1.0 / quadratic.lambda_max());
     let dynamics = Dynamics::new(alpha, args.momentum)?;
     dynamics.check_stable(&quadratic)?;
-    if args.mc_runs == 1 {
-        bail!("--mc-runs 1 gives no standard error: use 0 (exact only) or at least 2");
-    }
-    if args.steps.is_empty() {
-        bail!("--steps needs at least one step");
+    if !generated && args.mc_runs == 0 && args.seed != 0 {
+        eprintln!(
+            "warning: --seed is ignored: the problem comes from --hessian and there are no Monte-Carlo runs"
+        );
     }
     let settings = AnalysisSettings {
         steps: args.steps.clone(),

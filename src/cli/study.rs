@@ -49,6 +49,16 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
     // Validate every arm before touching the output directory or the CPU.
     let plans = spec.plan()?;
     if args.plan {
+        // --plan trains nothing: the flags that shape training do nothing.
+        for (set, flag) in [
+            (args.jobs != 1, "jobs"),
+            (args.threads.is_some(), "threads"),
+            (args.quiet, "quiet"),
+        ] {
+            if set {
+                eprintln!("warning: --{flag} is ignored: --plan trains nothing");
+            }
+        }
         for p in &plans {
             let search = if p.searches() { p.candidates.len() } else { 0 };
             let search_epochs: usize = if p.searches() {
@@ -76,10 +86,16 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
     let quiet = args.quiet;
     let mut progress = TerminalProgress::new(true);
     let mut on_event = |event: StudyEvent| {
+        if let StudyEvent::Warning { arm, message } = &event {
+            // Warnings are said also with --quiet, as train says them.
+            eprintln!("warning: arm {arm:?}: {message}");
+            return;
+        }
         if quiet {
             return;
         }
         match event {
+            StudyEvent::Warning { .. } => {}
             StudyEvent::Start { dir, index, total } => {
                 eprintln!("[{index}/{total}] {} ...", dir.display())
             }

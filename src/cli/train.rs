@@ -2,7 +2,7 @@
 //! directory -> the library's training loop.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
@@ -26,14 +26,22 @@ pub struct TrainArgs {
     /// Run directory to write (config.toml, metrics.jsonl, summary.json).
     #[arg(long, value_name = "RUN_DIR")]
     pub out: Option<PathBuf>,
-    /// Replace the run files in an existing, non-empty run directory.
+    /// Replace the run in an existing run directory: everything in it
+    /// (checkpoints, eval.json, plots, step logs, any other file) is removed
+    /// first. A non-empty directory without a config.toml is refused.
     #[arg(long)]
     pub overwrite: bool,
     /// Continue the run in RUN_DIR from its newest checkpoint, with the
     /// settings in its config.toml (only --epochs, to extend it, and
-    /// --threads, --quiet, --log-steps may be given).
+    /// --threads, --quiet, --log-steps may be given). A run without a
+    /// checkpoint is refused unless --restart is given.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["out", "config", "overwrite", "init_from"])]
     pub resume: Option<PathBuf>,
+    /// With --resume: train the run again from epoch 0 with its settings,
+    /// emptying its directory as --overwrite does (for a run without a
+    /// usable checkpoint).
+    #[arg(long, requires = "resume")]
+    pub restart: bool,
     /// Start from the weights in FILE (safetensors, tensors named by
     /// parameter path, e.g. a checkpoint's model.safetensors) instead of the
     /// seeded initialization.
@@ -128,7 +136,7 @@ pub struct TrainArgs {
     #[arg(long, value_delimiter = ',', value_name = "E,E,...")]
     pub milestones: Option<Vec<usize>>,
     /// Multistep factor [default: 0.1].
-    #[arg(long, value_name = "G")]
+    #[arg(long, value_name = "G", allow_negative_numbers = true)]
     pub gamma: Option<f64>,
     /// Linear warmup over the first W epochs' steps, multiplying the schedule [default: 2].
     #[arg(long, value_name = "W")]
@@ -153,7 +161,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum)]
     pub scale: Option<ScaleName>,
     /// Learning rate lr_S of the small-batch reference (temperature rule).
-    #[arg(long, value_name = "LR_S")]
+    #[arg(long, value_name = "LR_S", allow_negative_numbers = true)]
     pub small_lr: Option<f64>,
     /// The noise scale c for --scale fixed.
     #[arg(long, value_name = "C", allow_negative_numbers = true)]
@@ -168,7 +176,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "EPOCH")]
     pub noise_until: Option<usize>,
     /// Exponential moving average of the estimate across refreshes, beta in [0, 1) [default: off].
-    #[arg(long, value_name = "BETA")]
+    #[arg(long, value_name = "BETA", allow_negative_numbers = true)]
     pub ema: Option<f64>,
     /// Re-estimate diag(F) every K steps, reusing the last estimate in between [default: 1].
     #[arg(long, value_name = "K")]
@@ -345,19 +353,116 @@ fn run_mpi(_args: &TrainArgs) -> anyhow::Result<()> {
     anyhow::bail!("this covnoise was built without MPI support; rebuild with --features mpi")
 }
 
+/// `path` made absolute against the current directory (a run directory
+/// records where its data is, to be found from anywhere).
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("cannot resolve {}", path.display()))
+}
+
+/// Refuses a `--log-steps` file that could not be created: its directory
+/// must exist and be writable, and it must not be a directory itself.
+fn check_step_log(path: &Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        anyhow::bail!("--log-steps {}: is a directory", path.display());
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    if !parent.is_dir() {
+        anyhow::bail!(
+            "--log-steps {}: directory {} does not exist",
+            path.display(),
+            parent.display()
+        );
+    }
+    covnoise::train::run_dir::check_writable(parent)
+        .with_context(|| format!("--log-steps {}", path.display()))?;
+    Ok(())
+}
+
 /// Settings, data, trainer and run on `collective`; only the writer
-/// (rank 0) touches the run directory and reports progress.
+/// (rank 0) touches the run directory and reports progress. Every setting,
+/// path and input is checked before the first file is created or changed.
 fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<RunSummary> {
-    let (settings, resume) = match &args.resume {
-        Some(dir) => (resume_settings(args, dir)?, Some(dir)),
-        None => (args.settings()?, None),
+    // Only rank 0 writes, so only rank 0 checks where it will write: another
+    // rank could otherwise see the directory rank 0 is emptying.
+    let writer = collective.rank() == 0;
+    let resume = args.resume.as_deref().map(absolute).transpose()?;
+    let (settings, note) = match &resume {
+        Some(dir) => resume_settings(args, dir)?,
+        None => {
+            let mut settings = args.settings()?;
+            settings.data = settings.data.as_deref().map(absolute).transpose()?;
+            (settings, None)
+        }
     };
     settings.validate()?;
+    let out = args.out.as_deref().map(absolute).transpose()?;
+    let log_steps = args.log_steps.as_deref().map(absolute).transpose()?;
+    // The directory this command will empty (--overwrite, --restart).
+    let emptied = match (&out, &resume) {
+        (Some(dir), None) if args.overwrite => Some(dir),
+        (None, Some(dir)) if args.restart => Some(dir),
+        _ => None,
+    };
+    if let (Some(dir), Some(data)) = (emptied, &settings.data)
+        && data.starts_with(dir)
+    {
+        anyhow::bail!(
+            "--data {} lies inside {}, which this command empties",
+            data.display(),
+            dir.display()
+        );
+    }
+    match (&out, &resume) {
+        _ if !writer => {}
+        (Some(dir), None) => RunDir::check_new(dir, args.overwrite)?,
+        (None, Some(dir)) => covnoise::train::run_dir::check_writable(dir)?,
+        _ => {}
+    }
+    if writer && let Some(path) = &log_steps {
+        check_step_log(path)?;
+    }
     super::set_threads(settings.threads)?;
     let data = covnoise::train::load_data(&settings)?;
     let mut trainer = Trainer::new(&settings, &data, collective)?;
-    let writer = trainer.is_writer();
+    if let Some(file) = &args.init_from {
+        let bytes =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let tensors = covnoise::weights::from_safetensors(&bytes)
+            .with_context(|| format!("{}", file.display()))?;
+        trainer
+            .init_from(&tensors)
+            .with_context(|| format!("{}", file.display()))?;
+    }
+    if let Some(dir) = resume.as_deref().filter(|_| !args.restart) {
+        let run_dir = RunDir::open(dir)?;
+        let Some((_, newest)) = checkpoint::list(dir)?.pop() else {
+            anyhow::bail!(
+                "{} has no checkpoint to resume from ({}); pass --restart to train it again from epoch 0",
+                dir.display(),
+                if settings.checkpoint_every == 0 {
+                    "it was run with --checkpoint-every 0"
+                } else {
+                    "none was written, or they were removed"
+                }
+            );
+        };
+        let saved = checkpoint::read(&newest)?;
+        trainer.restore(&saved, run_dir.read_metrics()?)?;
+        if trainer.start_epoch() == settings.epochs {
+            anyhow::bail!(
+                "{} is complete ({} epochs); pass a larger --epochs to extend it",
+                dir.display(),
+                settings.epochs
+            );
+        }
+    }
+    let record = covnoise::train::config_record(&settings, &data, &trainer)?;
+
+    // Everything is checked: from here on the command writes (and speaks).
     if writer {
+        if let Some(note) = &note {
+            eprintln!("{note}");
+        }
         for warning in settings.warnings() {
             eprintln!("warning: {warning}");
         }
@@ -377,46 +482,22 @@ fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<Ru
             );
         }
     }
-    if let Some(file) = &args.init_from {
-        let bytes =
-            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let tensors = covnoise::weights::from_safetensors(&bytes)
-            .with_context(|| format!("{}", file.display()))?;
-        trainer
-            .init_from(&tensors)
-            .with_context(|| format!("{}", file.display()))?;
-    }
-    let run_dir = match (&args.out, resume) {
-        (_, Some(dir)) => {
-            let run_dir = RunDir::open(dir)?;
-            if let Some((_, newest)) = checkpoint::list(dir)?.pop() {
-                let saved = checkpoint::read(&newest)?;
-                trainer.restore(&saved, run_dir.read_metrics()?)?;
-            }
-            if trainer.start_epoch() == settings.epochs {
-                anyhow::bail!(
-                    "{} is complete ({} epochs); pass a larger --epochs to extend it",
-                    dir.display(),
-                    settings.epochs
-                );
-            }
-            writer.then_some(run_dir)
-        }
-        (Some(path), None) if writer => Some(RunDir::create(path, args.overwrite)?),
-        _ => None,
+    let run_dir = match (&out, &resume) {
+        _ if !writer => None,
+        (_, Some(dir)) if args.restart => Some(RunDir::create(dir, true)?),
+        (_, Some(dir)) => Some(RunDir::open(dir)?),
+        (Some(path), None) => Some(RunDir::create(path, args.overwrite)?),
+        (None, None) => None,
     };
     if let Some(dir) = &run_dir {
         // A resumed run keeps its record (code version included) unless
         // --epochs extended it.
-        if resume.is_none() || dir.read_settings()? != settings {
-            dir.write(
-                "config.toml",
-                covnoise::train::config_record(&settings, &data, &trainer)?.as_bytes(),
-            )?;
+        if resume.is_none() || args.restart || dir.read_settings()? != settings {
+            dir.write("config.toml", record.as_bytes())?;
         }
     }
     let mut progress = TerminalProgress::new(args.quiet || !writer);
-    if writer && let Some(path) = &args.log_steps {
+    if writer && let Some(path) = &log_steps {
         progress = progress.with_step_log(path)?;
     }
     let summary = trainer.run(run_dir.as_ref(), &mut progress)?;
@@ -424,10 +505,18 @@ fn train(args: &TrainArgs, collective: Box<dyn Collective>) -> anyhow::Result<Ru
     Ok(summary)
 }
 
-/// The settings of the run in `dir`, with --epochs raised if given; any
-/// other flag that would change the run is refused.
-fn resume_settings(args: &TrainArgs, dir: &std::path::Path) -> anyhow::Result<TrainSettings> {
+/// The settings of the run in `dir`, with --epochs raised if given, and a
+/// note for the user when that stretches the schedule; any other flag that
+/// would change the run is refused.
+fn resume_settings(
+    args: &TrainArgs,
+    dir: &Path,
+) -> anyhow::Result<(TrainSettings, Option<String>)> {
     let saved = RunDir::open(dir)?.read_settings()?;
+    // The record itself first: a bad value there is not a flag's fault.
+    saved
+        .validate()
+        .with_context(|| format!("{}", dir.join("config.toml").display()))?;
     let requested = args.apply(saved.clone());
     let mut changed = covnoise::train::settings::differences(&saved, &requested);
     changed.retain(|name| !["epochs", "threads"].contains(&name.as_str()));
@@ -445,17 +534,17 @@ fn resume_settings(args: &TrainArgs, dir: &std::path::Path) -> anyhow::Result<Tr
             saved.epochs
         );
     }
-    if requested.epochs > saved.epochs
+    let note = (requested.epochs > saved.epochs
         && requested.schedule != covnoise::train::settings::ScheduleName::Constant
         && requested.schedule_epochs.is_none()
-        && !args.quiet
-    {
-        eprintln!(
-            "note: the {:?} schedule now spans {} epochs; the epochs already run followed the {}-epoch one",
-            requested.schedule, requested.epochs, saved.epochs
-        );
-    }
-    Ok(requested)
+        && !args.quiet)
+        .then(|| {
+            format!(
+                "note: the {:?} schedule now spans {} epochs; the epochs already run followed the {}-epoch one",
+                requested.schedule, requested.epochs, saved.epochs
+            )
+        });
+    Ok((requested, note))
 }
 
 /// The one line printed at the end of a run.

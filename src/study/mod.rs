@@ -269,10 +269,18 @@ impl StudySpec {
                 merge(&mut table, &arm.settings);
                 merge(&mut table, &point);
                 merge(&mut table, &self.overrides);
-                let settings: TrainSettings = table
+                let mut settings: TrainSettings = table
                     .clone()
                     .try_into()
                     .map_err(|e: toml::de::Error| bad(&point, e.message().trim().to_string()))?;
+                // Recorded absolute, as `covnoise train` records it, so that
+                // each run directory finds its data from anywhere.
+                settings.data = settings
+                    .data
+                    .as_deref()
+                    .map(std::path::absolute)
+                    .transpose()
+                    .map_err(|e| bad(&point, format!("data: {e}")))?;
                 settings
                     .validate()
                     .map_err(|e| bad(&point, e.to_string()))?;
@@ -340,6 +348,14 @@ pub enum StudyEvent<'a> {
         dir: &'a Path,
         /// Why the checkpoint was not used.
         reason: String,
+    },
+    /// An arm's settings include one its runs ignore (one event per arm
+    /// and warning, before anything is written).
+    Warning {
+        /// The arm's name.
+        arm: &'a str,
+        /// The warning, one line.
+        message: String,
     },
     /// A run ended.
     Done {
@@ -640,8 +656,54 @@ pub fn run_study(
     on_event: &mut (dyn FnMut(StudyEvent) + Send),
 ) -> Result<StudyReport, StudyError> {
     let plans = spec.plan()?;
-    std::fs::create_dir_all(out).map_err(|e| StudyError::Io(format!("{}: {e}", out.display())))?;
     let spec_text = toml::to_string(spec).map_err(|e| StudyError::Io(e.to_string()))?;
+    // Every run's memory is checked and its data loaded before the output
+    // directory is made, so that a refused study leaves the file system as
+    // it was. (Not in `plan`: a study for a larger machine can be planned
+    // here.)
+    for plan in &plans {
+        for settings in plan.candidates.iter().map(|(_, s)| s).chain(&plan.finals) {
+            let kind = settings.dataset;
+            settings
+                .network_config(&kind.shape(), kind.num_classes())
+                .and_then(|network| settings.check_memory(&network))
+                .map_err(|e| StudyError::BadArm {
+                    arm: plan.name.clone(),
+                    point: String::new(),
+                    message: e.to_string(),
+                })?;
+        }
+    }
+    let mut cache = DataCache::default();
+    for plan in &plans {
+        for (k, settings) in plan
+            .candidates
+            .iter()
+            .map(|(_, s)| s)
+            .chain(&plan.finals)
+            .enumerate()
+        {
+            cache.load(settings).map_err(|source| StudyError::Run {
+                dir: out.join("runs").join(&plan.slug).join(k.to_string()),
+                source,
+            })?;
+        }
+    }
+    crate::train::run_dir::check_can_create(out).map_err(|e| StudyError::Io(e.to_string()))?;
+    for plan in &plans {
+        let mut said = std::collections::BTreeSet::new();
+        for settings in plan.candidates.iter().map(|(_, s)| s).chain(&plan.finals) {
+            for message in settings.warnings() {
+                if said.insert(message.clone()) {
+                    on_event(StudyEvent::Warning {
+                        arm: &plan.name,
+                        message,
+                    });
+                }
+            }
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| StudyError::Io(format!("{}: {e}", out.display())))?;
     crate::train::run_dir::write_atomic(&out.join("study.toml"), spec_text.as_bytes())
         .map_err(|e| StudyError::Io(e.to_string()))?;
     let total: usize = plans
@@ -661,7 +723,6 @@ pub fn run_study(
             });
         }
     }
-    let mut cache = DataCache::default();
     cache.load_for(&search_jobs)?;
     let mut done = search_jobs.iter().zip(run_jobs(
         &search_jobs,

@@ -25,6 +25,7 @@ use crate::collective::{
 use crate::data::{self, Dataset, TrainTest};
 use crate::error::CovnoiseError;
 use crate::model::{Batch, Network, NetworkConfig, cross_entropy_and_correct, labels_tensor};
+use crate::moments::MomentValues;
 use crate::noise::NoiseStage;
 use crate::optim::LrSchedule;
 use crate::params::ParamTable;
@@ -111,6 +112,11 @@ pub fn config_record(
     meta.insert(
         "data".into(),
         toml::Value::try_from(&data.source).map_err(ser)?,
+    );
+    // The settings this run ignores, as the warnings printed at its start.
+    meta.insert(
+        "warnings".into(),
+        toml::Value::Array(settings.warnings().into_iter().map(Into::into).collect()),
     );
     table.insert("meta".into(), meta.into());
     toml::to_string(&table).map_err(ser)
@@ -266,6 +272,11 @@ pub fn evaluate_checkpoint(
 ) -> Result<CheckpointEvaluation, TrainError> {
     let dir = RunDir::open(run_dir)?;
     let mut settings = dir.read_settings()?;
+    // A record that no run could have had is refused, not evaluated.
+    settings.validate().map_err(|e| TrainError::Io {
+        path: run_dir.join("config.toml"),
+        message: e.to_string(),
+    })?;
     // The test set, also for a run that evaluated on held-out examples.
     settings.holdout = None;
     if let Some(data) = data {
@@ -383,23 +394,7 @@ impl<'a> Trainer<'a> {
             .into());
         }
         let device = crate::device::parse_device(&settings.device)?;
-        let needed = settings.memory_estimate(&network);
-        if let Some(total) = crate::device::host_memory_bytes()
-            && needed > total as u128
-        {
-            let gib = |b: f64| b / f64::from(1u32 << 30);
-            let what = match settings.model {
-                crate::model::Architecture::Mlp => format!("--hidden {:?}", settings.hidden),
-                other => format!("--model {other}"),
-            };
-            return Err(CovnoiseError::Unsupported(format!(
-                "{what} at --batch-size {} needs at least {:.1} GiB (parameters, optimizer and noise state, batch activations), more than this machine's {:.1} GiB of memory",
-                settings.batch_size,
-                gib(needed as f64),
-                gib(total as f64)
-            ))
-            .into());
-        }
+        settings.check_memory(&network)?;
         if let Some(aug) = settings.augmentation() {
             aug.check(&data.train.shape, &data.standardization.fill_values())?;
         }
@@ -421,11 +416,23 @@ impl<'a> Trainer<'a> {
         )?;
         let optimizer = settings.sgd_config().init()?;
         let schedule_epochs = settings.schedule_epochs.unwrap_or(settings.epochs);
-        let total = (steps_per_epoch * schedule_epochs) as u64;
+        // Step counts are u64 products of user numbers: checked, never wrapped.
+        let steps_of = |name: &'static str, epochs: usize| {
+            (steps_per_epoch as u64)
+                .checked_mul(epochs as u64)
+                .ok_or_else(|| CovnoiseError::InvalidSetting {
+                    name,
+                    value: epochs.to_string(),
+                    reason: "is too large: its number of steps does not fit in 64 bits",
+                })
+        };
+        steps_of("epochs", settings.epochs)?;
+        let total = steps_of("schedule-epochs", schedule_epochs)?;
+        let warmup = steps_of("warmup-epochs", settings.warmup_epochs)?;
         let schedule = LrSchedule::new(
             settings.lr,
             settings.schedule_kind(),
-            (steps_per_epoch * settings.warmup_epochs) as u64,
+            warmup,
             total,
             steps_per_epoch as u64,
         )?;
@@ -475,17 +482,19 @@ impl<'a> Trainer<'a> {
         }
         let expected_step = (epoch * self.steps_per_epoch) as u64;
         if checkpoint.noise.step != expected_step {
-            return Err(bad(format!(
-                "step {} does not match epoch {epoch} at {} steps per epoch (another data set or batch size?)",
-                checkpoint.noise.step, self.steps_per_epoch
-            )));
+            return Err(TrainError::Checkpoint {
+                path: checkpoint.dir.join("state.json"),
+                message: format!(
+                    "step {} does not match epoch {epoch} at {} steps per epoch (another data set or batch size?)",
+                    checkpoint.noise.step, self.steps_per_epoch
+                ),
+            });
         }
         if metrics.len() < epoch
-            || metrics
-                .iter()
-                .take(epoch)
-                .enumerate()
-                .any(|(i, m)| m.epoch != i + 1)
+            || metrics.iter().take(epoch).enumerate().any(|(i, m)| {
+                m.epoch != i + 1
+                    || (m.steps != 0 && m.steps != ((i + 1) * self.steps_per_epoch) as u64)
+            })
         {
             return Err(bad(format!(
                 "metrics.jsonl does not hold the first {epoch} epochs the checkpoint follows"
@@ -496,14 +505,144 @@ impl<'a> Trainer<'a> {
             .model
             .take()
             .expect("the model is back after every step");
-        let model = weights::load_into(model, &checkpoint.weights, true)
-            .map_err(|e| bad(format!("model.safetensors: {e}")))?;
+        // Loaded into a copy: a refused checkpoint leaves the trainer as it was.
+        let loaded = weights::load_into(model.clone(), &checkpoint.weights, true)
+            .map_err(|e| bad(format!("model.safetensors: {e}")));
         self.model = Some(model);
+        let loaded = loaded?;
+        let table = ParamTable::of(&loaded);
+        self.check_optimizer_record(checkpoint, &table)?;
+        self.check_noise_state(checkpoint, &table)?;
+        self.model = Some(loaded);
         let optimizer = std::mem::replace(&mut self.optimizer, self.settings.sgd_config().init()?);
         self.optimizer = checkpoint::load_optimizer(optimizer, checkpoint)?;
         self.stage
             .restore(checkpoint.noise.clone(), &self.device.clone().inner());
         self.history = metrics;
+        Ok(())
+    }
+
+    /// The optimizer record must hold one momentum buffer of the right shape
+    /// for every trainable parameter of the model (none without momentum
+    /// or before the first step), and nothing else: burn would silently
+    /// drop a buffer whose id it does not know.
+    fn check_optimizer_record(
+        &self,
+        checkpoint: &checkpoint::Checkpoint,
+        table: &ParamTable,
+    ) -> Result<(), TrainError> {
+        let bad = |message: String| TrainError::Checkpoint {
+            path: checkpoint.dir.join("optimizer.bpk"),
+            message,
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for (id, shape) in &checkpoint.optimizer_tensors {
+            let Some(entry) = id.and_then(|id| {
+                table
+                    .entries()
+                    .iter()
+                    .find(|e| e.id.val() == id)
+                    .filter(|_| seen.insert(id))
+            }) else {
+                return Err(bad(format!(
+                    "holds a tensor for parameter id {id:?}, which the model does not have (another run's optimizer state?)"
+                )));
+            };
+            if *shape != entry.shape {
+                return Err(bad(format!(
+                    "the buffer of {} has shape {shape:?}, the parameter {:?}",
+                    entry.name, entry.shape
+                )));
+            }
+        }
+        let expected = if self.settings.momentum > 0.0 && checkpoint.noise.step > 0 {
+            table.len()
+        } else {
+            0
+        };
+        if seen.len() != expected {
+            return Err(bad(format!(
+                "holds {} momentum buffers, the model has {expected} to restore",
+                seen.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The noise stage's counters must be those the run's settings produce
+    /// in `checkpoint.noise.step` steps (replayed here: estimates are made
+    /// on a fixed schedule), and its estimate must have the model's
+    /// parameters' sizes.
+    fn check_noise_state(
+        &self,
+        checkpoint: &checkpoint::Checkpoint,
+        table: &ParamTable,
+    ) -> Result<(), TrainError> {
+        let bad = |file: &str, message: String| TrainError::Checkpoint {
+            path: checkpoint.dir.join(file),
+            message,
+        };
+        let state = &checkpoint.noise;
+        let estimated = matches!(
+            self.settings.noise,
+            settings::NoiseName::Diag | settings::NoiseName::Isotropic
+        );
+        let (mut updates, mut last) = (0i64, None::<u64>);
+        if estimated {
+            let spe = self.steps_per_epoch as u64;
+            for step in 0..state.step {
+                let due = last.is_none_or(|l| step - l >= self.settings.refresh);
+                if due && self.stage.active_in((step / spe) as usize) {
+                    updates += 1;
+                    last = Some(step);
+                }
+            }
+        }
+        let ids: Vec<u64> = if updates > 0 {
+            table.entries().iter().map(|e| e.id.val()).collect()
+        } else {
+            Vec::new()
+        };
+        let smoother = &state.smoother;
+        if i64::from(smoother.updates) != updates
+            || smoother.last_refresh != last
+            || state.estimate_ids != ids
+        {
+            return Err(bad(
+                "state.json",
+                format!(
+                    "noise counters (updates {}, last refresh {:?}, {} estimate ids) are not those of {} steps of this run (updates {updates}, last refresh {last:?}, {} ids)",
+                    smoother.updates,
+                    smoother.last_refresh,
+                    state.estimate_ids.len(),
+                    state.step,
+                    ids.len()
+                ),
+            ));
+        }
+        let fits = match &smoother.average {
+            None => updates == 0,
+            Some(MomentValues::Trace(t)) => {
+                updates > 0
+                    && self.settings.noise == settings::NoiseName::Isotropic
+                    && t.is_finite()
+                    && *t >= 0.0
+            }
+            Some(MomentValues::Diag(d)) => {
+                updates > 0
+                    && self.settings.noise == settings::NoiseName::Diag
+                    && d.len() == table.len()
+                    && d.iter().zip(table.entries()).all(|(v, e)| {
+                        v.len() == e.numel() && v.iter().all(|x| x.is_finite() && *x >= 0.0)
+                    })
+            }
+        };
+        if !fits {
+            return Err(bad(
+                "noise.safetensors",
+                "the noise estimate does not fit this run's noise structure and model".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -573,6 +712,9 @@ impl<'a> Trainer<'a> {
             // From the start, the epochs done so far (none for a new run): a
             // run that dies in its next epoch still leaves a well-formed record.
             dir.write("metrics.jsonl", metrics_text.as_bytes())?;
+            // An extended run's earlier summary no longer describes it; the
+            // new one is written at the end.
+            dir.remove("summary.json")?;
         }
         progress.start(self.settings.epochs, self.steps_per_epoch);
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::{EpochMetrics, TrainError, TrainSettings};
 
-/// The files a run writes.
+/// The files a run writes (besides its checkpoints).
 pub const RUN_FILES: [&str; 3] = ["config.toml", "metrics.jsonl", "summary.json"];
 
 /// A directory that a run owns.
@@ -25,34 +25,58 @@ pub(crate) fn io_error(path: &Path, e: std::io::Error) -> TrainError {
 }
 
 impl RunDir {
-    /// Creates `path` (and its parents). An existing non-empty directory is
-    /// refused unless `overwrite`, in which case the previous run's files are
-    /// removed (other files are left alone).
-    pub fn create(path: &Path, overwrite: bool) -> Result<Self, TrainError> {
+    /// Checks, without writing anything, that [`RunDir::create`] with the
+    /// same arguments would succeed: `path` is absent, an empty directory,
+    /// or (with `overwrite`) a run directory (one with a `config.toml`); and
+    /// the directory that would hold it is writable.
+    pub fn check_new(path: &Path, overwrite: bool) -> Result<(), TrainError> {
+        let refuse = |why: &'static str| TrainError::RunDirExists(path.to_path_buf(), why);
         if path.exists() {
             if !path.is_dir() {
-                return Err(TrainError::RunDirExists(
-                    path.to_path_buf(),
-                    "is not a directory",
-                ));
+                return Err(refuse("is not a directory"));
             }
             let non_empty = std::fs::read_dir(path)
                 .map_err(|e| io_error(path, e))?
                 .next()
                 .is_some();
-            if non_empty {
-                if !overwrite {
-                    return Err(TrainError::RunDirExists(
-                        path.to_path_buf(),
-                        "exists and is not empty (pass --overwrite to replace its run)",
-                    ));
-                }
-                for name in RUN_FILES {
-                    let file = path.join(name);
-                    if file.exists() {
-                        std::fs::remove_file(&file).map_err(|e| io_error(&file, e))?;
-                    }
-                }
+            if non_empty && !overwrite {
+                return Err(refuse(
+                    "exists and is not empty (pass --overwrite to replace its run)",
+                ));
+            }
+            // --overwrite empties the directory: only one a run made.
+            if non_empty && !path.join("config.toml").is_file() {
+                return Err(refuse(
+                    "is not empty and holds no run (no config.toml); --overwrite replaces only a run directory",
+                ));
+            }
+        }
+        check_can_create(path)
+    }
+
+    /// Creates `path` (and its parents) as a fresh run directory. An
+    /// existing non-empty directory is refused unless `overwrite`; then it
+    /// must hold a run (a `config.toml`) and everything in it is removed
+    /// (checkpoints, `eval.json`, plots, step logs, any other file), so
+    /// that nothing of the earlier run can be read as this one's.
+    pub fn create(path: &Path, overwrite: bool) -> Result<Self, TrainError> {
+        Self::check_new(path, overwrite)?;
+        if path.is_dir() {
+            // config.toml goes last: emptying cut short by a crash leaves a
+            // run directory, which --overwrite accepts again.
+            let mut entries = std::fs::read_dir(path)
+                .map_err(|e| io_error(path, e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| io_error(path, e))?;
+            entries.sort_by_key(|e| e.file_name() == "config.toml");
+            for entry in entries {
+                let p = entry.path();
+                let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+                removed.map_err(|e| io_error(&p, e))?;
             }
         }
         std::fs::create_dir_all(path).map_err(|e| io_error(path, e))?;
@@ -117,6 +141,15 @@ impl RunDir {
         &self.path
     }
 
+    /// Removes the file `name` if it exists.
+    pub fn remove(&self, name: &str) -> Result<(), TrainError> {
+        let file = self.path.join(name);
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_error(&file, e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Writes `name` atomically: to a temporary file in the same directory,
     /// flushed to disk, then renamed over the target.
     pub fn write(&self, name: &str, contents: &[u8]) -> Result<(), TrainError> {
@@ -138,6 +171,58 @@ pub fn write_atomic(target: &Path, contents: &[u8]) -> Result<(), TrainError> {
         let _ = std::fs::remove_file(&tmp);
         io_error(target, e)
     })
+}
+
+/// Checks, without writing, that `path` is a writable directory or could be
+/// created as one (its nearest existing ancestor is a writable directory).
+pub fn check_can_create(path: &Path) -> Result<(), TrainError> {
+    if path.exists() {
+        if !path.is_dir() {
+            return Err(TrainError::RunDirExists(
+                path.to_path_buf(),
+                "is not a directory",
+            ));
+        }
+        return check_writable(path);
+    }
+    let mut ancestor = path.parent();
+    while let Some(dir) = ancestor {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        if dir.exists() {
+            if !dir.is_dir() {
+                return Err(TrainError::RunDirExists(
+                    dir.to_path_buf(),
+                    "is not a directory",
+                ));
+            }
+            return check_writable(dir);
+        }
+        ancestor = dir.parent();
+    }
+    Ok(())
+}
+
+/// Refuses a directory this process cannot create files in.
+pub fn check_writable(dir: &Path) -> Result<(), TrainError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| TrainError::Io {
+            path: dir.to_path_buf(),
+            message: "path contains a NUL byte".into(),
+        })?;
+        // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+            return Err(io_error(dir, std::io::Error::last_os_error()));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// Creates `path` with `contents` and flushes it to disk.

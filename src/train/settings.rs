@@ -212,6 +212,9 @@ impl Default for TrainSettings {
     }
 }
 
+/// The widest layer any check lets through (2^40 units).
+pub const MAX_WIDTH: u128 = 1 << 40;
+
 fn invalid(name: &'static str, value: impl ToString, reason: &'static str) -> CovnoiseError {
     CovnoiseError::InvalidSetting {
         name,
@@ -333,9 +336,6 @@ impl TrainSettings {
                 centered: self.centered,
             },
         };
-        if self.centered && self.noise != NoiseName::Full {
-            return Err(invalid("centered", "true", "applies only to --noise full"));
-        }
         let estimator = match self.estimator {
             EstimatorName::Exact => Estimator::Exact,
             EstimatorName::McFisher => Estimator::McFisher,
@@ -379,6 +379,7 @@ impl TrainSettings {
     /// Checks the settings that need no data: everything the run could
     /// otherwise only discover after loading and training for a while.
     pub fn validate(&self) -> Result<()> {
+        self.check_recordable()?;
         if self.epochs == 0 {
             return Err(invalid("epochs", 0, "must be >= 1"));
         }
@@ -439,6 +440,48 @@ impl TrainSettings {
         Ok(())
     }
 
+    /// Refuses integers that config.toml cannot hold (TOML integers are
+    /// 64-bit signed), so that a run never starts that could not be recorded.
+    fn check_recordable(&self) -> Result<()> {
+        let one = |v: usize| vec![v as u64];
+        let opt = |v: Option<usize>| v.map(|v| v as u64).into_iter().collect::<Vec<_>>();
+        let many = |v: &[usize]| v.iter().map(|&v| v as u64).collect::<Vec<_>>();
+        let fields: [(&'static str, Vec<u64>); 22] = [
+            ("train-limit", opt(self.train_limit)),
+            ("test-limit", opt(self.test_limit)),
+            ("holdout", opt(self.holdout)),
+            ("hidden", many(&self.hidden)),
+            ("ghost-batch", opt(self.ghost_batch)),
+            ("chunk", opt(self.chunk)),
+            ("batch-size", one(self.batch_size)),
+            ("epochs", one(self.epochs)),
+            ("schedule-epochs", opt(self.schedule_epochs)),
+            ("milestones", many(&self.milestones)),
+            ("warmup-epochs", one(self.warmup_epochs)),
+            ("micro-batches", one(self.micro_batches)),
+            ("small-batch", one(self.small_batch)),
+            ("noise-from", one(self.noise_from)),
+            ("noise-until", opt(self.noise_until)),
+            ("refresh", vec![self.refresh]),
+            ("seed", vec![self.seed]),
+            ("threads", opt(self.threads)),
+            ("eval-batch", one(self.eval_batch)),
+            ("eval-every", one(self.eval_every)),
+            ("checkpoint-every", one(self.checkpoint_every)),
+            ("keep-checkpoints", one(self.keep_checkpoints)),
+        ];
+        for (name, values) in fields {
+            if let Some(v) = values.into_iter().find(|&v| v > i64::MAX as u64) {
+                return Err(invalid(
+                    name,
+                    v,
+                    "is larger than 2^63 - 1, the largest integer config.toml can record",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A lower bound on the memory, in bytes, a run of `network` allocates:
     /// five float32 copies of the parameters (values, gradients, momentum,
     /// noise estimate and its average) plus the activations of a batch
@@ -452,6 +495,37 @@ impl TrainSettings {
             2
         };
         4 * (5 * params + factor * self.batch_size as u128 * units)
+    }
+
+    /// Refuses a run of `network` whose [`TrainSettings::memory_estimate`]
+    /// exceeds this machine's memory, before anything is allocated.
+    pub fn check_memory(&self, network: &NetworkConfig) -> Result<()> {
+        // Widths this large cannot fit any memory; refusing them first also
+        // keeps the estimate's products far from u128's range.
+        if let Some(&w) = self.hidden.iter().find(|&&w| w as u128 > MAX_WIDTH) {
+            return Err(invalid(
+                "hidden",
+                w,
+                "is larger than 2^40, more than any machine's memory holds",
+            ));
+        }
+        let needed = self.memory_estimate(network);
+        if let Some(total) = crate::device::host_memory_bytes()
+            && needed > u128::from(total)
+        {
+            let gib = |b: f64| b / f64::from(1u32 << 30);
+            let what = match self.model {
+                Architecture::Mlp => format!("--hidden {:?}", self.hidden),
+                other => format!("--model {other}"),
+            };
+            return Err(CovnoiseError::Unsupported(format!(
+                "{what} at --batch-size {} needs at least {:.1} GiB (parameters, optimizer and noise state, batch activations), more than this machine's {:.1} GiB of memory",
+                self.batch_size,
+                gib(needed as f64),
+                gib(total as f64)
+            )));
+        }
+        Ok(())
     }
 
     /// Settings that are valid but make no sense for this run (each one
@@ -478,6 +552,102 @@ impl TrainSettings {
                 "milestone {m} is past the {length}-epoch schedule and never applies"
             ));
         }
+        out.extend(
+            self.ignored()
+                .into_iter()
+                .map(|(flag, why)| format!("--{flag} is ignored: {why}")),
+        );
+        out
+    }
+
+    /// The settings this run will not use, as (flag, why): those set away
+    /// from their defaults (or given, for optional ones) that the chosen
+    /// noise, estimator, scale rule or schedule never reads.
+    pub fn ignored(&self) -> Vec<(&'static str, &'static str)> {
+        let d = TrainSettings::default();
+        let mut out = Vec::new();
+        let mut check = |set: bool, flag: &'static str, why: &'static str| {
+            if set {
+                out.push((flag, why));
+            }
+        };
+        let noisy = self.noise != NoiseName::None;
+        let estimated = matches!(self.noise, NoiseName::Diag | NoiseName::Isotropic);
+        let none = "there is no noise (--noise none)";
+        check(!noisy && self.kappa != d.kappa, "kappa", none);
+        check(!noisy && self.ema.is_some(), "ema", none);
+        check(!noisy && self.refresh != d.refresh, "refresh", none);
+        check(
+            !noisy && self.small_batch != d.small_batch,
+            "small-batch",
+            none,
+        );
+        check(!noisy && self.scale != d.scale, "scale", none);
+        check(
+            !noisy && self.noise_from != d.noise_from,
+            "noise-from",
+            none,
+        );
+        check(!noisy && self.noise_until.is_some(), "noise-until", none);
+        check(
+            self.centered && self.noise != NoiseName::Full,
+            "centered",
+            "it applies only to --noise full",
+        );
+        let full = "full-Fisher noise needs no estimate of diag(F)";
+        let full_noise = self.noise == NoiseName::Full;
+        check(
+            full_noise && self.estimator != d.estimator,
+            "estimator",
+            full,
+        );
+        check(full_noise && self.ema.is_some(), "ema", full);
+        check(full_noise && self.refresh != d.refresh, "refresh", full);
+        check(!noisy && self.estimator != d.estimator, "estimator", none);
+        check(
+            (!estimated || self.estimator != EstimatorName::Microbatch)
+                && self.micro_batches != d.micro_batches,
+            "micro-batches",
+            "it applies only to --estimator microbatch with diag or isotropic noise",
+        );
+        check(
+            noisy && self.scale == ScaleName::Fixed && self.small_batch != d.small_batch,
+            "small-batch",
+            "the fixed scale rule takes c from --noise-scale",
+        );
+        check(
+            (!noisy || self.scale != ScaleName::Temperature) && self.small_lr.is_some(),
+            "small-lr",
+            "it applies only to --scale temperature",
+        );
+        check(
+            (!noisy || self.scale != ScaleName::Fixed) && self.noise_scale.is_some(),
+            "noise-scale",
+            "it applies only to --scale fixed",
+        );
+        let not_multistep = "it applies only to --schedule multistep";
+        check(
+            self.schedule != ScheduleName::Multistep && !self.milestones.is_empty(),
+            "milestones",
+            not_multistep,
+        );
+        check(
+            self.schedule != ScheduleName::Multistep && self.gamma != d.gamma,
+            "gamma",
+            not_multistep,
+        );
+        check(
+            self.checkpoint_every == 0 && self.keep_checkpoints != d.keep_checkpoints,
+            "keep-checkpoints",
+            "no checkpoints are written (--checkpoint-every 0)",
+        );
+        check(
+            self.batch_norm && self.model.has_batch_norm(),
+            "batch-norm",
+            "this model always has batch normalization",
+        );
+        out.sort();
+        out.dedup_by_key(|(flag, _)| *flag);
         out
     }
 }
@@ -486,10 +656,12 @@ impl TrainSettings {
 pub fn differences(a: &TrainSettings, b: &TrainSettings) -> Vec<String> {
     let table = |s: &TrainSettings| toml::Table::try_from(s).unwrap_or_default();
     let (a, b) = (table(a), table(b));
+    // Compared as written, so that a NaN equals itself.
+    let text = |t: &toml::Table, k: &str| t.get(k).map(|v| v.to_string());
     let mut names: Vec<String> = a
         .keys()
         .chain(b.keys())
-        .filter(|k| a.get(*k) != b.get(*k))
+        .filter(|k| text(&a, k) != text(&b, k))
         .cloned()
         .collect();
     names.sort();
