@@ -13,11 +13,12 @@
 //! optimizers are unchanged.
 
 use burn::module::ParamId;
+use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::{Gradients, Tensor};
 
 use crate::error::{CovnoiseError, Result};
+use crate::kernels::{self, padding_pairs};
 
 /// A probed layer's per-example factors after backward.
 ///
@@ -140,21 +141,23 @@ impl Probes {
     }
 
     /// `layer.forward(x)` for images `x` of shape `[B, C, H, W]`, recording
-    /// the layer when the probes are on.
+    /// the layer when the probes are on. The convolution runs on
+    /// [`crate::kernels::conv2d`]: the fast kernels on flex, burn's op
+    /// elsewhere.
     pub fn conv2d(&mut self, layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         if !self.enabled {
-            return layer.forward(x);
+            return kernels::conv2d_layer(layer, x);
         }
         if layer.groups != 1 {
             self.layers.push(Recorded::Unsupported(format!(
                 "a Conv2d layer with {} groups (the exact estimator handles groups = 1)",
                 layer.groups
             )));
-            return layer.forward(x);
+            return kernels::conv2d_layer(layer, x);
         }
         let [_, _, h, w] = x.dims();
         let input = x.clone().detach().inner();
-        let z = layer.forward(x);
+        let z = kernels::conv2d_layer(layer, x);
         let probe = Tensor::<4>::zeros(z.dims(), &z.device()).require_grad();
         let factors = ConvFactors {
             weight: layer.weight.id,
@@ -204,27 +207,5 @@ impl Probes {
                 ))),
             })
             .collect()
-    }
-}
-
-/// The zero padding burn's `Conv2d` applies for `config` to an input of
-/// spatial size `[h, w]` (`Same` may be asymmetric), as `[(top, bottom),
-/// (left, right)]`.
-fn padding_pairs(
-    config: &PaddingConfig2d,
-    [h, w]: [usize; 2],
-    kernel: [usize; 2],
-    stride: [usize; 2],
-) -> [(usize, usize); 2] {
-    // TensorFlow's "same": the output has ceil(size / stride) positions.
-    let same = |size: usize, k: usize, s: usize| {
-        let out = size.div_ceil(s);
-        let total = ((out.max(1) - 1) * s + k).saturating_sub(size);
-        (total / 2, total - total / 2)
-    };
-    match config {
-        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
-        PaddingConfig2d::Same => [same(h, kernel[0], stride[0]), same(w, kernel[1], stride[1])],
-        PaddingConfig2d::Explicit(top, left, bottom, right) => [(*top, *bottom), (*left, *right)],
     }
 }
