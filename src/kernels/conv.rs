@@ -7,7 +7,9 @@
 //! needed instead of being kept from the forward pass:
 //! - forward: `Y_n = W col_n (+ b)`, written straight into the output;
 //! - weight gradient: `dWᵀ = Σ_n col_n dY_nᵀ`, one accumulator per task;
-//! - input gradient: `dcol_n = Wᵀ dY_n`, scattered back row by row (col2im).
+//! - input gradient: with stride 1 a convolution of `dY` with the flipped
+//!   weight; otherwise `dcol_n = Wᵀ dY_n`, scattered back row by row
+//!   (col2im).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -336,12 +338,54 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], with_bias: bool) -> (Ve
     (dw, db)
 }
 
+/// With stride 1, the input gradient is itself a convolution: of the
+/// output gradient, padded by `k - 1 - padding` on each side, with the
+/// weight's channels swapped and its taps flipped. That runs as one product
+/// with `C_out kh kw` terms per output instead of a `C_out`-term product
+/// into an unfolded buffer `kh kw` times the input's size that col2im then
+/// scatters back. Returns that convolution's shape and weight, or None
+/// (stride above 1, or padding beyond `k - 1`).
+fn as_forward(s: &ConvShape, weight: &[f32]) -> Option<(ConvShape, Vec<f32>)> {
+    let [kh, kw] = s.kernel;
+    let [(pt, pb), (pl, pr)] = s.padding;
+    if s.stride != [1, 1] || pt.max(pb) >= kh || pl.max(pr) >= kw {
+        return None;
+    }
+    let [ho, wo] = s.output_size()?;
+    let transposed = ConvShape {
+        batch: s.batch,
+        c_in: s.c_out,
+        height: ho,
+        width: wo,
+        c_out: s.c_in,
+        kernel: s.kernel,
+        stride: [1, 1],
+        padding: [(kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)],
+    };
+    debug_assert_eq!(transposed.output_size(), Some([s.height, s.width]));
+    let taps = kh * kw;
+    let mut flipped = vec![0.0f32; weight.len()];
+    for co in 0..s.c_out {
+        for c in 0..s.c_in {
+            let src = &weight[(co * s.c_in + c) * taps..][..taps];
+            let dst = &mut flipped[(c * s.c_out + co) * taps..][..taps];
+            for (d, v) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *v;
+            }
+        }
+    }
+    Some((transposed, flipped))
+}
+
 /// The input gradient `[B, c_in, H, W]` of the convolution, from its weight
 /// and the output gradient `dy` `[B, c_out, H', W']`.
 pub fn input_grad(s: &ConvShape, weight: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, p, per_in, per_out) = (s.rows(), s.positions(), s.input_len(), s.output_len());
     assert_eq!(weight.len(), s.c_out * k);
     assert_eq!(dy.len(), s.batch * per_out);
+    if let Some((transposed, flipped)) = as_forward(s, weight) {
+        return forward(&transposed, dy, &flipped, None);
+    }
     let mut dx = output_buffer(s.batch * per_in);
     let (per_task, par) = plan(s.batch, 4);
     // Wᵀ is the weight read with its strides swapped.
