@@ -256,6 +256,27 @@ fn conv2d_covers_pointwise_asymmetric_and_rectangular_cases_and_falls_back_on_th
             ConvOptions::new([2, 2], [3, 3], [1, 1], 1),
             true,
         ),
+        // Stride 1 with 8 or more input channels: one product per tap on
+        // the padded input, asymmetric padding and a rectangular kernel...
+        case(
+            3,
+            9,
+            5,
+            [7, 10],
+            [3, 2],
+            ConvOptions::new_with_padding([1, 1], [(2, 0), (1, 1)], [1, 1], 1),
+            true,
+        ),
+        // ...and padding beyond k - 1 (its input gradient takes col2im).
+        case(
+            2,
+            8,
+            4,
+            [5, 6],
+            [3, 3],
+            ConvOptions::new([1, 1], [3, 3], [1, 1], 1),
+            false,
+        ),
         // Dilation and groups run burn's op (checked by `run_conv`).
         case(
             2,
@@ -434,30 +455,40 @@ fn train_losses(
 
 /// 20 steps on the fast kernels against 20 on burn's ops, one fixed batch.
 ///
-/// Tolerance, per step: 10 times the largest relative loss difference so
+/// Tolerance, per step: 20 times the largest relative loss difference so
 /// far between burn's path and burn's path on the input scaled by
-/// `1 + 2^-23` (a one-ulp nudge, the control), and at least 1e-5. The
-/// fast kernels and burn's ops differ by rounding alone (their sums run in
-/// other orders), and training amplifies rounding as much as it amplifies
-/// the nudge: LeNet-5 stays within 1e-7 for 20 steps, while ResNet-20
-/// with batch norm over 16 examples carries both to about 1e-3 by step 15
-/// (measured: the fast path within 2.5 times the control at every step).
-/// A wrong gradient anywhere changes the loss at the next step by far more
-/// than 1e-5, where the control is still at its rounding floor.
+/// `1 ± 2^-21` (4-ulp nudges, the controls), and at least 1e-5. The fast
+/// kernels and burn's ops differ by rounding alone (their sums run in other
+/// orders; against a float64 convolution the kernels' error is about 1e-7
+/// of the largest value, burn's up to 8e-7), and training amplifies
+/// rounding as it amplifies the nudges: LeNet-5 stays within 1e-7 for 20
+/// steps, while ResNet-20 with batch norm over 16 examples carries both to
+/// a few 1e-3 by step 15 (measured: the fast path within 6.2 times the
+/// controls at every step). A wrong gradient anywhere changes the loss at
+/// the next step by far more than 1e-5, where the controls are still at
+/// their rounding floor.
 fn check_training(architecture: Architecture, batch: usize, lr: f64) {
     kernels::poison_outputs(true);
     let fast = train_losses(architecture, batch, lr, 20, true, 0.0);
     let reference = train_losses(architecture, batch, lr, 20, false, 0.0);
-    let control = train_losses(architecture, batch, lr, 20, false, f32::EPSILON);
+    // Two controls, the input scaled by 1 ± 4 ulp: a single one-ulp nudge
+    // leaves most inputs unchanged and its loss can stay bit-identical for
+    // the first steps while rounding elsewhere has already grown.
+    let controls: Vec<Vec<f64>> = [4.0 * f32::EPSILON, -4.0 * f32::EPSILON]
+        .iter()
+        .map(|&nudge| train_losses(architecture, batch, lr, 20, false, nudge))
+        .collect();
     assert!(
         reference.last().unwrap() < &(0.97 * reference[0]),
         "{architecture}: the reference run learns ({reference:?})"
     );
     let mut control_so_far = 0.0f64;
-    for (step, ((a, b), c)) in fast.iter().zip(&reference).zip(&control).enumerate() {
+    for (step, (a, b)) in fast.iter().zip(&reference).enumerate() {
         let err = (a - b).abs() / b.abs();
-        control_so_far = control_so_far.max((c - b).abs() / b.abs());
-        let tol = (10.0 * control_so_far).max(1e-5);
+        for c in &controls {
+            control_so_far = control_so_far.max((c[step] - b).abs() / b.abs());
+        }
+        let tol = (20.0 * control_so_far).max(1e-5);
         eprintln!(
             "{architecture} step {step}: relative difference {err:.2e}, control {control_so_far:.2e}"
         );
