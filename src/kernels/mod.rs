@@ -38,9 +38,8 @@ use burn::nn::conv::Conv2d;
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor};
 
-pub use conv::ConvShape;
+use conv::ConvShape;
 pub use extension::FastKernels;
-pub use norm::NormShape;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static POISON: AtomicBool = AtomicBool::new(false);
