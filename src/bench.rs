@@ -85,11 +85,17 @@ pub struct Variant {
     pub noise: NoiseConfig,
     /// What each round runs.
     pub work: Work,
+    /// Whether convolutions and batch norm run on covnoise's fast flex
+    /// kernels ([`crate::kernels`]); false times burn's own ops, the A/B
+    /// of the kernels in one run.
+    pub fast_kernels: bool,
 }
 
 /// The variants the issue asks for: plain, exact every step, exact refreshed
-/// every 10 steps, micro-batch, MC-Fisher, full and isotropic; and, for the
-/// MLP, the plain step's matrix products alone (`matmul-products`).
+/// every 10 steps, micro-batch, MC-Fisher, full and isotropic; for the conv
+/// nets, the plain step on burn's own convolution and batch-norm ops
+/// (`plain-burn`); and, for the MLP, the plain step's matrix products alone
+/// (`matmul-products`).
 pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Variant> {
     let diag = |estimator, refresh_every| NoiseConfig {
         structure: NoiseStructure::Diag,
@@ -108,9 +114,14 @@ pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Varian
         name,
         noise,
         work: Work::Step,
+        fast_kernels: true,
     };
     vec![
         step("plain", NoiseConfig::none()),
+        Variant {
+            fast_kernels: false,
+            ..step("plain-burn", NoiseConfig::none())
+        },
         step("diag-exact", fixed(diag(Estimator::Exact, 1))),
         step("diag-exact-refresh10", fixed(diag(Estimator::Exact, 10))),
         step(
@@ -136,6 +147,7 @@ pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Varian
             name: "matmul-products",
             noise: NoiseConfig::none(),
             work: Work::MatmulProducts,
+            fast_kernels: true,
         },
     ]
 }
@@ -216,11 +228,16 @@ impl ModuleVisitor for FirstParameter {
 }
 
 /// Whether `variant` can run on `architecture`: the per-example estimators
-/// (exact, MC-Fisher) need a model without batch norm, and the matrix
-/// products alone are those of the MLP.
+/// (exact, MC-Fisher) need a model without batch norm, the matrix products
+/// alone are those of the MLP, and burn's ops instead of the fast kernels
+/// differ only for the conv nets.
 pub fn applies(variant: &Variant, architecture: Architecture) -> bool {
     if variant.work == Work::MatmulProducts {
         return architecture == Architecture::Mlp;
+    }
+    // The MLP has no convolution and no image batch norm: nothing to switch.
+    if !variant.fast_kernels && architecture == Architecture::Mlp {
+        return false;
     }
     !architecture.has_batch_norm()
         || matches!(
@@ -466,13 +483,13 @@ pub fn run_bench(
                 Work::Step => step_state(config, v, b, shape, &device)?,
                 Work::MatmulProducts => RoundWork::Products(mlp_products(config, b)),
             };
-            states.push((work, Vec::new(), 0usize));
+            states.push((work, Vec::new(), 0usize, v.fast_kernels));
         }
         for round in 0..config.warmup + config.steps {
-            for (work, times, peak) in states.iter_mut() {
+            for (work, times, peak, fast) in states.iter_mut() {
                 let before = reset_peak();
                 let start = Instant::now();
-                work.run(&batch)?;
+                crate::kernels::with_enabled(*fast, || work.run(&batch))?;
                 let elapsed = start.elapsed().as_secs_f64() * 1e3;
                 if round >= config.warmup {
                     times.push(elapsed);
@@ -481,7 +498,7 @@ pub fn run_bench(
             }
         }
         let mut plain_median = f64::NAN;
-        for (v, (_, times, peak)) in variants.iter().zip(states.iter_mut()) {
+        for (v, (_, times, peak, _)) in variants.iter().zip(states.iter_mut()) {
             times.sort_by(|a, b| a.total_cmp(b));
             let median = percentile(times, 0.5);
             if v.name == "plain" {

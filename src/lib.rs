@@ -88,6 +88,7 @@ pub mod device;
 #[cfg(feature = "mpi")]
 pub mod dist;
 pub mod error;
+pub mod kernels;
 pub mod model;
 pub mod moments;
 pub mod noise;

@@ -45,9 +45,11 @@ pub struct BenchArgs {
     pub threads: Option<usize>,
     /// Time only these variants (comma-separated names, e.g. diag-exact,full);
     /// plain is always timed as the baseline [default: all]. Names: plain,
-    /// diag-exact, diag-exact-refresh10, diag-microbatch, diag-mc-fisher,
-    /// full, isotropic-exact, and matmul-products (the MLP's plain step
-    /// reduced to its matrix products: the share the matmul library sets).
+    /// plain-burn (conv nets: the plain step on burn's own convolution and
+    /// batch-norm ops instead of covnoise's fast flex kernels), diag-exact,
+    /// diag-exact-refresh10, diag-microbatch, diag-mc-fisher, full,
+    /// isotropic-exact, and matmul-products (the MLP's plain step reduced to
+    /// its matrix products: the share the matmul library sets).
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub variants: Vec<String>,
     /// Write the results as JSON to this file.

@@ -11,6 +11,8 @@
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::{Device, Tensor};
 
+use crate::kernels;
+
 /// Batch-norm epsilon and running-average momentum, PyTorch's defaults.
 const BN_EPS: f64 = 1e-5;
 const BN_MOMENTUM: f64 = 0.1;
@@ -54,6 +56,8 @@ impl GhostBatchNorm {
     /// Normalizes images `z` `[B, C, H, W]` per channel, over the examples of
     /// a group and all positions; with batch statistics (updating the
     /// running ones) on an autodiff device, with the running ones otherwise.
+    /// Training on flex runs [`crate::kernels::batch_norm`] (the same
+    /// result in two passes each way), elsewhere burn's ops.
     pub fn forward_images(&self, z: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = z.dims();
         let gamma = self.gamma.val().reshape([1, c, 1, 1]);
@@ -72,15 +76,31 @@ impl GhostBatchNorm {
             "batch of {b} examples cannot be split into normalization groups of {group}"
         );
         let groups = b / group;
+        let unbias = n as f64 / (n as f64 - 1.0);
+        if let Some(fast) =
+            kernels::batch_norm(z.clone(), self.gamma.val(), self.beta.val(), groups, BN_EPS)
+        {
+            self.update_running(fast.mean.inner(), fast.var.inner() * unbias);
+            return fast.output;
+        }
         let zr = z.reshape([groups, group, c, h * w]);
         let mean = zr.clone().mean_dim(1).mean_dim(3);
         let centered = zr - mean.clone();
         let var = centered.clone().square().mean_dim(1).mean_dim(3);
         let normalized = centered / (var.clone() + BN_EPS).sqrt();
         let out = normalized.reshape([b, c, h, w]) * gamma + beta;
-        let unbias = n as f64 / (n as f64 - 1.0);
-        let batch_mean = mean.detach().inner().mean_dim(0).reshape([c]);
-        let batch_var = (var.detach().inner() * unbias).mean_dim(0).reshape([c]);
+        let per_group = |t: Tensor<4>| t.detach().inner().reshape([groups, c]);
+        self.update_running(per_group(mean), per_group(var) * unbias);
+        out
+    }
+
+    /// Moves the running statistics towards the batch's: `mean` and the
+    /// unbiased `var` per group and channel `[groups, C]`, averaged over the
+    /// groups.
+    fn update_running(&self, mean: Tensor<2>, var: Tensor<2>) {
+        let c = self.gamma.dims()[0];
+        let batch_mean = mean.mean_dim(0).reshape([c]);
+        let batch_var = var.mean_dim(0).reshape([c]);
         let old_mean = self.running_mean.value_sync().inner();
         let old_var = self.running_var.value_sync().inner();
         self.running_mean
@@ -91,6 +111,5 @@ impl GhostBatchNorm {
         // across replicas, records) read the current statistics.
         self.running_mean.value_sync();
         self.running_var.value_sync();
-        out
     }
 }

@@ -26,14 +26,12 @@
 
 use burn::module::ParamId;
 use burn::nn::conv::{Conv1d, Conv2d};
-use burn::nn::{
-    Embedding, GroupNorm, LayerNorm, Linear, PaddingConfig1d, PaddingConfig2d,
-    norm::GroupNormConfig,
-};
+use burn::nn::{Embedding, GroupNorm, LayerNorm, Linear, PaddingConfig1d, norm::GroupNormConfig};
 use burn::tensor::{Gradients, Int, Tensor};
 
 use super::GhostBatchNorm;
 use crate::error::{CovnoiseError, Result};
+use crate::kernels::{self, padding_pairs, same_padding};
 use crate::params::ParamTable;
 
 /// A probed `Linear` layer's per-example factors after backward.
@@ -357,7 +355,9 @@ impl Probes {
     }
 
     /// `layer.forward(x)` for images `x` of shape `[B, C, H, W]`, recording
-    /// the layer when the probes are on.
+    /// the layer when the probes are on. The convolution runs on
+    /// [`crate::kernels::conv2d`]: the fast kernels on flex, burn's op
+    /// elsewhere.
     pub fn conv2d(&mut self, layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         let params: Vec<ParamId> = std::iter::once(layer.weight.id)
             .chain(layer.bias.as_ref().map(|b| b.id))
@@ -370,14 +370,14 @@ impl Probes {
                     layer.groups
                 ),
             });
-            return layer.forward(x);
+            return kernels::conv2d_layer(layer, x);
         }
         if !self.record_only(params) {
-            return layer.forward(x);
+            return kernels::conv2d_layer(layer, x);
         }
         let [_, _, h, w] = x.dims();
         let input = x.clone().detach().inner();
-        let z = layer.forward(x);
+        let z = kernels::conv2d_layer(layer, x);
         let probe = Tensor::<4>::zeros(z.dims(), &z.device()).require_grad();
         let device = input.device();
         self.layers.push(Recorded::Probed {
@@ -662,31 +662,4 @@ impl Probes {
 fn example_and_positions(dims: &[usize]) -> (usize, usize) {
     let positions = dims[1..dims.len() - 1].iter().product();
     (dims[0], positions)
-}
-
-/// TensorFlow's "same" padding, as burn computes it: the output has
-/// ceil(size / stride) positions.
-fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
-    let out = size.div_ceil(stride);
-    let total = ((out.max(1) - 1) * stride + kernel).saturating_sub(size);
-    (total / 2, total - total / 2)
-}
-
-/// The zero padding burn's `Conv2d` applies for `config` to an input of
-/// spatial size `[h, w]` (`Same` may be asymmetric), as `[(top, bottom),
-/// (left, right)]`.
-fn padding_pairs(
-    config: &PaddingConfig2d,
-    [h, w]: [usize; 2],
-    kernel: [usize; 2],
-    stride: [usize; 2],
-) -> [(usize, usize); 2] {
-    match config {
-        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
-        PaddingConfig2d::Same => [
-            same_padding(h, kernel[0], stride[0]),
-            same_padding(w, kernel[1], stride[1]),
-        ],
-        PaddingConfig2d::Explicit(top, left, bottom, right) => [(*top, *bottom), (*left, *right)],
-    }
 }

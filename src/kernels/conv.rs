@@ -1,0 +1,686 @@
+//! 2-d convolution on host `f32` slices in NCHW layout (groups 1, dilation
+//! 1): the forward pass and both gradients, each parallel over examples.
+//!
+//! Every product goes through the `gemm` crate (the one burn's flex backend
+//! uses) on one example at a time, so an example's unfolded input ("col",
+//! `[C_in kh kw, H' W']`) is the only temporary and is rebuilt where it is
+//! needed instead of being kept from the forward pass:
+//! - forward: `Y_n = W col_n (+ b)`, written straight into the output;
+//! - weight gradient: `dWᵀ = Σ_n col_n dY_nᵀ`, one accumulator per task;
+//! - input gradient: with stride 1 a convolution of `dY` with the flipped
+//!   weight; otherwise `dcol_n = Wᵀ dY_n`, scattered back row by row
+//!   (col2im).
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::{output_buffer, with_scratch};
+
+/// The geometry of one convolution: input `[batch, c_in, height, width]`,
+/// weight `[c_out, c_in, kh, kw]`, output `[batch, c_out, H', W']`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvShape {
+    /// Examples.
+    pub batch: usize,
+    /// Input channels.
+    pub c_in: usize,
+    /// Input height.
+    pub height: usize,
+    /// Input width.
+    pub width: usize,
+    /// Output channels.
+    pub c_out: usize,
+    /// Kernel size `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// Stride `[sh, sw]`.
+    pub stride: [usize; 2],
+    /// Zero padding `[(top, bottom), (left, right)]`.
+    pub padding: [(usize, usize); 2],
+}
+
+impl ConvShape {
+    /// Output size `[H', W']`; None when the padded input is smaller than
+    /// the kernel or a stride or kernel size is 0.
+    pub fn output_size(&self) -> Option<[usize; 2]> {
+        let [(pt, pb), (pl, pr)] = self.padding;
+        let size =
+            |n: usize, k: usize, s: usize| (k > 0 && s > 0 && n >= k).then(|| (n - k) / s + 1);
+        Some([
+            size(self.height + pt + pb, self.kernel[0], self.stride[0])?,
+            size(self.width + pl + pr, self.kernel[1], self.stride[1])?,
+        ])
+    }
+
+    /// Rows of the unfolded input, `c_in kh kw` (the weight's row length).
+    pub fn rows(&self) -> usize {
+        self.c_in * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Output positions per channel, `H' W'`.
+    pub fn positions(&self) -> usize {
+        let [ho, wo] = self.output_size().expect("a valid convolution shape");
+        ho * wo
+    }
+
+    /// Input values per example.
+    pub fn input_len(&self) -> usize {
+        self.c_in * self.height * self.width
+    }
+
+    /// Output values per example.
+    pub fn output_len(&self) -> usize {
+        self.c_out * self.positions()
+    }
+
+    /// Whether the convolution runs as one product per kernel tap on the
+    /// padded input (see [`forward_taps`]): stride 1, a kernel larger than
+    /// 1x1, and enough input channels (each product's inner dimension) for
+    /// gemm to run near its peak.
+    fn uses_taps(&self) -> bool {
+        self.stride == [1, 1] && self.kernel != [1, 1] && self.c_in >= TAPS_MIN_CHANNELS
+    }
+
+    /// A 1x1 kernel with stride 1 and no padding: the input already is its
+    /// own unfolding.
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [(0, 0), (0, 0)]
+    }
+
+    /// The output columns `ow` whose input column `ow sw + j - left` lies
+    /// inside the image, as a range.
+    fn valid_columns(&self, j: usize, wo: usize) -> (usize, usize) {
+        let (sw, pl, w) = (self.stride[1], self.padding[1].0, self.width);
+        let lo = if j >= pl { 0 } else { (pl - j).div_ceil(sw) };
+        let hi = if w + pl > j {
+            ((w + pl - j - 1) / sw + 1).min(wo)
+        } else {
+            0
+        };
+        (lo.min(wo), hi.max(lo.min(wo)))
+    }
+}
+
+/// Fewest input channels for [`forward_taps`]; below it (the first layers
+/// of LeNet-5 and ResNet, 1 and 3 channels) im2col's single product with
+/// `C_in kh kw` terms is faster than kh kw products of `C_in` terms.
+const TAPS_MIN_CHANNELS: usize = 8;
+
+/// How examples are spread over threads: one task per `per_task` examples,
+/// at least one example per thread; with fewer examples than threads the
+/// products themselves run in parallel instead.
+fn plan(batch: usize, tasks_per_thread: usize) -> (usize, Parallelism) {
+    let threads = rayon::current_num_threads().max(1);
+    if batch >= threads {
+        let tasks = (threads * tasks_per_thread).min(batch);
+        (batch.div_ceil(tasks), Parallelism::None)
+    } else {
+        (batch.max(1), Parallelism::Rayon(0))
+    }
+}
+
+/// `dst (m x n, row stride dst_rs) (+)= lhs (m x k) rhs (k x n)` with
+/// arbitrary element strides `[row, column]` for the operands.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    [m, n, k]: [usize; 3],
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    [lhs_rs, lhs_cs]: [usize; 2],
+    rhs: &[f32],
+    [rhs_rs, rhs_cs]: [usize; 2],
+    parallelism: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The bounds gemm will touch, checked once so that the unsafe call
+    // below stays inside the slices.
+    assert!(dst.len() >= (m - 1) * dst_rs + n);
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    }
+    // SAFETY: the asserts above keep every index gemm computes from these
+    // strides inside the three slices, and dst does not alias lhs or rhs
+    // (a `&mut` and two `&` borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// `dst = src` for the short runs of im2col (one output row, often 8 to
+/// 32 values): fixed-size blocks the compiler inlines, where
+/// `copy_from_slice` would call `memcpy` once per run (a third of im2col's
+/// time on ResNet-20 went to those calls).
+#[inline(always)]
+fn copy_run(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    assert_eq!(n, src.len());
+    if n >= 8 {
+        for (d, s) in dst.chunks_exact_mut(8).zip(src.chunks_exact(8)) {
+            let d: &mut [f32; 8] = d.try_into().expect("a chunk of 8");
+            *d = *<&[f32; 8]>::try_from(s).expect("a chunk of 8");
+        }
+        // The tail as one overlapping block of 8 (rewriting equal values).
+        let d: &mut [f32; 8] = (&mut dst[n - 8..]).try_into().expect("8 values");
+        *d = *<&[f32; 8]>::try_from(&src[n - 8..]).expect("8 values");
+    } else {
+        for i in 0..n {
+            dst[i] = std::hint::black_box(src[i]);
+        }
+    }
+}
+
+/// `dst = 0` for the short runs of im2col (see [`copy_run`]).
+#[inline(always)]
+fn zero_run(dst: &mut [f32]) {
+    let n = dst.len();
+    if n >= 8 {
+        for d in dst.chunks_exact_mut(8) {
+            *<&mut [f32; 8]>::try_from(d).expect("a chunk of 8") = [0.0; 8];
+        }
+        *<&mut [f32; 8]>::try_from(&mut dst[n - 8..]).expect("8 values") = [0.0; 8];
+    } else {
+        for d in dst.iter_mut() {
+            *d = std::hint::black_box(0.0);
+        }
+    }
+}
+
+/// Unfolds one example `x` `[c_in, H, W]` into `col` `[c_in kh kw, H' W']`
+/// (row `(c kh + i) kw + j` holds the inputs that kernel tap `(i, j)` of
+/// channel `c` meets), writing every element of `col`.
+fn im2col(s: &ConvShape, x: &[f32], col: &mut [f32]) {
+    let [ho, wo] = s.output_size().expect("a valid convolution shape");
+    let [kh, kw] = s.kernel;
+    let [sh, sw] = s.stride;
+    let (pt, pl) = (s.padding[0].0, s.padding[1].0);
+    let (h, w) = (s.height, s.width);
+    let p = ho * wo;
+    for (row, out) in col.chunks_exact_mut(p).enumerate() {
+        let (c, i, j) = (row / (kh * kw), (row / kw) % kh, row % kw);
+        let (lo, hi) = s.valid_columns(j, wo);
+        let plane = &x[c * h * w..][..h * w];
+        for (oh, dst) in out.chunks_exact_mut(wo).enumerate() {
+            let ih = oh * sh + i;
+            if ih < pt || ih - pt >= h {
+                zero_run(dst);
+                continue;
+            }
+            let src = &plane[(ih - pt) * w..][..w];
+            zero_run(&mut dst[..lo]);
+            zero_run(&mut dst[hi..]);
+            if lo < hi {
+                let start = lo * sw + j - pl;
+                if sw == 1 {
+                    copy_run(&mut dst[lo..hi], &src[start..start + hi - lo]);
+                } else {
+                    for (d, v) in dst[lo..hi].iter_mut().zip(src[start..].iter().step_by(sw)) {
+                        *d = *v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adds the unfolded gradient `dcol` `[c_in kh kw, H' W']` back onto the
+/// input positions each row came from, into `dx` `[c_in, H, W]`.
+fn col2im_add(s: &ConvShape, dcol: &[f32], dx: &mut [f32]) {
+    let [ho, wo] = s.output_size().expect("a valid convolution shape");
+    let [kh, kw] = s.kernel;
+    let [sh, sw] = s.stride;
+    let (pt, pl) = (s.padding[0].0, s.padding[1].0);
+    let (h, w) = (s.height, s.width);
+    let p = ho * wo;
+    for (row, grad) in dcol.chunks_exact(p).enumerate() {
+        let (c, i, j) = (row / (kh * kw), (row / kw) % kh, row % kw);
+        let (lo, hi) = s.valid_columns(j, wo);
+        if lo >= hi {
+            continue;
+        }
+        let plane = &mut dx[c * h * w..][..h * w];
+        for (oh, src) in grad.chunks_exact(wo).enumerate() {
+            let ih = oh * sh + i;
+            if ih < pt || ih - pt >= h {
+                continue;
+            }
+            let dst = &mut plane[(ih - pt) * w..][..w];
+            let start = lo * sw + j - pl;
+            if sw == 1 {
+                for (d, v) in dst[start..start + hi - lo].iter_mut().zip(&src[lo..hi]) {
+                    *d += *v;
+                }
+            } else {
+                for (d, v) in dst[start..].iter_mut().step_by(sw).zip(&src[lo..hi]) {
+                    *d += *v;
+                }
+            }
+        }
+    }
+}
+
+/// The convolution `x` `[B, c_in, H, W]` * `weight` `[c_out, c_in, kh, kw]`
+/// plus `bias` `[c_out]`, as a new `[B, c_out, H', W']` buffer.
+pub fn forward(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (k, p, per_in, per_out) = (s.rows(), s.positions(), s.input_len(), s.output_len());
+    assert_eq!(x.len(), s.batch * per_in);
+    assert_eq!(weight.len(), s.c_out * k);
+    if s.uses_taps() {
+        return forward_taps(s, x, weight, bias);
+    }
+    let mut out = output_buffer(s.batch * per_out);
+    let (per_task, par) = plan(s.batch, 4);
+    let task = |(t, out): (usize, &mut [f32])| {
+        let scratch = if s.is_pointwise() { 0 } else { k * p };
+        with_scratch(scratch, |col| {
+            for (e, out_n) in out.chunks_exact_mut(per_out).enumerate() {
+                let x_n = &x[(t * per_task + e) * per_in..][..per_in];
+                let col: &[f32] = if s.is_pointwise() {
+                    x_n
+                } else {
+                    im2col(s, x_n, col);
+                    col
+                };
+                // The bias goes in first and gemm adds the product to it.
+                if let Some(b) = bias {
+                    for (row, &v) in out_n.chunks_exact_mut(p).zip(b) {
+                        row.fill(v);
+                    }
+                }
+                let (w_st, col_st) = ([k, 1], [p, 1]);
+                let mnk = [s.c_out, p, k];
+                matmul(
+                    mnk,
+                    out_n,
+                    p,
+                    bias.is_some(),
+                    weight,
+                    w_st,
+                    col,
+                    col_st,
+                    par,
+                );
+            }
+        });
+    };
+    if matches!(par, Parallelism::None) {
+        out.par_chunks_mut(per_task * per_out)
+            .enumerate()
+            .for_each(task);
+    } else {
+        out.chunks_mut(per_task * per_out)
+            .enumerate()
+            .for_each(task);
+    }
+    out
+}
+
+/// The weight gradient `[c_out, c_in, kh, kw]` and, when `with_bias`, the
+/// bias gradient `[c_out]` of the convolution, from its input `x` and the
+/// output gradient `dy` `[B, c_out, H', W']`.
+pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], with_bias: bool) -> (Vec<f32>, Vec<f32>) {
+    let (k, p, per_in, per_out) = (s.rows(), s.positions(), s.input_len(), s.output_len());
+    assert_eq!(x.len(), s.batch * per_in);
+    assert_eq!(dy.len(), s.batch * per_out);
+    if s.uses_taps() {
+        return weight_grad_taps(s, x, dy, with_bias);
+    }
+    // One accumulator per task, so few tasks: one per thread.
+    let (per_task, par) = plan(s.batch, 1);
+    let task = |first: usize| {
+        let mut acc = vec![0.0f32; s.c_out * k];
+        let mut acc_bias = vec![0.0f64; if with_bias { s.c_out } else { 0 }];
+        let scratch = if s.is_pointwise() { 0 } else { k * p };
+        with_scratch(scratch, |col| {
+            for n in first..(first + per_task).min(s.batch) {
+                let x_n = &x[n * per_in..][..per_in];
+                let dy_n = &dy[n * per_out..][..per_out];
+                let col: &[f32] = if s.is_pointwise() {
+                    x_n
+                } else {
+                    im2col(s, x_n, col);
+                    col
+                };
+                // dWᵀ += col dY_nᵀ, kept transposed ([K, C_out]): with col
+                // as the row-major left operand gemm runs several times
+                // faster than dY_n colᵀ, whose right operand it would read
+                // across rows.
+                let (col_st, dyt_st) = ([p, 1], [1, p]);
+                let mnk = [k, s.c_out, p];
+                matmul(mnk, &mut acc, s.c_out, true, col, col_st, dy_n, dyt_st, par);
+                for (a, row) in acc_bias.iter_mut().zip(dy_n.chunks_exact(p)) {
+                    *a += row.iter().map(|&v| v as f64).sum::<f64>();
+                }
+            }
+        });
+        (acc, acc_bias)
+    };
+    let firsts: Vec<usize> = (0..s.batch).step_by(per_task).collect();
+    let parts: Vec<(Vec<f32>, Vec<f64>)> = if matches!(par, Parallelism::None) {
+        firsts.into_par_iter().map(task).collect()
+    } else {
+        firsts.into_iter().map(task).collect()
+    };
+    let mut dw = output_buffer(s.c_out * k);
+    let mut db = output_buffer(if with_bias { s.c_out } else { 0 });
+    for (i, d) in dw.iter_mut().enumerate() {
+        let (co, kk) = (i / k, i % k);
+        *d = parts.iter().map(|(a, _)| a[kk * s.c_out + co]).sum();
+    }
+    for (i, d) in db.iter_mut().enumerate() {
+        *d = parts.iter().map(|(_, b)| b[i]).sum::<f64>() as f32;
+    }
+    (dw, db)
+}
+
+/// With stride 1, the input gradient is itself a convolution: of the
+/// output gradient, padded by `k - 1 - padding` on each side, with the
+/// weight's channels swapped and its taps flipped. That runs as one product
+/// with `C_out kh kw` terms per output instead of a `C_out`-term product
+/// into an unfolded buffer `kh kw` times the input's size that col2im then
+/// scatters back. Returns that convolution's shape and weight, or None
+/// (stride above 1, or padding beyond `k - 1`).
+fn as_forward(s: &ConvShape, weight: &[f32]) -> Option<(ConvShape, Vec<f32>)> {
+    let [kh, kw] = s.kernel;
+    let [(pt, pb), (pl, pr)] = s.padding;
+    if s.stride != [1, 1] || pt.max(pb) >= kh || pl.max(pr) >= kw {
+        return None;
+    }
+    let [ho, wo] = s.output_size()?;
+    let transposed = ConvShape {
+        batch: s.batch,
+        c_in: s.c_out,
+        height: ho,
+        width: wo,
+        c_out: s.c_in,
+        kernel: s.kernel,
+        stride: [1, 1],
+        padding: [(kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)],
+    };
+    debug_assert_eq!(transposed.output_size(), Some([s.height, s.width]));
+    let taps = kh * kw;
+    let mut flipped = vec![0.0f32; weight.len()];
+    for co in 0..s.c_out {
+        for c in 0..s.c_in {
+            let src = &weight[(co * s.c_in + c) * taps..][..taps];
+            let dst = &mut flipped[(c * s.c_out + co) * taps..][..taps];
+            for (d, v) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *v;
+            }
+        }
+    }
+    Some((transposed, flipped))
+}
+
+/// One example's input zero-padded to `[C_in, Hp, Wp]`, plus `kw - 1`
+/// values of slack after the last plane (the products' reads past the last
+/// row's valid columns land there).
+fn pad_input(s: &ConvShape, x: &[f32], xpad: &mut [f32]) {
+    let [(pt, pb), (pl, pr)] = s.padding;
+    let (h, w) = (s.height, s.width);
+    let (hp, wp) = (h + pt + pb, w + pl + pr);
+    for (c, plane) in xpad.chunks_exact_mut(hp * wp).enumerate() {
+        let src = &x[c * h * w..][..h * w];
+        zero_run(&mut plane[..pt * wp]);
+        zero_run(&mut plane[(pt + h) * wp..]);
+        for (r, row) in plane[pt * wp..(pt + h) * wp]
+            .chunks_exact_mut(wp)
+            .enumerate()
+        {
+            zero_run(&mut row[..pl]);
+            copy_run(&mut row[pl..pl + w], &src[r * w..][..w]);
+            zero_run(&mut row[pl + w..]);
+        }
+    }
+    zero_run(&mut xpad[s.c_in * hp * wp..]);
+}
+
+/// Padded height and width, and the length of a padded example with slack.
+fn padded(s: &ConvShape) -> (usize, usize, usize) {
+    let [(pt, pb), (pl, pr)] = s.padding;
+    let (hp, wp) = (s.height + pt + pb, s.width + pl + pr);
+    (hp, wp, s.c_in * hp * wp + s.kernel[1] - 1)
+}
+
+/// The forward pass of a stride-1 convolution without unfolding: over the
+/// padded input, output position `(oh, ow)` of tap `(i, j)` reads
+/// `xpad[c, oh + i, ow + j]`, so on a grid `Ho` rows of `Wp` (not `Wo`)
+/// columns the tap's operand is `xpad` itself shifted by `i Wp + j`, a
+/// `[C_in, Ho Wp]` matrix with unit column stride. The output accumulates
+/// kh kw products `W[:, :, i, j] xpad_shifted` on that grid, whose columns
+/// `ow >= Wo` are discarded. Per example this touches the input about
+/// 1.1 times instead of writing kh kw copies of it.
+fn forward_taps(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let [ho, wo] = s.output_size().expect("a valid convolution shape");
+    let [kh, kw] = s.kernel;
+    let taps = kh * kw;
+    let (hp, wp, pad_len) = padded(s);
+    let q = ho * wp;
+    let (per_in, per_out) = (s.input_len(), s.output_len());
+    let mut out = output_buffer(s.batch * per_out);
+    let (per_task, par) = plan(s.batch, 4);
+    let task = |(t, out): (usize, &mut [f32])| {
+        with_scratch(pad_len + s.c_out * q, |scratch| {
+            let (xpad, ypad) = scratch.split_at_mut(pad_len);
+            for (e, out_n) in out.chunks_exact_mut(per_out).enumerate() {
+                pad_input(s, &x[(t * per_task + e) * per_in..][..per_in], xpad);
+                for tap in 0..taps {
+                    let (i, j) = (tap / kw, tap % kw);
+                    let w_st = [s.c_in * taps, taps];
+                    let x_st = [hp * wp, 1];
+                    let (w_tap, x_tap) = (&weight[tap..], &xpad[i * wp + j..]);
+                    let mnk = [s.c_out, q, s.c_in];
+                    matmul(mnk, ypad, q, tap > 0, w_tap, w_st, x_tap, x_st, par);
+                }
+                for (co, (dst, src)) in out_n
+                    .chunks_exact_mut(ho * wo)
+                    .zip(ypad.chunks_exact(q))
+                    .enumerate()
+                {
+                    let b = bias.map_or(0.0, |b| b[co]);
+                    for (d, r) in dst.chunks_exact_mut(wo).zip(src.chunks_exact(wp)) {
+                        for (d, v) in d.iter_mut().zip(&r[..wo]) {
+                            *d = v + b;
+                        }
+                    }
+                }
+            }
+        });
+    };
+    if matches!(par, Parallelism::None) {
+        out.par_chunks_mut(per_task * per_out)
+            .enumerate()
+            .for_each(task);
+    } else {
+        out.chunks_mut(per_task * per_out)
+            .enumerate()
+            .for_each(task);
+    }
+    out
+}
+
+/// The weight (and bias) gradient of a stride-1 convolution without
+/// unfolding, on [`forward_taps`]' grid: with the output gradient laid on
+/// `Ho` rows of `Wp` columns (zeros in the discarded ones), tap `(i, j)`'s
+/// gradient is `xpad_shifted dYpadᵀ`, `[C_in, C_out]`, accumulated per task
+/// as `[kh kw, C_in, C_out]`.
+fn weight_grad_taps(s: &ConvShape, x: &[f32], dy: &[f32], with_bias: bool) -> (Vec<f32>, Vec<f32>) {
+    let [ho, wo] = s.output_size().expect("a valid convolution shape");
+    let [kh, kw] = s.kernel;
+    let taps = kh * kw;
+    let (hp, wp, pad_len) = padded(s);
+    let q = ho * wp;
+    let (per_in, per_out) = (s.input_len(), s.output_len());
+    let (per_task, par) = plan(s.batch, 1);
+    let block = s.c_in * s.c_out;
+    let task = |first: usize| {
+        let mut acc = vec![0.0f32; taps * block];
+        let mut acc_bias = vec![0.0f64; if with_bias { s.c_out } else { 0 }];
+        with_scratch(pad_len + s.c_out * q, |scratch| {
+            let (xpad, dypad) = scratch.split_at_mut(pad_len);
+            for n in first..(first + per_task).min(s.batch) {
+                pad_input(s, &x[n * per_in..][..per_in], xpad);
+                let dy_n = &dy[n * per_out..][..per_out];
+                for (dst, src) in dypad.chunks_exact_mut(wp).zip(dy_n.chunks_exact(wo)) {
+                    copy_run(&mut dst[..wo], src);
+                    zero_run(&mut dst[wo..]);
+                }
+                for (tap, acc) in acc.chunks_exact_mut(block).enumerate() {
+                    let (i, j) = (tap / kw, tap % kw);
+                    let (x_st, dyt_st) = ([hp * wp, 1], [1, q]);
+                    let x_tap = &xpad[i * wp + j..];
+                    let mnk = [s.c_in, s.c_out, q];
+                    matmul(mnk, acc, s.c_out, true, x_tap, x_st, dypad, dyt_st, par);
+                }
+                for (a, row) in acc_bias.iter_mut().zip(dy_n.chunks_exact(ho * wo)) {
+                    *a += row.iter().map(|&v| v as f64).sum::<f64>();
+                }
+            }
+        });
+        (acc, acc_bias)
+    };
+    let firsts: Vec<usize> = (0..s.batch).step_by(per_task).collect();
+    let parts: Vec<(Vec<f32>, Vec<f64>)> = if matches!(par, Parallelism::None) {
+        firsts.into_par_iter().map(task).collect()
+    } else {
+        firsts.into_iter().map(task).collect()
+    };
+    let mut dw = output_buffer(s.c_out * s.c_in * taps);
+    let mut db = output_buffer(if with_bias { s.c_out } else { 0 });
+    for (idx, d) in dw.iter_mut().enumerate() {
+        let (co, c, tap) = (idx / (s.c_in * taps), (idx / taps) % s.c_in, idx % taps);
+        *d = parts
+            .iter()
+            .map(|(a, _)| a[tap * block + c * s.c_out + co])
+            .sum();
+    }
+    for (i, d) in db.iter_mut().enumerate() {
+        *d = parts.iter().map(|(_, b)| b[i]).sum::<f64>() as f32;
+    }
+    (dw, db)
+}
+
+/// The input gradient `[B, c_in, H, W]` of the convolution, from its weight
+/// and the output gradient `dy` `[B, c_out, H', W']`.
+pub fn input_grad(s: &ConvShape, weight: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (k, p, per_in, per_out) = (s.rows(), s.positions(), s.input_len(), s.output_len());
+    assert_eq!(weight.len(), s.c_out * k);
+    assert_eq!(dy.len(), s.batch * per_out);
+    if let Some((transposed, flipped)) = as_forward(s, weight) {
+        return forward(&transposed, dy, &flipped, None);
+    }
+    let mut dx = output_buffer(s.batch * per_in);
+    let (per_task, par) = plan(s.batch, 4);
+    // Wᵀ is the weight read with its strides swapped.
+    let (wt_st, dy_st) = ([1, k], [p, 1]);
+    let task = |(t, dx): (usize, &mut [f32])| {
+        let scratch = if s.is_pointwise() { 0 } else { k * p };
+        with_scratch(scratch, |dcol| {
+            for (e, dx_n) in dx.chunks_exact_mut(per_in).enumerate() {
+                let dy_n = &dy[(t * per_task + e) * per_out..][..per_out];
+                if s.is_pointwise() {
+                    matmul(
+                        [k, p, s.c_out],
+                        dx_n,
+                        p,
+                        false,
+                        weight,
+                        wt_st,
+                        dy_n,
+                        dy_st,
+                        par,
+                    );
+                } else {
+                    matmul(
+                        [k, p, s.c_out],
+                        dcol,
+                        p,
+                        false,
+                        weight,
+                        wt_st,
+                        dy_n,
+                        dy_st,
+                        par,
+                    );
+                    dx_n.fill(0.0);
+                    col2im_add(s, dcol, dx_n);
+                }
+            }
+        });
+    };
+    if matches!(par, Parallelism::None) {
+        dx.par_chunks_mut(per_task * per_in)
+            .enumerate()
+            .for_each(task);
+    } else {
+        dx.chunks_mut(per_task * per_in).enumerate().for_each(task);
+    }
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The valid output columns are exactly those whose input column lies
+    /// inside the image, for every offset, stride and padding up to 3.
+    #[test]
+    fn valid_columns_are_the_inside_ones() {
+        for width in 1..7 {
+            for k in 1..4 {
+                for sw in 1..4 {
+                    for pl in 0..3 {
+                        for pr in 0..3 {
+                            let s = ConvShape {
+                                batch: 1,
+                                c_in: 1,
+                                height: 1,
+                                width,
+                                c_out: 1,
+                                kernel: [1, k],
+                                stride: [1, sw],
+                                padding: [(0, 0), (pl, pr)],
+                            };
+                            let Some([_, wo]) = s.output_size() else {
+                                continue;
+                            };
+                            for j in 0..k {
+                                let inside: Vec<usize> = (0..wo)
+                                    .filter(|&ow| {
+                                        let iw = (ow * sw + j) as isize - pl as isize;
+                                        iw >= 0 && iw < width as isize
+                                    })
+                                    .collect();
+                                let (lo, hi) = s.valid_columns(j, wo);
+                                assert_eq!(inside, (lo..hi).collect::<Vec<_>>(), "{s:?} j {j}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

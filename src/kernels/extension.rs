@@ -1,0 +1,405 @@
+//! The backend extension: [`FastKernels`], implemented for burn's flex
+//! backend (the forward kernels) and for `Autodiff<Flex>` (the forward
+//! kernels plus hand-written backward steps), reached from `Tensor<D>`
+//! through burn's `Dispatch` (`#[backend_extension]`).
+
+use burn::backend::TensorMetadata;
+use burn::backend::autodiff::NodeId;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{Flex, FlexTensor};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, AutodiffBackend, Backend, backend_extension};
+use burn::tensor::{DType, TensorData};
+
+use super::conv::{self, ConvShape};
+use super::norm::{self, NormShape};
+
+/// Fast convolution and batch normalization for the flex backend, with
+/// and without autodiff.
+///
+/// Call it through [`super::conv2d`] and [`super::batch_norm`], which check
+/// that the kernels cover the configuration and fall back to burn's ops
+/// otherwise: calling it on another backend panics (burn's dispatch has no
+/// route for it).
+#[backend_extension(Flex, Autodiff)]
+pub trait FastKernels: Backend {
+    /// `x` `[B, C_in, H, W]` convolved with `weight` `[C_out, C_in, kh,
+    /// kw]`, groups 1, dilation 1, `f32`, no bias.
+    fn fast_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FloatTensor<Self>;
+
+    /// [`FastKernels::fast_conv2d`] plus `bias` `[C_out]` (a method of its
+    /// own: the extension macro routes tensors, not optional tensors).
+    fn fast_conv2d_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FloatTensor<Self>;
+
+    /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive
+    /// groups of examples, scaled by `gamma` and shifted by `beta` (`[C]`):
+    /// the output, and the batch mean and biased variance per group and
+    /// channel `[groups, C]` (not differentiable).
+    fn fast_batch_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// A flex tensor's values as a contiguous `f32` slice owner.
+fn contiguous(t: FlexTensor) -> FlexTensor {
+    assert_eq!(t.dtype(), DType::F32, "the fast kernels take f32 tensors");
+    t.to_contiguous()
+}
+
+fn values(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>()
+        .expect("a contiguous f32 tensor (made by `contiguous`)")
+}
+
+fn flex(values: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(values, shape))
+}
+
+fn dims4(t: &FlexTensor) -> [usize; 4] {
+    let shape = t.shape();
+    assert_eq!(shape.num_dims(), 4, "a rank-4 tensor");
+    [shape[0], shape[1], shape[2], shape[3]]
+}
+
+/// The convolution's geometry from its operands' shapes.
+fn conv_shape(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    stride: [usize; 2],
+    padding: [(usize, usize); 2],
+) -> ConvShape {
+    let [batch, c_in, height, width] = dims4(x);
+    let [c_out, c_in_w, kh, kw] = dims4(weight);
+    assert_eq!(c_in, c_in_w, "input channels of x and weight (groups 1)");
+    let shape = ConvShape {
+        batch,
+        c_in,
+        height,
+        width,
+        c_out,
+        kernel: [kh, kw],
+        stride,
+        padding,
+    };
+    assert!(
+        shape.output_size().is_some(),
+        "convolution {shape:?} has no output"
+    );
+    shape
+}
+
+fn flex_conv2d(
+    x: FlexTensor,
+    weight: FlexTensor,
+    bias: Option<FlexTensor>,
+    s: &ConvShape,
+) -> FlexTensor {
+    let (x, weight) = (contiguous(x), contiguous(weight));
+    let bias = bias.map(contiguous);
+    let out = conv::forward(s, values(&x), values(&weight), bias.as_ref().map(values));
+    let [ho, wo] = s.output_size().expect("checked by conv_shape");
+    flex(out, vec![s.batch, s.c_out, ho, wo])
+}
+
+fn norm_shape(x: &FlexTensor, groups: usize) -> NormShape {
+    let [batch, channels, h, w] = dims4(x);
+    assert!(
+        groups >= 1 && batch.is_multiple_of(groups),
+        "{batch} examples cannot form {groups} normalization groups"
+    );
+    NormShape {
+        batch,
+        channels,
+        spatial: h * w,
+        groups,
+    }
+}
+
+/// The forward pass on flex: output, mean, variance, inverse std.
+fn flex_batch_norm(
+    x: &FlexTensor,
+    gamma: &FlexTensor,
+    beta: &FlexTensor,
+    s: &NormShape,
+    eps: f64,
+) -> [FlexTensor; 4] {
+    let f = norm::forward(s, values(x), values(gamma), values(beta), eps);
+    let stats = vec![s.groups, s.channels];
+    [
+        flex(f.output, x.shape().to_vec()),
+        flex(f.mean, stats.clone()),
+        flex(f.var, stats.clone()),
+        flex(f.inv_std, stats),
+    ]
+}
+
+impl FastKernels for Flex {
+    fn fast_conv2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FlexTensor {
+        let s = conv_shape(&x, &weight, stride, padding);
+        flex_conv2d(x, weight, None, &s)
+    }
+
+    fn fast_conv2d_bias(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FlexTensor {
+        let s = conv_shape(&x, &weight, stride, padding);
+        flex_conv2d(x, weight, Some(bias), &s)
+    }
+
+    fn fast_batch_norm(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        groups: usize,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let s = norm_shape(&x, groups);
+        let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+        let [y, mean, var, _] = flex_batch_norm(&x, &gamma, &beta, &s, eps);
+        (y, mean, var)
+    }
+}
+
+/// The backward step of a convolution: what it keeps is its input and
+/// weight (as burn's own conv2d does), nothing unfolded.
+#[derive(Debug)]
+struct ConvBackward;
+
+/// The kept operands of [`ConvBackward`].
+#[derive(Debug, Clone)]
+struct ConvState {
+    x: FlexTensor,
+    weight: FlexTensor,
+    shape: ConvShape,
+}
+
+impl ConvState {
+    /// Registers the gradients of the parents that want one (`ids`: input,
+    /// weight and, when present, bias) from the output gradient `dy`.
+    fn backward(self, dy: FlexTensor, ids: [Option<NodeId>; 3], grads: &mut Gradients) {
+        let dy = contiguous(dy);
+        let s = self.shape;
+        let [id_x, id_w, id_b] = ids;
+        if let Some(id) = id_x {
+            let dx = conv::input_grad(&s, values(&self.weight), values(&dy));
+            grads.register::<Flex>(id, flex(dx, vec![s.batch, s.c_in, s.height, s.width]));
+        }
+        if id_w.is_some() || id_b.is_some() {
+            let with_bias = id_b.is_some();
+            let (dw, db) = conv::weight_grad(&s, values(&self.x), values(&dy), with_bias);
+            if let Some(id) = id_w {
+                let [kh, kw] = s.kernel;
+                grads.register::<Flex>(id, flex(dw, vec![s.c_out, s.c_in, kh, kw]));
+            }
+            if let Some(id) = id_b {
+                grads.register::<Flex>(id, flex(db, vec![s.c_out]));
+            }
+        }
+    }
+}
+
+impl Backward<Flex, 2> for ConvBackward {
+    type State = ConvState;
+
+    fn backward(self, ops: Ops<ConvState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [x, w] = ops.parents.map(|p| p.map(|n| n.id));
+        ops.state.backward(dy, [x, w, None], grads);
+    }
+}
+
+impl Backward<Flex, 3> for ConvBackward {
+    type State = ConvState;
+
+    fn backward(self, ops: Ops<ConvState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let ids = ops.parents.map(|p| p.map(|n| n.id));
+        ops.state.backward(dy, ids, grads);
+    }
+}
+
+/// The backward step of batch normalization: it keeps the input and the
+/// per-group mean and inverse standard deviation.
+#[derive(Debug)]
+struct NormBackward;
+
+/// The kept values of [`NormBackward`].
+#[derive(Debug, Clone)]
+struct NormState {
+    x: FlexTensor,
+    gamma: FlexTensor,
+    mean: FlexTensor,
+    inv_std: FlexTensor,
+    shape: NormShape,
+}
+
+impl Backward<Flex, 3> for NormBackward {
+    type State = NormState;
+
+    fn backward(self, ops: Ops<NormState, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pgamma, pbeta] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let st = ops.state;
+        let (dx, dgamma, dbeta) = norm::backward(
+            &st.shape,
+            values(&st.x),
+            values(&dy),
+            values(&st.gamma),
+            values(&st.mean),
+            values(&st.inv_std),
+        );
+        let c = st.shape.channels;
+        if let Some(p) = px {
+            grads.register::<Flex>(p.id, flex(dx, st.x.shape().to_vec()));
+        }
+        if let Some(p) = pgamma {
+            grads.register::<Flex>(p.id, flex(dgamma, vec![c]));
+        }
+        if let Some(p) = pbeta {
+            grads.register::<Flex>(p.id, flex(dbeta, vec![c]));
+        }
+    }
+}
+
+type AutodiffFlex<C> = Autodiff<Flex, C>;
+
+/// The convolution on `Autodiff<Flex>`: the flex kernel forward, and a
+/// [`ConvBackward`] step when any operand is tracked.
+fn autodiff_conv2d<C: CheckpointStrategy>(
+    x: FloatTensor<AutodiffFlex<C>>,
+    weight: FloatTensor<AutodiffFlex<C>>,
+    bias: Option<FloatTensor<AutodiffFlex<C>>>,
+    stride: [usize; 2],
+    padding: [(usize, usize); 2],
+) -> FloatTensor<AutodiffFlex<C>> {
+    let s = conv_shape(x.primitive(), weight.primitive(), stride, padding);
+    let state = |x: &FlexTensor, w: &FlexTensor| ConvState {
+        x: contiguous(x.clone()),
+        weight: contiguous(w.clone()),
+        shape: s,
+    };
+    match bias {
+        Some(bias) => {
+            let nodes = [x.node(), weight.node(), bias.node()];
+            match <ConvBackward as Backward<Flex, 3>>::prepare::<C>(ConvBackward, nodes)
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let st = state(x.primitive(), weight.primitive());
+                    let out = flex_conv2d(
+                        st.x.clone(),
+                        st.weight.clone(),
+                        Some(bias.into_primitive()),
+                        &s,
+                    );
+                    prep.finish(st, out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(flex_conv2d(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    Some(bias.into_primitive()),
+                    &s,
+                )),
+            }
+        }
+        None => {
+            let nodes = [x.node(), weight.node()];
+            match <ConvBackward as Backward<Flex, 2>>::prepare::<C>(ConvBackward, nodes)
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => {
+                    let st = state(x.primitive(), weight.primitive());
+                    let out = flex_conv2d(st.x.clone(), st.weight.clone(), None, &s);
+                    prep.finish(st, out)
+                }
+                OpsKind::UnTracked(prep) => prep.finish(flex_conv2d(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    None,
+                    &s,
+                )),
+            }
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
+    fn fast_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FloatTensor<Self> {
+        autodiff_conv2d::<C>(x, weight, None, stride, padding)
+    }
+
+    fn fast_conv2d_bias(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: [usize; 2],
+        padding: [(usize, usize); 2],
+    ) -> FloatTensor<Self> {
+        autodiff_conv2d::<C>(x, weight, Some(bias), stride, padding)
+    }
+
+    fn fast_batch_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let s = norm_shape(x.primitive(), groups);
+        let xp = contiguous(x.primitive().clone());
+        let gp = contiguous(gamma.primitive().clone());
+        let bp = contiguous(beta.primitive().clone());
+        let [y, mean, var, inv_std] = flex_batch_norm(&xp, &gp, &bp, &s, eps);
+        let nodes = [x.node(), gamma.node(), beta.node()];
+        let y = match NormBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish(
+                NormState {
+                    x: xp,
+                    gamma: gp,
+                    mean: mean.clone(),
+                    inv_std,
+                    shape: s,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        };
+        // The statistics leave the graph: the running estimates are not
+        // differentiated (as in PyTorch).
+        (y, Self::from_inner(mean), Self::from_inner(var))
+    }
+}

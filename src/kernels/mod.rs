@@ -1,0 +1,288 @@
+//! Fast convolution and batch normalization on burn's flex CPU backend,
+//! through burn's backend-extension mechanism (no fork of burn).
+//!
+//! burn 0.22.1's flex backend runs `conv2d` as an im2col product through
+//! its 3-d convolution and leaves both convolution gradients to burn's
+//! generic defaults (a transposed convolution for the input gradient, a
+//! convolution with the whole output gradient as its kernel for the weight
+//! gradient); batch normalization is a chain of elementwise ops and
+//! reductions. [`conv2d`] and [`batch_norm`] run instead one `gemm` per
+//! example with the unfolded input built in the layout the product wants,
+//! and a two-pass batch normalization, each with a hand-written backward
+//! step for burn's autodiff.
+//!
+//! Reach: the kernels run for `f32` tensors on `Device::flex()` and
+//! `Device::flex().autodiff()`, for convolutions with groups 1 and dilation
+//! 1 (any stride and padding, `Same` included). Everything else (another
+//! device or dtype, groups, dilation) runs burn's own op, so the functions
+//! here are a drop-in for burn's on every backend. covnoise's models reach
+//! them through [`crate::model::Probes::conv2d`] and
+//! [`crate::model::GhostBatchNorm`]; a burn `Conv2d` called with
+//! `layer.forward(x)` runs burn's op, [`conv2d_layer`] is the same call on
+//! these kernels.
+//!
+//! [`set_enabled`] turns them off for the process and [`with_enabled`] for
+//! the calling thread (`covnoise bench`'s `plain-burn` variant and the
+//! tests compare the two paths in one run).
+
+mod conv;
+mod extension;
+mod norm;
+
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::backend::{Dispatch, DispatchDevice};
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::Conv2d;
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, Device, Tensor};
+
+use conv::ConvShape;
+pub use extension::FastKernels;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+static POISON: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// This thread's override of [`ENABLED`] (see [`with_enabled`]).
+    static OVERRIDE: Cell<Option<bool>> = const { Cell::new(None) };
+    /// One unfolded example per thread, reused across calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Turns the fast kernels on or off for the whole process (on by default).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`conv2d`] and [`batch_norm`] use the fast kernels on this
+/// thread where they apply.
+pub fn enabled() -> bool {
+    OVERRIDE
+        .with(Cell::get)
+        .unwrap_or_else(|| ENABLED.load(Ordering::Relaxed))
+}
+
+/// Runs `f` with the fast kernels on or off on the calling thread only
+/// (other threads, such as parallel tests, keep their setting), restoring
+/// the previous setting afterwards, also when `f` panics.
+pub fn with_enabled<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OVERRIDE.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(OVERRIDE.with(|o| o.replace(Some(on))));
+    f()
+}
+
+/// Fills every buffer the kernels allocate for an output (and their
+/// scratch space) with NaN instead of 0 before the kernel writes it, so
+/// that a test sees any element a kernel fails to write. Off by default;
+/// for tests only.
+#[doc(hidden)]
+pub fn poison_outputs(on: bool) {
+    POISON.store(on, Ordering::Relaxed);
+}
+
+/// A new output buffer: zeros, or NaN when poisoned.
+fn output_buffer(len: usize) -> Vec<f32> {
+    let fill = if POISON.load(Ordering::Relaxed) {
+        f32::NAN
+    } else {
+        0.0
+    };
+    vec![fill; len]
+}
+
+/// Runs `f` on this thread's scratch buffer of `len` values (contents
+/// unspecified: NaN when poisoned), or on a fresh one when the thread's is
+/// already in use (a re-entrant call through a rayon join).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let poison = POISON.load(Ordering::Relaxed);
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, 0.0);
+            }
+            if poison {
+                buf[..len].fill(f32::NAN);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut output_buffer(len)),
+    })
+}
+
+/// Whether `device` is flex, with or without autodiff.
+pub fn is_flex(device: &Device) -> bool {
+    match device.as_dispatch() {
+        DispatchDevice::Flex(_) => true,
+        DispatchDevice::Autodiff(inner) => matches!(**inner, DispatchDevice::Flex(_)),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// Whether [`conv2d`] runs the fast kernel for these operands (else burn's
+/// op): enabled on this thread, flex, `f32`, groups 1, dilation 1, and a
+/// non-empty output.
+pub fn conv2d_is_fast(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: Option<&Tensor<1>>,
+    options: &ConvOptions<2>,
+) -> bool {
+    let [b, c_in, h, w] = x.dims();
+    let [c_out, c_in_w, kh, kw] = weight.dims();
+    let f32s = x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.is_none_or(|b| b.dtype() == DType::F32 && b.dims() == [c_out]);
+    let shape = ConvShape {
+        batch: b,
+        c_in,
+        height: h,
+        width: w,
+        c_out,
+        kernel: [kh, kw],
+        stride: options.stride,
+        padding: options.padding,
+    };
+    enabled()
+        && f32s
+        && options.groups == 1
+        && options.dilation == [1, 1]
+        && c_in == c_in_w
+        && b * c_in * c_out * kh * kw > 0
+        && shape.output_size().is_some()
+        && is_flex(&x.device())
+        && is_flex(&weight.device())
+        && bias.is_none_or(|b| is_flex(&b.device()))
+}
+
+/// burn's `conv2d` (`burn::tensor::module::conv2d`): `x` `[B, C_in, H, W]`,
+/// `weight` `[C_out, C_in / groups, kh, kw]`, `bias` `[C_out]`; on the fast
+/// kernels where [`conv2d_is_fast`] says so, burn's op otherwise.
+pub fn conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    if !conv2d_is_fast(&x, &weight, bias.as_ref(), &options) {
+        return burn::tensor::module::conv2d(x, weight, bias, options);
+    }
+    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
+    let (stride, padding) = (options.stride, options.padding);
+    Tensor::from_dispatch(match bias {
+        Some(b) => <Dispatch as FastKernels>::fast_conv2d_bias(
+            x,
+            weight,
+            b.into_dispatch(),
+            stride,
+            padding,
+        ),
+        None => <Dispatch as FastKernels>::fast_conv2d(x, weight, stride, padding),
+    })
+}
+
+/// `layer.forward(x)` for a burn `Conv2d`, through [`conv2d`]: the same
+/// padding (burn's `Same` may be asymmetric), stride, dilation and groups.
+pub fn conv2d_layer(layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let padding = padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride);
+    let options =
+        ConvOptions::new_with_padding(layer.stride, padding, layer.dilation, layer.groups);
+    conv2d(
+        x,
+        layer.weight.val(),
+        layer.bias.as_ref().map(|b| b.val()),
+        options,
+    )
+}
+
+/// The zero padding burn's `Conv2d` applies for `config` to an input of
+/// spatial size `[h, w]` (`Same` may be asymmetric), as `[(top, bottom),
+/// (left, right)]`.
+pub(crate) fn padding_pairs(
+    config: &PaddingConfig2d,
+    [h, w]: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+) -> [(usize, usize); 2] {
+    match config {
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Same => [
+            same_padding(h, kernel[0], stride[0]),
+            same_padding(w, kernel[1], stride[1]),
+        ],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(*top, *bottom), (*left, *right)],
+    }
+}
+
+/// TensorFlow's "same" padding of one dimension, as burn computes it: the
+/// output has ceil(size / stride) positions; `(before, after)`.
+pub(crate) fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = size.div_ceil(stride);
+    let total = ((out.max(1) - 1) * stride + kernel).saturating_sub(size);
+    (total / 2, total - total / 2)
+}
+
+/// Batch normalization's training-mode output and batch statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNormOutput {
+    /// The normalized, scaled and shifted input `[B, C, H, W]`.
+    pub output: Tensor<4>,
+    /// Batch mean per group and channel `[groups, C]` (outside the graph).
+    pub mean: Tensor<2>,
+    /// Biased batch variance per group and channel `[groups, C]` (outside
+    /// the graph).
+    pub var: Tensor<2>,
+}
+
+/// Batch normalization of `x` `[B, C, H, W]` in training mode over
+/// `groups` consecutive groups of examples, in PyTorch's semantics (biased
+/// variance, `(x - mean) / sqrt(var + eps) gamma + beta`), differentiable
+/// in `x`, `gamma` and `beta`; None where the kernel does not apply (not
+/// enabled, not flex, not `f32`, groups not dividing the batch, fewer than
+/// 2 values per group, or feature vectors, `H W = 1`: the kernel walks one
+/// channel plane at a time, which for single values costs more than burn's
+/// reductions), for the caller to use burn's ops.
+pub fn batch_norm(
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    groups: usize,
+    eps: f64,
+) -> Option<BatchNormOutput> {
+    let [b, c, h, w] = x.dims();
+    let applies = enabled()
+        && groups >= 1
+        && b.is_multiple_of(groups)
+        && (b / groups) * h * w >= 2
+        && h * w >= 2
+        && c > 0
+        && gamma.dims() == [c]
+        && beta.dims() == [c]
+        && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
+        && is_flex(&x.device())
+        && is_flex(&gamma.device())
+        && is_flex(&beta.device());
+    if !applies {
+        return None;
+    }
+    let (output, mean, var) = <Dispatch as FastKernels>::fast_batch_norm(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        groups,
+        eps,
+    );
+    Some(BatchNormOutput {
+        output: Tensor::from_dispatch(output),
+        mean: Tensor::from_dispatch(mean),
+        var: Tensor::from_dispatch(var),
+    })
+}
