@@ -431,7 +431,7 @@ fn train_losses(
     };
     kernels::with_enabled(fast, || {
         let mut model = Some(Network::new(&config, 3, &dev).unwrap());
-        let mut stage = NoiseStage::new(NoiseConfig::none(), batch, lr, 0).unwrap();
+        let mut stage = NoiseStage::new(NoiseConfig::none(), batch, 0).unwrap();
         let mut sgd = SgdConfig {
             momentum: 0.9,
             ..Default::default()
@@ -442,7 +442,7 @@ fn train_losses(
             .map(|_| {
                 let m = model.take().unwrap();
                 let g = stage
-                    .gradient(&m, &data, 0, |m: &Network, b: &Batch<4>, p| {
+                    .gradient(&m, &data, |m: &Network, b: &Batch<4>, p| {
                         m.objective(b.x.clone(), b.labels.clone(), p)
                     })
                     .unwrap();
