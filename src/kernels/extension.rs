@@ -133,21 +133,23 @@ fn norm_shape(x: &FlexTensor, groups: usize) -> NormShape {
     }
 }
 
-/// The forward pass on flex: output, mean, variance, inverse std.
+/// The forward pass on flex: output, mean, variance, inverse std, and the
+/// mean's rounding residual.
 fn flex_batch_norm(
     x: &FlexTensor,
     gamma: &FlexTensor,
     beta: &FlexTensor,
     s: &NormShape,
     eps: f64,
-) -> [FlexTensor; 4] {
+) -> [FlexTensor; 5] {
     let f = norm::forward(s, values(x), values(gamma), values(beta), eps);
     let stats = vec![s.groups, s.channels];
     [
         flex(f.output, x.shape().to_vec()),
         flex(f.mean, stats.clone()),
         flex(f.var, stats.clone()),
-        flex(f.inv_std, stats),
+        flex(f.inv_std, stats.clone()),
+        flex(f.mean_lo, stats),
     ]
 }
 
@@ -182,7 +184,7 @@ impl FastKernels for Flex {
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let s = norm_shape(&x, groups);
         let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
-        let [y, mean, var, _] = flex_batch_norm(&x, &gamma, &beta, &s, eps);
+        let [y, mean, var, _, _] = flex_batch_norm(&x, &gamma, &beta, &s, eps);
         (y, mean, var)
     }
 }
@@ -256,6 +258,7 @@ struct NormState {
     x: FlexTensor,
     gamma: FlexTensor,
     mean: FlexTensor,
+    mean_lo: FlexTensor,
     inv_std: FlexTensor,
     shape: NormShape,
 }
@@ -272,7 +275,7 @@ impl Backward<Flex, 3> for NormBackward {
             values(&st.x),
             values(&dy),
             values(&st.gamma),
-            values(&st.mean),
+            [values(&st.mean), values(&st.mean_lo)],
             values(&st.inv_std),
         );
         let c = st.shape.channels;
@@ -383,7 +386,7 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         let xp = contiguous(x.primitive().clone());
         let gp = contiguous(gamma.primitive().clone());
         let bp = contiguous(beta.primitive().clone());
-        let [y, mean, var, inv_std] = flex_batch_norm(&xp, &gp, &bp, &s, eps);
+        let [y, mean, var, inv_std, mean_lo] = flex_batch_norm(&xp, &gp, &bp, &s, eps);
         let nodes = [x.node(), gamma.node(), beta.node()];
         let y = match NormBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish(
@@ -391,6 +394,7 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
                     x: xp,
                     gamma: gp,
                     mean: mean.clone(),
+                    mean_lo,
                     inv_std,
                     shape: s,
                 },

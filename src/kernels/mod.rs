@@ -12,9 +12,10 @@
 //! step for burn's autodiff.
 //!
 //! Reach: the kernels run for `f32` tensors on `Device::flex()` and
-//! `Device::flex().autodiff()`, for convolutions with groups 1 and dilation
-//! 1 (any stride and padding, `Same` included). Everything else (another
-//! device or dtype, groups, dilation) runs burn's own op, so the functions
+//! `Device::flex().autodiff()`, for convolutions with groups 1, dilation 1
+//! and at least [`MIN_POSITIONS`] output positions (any stride and
+//! padding, `Same` included). Everything else (another device or dtype,
+//! groups, dilation, small outputs) runs burn's own op, so the functions
 //! here are a drop-in for burn's on every backend. covnoise's models reach
 //! them through [`crate::model::Probes::conv2d`] and
 //! [`crate::model::GhostBatchNorm`]; a burn `Conv2d` called with
@@ -126,9 +127,16 @@ pub fn is_flex(device: &Device) -> bool {
     }
 }
 
+/// Fewest output positions per example and channel for the fast
+/// convolution. The kernels run one product per example, which below this
+/// (VGG's 4x4 and 2x2 stages) is too thin for gemm: there burn's op, which
+/// multiplies over the whole batch at once, is faster (VGG-11 at batch 16
+/// took 1.6 times as long on the per-example products).
+pub const MIN_POSITIONS: usize = 64;
+
 /// Whether [`conv2d`] runs the fast kernel for these operands (else burn's
-/// op): enabled on this thread, flex, `f32`, groups 1, dilation 1, and a
-/// non-empty output.
+/// op): enabled on this thread, flex, `f32`, groups 1, dilation 1, and at
+/// least [`MIN_POSITIONS`] output positions.
 pub fn conv2d_is_fast(
     x: &Tensor<4>,
     weight: &Tensor<4>,
@@ -156,7 +164,9 @@ pub fn conv2d_is_fast(
         && options.dilation == [1, 1]
         && c_in == c_in_w
         && b * c_in * c_out * kh * kw > 0
-        && shape.output_size().is_some()
+        && shape
+            .output_size()
+            .is_some_and(|[ho, wo]| ho * wo >= MIN_POSITIONS)
         && is_flex(&x.device())
         && is_flex(&weight.device())
         && bias.is_none_or(|b| is_flex(&b.device()))

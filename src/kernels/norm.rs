@@ -52,6 +52,9 @@ pub struct NormForward {
     pub output: Vec<f32>,
     /// Per group and channel `[groups, C]`: the mean.
     pub mean: Vec<f32>,
+    /// The mean's rounding residual, `mean_f64 - mean` (values far from 0
+    /// would otherwise lose the last digits of `x - mean`).
+    pub mean_lo: Vec<f32>,
     /// Per group and channel: the biased variance.
     pub var: Vec<f32>,
     /// Per group and channel: `1 / sqrt(var + eps)`.
@@ -137,10 +140,13 @@ pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) 
     let gc = s.groups * c;
     let (mut mean, mut var, mut inv_std) =
         (output_buffer(gc), output_buffer(gc), output_buffer(gc));
+    let mut mean_lo = output_buffer(gc);
     for i in 0..gc {
         let (m1, m2) = (s1[i] / count, s2[i] / count);
         let v = (m2 - m1 * m1).max(0.0);
-        mean[i] = (shift(i / c, i % c) + m1) as f32;
+        let m = shift(i / c, i % c) + m1;
+        mean[i] = m as f32;
+        mean_lo[i] = (m - mean[i] as f64) as f32;
         var[i] = v as f32;
         inv_std[i] = (1.0 / (v + eps).sqrt()) as f32;
     }
@@ -153,16 +159,18 @@ pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) 
             let g = n / s.group_size();
             for ch in 0..c {
                 let i = g * c + ch;
-                let (m, a, b) = (mean[i], gamma[ch] * inv_std[i], beta[ch]);
+                let (m, lo) = (mean[i], mean_lo[i]);
+                let (a, b) = (gamma[ch] * inv_std[i], beta[ch]);
                 let (y, x) = (&mut y[ch * sp..][..sp], &x[ch * sp..][..sp]);
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - m) * a + b;
+                    *y = ((x - m) - lo) * a + b;
                 }
             }
         });
     NormForward {
         output,
         mean,
+        mean_lo,
         var,
         inv_std,
     }
@@ -170,13 +178,14 @@ pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) 
 
 /// Gradients of the batch-norm output `dy` `[B, C, S]` with respect to the
 /// input, the scale and the shift, from the forward pass's input and its
-/// per-group `mean` and `inv_std`: `(dx, dgamma, dbeta)`.
+/// per-group `mean` (with its residual `mean_lo`) and `inv_std`: `(dx,
+/// dgamma, dbeta)`.
 pub fn backward(
     s: &NormShape,
     x: &[f32],
     dy: &[f32],
     gamma: &[f32],
-    mean: &[f32],
+    [mean, mean_lo]: [&[f32]; 2],
     inv_std: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (c, sp, per) = (s.channels, s.spatial, s.example_len());
@@ -186,7 +195,8 @@ pub fn backward(
     assert_eq!((gamma.len(), mean.len(), inv_std.len()), (c, gc, gc));
     // Per group and channel: Σ dy and Σ dy (x - mean).
     let (sum_dy, sum_dy_xc) = group_sums(s, |n, ch| {
-        let m = mean[(n / s.group_size()) * c + ch] as f64;
+        let i = (n / s.group_size()) * c + ch;
+        let m = mean[i] as f64 + mean_lo[i] as f64;
         let (x, dy) = (
             &x[n * per + ch * sp..][..sp],
             &dy[n * per + ch * sp..][..sp],
@@ -221,11 +231,11 @@ pub fn backward(
             for ch in 0..c {
                 let i = g * c + ch;
                 let (a, mean_dy, b) = coefficients[i];
-                let m = mean[i];
+                let (m, lo) = (mean[i], mean_lo[i]);
                 let dx = &mut dx[ch * sp..][..sp];
                 let (x, dy) = (&x[ch * sp..][..sp], &dy[ch * sp..][..sp]);
                 for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = a * (dy - mean_dy) + b * (x - m);
+                    *dx = a * (dy - mean_dy) + b * ((x - m) - lo);
                 }
             }
         });
