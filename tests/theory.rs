@@ -1,4 +1,4 @@
-//! Tests of the exact quadratic theory (METHOD.md section 4) against its own
+//! Tests of the exact quadratic theory (docs/method.md section 7) against its own
 //! closed forms, hand formulas, a dense Lyapunov solve and Monte-Carlo runs.
 
 use covnoise::theory::{
@@ -79,7 +79,7 @@ fn recursion_matches_closed_form_with_momentum() {
 
 #[test]
 fn closed_form_matches_the_trace_formula_of_method_md() {
-    // METHOD.md: noise part = (alpha/2) tr((2I - alpha A)^{-1} (I - M^{2k}) C),
+    // docs/method.md section 7: noise part = (alpha/2) tr((2I - alpha A)^{-1} (I - M^{2k}) C),
     // evaluated here with dense matrices, independently of the eigenbasis.
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let d = 6;

@@ -29,7 +29,7 @@ pub enum StructureChoice {
 }
 
 /// Exact and Monte-Carlo expected loss of noisy gradient descent on a convex
-/// quadratic L = 1/2 e^T A e (METHOD.md section 4).
+/// quadratic L = 1/2 e^T A e (docs/method.md section 7).
 ///
 /// Reports, for each noise covariance C, tr C, ||C||_F, tr(A C), E[L_k] at the
 /// requested steps (exact closed form, and the mean +- standard error of

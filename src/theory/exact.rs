@@ -250,7 +250,7 @@ fn geometric_sum(ln_r: f64, one_minus_r: f64, k: u64) -> f64 {
 /// E\[L_k\] at each k in `steps` (any order, repeats allowed) in closed form,
 /// in the eigenbasis of A (eigenpairs lambda_i, v_i; x_i = alpha lambda_i).
 ///
-/// Plain descent (METHOD.md section 4), with mu_i = 1 - x_i:
+/// Plain descent (docs/method.md section 7), with mu_i = 1 - x_i:
 ///
 /// ```text
 /// deterministic = 1/2 sum_i lambda_i mu_i^{2k} (v_i^T e_0)^2

@@ -134,7 +134,7 @@ impl LeastSquares2d {
     }
 
     /// The empirical Fisher F(w) = (1/N) sum_i g_i g_i^T (uncentered, as in
-    /// METHOD.md section 2).
+    /// docs/method.md section 2).
     pub fn fisher(&self, w: &Vector2<f64>) -> Matrix2<f64> {
         let sum: Matrix2<f64> = (0..self.len())
             .map(|i| {
@@ -234,7 +234,7 @@ pub struct Illustration {
     pub full_batch_step: Vector2<f64>,
     /// The empirical Fisher at w_0.
     pub fisher: Matrix2<f64>,
-    /// Noise scale c = 1/B_S - 1/B_L (METHOD.md section 3, paper rule).
+    /// Noise scale c = 1/B_S - 1/B_L (docs/method.md section 3, paper rule).
     pub noise_scale: f64,
     /// The clouds, in order: small-batch SGD, large batch + isotropic, + full
     /// Fisher, + diagonal Fisher.

@@ -1,5 +1,5 @@
 //! Exact theory of noisy gradient descent on a convex quadratic
-//! (METHOD.md section 4), with a Monte-Carlo check and the two-dimensional
+//! (docs/method.md section 7), with a Monte-Carlo check and the two-dimensional
 //! one-step illustration of the paper's Figure 1.
 //!
 //! The objective is L(theta) = 1/2 e^T A e with e = theta - theta* and A

@@ -218,7 +218,7 @@ pub fn validate_start(quadratic: &Quadratic, e0: &DVector<f64>) -> Result<(), Th
     Ok(())
 }
 
-/// How the noise covariance is built from a Fisher matrix F (METHOD.md
+/// How the noise covariance is built from a Fisher matrix F (docs/method.md
 /// section 3). All three have the same trace c tr(F).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NoiseStructure {
