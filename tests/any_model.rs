@@ -15,15 +15,15 @@ use burn::tensor::{Device, Int, Tensor, TensorData, activation};
 use covnoise::CovnoiseError;
 use covnoise::collective::SingleProcess;
 use covnoise::model::{Coupling, Examples, GhostBatchNorm, Objective, Probes, labels_tensor};
-use covnoise::moments::{
-    self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
-};
+use covnoise::moments::{self, Estimator, MomentKind, SecondMoment, StepContext};
 use covnoise::noise::{NoiseConfig, NoiseStage, ScaleRule};
 use covnoise::optim::SgdConfig;
 use covnoise::params::{ParamTable, flat_values};
-use covnoise::tensor_util::to_vec;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::{flat, norm, per_example};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -128,18 +128,6 @@ fn token_forward(m: &TokenNet, b: &Sequences, p: &mut Probes) -> Objective {
     m.forward(b, p)
 }
 
-fn flat(tensors: &[Tensor<1>]) -> Vec<f64> {
-    tensors
-        .iter()
-        .flat_map(|t| to_vec(t).unwrap())
-        .map(|v| v as f64)
-        .collect()
-}
-
-fn norm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
-}
-
 fn ctx(table: &ParamTable) -> StepContext<'_> {
     StepContext {
         seed: 3,
@@ -149,27 +137,6 @@ fn ctx(table: &ParamTable) -> StepContext<'_> {
         coupling: Coupling::Independent,
         chunk: None,
     }
-}
-
-/// Per-example gradients by brute force, one single-example pass each.
-fn per_example<M: Module, B: Examples, F: Fn(&M, &B, &mut Probes) -> Objective>(
-    model: &M,
-    batch: &B,
-    forward: &F,
-) -> Vec<Vec<f64>> {
-    let table = ParamTable::of(model);
-    (0..batch.len())
-        .map(|i| {
-            let pass = backward_pass(
-                model,
-                &table,
-                &batch.slice(i, 1),
-                forward,
-                PassRequest::default(),
-            );
-            flat(&pass.unwrap().grads)
-        })
-        .collect()
 }
 
 /// The exact diagonal estimate of every parameter against

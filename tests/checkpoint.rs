@@ -5,89 +5,16 @@
 //! the loader panic.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
 use common::metrics_without_times as metrics;
+use common::runs::{bin, final_weights, fixture, resume, stderr, train};
 
 use covnoise::train::checkpoint;
 use covnoise::weights;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_covnoise"));
-    c.env_remove("COVNOISE_DATA").env_remove("COVNOISE_FAULT");
-    c
-}
-
-/// 512 training and 128 test images: 8 steps of 64 per epoch.
-fn fixture(root: &Path) -> PathBuf {
-    let dir = root.join("data");
-    common::write_fashion_fixture(&dir, 512, 128);
-    dir
-}
-
-/// One thread: flex's parallel reductions may split differently under load,
-/// which changes sums in the last bit; one thread makes runs bit-exact.
-fn train(data: &Path, out: &Path, extra: &[&str], fault: Option<&str>) -> Output {
-    let mut c = bin();
-    c.args([
-        "train",
-        "--batch-size",
-        "64",
-        "--lr",
-        "0.1",
-        "--epochs",
-        "3",
-        "--warmup-epochs",
-        "1",
-        "--hidden",
-        "32",
-        "--threads",
-        "1",
-        "--quiet",
-        "--data",
-    ])
-    .arg(data)
-    .arg("--out")
-    .arg(out)
-    .args(extra);
-    if let Some(f) = fault {
-        c.env("COVNOISE_FAULT", f);
-    }
-    c.output().unwrap()
-}
-
-fn resume(dir: &Path, extra: &[&str]) -> Output {
-    bin()
-        .args(["train", "--quiet", "--resume"])
-        .arg(dir)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// The final weights: every tensor's name, shape and bits.
-fn final_weights(dir: &Path) -> Vec<(String, Vec<usize>, Vec<u32>)> {
-    let (_, newest) = checkpoint::list(dir).unwrap().pop().unwrap();
-    let bytes = std::fs::read(newest.join("model.safetensors")).unwrap();
-    weights::from_safetensors(&bytes)
-        .unwrap()
-        .into_iter()
-        .map(|t| {
-            (
-                t.name,
-                t.shape,
-                t.values.iter().map(|v| v.to_bits()).collect(),
-            )
-        })
-        .collect()
-}
 
 #[cfg(unix)]
 fn killed(o: &Output) -> bool {

@@ -28,6 +28,7 @@ use rand_chacha::ChaCha8Rng;
 
 mod common;
 use common::Running;
+use common::{flat, norm, per_example};
 
 fn device() -> Device {
     Device::flex().autodiff()
@@ -108,14 +109,6 @@ fn odd_batch(n: usize, seed: u64) -> OddBatch {
     }
 }
 
-fn flat(tensors: &[Tensor<1>]) -> Vec<f64> {
-    tensors
-        .iter()
-        .flat_map(|t| to_vec(t).unwrap())
-        .map(|v| v as f64)
-        .collect()
-}
-
 fn ctx<'a>(step: u64, table: &'a ParamTable) -> StepContext<'a> {
     StepContext {
         seed: 5,
@@ -125,31 +118,6 @@ fn ctx<'a>(step: u64, table: &'a ParamTable) -> StepContext<'a> {
         coupling: covnoise::model::Coupling::Independent,
         chunk: None,
     }
-}
-
-/// Per-example gradients by brute force, one single-example pass each.
-fn per_example<M: Module, B: Examples, F: Fn(&M, &B, &mut Probes) -> Objective>(
-    model: &M,
-    batch: &B,
-    forward: &F,
-) -> Vec<Vec<f64>> {
-    let table = ParamTable::of(model);
-    (0..batch.len())
-        .map(|i| {
-            let pass = backward_pass(
-                model,
-                &table,
-                &batch.slice(i, 1),
-                forward,
-                PassRequest::default(),
-            );
-            flat(&pass.unwrap().grads)
-        })
-        .collect()
-}
-
-fn norm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! What is on disk is what ran (issue 22): `--overwrite` leaves nothing of
+//! What is on disk is what ran: `--overwrite` leaves nothing of
 //! the earlier run, resume refuses a run it cannot continue, a checkpoint is
 //! used whole or not at all (edited counters and foreign files are refused
 //! even with their checksums fixed up), metrics survive a resume bit for
@@ -6,66 +6,13 @@
 //! recorded absolute.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 mod common;
 use common::metrics_without_times as metrics;
+use common::runs::{bin, final_weights, fixture, resume, stderr, train};
 
 use covnoise::train::{EpochMetrics, checkpoint};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_covnoise"));
-    c.env_remove("COVNOISE_DATA").env_remove("COVNOISE_FAULT");
-    c
-}
-
-/// 512 training and 128 test images: 8 steps of 64 per epoch.
-fn fixture(root: &Path) -> PathBuf {
-    common::write_fashion_fixture(&root.join("data"), 512, 128)
-}
-
-/// A 3-epoch run of 8 steps per epoch, one thread (bit-exact).
-fn train(data: &Path, out: &Path, extra: &[&str], fault: Option<&str>) -> Output {
-    let mut c = bin();
-    c.args([
-        "train",
-        "--batch-size",
-        "64",
-        "--lr",
-        "0.1",
-        "--epochs",
-        "3",
-        "--warmup-epochs",
-        "1",
-        "--hidden",
-        "32",
-        "--threads",
-        "1",
-        "--quiet",
-        "--data",
-    ])
-    .arg(data)
-    .arg("--out")
-    .arg(out)
-    .args(extra);
-    if let Some(f) = fault {
-        c.env("COVNOISE_FAULT", f);
-    }
-    c.output().unwrap()
-}
-
-fn resume(dir: &Path, extra: &[&str]) -> Output {
-    bin()
-        .args(["train", "--quiet", "--resume"])
-        .arg(dir)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn ok(o: &Output) {
     assert!(o.status.success(), "{}", stderr(o));
@@ -129,23 +76,6 @@ fn reseal(ckpt: &Path) {
     let own = crc32fast::hash(text.as_bytes());
     text.push_str(&format!("crc32 {own:08x}\n"));
     std::fs::write(ckpt.join(checkpoint::MANIFEST), text).unwrap();
-}
-
-/// The final weights: every tensor's name, shape and bits.
-fn final_weights(dir: &Path) -> Vec<(String, Vec<usize>, Vec<u32>)> {
-    let (_, newest) = checkpoint::list(dir).unwrap().pop().unwrap();
-    let bytes = std::fs::read(newest.join("model.safetensors")).unwrap();
-    covnoise::weights::from_safetensors(&bytes)
-        .unwrap()
-        .into_iter()
-        .map(|t| {
-            (
-                t.name,
-                t.shape,
-                t.values.iter().map(|v| v.to_bits()).collect(),
-            )
-        })
-        .collect()
 }
 
 /// Finding 1.

@@ -5,6 +5,8 @@
 // Each test file is its own crate and uses only some of these.
 #![allow(dead_code)]
 
+pub mod runs;
+
 use std::path::{Path, PathBuf};
 
 use covnoise::data::{synthetic_images, write_fashion_mnist_dir};
@@ -65,10 +67,6 @@ impl Running {
     }
 }
 
-fn norm(v: &[f64]) -> f64 {
-    v.iter().map(|x| x * x).sum::<f64>().sqrt()
-}
-
 /// Asserts that the Monte-Carlo mean in `acc` estimates `expected`: the error
 /// norm is at most 4 times its expected size [`Running::mean_error_norm`]
 /// (estimated from the same draws). Over many coordinates the squared error
@@ -109,6 +107,43 @@ pub fn metrics_without_times(dir: &Path) -> Vec<serde_json::Value> {
             m.remove("seconds");
             m.remove("eval_seconds");
             v
+        })
+        .collect()
+}
+
+/// Flat tensors as one vector of f64.
+pub fn flat(tensors: &[burn::tensor::Tensor<1>]) -> Vec<f64> {
+    tensors
+        .iter()
+        .flat_map(|t| covnoise::tensor_util::to_vec(t).unwrap())
+        .map(|v| v as f64)
+        .collect()
+}
+
+/// Euclidean norm.
+pub fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// Per-example gradients by brute force, one single-example pass each, flat
+/// in table order: the reference for every per-example estimator.
+pub fn per_example<M, B, F>(model: &M, batch: &B, forward: &F) -> Vec<Vec<f64>>
+where
+    M: burn::module::Module,
+    B: covnoise::model::Examples,
+    F: Fn(&M, &B, &mut covnoise::model::Probes) -> covnoise::model::Objective,
+{
+    let table = covnoise::params::ParamTable::of(model);
+    (0..batch.len())
+        .map(|i| {
+            let pass = covnoise::moments::backward_pass(
+                model,
+                &table,
+                &batch.slice(i, 1),
+                forward,
+                covnoise::moments::PassRequest::default(),
+            );
+            flat(&pass.unwrap().grads)
         })
         .collect()
 }
