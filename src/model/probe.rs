@@ -24,7 +24,7 @@
 //! When the probes are off, each call is the plain layer. The model's struct
 //! keeps burn's own layers, so its records and optimizers are unchanged.
 
-use burn::module::ParamId;
+use burn::module::{Param, ParamId};
 use burn::nn::conv::{Conv1d, Conv2d};
 use burn::nn::{Embedding, GroupNorm, LayerNorm, Linear, PaddingConfig1d, norm::GroupNormConfig};
 use burn::tensor::{Gradients, Int, Tensor};
@@ -322,10 +322,7 @@ impl Probes {
     /// time steps) whose gradients add up within the example. Recorded when
     /// the probes are on.
     pub fn linear<const D: usize>(&mut self, layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-        let params = std::iter::once(layer.weight.id)
-            .chain(layer.bias.as_ref().map(|b| b.id))
-            .collect();
-        if !self.record_only(params) {
+        if !self.record_only(weight_and_bias(&layer.weight, &layer.bias)) {
             return layer.forward(x);
         }
         let dims = x.dims();
@@ -359,20 +356,8 @@ impl Probes {
     /// [`crate::kernels::conv2d`]: the fast kernels on flex, burn's op
     /// elsewhere.
     pub fn conv2d(&mut self, layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-        let params: Vec<ParamId> = std::iter::once(layer.weight.id)
-            .chain(layer.bias.as_ref().map(|b| b.id))
-            .collect();
-        if layer.groups != 1 && self.mode != Mode::Off {
-            self.layers.push(Recorded::Unsupported {
-                params,
-                what: format!(
-                    "a Conv2d layer with {} groups (the exact rule handles groups = 1)",
-                    layer.groups
-                ),
-            });
-            return kernels::conv2d_layer(layer, x);
-        }
-        if !self.record_only(params) {
+        let params = weight_and_bias(&layer.weight, &layer.bias);
+        if !self.record_conv("Conv2d", layer.groups, params) {
             return kernels::conv2d_layer(layer, x);
         }
         let [_, _, h, w] = x.dims();
@@ -399,20 +384,8 @@ impl Probes {
     /// `layer.forward(x)` for sequences `x` of shape `[B, C, L]`, recording
     /// the layer when the probes are on (as a Conv2d of height 1).
     pub fn conv1d(&mut self, layer: &Conv1d, x: Tensor<3>) -> Tensor<3> {
-        let params: Vec<ParamId> = std::iter::once(layer.weight.id)
-            .chain(layer.bias.as_ref().map(|b| b.id))
-            .collect();
-        if layer.groups != 1 && self.mode != Mode::Off {
-            self.layers.push(Recorded::Unsupported {
-                params,
-                what: format!(
-                    "a Conv1d layer with {} groups (the exact rule handles groups = 1)",
-                    layer.groups
-                ),
-            });
-            return layer.forward(x);
-        }
-        if !self.record_only(params) {
+        let params = weight_and_bias(&layer.weight, &layer.bias);
+        if !self.record_conv("Conv1d", layer.groups, params) {
             return layer.forward(x);
         }
         let [b, c, l] = x.dims();
@@ -559,6 +532,24 @@ impl Probes {
             .reshape(dims)
     }
 
+    /// Whether to record a convolution over `groups` groups: a grouped one
+    /// has no per-example rule, so it is noted as such (unless the probes
+    /// are off) and runs plain.
+    fn record_conv(&mut self, kind: &str, groups: usize, params: Vec<ParamId>) -> bool {
+        if groups == 1 {
+            return self.record_only(params);
+        }
+        if self.mode != Mode::Off {
+            self.layers.push(Recorded::Unsupported {
+                params,
+                what: format!(
+                    "a {kind} layer with {groups} groups (the exact rule handles groups = 1)"
+                ),
+            });
+        }
+        false
+    }
+
     /// In observing mode, notes `params` and returns false (run the plain
     /// layer); when off, returns false; when on, returns true (record).
     fn record_only(&mut self, params: Vec<ParamId>) -> bool {
@@ -655,6 +646,16 @@ impl Probes {
             })
             .collect()
     }
+}
+
+/// A layer's weight and, if it has one, its bias.
+fn weight_and_bias<const D: usize>(
+    weight: &Param<Tensor<D>>,
+    bias: &Option<Param<Tensor<1>>>,
+) -> Vec<ParamId> {
+    std::iter::once(weight.id)
+        .chain(bias.as_ref().map(|b| b.id))
+        .collect()
 }
 
 /// The example count and the positions per example of a `[B, ..., F]`
