@@ -23,6 +23,7 @@ use crate::model::{Architecture, Batch, Network, NetworkConfig, Normalization, l
 use crate::moments::Estimator;
 use crate::noise::{NoiseConfig, NoiseStage, NoiseStructure, ScaleRule};
 use crate::optim::SgdConfig;
+use crate::regularizer::Regularizer;
 use crate::tensor_util::from_vec;
 
 static IN_USE: AtomicUsize = AtomicUsize::new(0);
@@ -89,13 +90,17 @@ pub struct Variant {
     /// kernels ([`crate::kernels`]); false times burn's own ops, the A/B
     /// of the kernels in one run.
     pub fast_kernels: bool,
+    /// An explicit penalty added to the step (see [`crate::regularizer`]).
+    pub regularizer: Option<Regularizer>,
 }
 
 /// The variants the issue asks for: plain, exact every step, exact refreshed
 /// every 10 steps, micro-batch, MC-Fisher, full and isotropic; for the conv
 /// nets, the plain step on burn's own convolution and batch-norm ops
-/// (`plain-burn`); and, for the MLP, the plain step's matrix products alone
-/// (`matmul-products`).
+/// (`plain-burn`); the gradient-norm and Fisher-trace penalties over
+/// `micro_batches` micro-batches without noise (`grad-norm`,
+/// `fisher-trace`); and, for the MLP, the plain step's matrix products
+/// alone (`matmul-products`).
 pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Variant> {
     let diag = |estimator, refresh_every| NoiseConfig {
         structure: NoiseStructure::Diag,
@@ -115,6 +120,12 @@ pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Varian
         noise,
         work: Work::Step,
         fast_kernels: true,
+        regularizer: None,
+    };
+    // Any strength > 0 costs the same.
+    let penalized = |name, reg| Variant {
+        regularizer: Some(reg),
+        ..step(name, NoiseConfig::none())
     };
     vec![
         step("plain", NoiseConfig::none()),
@@ -143,11 +154,17 @@ pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Varian
                 ..diag(Estimator::Exact, 1)
             }),
         ),
+        penalized("grad-norm", Regularizer::grad_norm(0.01, micro_batches)),
+        penalized(
+            "fisher-trace",
+            Regularizer::fisher_trace(0.01, micro_batches),
+        ),
         Variant {
             name: "matmul-products",
             noise: NoiseConfig::none(),
             work: Work::MatmulProducts,
             fast_kernels: true,
+            regularizer: None,
         },
     ]
 }
@@ -426,9 +443,12 @@ fn step_state(
         normalization,
     };
     let model = Network::new(&network, 0, device)?;
-    let stage = NoiseStage::new(variant.noise.clone(), b, 0)?
+    let mut stage = NoiseStage::new(variant.noise.clone(), b, 0)?
         .with_coupling(network.coupling())
         .with_chunk(config.chunk);
+    if let Some(reg) = variant.regularizer {
+        stage = stage.with_regularizer(reg)?;
+    }
     let sgd = SgdConfig {
         momentum: 0.9,
         ..Default::default()

@@ -94,6 +94,7 @@ pub mod moments;
 pub mod noise;
 pub mod optim;
 pub mod params;
+pub mod regularizer;
 #[cfg(feature = "cli")]
 pub mod report;
 pub mod rng;

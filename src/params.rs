@@ -325,3 +325,58 @@ impl ModuleMapper for BufferWriter {
         Param::from_mapped_value(id, replaced, mapper)
     }
 }
+
+/// `module` with every trainable parameter moved by `scale` times its entry
+/// of `direction` (flat, in table order), as a new leaf that takes
+/// gradients under the same `ParamId`: the gradients of the moved module
+/// flatten with the original's [`ParamTable`]. Buffers are shared with
+/// `module` (a `RunningState` is shared by every clone).
+pub fn shifted<M: Module>(module: &M, direction: &[Tensor<1>], scale: f32) -> Result<M> {
+    let n = flat_values(module, true).len();
+    if n != direction.len() {
+        return Err(CovnoiseError::Shape(format!(
+            "a direction of {} tensors for {n} trainable parameters",
+            direction.len()
+        )));
+    }
+    let mut shifter = Shifter {
+        direction: direction.iter(),
+        scale,
+        error: None,
+    };
+    let moved = module.clone().map(&mut shifter);
+    match shifter.error {
+        Some(e) => Err(e),
+        None => Ok(moved),
+    }
+}
+
+struct Shifter<'a> {
+    direction: std::slice::Iter<'a, Tensor<1>>,
+    scale: f32,
+    error: Option<CovnoiseError>,
+}
+
+impl ModuleMapper for Shifter<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        if !param.is_require_grad() || self.error.is_some() {
+            return param;
+        }
+        let (id, value, mapper) = param.consume();
+        let step = self
+            .direction
+            .next()
+            .expect("the direction's length was checked against the parameters");
+        if step.dims()[0] != value.shape().num_elements() {
+            self.error = Some(CovnoiseError::Shape(format!(
+                "a direction of {} values for a parameter of shape {:?}",
+                step.dims()[0],
+                value.dims()
+            )));
+            return Param::from_mapped_value(id, value, mapper);
+        }
+        let shape = value.shape();
+        let moved = value.inner() + step.clone().reshape(shape) * self.scale;
+        Param::from_mapped_value(id, moved.autodiff().require_grad(), mapper)
+    }
+}

@@ -24,6 +24,8 @@ pub mod stream {
     pub const FULL_WEIGHTS: u64 = 1 << 40;
     /// Labels sampled from the model for the Monte-Carlo Fisher.
     pub const MC_LABELS: u64 = 2 << 40;
+    /// Labels sampled from the model for the Fisher-trace penalty.
+    pub const PENALTY_LABELS: u64 = 3 << 40;
 }
 
 /// SplitMix64 finalizer: a bijective mixer with good avalanche, used to turn

@@ -254,6 +254,43 @@ fn two_processes_match_one_with_microbatch_diag_noise() {
     );
 }
 
+/// The penalty's micro-batches spread over the ranks (2 each): its
+/// Hessian-vector products and norms travel in one all-reduce, the data
+/// gradient assembled from the micro-batch passes in another.
+#[test]
+fn two_processes_match_one_with_grad_norm_penalty() {
+    two_processes_match_one(
+        &[
+            "--regularizer",
+            "grad-norm",
+            "--reg-strength",
+            "0.1",
+            "--reg-micro-batches",
+            "4",
+            "--clip-norm",
+            "5",
+        ],
+        2,
+    );
+}
+
+/// Labels for the Fisher-trace penalty are drawn for the global batch, so
+/// sharding does not change them.
+#[test]
+fn two_processes_match_one_with_fisher_trace_penalty() {
+    two_processes_match_one(
+        &[
+            "--regularizer",
+            "fisher-trace",
+            "--reg-strength",
+            "0.1",
+            "--reg-micro-batches",
+            "4",
+        ],
+        2,
+    );
+}
+
 #[test]
 fn batch_not_divisible_by_processes_fails_before_training() {
     let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());

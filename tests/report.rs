@@ -114,6 +114,7 @@ fn loads_a_complete_run() {
             seconds: 2.0,
             eval_seconds: 0.5,
             steps: 20,
+            penalty: None,
         }
     );
 
@@ -195,6 +196,7 @@ fn written_structs_read_back_including_nan() {
         seconds: 1.0,
         eval_seconds: 0.25,
         steps: 7,
+        penalty: None,
     };
     let line = serde_json::to_string(&m).unwrap();
     assert!(line.contains(r#""train_loss":null"#), "{line}");

@@ -221,6 +221,7 @@ fn write_run(dir: &Path, accs: &[f64], final_acc: f64, status: RunStatus) {
                 seconds: 2.0,
                 eval_seconds: 0.1,
                 steps: 10 * (i as u64 + 1),
+                penalty: None,
             })
             .unwrap()
         })

@@ -34,7 +34,7 @@ pub struct BenchArgs {
     /// Timed rounds.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// Micro-batches M of the micro-batch variant.
+    /// Micro-batches M of the micro-batch variant and of the penalty variants.
     #[arg(long, default_value_t = 16)]
     pub micro_batches: usize,
     /// Small batch B_S setting the noise scale c = 1/B_S of every noisy variant.
@@ -48,8 +48,10 @@ pub struct BenchArgs {
     /// plain-burn (conv nets: the plain step on burn's own convolution and
     /// batch-norm ops instead of covnoise's fast flex kernels), diag-exact,
     /// diag-exact-refresh10, diag-microbatch, diag-mc-fisher, full,
-    /// isotropic-exact, and matmul-products (the MLP's plain step reduced to
-    /// its matrix products: the share the matmul library sets).
+    /// isotropic-exact, grad-norm and fisher-trace (the penalties over
+    /// --micro-batches micro-batches, no noise), and matmul-products (the
+    /// MLP's plain step reduced to its matrix products: the share the matmul
+    /// library sets).
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub variants: Vec<String>,
     /// Write the results as JSON to this file.
@@ -154,11 +156,12 @@ fn ignored(args: &BenchArgs, variants: &[covnoise::bench::Variant]) -> Vec<Strin
         ));
     }
     let microbatch = timed.iter().any(|v| {
-        v.noise.structure != NoiseStructure::None
-            && matches!(v.noise.estimator, Estimator::Microbatch { .. })
+        v.regularizer.is_some()
+            || (v.noise.structure != NoiseStructure::None
+                && matches!(v.noise.estimator, Estimator::Microbatch { .. }))
     });
     if !microbatch && args.micro_batches != 16 {
-        out.push("--micro-batches is ignored: no micro-batch variant is timed".into());
+        out.push("--micro-batches is ignored: no micro-batch or penalty variant is timed".into());
     }
     let noisy = timed
         .iter()

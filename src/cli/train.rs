@@ -9,7 +9,9 @@ use clap::{Args, ValueEnum};
 use covnoise::collective::{Collective, SingleProcess};
 use covnoise::data::DatasetKind;
 use covnoise::model::Architecture;
-use covnoise::train::settings::{EstimatorName, NoiseName, ScaleName, ScheduleName};
+use covnoise::train::settings::{
+    EstimatorName, NoiseName, RegularizerName, ScaleName, ScheduleName,
+};
 use covnoise::train::{
     EpochMetrics, Progress, RunDir, RunSummary, TrainSettings, Trainer, checkpoint,
 };
@@ -182,6 +184,20 @@ pub struct TrainArgs {
     #[arg(long, value_name = "K")]
     pub refresh: Option<u64>,
 
+    /// Explicit penalty lambda (1/M) sum_m ||g_m||^2 on the gradients g_m of M micro-batches:
+    /// grad-norm (data labels) or fisher-trace (labels sampled from the model) [default: none].
+    #[arg(long, value_enum)]
+    pub regularizer: Option<RegularizerName>,
+    /// Strength lambda >= 0 of --regularizer; 0 is the plain step [default: 0].
+    #[arg(long, value_name = "LAMBDA", allow_negative_numbers = true)]
+    pub reg_strength: Option<f64>,
+    /// Micro-batches M the penalty is taken over (dividing B) [default: 1].
+    #[arg(long, value_name = "M")]
+    pub reg_micro_batches: Option<usize>,
+    /// Clip each step's gradient to global norm C, as torch.nn.utils.clip_grad_norm_ [default: off].
+    #[arg(long, value_name = "C", allow_negative_numbers = true)]
+    pub clip_norm: Option<f64>,
+
     /// Seed for initialization, shuffling and noise [default: 0].
     #[arg(long, value_name = "S")]
     pub seed: Option<u64>,
@@ -252,6 +268,9 @@ impl TrainArgs {
             kappa,
             noise_from,
             refresh,
+            regularizer,
+            reg_strength,
+            reg_micro_batches,
             seed,
             device,
             eval_batch,
@@ -271,6 +290,7 @@ impl TrainArgs {
             noise_scale,
             noise_until,
             ema,
+            clip_norm,
             threads
         );
         s.batch_norm |= self.batch_norm;
@@ -651,15 +671,18 @@ impl Progress for TerminalProgress {
         }
     }
 
-    fn step(&mut self, epoch: usize, k: usize, loss: f64) {
+    fn step(&mut self, epoch: usize, k: usize, loss: f64, penalty: Option<f64>) {
         if let Some(log) = &mut self.step_log
             && log.error.is_none()
         {
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "step": epoch * self.steps_per_epoch + k,
                 "epoch": epoch + 1,
                 "loss": loss,
             });
+            if let Some(p) = penalty {
+                line["penalty"] = p.into();
+            }
             // Flushed per line, so the file can be followed while training.
             log.error = writeln!(log.file, "{line}")
                 .and_then(|()| log.file.flush())

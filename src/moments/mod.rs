@@ -632,7 +632,8 @@ where
                             .into(),
                     )
                 })?;
-                let sampled = sample_labels(logits, ctx, batch.len())?;
+                let offset = ctx.collective.rank() * batch.len();
+                let sampled = sample_labels(logits, ctx, stream::MC_LABELS, offset)?;
                 let labels = crate::model::labels_tensor(&sampled, &logits.device());
                 pass.factors = backward_pass(
                     model,
@@ -667,19 +668,25 @@ where
     }
 }
 
-/// Labels drawn from the model's predictive distribution softmax(logits).
-/// One uniform number per example of the global batch is drawn from
-/// `(seed, step)`, so the labels do not depend on how the batch is sharded.
-fn sample_labels(logits: &Tensor<2>, ctx: &StepContext, local: usize) -> Result<Vec<u8>> {
+/// Labels drawn from the model's predictive distribution softmax(logits),
+/// for the examples of the global batch from position `offset` on. One
+/// uniform number per example of the global batch is drawn from
+/// `(seed, step, stream)`, so the labels do not depend on how the batch is
+/// sharded or split.
+pub(crate) fn sample_labels(
+    logits: &Tensor<2>,
+    ctx: &StepContext,
+    stream: u64,
+    offset: usize,
+) -> Result<Vec<u8>> {
     let [b, classes] = logits.dims();
     if classes > 256 {
         return Err(CovnoiseError::Unsupported(format!(
-            "the mc-fisher estimator handles up to 256 classes, the model has {classes}"
+            "labels sampled from the model (mc-fisher, the Fisher-trace penalty) are bytes: up to 256 classes, the model has {classes}"
         )));
     }
     let probs = to_vec(&burn::tensor::activation::softmax(logits.clone(), 1))?;
-    let mut rng = keyed_rng(ctx.seed, ctx.step, stream::MC_LABELS, 0);
-    let offset = ctx.collective.rank() * local;
+    let mut rng = keyed_rng(ctx.seed, ctx.step, stream, 0);
     let uniforms: Vec<f64> = (0..offset + b).map(|_| rng.random::<f64>()).collect();
     Ok((0..b)
         .map(|i| {

@@ -7,13 +7,14 @@ use burn::tensor::{Device, Tensor};
 
 use super::{NoiseConfig, NoiseStructure};
 use crate::collective::{Collective, SingleProcess};
-use crate::error::{CovnoiseError, Result};
+use crate::error::{CovnoiseError, Result, check_positive};
 use crate::model::{Coupling, Examples, Objective, Probes};
 use crate::moments::{
     self, Estimator, MomentKind, PassRequest, SecondMoment, Smoother, SmootherState, StepContext,
     StepGradient,
 };
 use crate::params::ParamTable;
+use crate::regularizer::{self, Regularizer};
 use crate::rng::{normals, stream};
 use crate::tensor_util::scalar;
 
@@ -33,6 +34,12 @@ pub struct NoisyGradient {
     pub noise_trace: Option<f64>,
     /// The step this gradient was computed for.
     pub step: u64,
+    /// The regularizer's value without its strength, `(1/M) sum_m
+    /// ||g_m||^2`, when a regularizer with lambda > 0 ran (reported beside
+    /// the loss, never added to it).
+    pub penalty: Option<f64>,
+    /// The gradient's global norm before clipping, when clipping is on.
+    pub norm_before_clip: Option<f64>,
 }
 
 /// What a [`NoiseStage`] carries from step to step, on the host (for
@@ -81,6 +88,10 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
     /// change only when the estimate does, so the steps between refreshes
     /// reuse them. Cleared whenever the smoother changes.
     noise_scale: Option<NoiseScale>,
+    /// An explicit penalty added to the gradient.
+    regularizer: Option<Regularizer>,
+    /// Global gradient-norm clipping of the final gradient.
+    clip_norm: Option<f64>,
 }
 
 /// A model that passed [`NoiseStage::validate_model`]: its parameters and
@@ -181,6 +192,8 @@ impl NoiseStage {
             chunk: None,
             collective: SingleProcess,
             noise_scale: None,
+            regularizer: None,
+            clip_norm: None,
         })
     }
 
@@ -199,6 +212,8 @@ impl NoiseStage {
             chunk: self.chunk,
             collective,
             noise_scale: self.noise_scale,
+            regularizer: self.regularizer,
+            clip_norm: self.clip_norm,
         }
     }
 }
@@ -226,6 +241,47 @@ impl<C: Collective> NoiseStage<C> {
     pub fn with_chunk(mut self, chunk: Option<usize>) -> Self {
         self.chunk = chunk.filter(|&c| c > 0);
         self
+    }
+
+    /// Adds an explicit penalty's gradient to every step (see
+    /// [`Regularizer`]): `lambda (1/M) sum_m ||g_m||^2` over M micro-batches
+    /// of the global batch, with or without noise. A strength of 0 leaves
+    /// every step exactly as without it.
+    ///
+    /// ```
+    /// use covnoise::noise::{NoiseConfig, NoiseStage};
+    /// use covnoise::regularizer::Regularizer;
+    /// let stage = NoiseStage::new(NoiseConfig::none(), 1024, 7)?
+    ///     .with_regularizer(Regularizer::grad_norm(0.01, 16))?;
+    /// # Ok::<(), covnoise::CovnoiseError>(())
+    /// ```
+    pub fn with_regularizer(mut self, regularizer: Regularizer) -> Result<Self> {
+        regularizer.validate()?;
+        if !self.large_batch.is_multiple_of(regularizer.micro_batches) {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "reg-micro-batches",
+                value: regularizer.micro_batches.to_string(),
+                reason: "must divide the batch size",
+            });
+        }
+        self.regularizer = Some(regularizer);
+        self.checked = None;
+        Ok(self)
+    }
+
+    /// Scales each step's final gradient (mean, noise and penalty together)
+    /// to global norm at most `max_norm`, as PyTorch's
+    /// `clip_grad_norm_` does: by `max_norm / (norm + 1e-6)` when that is
+    /// below 1.
+    pub fn with_clip_norm(mut self, max_norm: f64) -> Result<Self> {
+        check_positive("clip-norm", max_norm)?;
+        self.clip_norm = Some(max_norm);
+        Ok(self)
+    }
+
+    /// The regularizer, if any.
+    pub fn regularizer(&self) -> Option<&Regularizer> {
+        self.regularizer.as_ref()
     }
 
     /// The process group.
@@ -299,6 +355,10 @@ impl<C: Collective> NoiseStage<C> {
             Ok(())
         })?;
         let coupling = Coupling::resolve(&table, probes.norm_groups(), self.declared)?;
+        if let Some(reg) = self.regularizer.filter(Regularizer::is_active) {
+            let world = self.collective.world_size();
+            reg.check_batch(batch.len() * world, world, coupling)?;
+        }
         if self.c > 0.0 {
             self.check_structure(model, &table, &probes, coupling, batch, &forward)?;
         }
@@ -473,11 +533,28 @@ impl<C: Collective> NoiseStage<C> {
             coupling,
             chunk: self.chunk,
         };
-        let (mut step_grad, noise_trace) = if !self.active_in(epoch) {
-            (
-                moments::plain_gradient(model, batch, &forward, &ctx)?,
-                Some(0.0),
-            )
+        let active = self.active_in(epoch);
+        let stale = !self.estimate_ids.is_empty() && self.estimate_ids != ids;
+        let estimated = matches!(
+            self.config.structure,
+            NoiseStructure::Diag | NoiseStructure::Isotropic
+        );
+        // Whether this step's gradient is the plain mean gradient, which
+        // a regularizer's micro-batch passes also give.
+        let plain_step = !active || (estimated && !(stale || self.smoother.needs_refresh(step)));
+        let penalty = match self.regularizer.filter(Regularizer::is_active) {
+            Some(reg) => Some(regularizer::penalty_gradient(
+                model, batch, &forward, &reg, plain_step, &ctx,
+            )?),
+            None => None,
+        };
+        let mut data = penalty.as_ref().and_then(|p| p.data.clone());
+        let mut plain = || match data.take() {
+            Some(d) => Ok(d),
+            None => moments::plain_gradient(model, batch, &forward, &ctx),
+        };
+        let (mut step_grad, noise_trace) = if !active {
+            (plain()?, Some(0.0))
         } else {
             match self.config.structure {
                 NoiseStructure::None => unreachable!("c = 0 for structure none"),
@@ -491,8 +568,9 @@ impl<C: Collective> NoiseStage<C> {
                     } else {
                         MomentKind::Trace
                     };
-                    let stale = !self.estimate_ids.is_empty() && self.estimate_ids != ids;
-                    let mut g = if stale || self.smoother.needs_refresh(step) {
+                    let mut g = if plain_step {
+                        plain()?
+                    } else {
                         moments::estimate(
                             model,
                             batch,
@@ -501,8 +579,6 @@ impl<C: Collective> NoiseStage<C> {
                             kind,
                             &ctx,
                         )?
-                    } else {
-                        moments::plain_gradient(model, batch, &forward, &ctx)?
                     };
                     if let Some(fresh) = g.moment.take() {
                         if stale {
@@ -531,7 +607,19 @@ impl<C: Collective> NoiseStage<C> {
                 }
             }
         };
+        let penalty_value = penalty.map(|p| {
+            step_grad.grads = std::mem::take(&mut step_grad.grads)
+                .into_iter()
+                .zip(p.grads)
+                .map(|(g, h)| g + h)
+                .collect();
+            p.value
+        });
         check_finite(&step_grad, step)?;
+        let norm_before_clip = match self.clip_norm {
+            Some(max) => Some(clip(&mut step_grad.grads, max, step)?),
+            None => None,
+        };
         self.step += 1;
         let grads = table.unflatten(std::mem::take(&mut step_grad.grads))?;
         Ok(NoisyGradient {
@@ -541,6 +629,8 @@ impl<C: Collective> NoiseStage<C> {
             examples: step_grad.examples,
             noise_trace,
             step,
+            penalty: penalty_value,
+            norm_before_clip,
         })
     }
 
@@ -650,6 +740,23 @@ where
         },
     )?;
     moments::reduce_step(pass.grads, pass.loss_sum, pass.correct, local, None, ctx)
+}
+
+/// Scales `grads` to global norm at most `max` (PyTorch's
+/// `clip_grad_norm_`: by `max / (norm + 1e-6)` when that is below 1) and
+/// returns the norm before. A norm that overflows is a diverged step.
+fn clip(grads: &mut [Tensor<1>], max: f64, step: u64) -> Result<f64> {
+    let norm = regularizer::squared_norm(grads).sqrt();
+    if !norm.is_finite() {
+        return Err(CovnoiseError::NonFiniteGradient { step });
+    }
+    let coef = max / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = g.clone() * coef as f32;
+        }
+    }
+    Ok(norm)
 }
 
 /// A NaN or infinite loss or gradient is an error, never a silent update.

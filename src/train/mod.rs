@@ -329,8 +329,9 @@ pub fn evaluate_checkpoint(
 pub trait Progress {
     /// Called once before the first step.
     fn start(&mut self, _epochs: usize, _steps_per_epoch: usize) {}
-    /// Called after each optimizer step with the batch loss.
-    fn step(&mut self, _epoch: usize, _step_in_epoch: usize, _loss: f64) {}
+    /// Called after each optimizer step with the batch's data loss and,
+    /// with a regularizer, its penalty value (not included in the loss).
+    fn step(&mut self, _epoch: usize, _step_in_epoch: usize, _loss: f64, _penalty: Option<f64>) {}
     /// Called after each epoch's evaluation.
     fn epoch(&mut self, _metrics: &EpochMetrics) {}
     /// Called once at the end (also after divergence).
@@ -404,6 +405,12 @@ impl<'a> Trainer<'a> {
             .with_collective(collective)
             .with_coupling(network.coupling())
             .with_chunk(settings.chunk);
+        if let Some(reg) = settings.regularizer_config()? {
+            stage = stage.with_regularizer(reg)?;
+        }
+        if let Some(max) = settings.clip_norm {
+            stage = stage.with_clip_norm(max)?;
+        }
         // A dry run on a batch of the training shape (the first examples):
         // every estimator and coupling problem is refused before training.
         let mut sample = data::Batch::default();
@@ -722,6 +729,7 @@ impl<'a> Trainer<'a> {
             let epoch_start = Instant::now();
             let (mut loss_sum, mut correct, mut seen) = (0.0, 0usize, 0usize);
             let (mut trace_sum, mut trace_known) = (0.0, true);
+            let mut penalty_sum: Option<f64> = None;
             let mut lr = 0.0;
             let batches = data::EpochShuffler::new(seed).train_batches(
                 self.data.train.n,
@@ -785,7 +793,10 @@ impl<'a> Trainer<'a> {
                     Some(t) => trace_sum += t,
                     None => trace_known = false,
                 }
-                progress.step(epoch, k, step.loss);
+                if let Some(p) = step.penalty {
+                    penalty_sum = Some(penalty_sum.unwrap_or(0.0) + p);
+                }
+                progress.step(epoch, k, step.loss, step.penalty);
             }
             let seconds = epoch_start.elapsed().as_secs_f64();
             self.sync_buffers()?;
@@ -819,6 +830,7 @@ impl<'a> Trainer<'a> {
                 seconds,
                 eval_seconds: eval_start.elapsed().as_secs_f64(),
                 steps: self.stage.step(),
+                penalty: penalty_sum.map(|p| p / self.steps_per_epoch as f64),
             };
             if let Some(dir) = run_dir {
                 metrics_text.push_str(&serde_json::to_string(&metrics).expect("metrics serialize"));

@@ -44,6 +44,11 @@ pub struct EpochMetrics {
     /// Optimizer steps taken so far.
     #[serde(default)]
     pub steps: u64,
+    /// Mean over the epoch's steps of the regularizer's value without its
+    /// strength, `(1/M) sum_m ||g_m||^2` (not part of `train_loss`); null
+    /// without a regularizer.
+    #[serde(default)]
+    pub penalty: Option<f64>,
 }
 
 /// How a run ended.

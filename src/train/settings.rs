@@ -11,6 +11,7 @@ use crate::model::{Architecture, NetworkConfig, Normalization};
 use crate::moments::Estimator;
 use crate::noise::{NoiseConfig, NoiseStructure, NoiseWindow, ScaleRule};
 use crate::optim::{ScheduleKind, SgdConfig};
+use crate::regularizer::{PenaltyKind, Regularizer};
 
 /// Noise structure names as the command line spells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -48,6 +49,19 @@ pub enum ScaleName {
     Temperature,
     /// c = --noise-scale.
     Fixed,
+}
+
+/// Regularizer names as the command line spells them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RegularizerName {
+    /// No explicit penalty.
+    None,
+    /// Squared norm of micro-batch gradients with the data labels.
+    GradNorm,
+    /// Squared norm of micro-batch gradients with labels sampled from the
+    /// model (the trace of the Fisher).
+    FisherTrace,
 }
 
 /// Schedule names as the command line spells them.
@@ -146,6 +160,14 @@ pub struct TrainSettings {
     pub ema: Option<f64>,
     /// Steps between fresh second-moment estimates.
     pub refresh: u64,
+    /// Explicit penalty on micro-batch gradient norms.
+    pub regularizer: RegularizerName,
+    /// Its strength lambda >= 0.
+    pub reg_strength: f64,
+    /// Micro-batches M the penalty is taken over (dividing the batch).
+    pub reg_micro_batches: usize,
+    /// Global gradient-norm clipping of each step's gradient (None: off).
+    pub clip_norm: Option<f64>,
     /// Seed for initialization, shuffling and noise.
     pub seed: u64,
     /// Worker threads (None: all cores).
@@ -201,6 +223,10 @@ impl Default for TrainSettings {
             noise_until: None,
             ema: None,
             refresh: 1,
+            regularizer: RegularizerName::None,
+            reg_strength: 0.0,
+            reg_micro_batches: 1,
+            clip_norm: None,
             seed: 0,
             threads: None,
             device: "cpu".to_string(),
@@ -376,6 +402,19 @@ impl TrainSettings {
         Ok(config)
     }
 
+    /// The explicit penalty, when one is set (None for `regularizer =
+    /// none`).
+    pub fn regularizer_config(&self) -> Result<Option<Regularizer>> {
+        let kind = match self.regularizer {
+            RegularizerName::None => return Ok(None),
+            RegularizerName::GradNorm => PenaltyKind::GradNorm,
+            RegularizerName::FisherTrace => PenaltyKind::FisherTrace,
+        };
+        let reg = Regularizer::new(kind, self.reg_strength, self.reg_micro_batches);
+        reg.validate()?;
+        Ok(Some(reg))
+    }
+
     /// Checks the settings that need no data: everything the run could
     /// otherwise only discover after loading and training for a while.
     pub fn validate(&self) -> Result<()> {
@@ -432,6 +471,32 @@ impl TrainSettings {
                 "applies only to --model mlp",
             ));
         }
+        if !(self.reg_strength.is_finite() && self.reg_strength >= 0.0) {
+            return Err(invalid(
+                "reg-strength",
+                self.reg_strength,
+                "must be a finite number >= 0",
+            ));
+        }
+        if self.reg_micro_batches == 0 {
+            return Err(invalid("reg-micro-batches", 0, "must be >= 1"));
+        }
+        if self.regularizer != RegularizerName::None
+            && self.batch_size > 0
+            && !self.batch_size.is_multiple_of(self.reg_micro_batches)
+        {
+            return Err(invalid(
+                "reg-micro-batches",
+                self.reg_micro_batches,
+                "must divide --batch-size",
+            ));
+        }
+        if let Some(c) = self.clip_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(invalid("clip-norm", c, "must be a finite number > 0"));
+        }
+        self.regularizer_config()?;
         let noise = self.noise_config()?;
         // Resolving the scale checks B_S < B_L for the paper rule, etc.
         if noise.structure != NoiseStructure::None && self.batch_size > 0 {
@@ -446,7 +511,7 @@ impl TrainSettings {
         let one = |v: usize| vec![v as u64];
         let opt = |v: Option<usize>| v.map(|v| v as u64).into_iter().collect::<Vec<_>>();
         let many = |v: &[usize]| v.iter().map(|&v| v as u64).collect::<Vec<_>>();
-        let fields: [(&'static str, Vec<u64>); 22] = [
+        let fields: [(&'static str, Vec<u64>); 23] = [
             ("train-limit", opt(self.train_limit)),
             ("test-limit", opt(self.test_limit)),
             ("holdout", opt(self.holdout)),
@@ -463,6 +528,7 @@ impl TrainSettings {
             ("noise-from", one(self.noise_from)),
             ("noise-until", opt(self.noise_until)),
             ("refresh", vec![self.refresh]),
+            ("reg-micro-batches", one(self.reg_micro_batches)),
             ("seed", vec![self.seed]),
             ("threads", opt(self.threads)),
             ("eval-batch", one(self.eval_batch)),
@@ -545,6 +611,12 @@ impl TrainSettings {
                 self.noise_from, self.epochs
             ));
         }
+        if self.regularizer != RegularizerName::None && self.reg_strength == 0.0 {
+            out.push(
+                "--reg-strength is 0: the regularizer adds nothing (each step is the plain step)"
+                    .to_string(),
+            );
+        }
         if self.schedule == ScheduleName::Multistep
             && let Some(m) = self.milestones.iter().find(|&&m| m >= length)
         {
@@ -624,6 +696,18 @@ impl TrainSettings {
             (!noisy || self.scale != ScaleName::Fixed) && self.noise_scale.is_some(),
             "noise-scale",
             "it applies only to --scale fixed",
+        );
+        let no_reg = "there is no regularizer (--regularizer none)";
+        check(
+            self.regularizer == RegularizerName::None && self.reg_strength != d.reg_strength,
+            "reg-strength",
+            no_reg,
+        );
+        check(
+            self.regularizer == RegularizerName::None
+                && self.reg_micro_batches != d.reg_micro_batches,
+            "reg-micro-batches",
+            no_reg,
         );
         let not_multistep = "it applies only to --schedule multistep";
         check(

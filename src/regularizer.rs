@@ -1,0 +1,331 @@
+//! Explicit regularizers computed on micro-batches, for any burn module: the
+//! gradient-norm penalty and the Fisher-trace penalty, the remedies for the
+//! large-batch gap that later work found to work (docs/method.md, section
+//! on regularizers).
+//!
+//! The regularized objective over a batch split into M contiguous
+//! micro-batches of b = B/M examples, in batch order, is
+//!
+//! ```text
+//! L(theta) + lambda (1/M) sum_m ||g_m||^2,   g_m = grad L_m(theta)
+//! ```
+//!
+//! where L_m is the mean loss over micro-batch m: with the batch's labels
+//! (`grad-norm`), or with labels drawn once per step from the model's own
+//! predictive distribution and then held fixed (`fisher-trace`: the mean of
+//! ||g_m||^2 over label draws is tr of the micro-batch Fisher). Its gradient
+//! is `grad L + 2 lambda (1/M) sum_m H_m g_m`, with H_m the Hessian of L_m.
+//! Each Hessian-vector product is a forward difference of gradients,
+//!
+//! ```text
+//! H_m g_m ~ (grad L_m(theta + eps g_m) - grad L_m(theta)) / eps,  eps = r / ||g_m||,
+//! ```
+//!
+//! a step of length r in parameter space along g_m. Its error is
+//! `(r/2) ||g_m|| T[u, u] + O(r^2)` (u = g_m/||g_m||, T the third derivative):
+//! relative to ||H_m g_m|| it is about `(r/2) ||T[u,u]|| / ||H u||`, first
+//! order in r and independent of ||g_m||; float32 rounding of the two
+//! gradients adds about `1e-7 ||grad L_m|| / (r ||H u||)`. The default
+//! r = 1e-2 keeps both near 1 % for the nets here (measured in the tests).
+
+use burn::module::Module;
+use burn::tensor::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::collective::all_reduce_packed;
+use crate::error::{CovnoiseError, Result, check_non_negative, check_positive};
+use crate::model::{Coupling, Examples, Objective, Probes};
+use crate::moments::{self, PassRequest, StepContext, StepGradient};
+use crate::rng::stream;
+use crate::tensor_util::scalar;
+
+/// Which micro-batch gradient's squared norm is penalized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PenaltyKind {
+    /// ||g_m||^2 with the batch's labels (the gradient-norm penalty).
+    GradNorm,
+    /// ||g_m||^2 with labels sampled from the model's predictions (the
+    /// Fisher-trace penalty); classifiers only.
+    FisherTrace,
+}
+
+/// An explicit penalty `lambda (1/M) sum_m ||g_m||^2` over M micro-batches,
+/// added to a step's gradient by the
+/// [`NoiseStage`](crate::noise::NoiseStage) (see
+/// [`NoiseStage::with_regularizer`](crate::noise::NoiseStage::with_regularizer)).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Regularizer {
+    /// The penalized gradient.
+    pub kind: PenaltyKind,
+    /// lambda >= 0; 0 leaves the step exactly as without the regularizer.
+    pub strength: f64,
+    /// M >= 1: micro-batches the global batch is split into.
+    pub micro_batches: usize,
+    /// r > 0: length of the finite-difference step in parameter space.
+    pub fd_radius: f64,
+}
+
+impl Regularizer {
+    /// The finite-difference step length r used unless set otherwise.
+    pub const DEFAULT_FD_RADIUS: f64 = 1e-2;
+
+    /// The gradient-norm penalty of strength `lambda` over `micro_batches`.
+    ///
+    /// ```
+    /// use covnoise::regularizer::Regularizer;
+    /// let reg = Regularizer::grad_norm(0.01, 32);
+    /// assert!(reg.validate().is_ok());
+    /// ```
+    pub fn grad_norm(lambda: f64, micro_batches: usize) -> Self {
+        Self::new(PenaltyKind::GradNorm, lambda, micro_batches)
+    }
+
+    /// The Fisher-trace penalty of strength `lambda` over `micro_batches`.
+    pub fn fisher_trace(lambda: f64, micro_batches: usize) -> Self {
+        Self::new(PenaltyKind::FisherTrace, lambda, micro_batches)
+    }
+
+    /// A penalty of `kind`.
+    pub fn new(kind: PenaltyKind, lambda: f64, micro_batches: usize) -> Self {
+        Self {
+            kind,
+            strength: lambda,
+            micro_batches,
+            fd_radius: Self::DEFAULT_FD_RADIUS,
+        }
+    }
+
+    /// The same penalty with finite-difference step length `r`.
+    pub fn with_fd_radius(self, r: f64) -> Self {
+        Self {
+            fd_radius: r,
+            ..self
+        }
+    }
+
+    /// Checks the settings that do not depend on the batch.
+    pub fn validate(&self) -> Result<()> {
+        check_non_negative("reg-strength", self.strength)?;
+        check_positive("reg-micro-batches", self.micro_batches as f64)?;
+        check_positive("fd-radius", self.fd_radius)?;
+        Ok(())
+    }
+
+    /// Whether the penalty changes anything (lambda > 0).
+    pub fn is_active(&self) -> bool {
+        self.strength > 0.0
+    }
+
+    /// Checks that the penalty can run on a global batch of `global`
+    /// examples spread over `world` processes, for a model whose examples
+    /// interact as `coupling`.
+    pub fn check_batch(&self, global: usize, world: usize, coupling: Coupling) -> Result<()> {
+        let m = self.micro_batches;
+        if !global.is_multiple_of(m) {
+            return Err(CovnoiseError::Unsupported(format!(
+                "--reg-micro-batches {m} does not divide the global batch of {global}"
+            )));
+        }
+        if !m.is_multiple_of(world) {
+            return Err(CovnoiseError::Unsupported(format!(
+                "--reg-micro-batches {m} cannot be spread evenly over {world} processes"
+            )));
+        }
+        let b = global / m;
+        if let Coupling::Groups(g) = coupling
+            && !b.is_multiple_of(g)
+        {
+            return Err(CovnoiseError::Unsupported(format!(
+                "penalty micro-batches of {b} examples would split ghost batches of {g}; choose --reg-micro-batches so that the micro-batch is a multiple of the ghost batch"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The penalty's contribution to one step.
+#[derive(Debug)]
+pub(crate) struct PenaltyGradient {
+    /// `2 lambda (1/M) sum_m H_m g_m` over the global batch, flat, table order.
+    pub grads: Vec<Tensor<1>>,
+    /// The penalty's value without lambda, `(1/M) sum_m ||g_m||^2`.
+    pub value: f64,
+    /// The plain step gradient (data labels) assembled from the micro-batch
+    /// passes, when it was asked for and the model's examples allow it.
+    pub data: Option<StepGradient>,
+}
+
+/// The penalty's gradient on `batch` (this process's contiguous shard of the
+/// global batch, holding M/K of the micro-batches). With `want_data`, the
+/// passes at theta with the data labels also make the step's plain gradient
+/// (the mean of the micro-batch gradients is the batch gradient) and move
+/// the model's buffers once, as a plain step would; otherwise the buffers
+/// are left as they were.
+pub(crate) fn penalty_gradient<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    reg: &Regularizer,
+    want_data: bool,
+    ctx: &StepContext,
+) -> Result<PenaltyGradient>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
+    let world = ctx.collective.world_size();
+    let local = batch.len();
+    reg.check_batch(local * world, world, ctx.coupling)?;
+    let local_m = reg.micro_batches / world;
+    let b = local / local_m;
+    // A whole-batch batch norm normalizes a micro-batch differently from
+    // the batch: its passes cannot make the batch's gradient.
+    let want_data = want_data && ctx.coupling != Coupling::WholeBatch;
+    let chunk = ctx.pass_chunk();
+    // Sums over this process's micro-batches, accumulated as each one is
+    // done so that one micro-batch's gradients are alive at a time.
+    let mut acc = Sums::default();
+    let mut micro = |j: usize| -> Result<()> {
+        let part = batch.slice(j * b, b);
+        let data = moments::backward_pass(
+            model,
+            ctx.table,
+            &part,
+            forward,
+            PassRequest {
+                chunk,
+                ..Default::default()
+            },
+        )?;
+        // The passes that are not the step's own leave the buffers where
+        // the data pass put them.
+        let (norm_sq, hvp) = moments::keeping_buffers(model, || {
+            let labels = match reg.kind {
+                PenaltyKind::GradNorm => None,
+                PenaltyKind::FisherTrace => {
+                    let logits = data.logits.as_ref().ok_or_else(|| {
+                        CovnoiseError::Unsupported(
+                            "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification".into(),
+                        )
+                    })?;
+                    let offset = ctx.collective.rank() * local + j * b;
+                    let sampled =
+                        moments::sample_labels(logits, ctx, stream::PENALTY_LABELS, offset)?;
+                    Some(crate::model::labels_tensor(&sampled, &logits.device()))
+                }
+            };
+            let request = PassRequest {
+                labels: labels.clone(),
+                chunk,
+                ..Default::default()
+            };
+            let g = match &labels {
+                None => data.grads.clone(),
+                Some(_) => {
+                    moments::backward_pass(model, ctx.table, &part, forward, request.clone())?.grads
+                }
+            };
+            let norm_sq = squared_norm(&g);
+            if !norm_sq.is_finite() {
+                return Err(CovnoiseError::NonFiniteGradient { step: ctx.step });
+            }
+            if norm_sq == 0.0 {
+                // A zero gradient has a zero product with any Hessian.
+                return Ok((norm_sq, None));
+            }
+            let eps = reg.fd_radius / norm_sq.sqrt();
+            let moved = crate::params::shifted(model, &g, eps as f32)?;
+            let at_moved = moments::backward_pass(&moved, ctx.table, &part, forward, request)?;
+            let hvp: Vec<Tensor<1>> = at_moved
+                .grads
+                .into_iter()
+                .zip(g)
+                .map(|(moved, here)| (moved - here) / eps as f32)
+                .collect();
+            Ok((norm_sq, Some(hvp)))
+        })?;
+        acc.norm_sq += norm_sq;
+        acc.loss_sum += data.loss_sum;
+        acc.correct = data.correct.map(|c| c + acc.correct.unwrap_or(0));
+        acc.device = data.grads.first().map(|g| g.device());
+        if let Some(h) = hvp {
+            acc.hvp = Some(add(acc.hvp.take(), h));
+        }
+        if want_data {
+            acc.data = Some(add(acc.data.take(), data.grads));
+        }
+        Ok(())
+    };
+    let shares = vec![1.0 / local_m as f64; local_m];
+    if want_data {
+        moments::parts_with_one_buffer_update(model, &shares, &mut micro)?;
+    } else {
+        moments::keeping_buffers(model, || (0..local_m).try_for_each(&mut micro))?;
+    }
+    let mut hvp = match acc.hvp {
+        Some(h) => h,
+        None => {
+            let device = acc.device.expect("a pass ran");
+            ctx.table
+                .entries()
+                .iter()
+                .map(|e| Tensor::<1>::zeros([e.numel()], &device))
+                .collect()
+        }
+    };
+    let mut scalars = [acc.norm_sq];
+    all_reduce_packed(ctx.collective, &mut hvp, &mut scalars)?;
+    let m = reg.micro_batches as f64;
+    let factor = (2.0 * reg.strength / m) as f32;
+    let grads = hvp.into_iter().map(|h| h * factor).collect();
+    let data = match acc.data {
+        Some(sum) => {
+            // The mean over this process's micro-batches is its shard's
+            // mean gradient, which reduce_step averages over processes.
+            let mean = sum.into_iter().map(|g| g / local_m as f32).collect();
+            Some(moments::reduce_step(
+                mean,
+                acc.loss_sum,
+                acc.correct,
+                local,
+                None,
+                ctx,
+            )?)
+        }
+        None => None,
+    };
+    Ok(PenaltyGradient {
+        grads,
+        value: scalars[0] / m,
+        data,
+    })
+}
+
+/// ||g||^2 over all parameters, with one host read.
+pub(crate) fn squared_norm(g: &[Tensor<1>]) -> f64 {
+    g.iter()
+        .map(|t| t.clone().square().sum())
+        .reduce(|a, b| a + b)
+        .map_or(0.0, scalar)
+}
+
+/// `acc + x`, entry by entry (x alone when there is no sum yet).
+fn add(acc: Option<Vec<Tensor<1>>>, x: Vec<Tensor<1>>) -> Vec<Tensor<1>> {
+    match acc {
+        None => x,
+        Some(acc) => acc.into_iter().zip(x).map(|(a, x)| a + x).collect(),
+    }
+}
+
+/// Running sums over a process's micro-batches.
+#[derive(Default)]
+struct Sums {
+    norm_sq: f64,
+    loss_sum: f64,
+    correct: Option<usize>,
+    hvp: Option<Vec<Tensor<1>>>,
+    data: Option<Vec<Tensor<1>>>,
+    device: Option<burn::tensor::Device>,
+}
