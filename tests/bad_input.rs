@@ -196,6 +196,25 @@ fn cases() -> Vec<Case> {
         train(&["--noise", "diag", "--small-batch", "32"], "B_S = 32"),
         train(&["--noise", "diag", "--small-batch", "0"], "small"),
         train(&["--noise", "diag", "--kappa", "-1"], "kappa"),
+        train(
+            &["--regularizer", "grad-norm", "--reg-strength", "-1"],
+            "reg-strength",
+        ),
+        train(
+            &["--regularizer", "grad-norm", "--reg-strength", "nan"],
+            "reg-strength",
+        ),
+        train(
+            &["--regularizer", "grad-norm", "--reg-micro-batches", "0"],
+            "reg-micro-batches",
+        ),
+        train(
+            &["--regularizer", "grad-norm", "--reg-micro-batches", "7"],
+            "reg-micro-batches",
+        ),
+        train(&["--clip-norm", "0"], "clip-norm"),
+        train(&["--clip-norm", "inf"], "clip-norm"),
+        other(&["train", "--regularizer", "hessian"], 2, "invalid value"),
         train(&["--noise", "diag", "--kappa", "nan"], "kappa"),
         train(
             &[
