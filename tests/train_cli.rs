@@ -132,6 +132,9 @@ fn one_epoch_writes_the_three_files() {
     }
     assert_eq!(summary["status"], "completed");
     assert_eq!(summary["steps"], 8); // 512 / 64 steps, 1 epoch
+    // The final model's Fisher trace (no batch norm: per-example gradients exist).
+    let trace = summary["fisher_trace"].as_f64().unwrap();
+    assert!(trace.is_finite() && trace > 0.0, "{trace}");
     assert!((summary["noise_scale"].as_f64().unwrap() - c).abs() < 1e-12);
 }
 
