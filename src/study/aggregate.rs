@@ -344,13 +344,14 @@ impl StudyReport {
         })
     }
 
-    /// Whether any final run has a finite point to draw (the curve plots
-    /// are written and linked only then).
+    /// Whether any final run has a point to draw against both epochs and
+    /// steps (the curve plots are written and linked only then).
     fn has_curves(&self) -> bool {
-        self.arms
-            .iter()
-            .flat_map(|a| &a.seeds)
-            .any(|r| r.curve.iter().any(|p| p.test_accuracy.is_finite()))
+        self.arms.iter().flat_map(|a| &a.seeds).any(|r| {
+            r.curve
+                .iter()
+                .any(|p| p.test_accuracy.is_finite() && p.steps.is_some())
+        })
     }
 
     /// The results as a Markdown document.

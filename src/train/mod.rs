@@ -689,7 +689,9 @@ impl<'a> Trainer<'a> {
 
     /// Trains for the configured epochs, appending each epoch's metrics to
     /// `run_dir` (rank 0 only) and writing `summary.json` at the end, also
-    /// when the run diverges.
+    /// when the run diverges. A completed run's summary holds the final
+    /// model's loss and accuracy on the whole training set (evaluation mode)
+    /// and its Fisher trace ([`RunSummary::fisher_trace`]).
     pub fn run(
         &mut self,
         run_dir: Option<&RunDir>,
