@@ -201,6 +201,59 @@ fn exact_estimator_matches_brute_force() {
     check_exact_against_brute_force(&[], 20, 3);
 }
 
+#[test]
+fn fisher_trace_is_the_mean_squared_norm_of_single_example_gradients() {
+    let (input, classes, n) = (9, 4, 11);
+    let model = mlp(input, &[13, 6], classes, 5);
+    let table = ParamTable::of(&model);
+    let batch = random_batch(n, input, classes, 6);
+    // Reference: (1/n) sum_i ||grad l_i||^2 from n single-example passes.
+    let per = per_example_grads(&model, &batch, None);
+    let reference = per
+        .iter()
+        .map(|g| g.iter().map(|x| x * x).sum::<f64>())
+        .sum::<f64>()
+        / n as f64;
+    assert!(reference > 0.0);
+    // One pass, and passes of 4, 4 and 3 examples (uneven chunks).
+    for chunk in [None, Some(4), Some(1), Some(100)] {
+        let ctx = StepContext {
+            chunk,
+            ..ctx(0, &table)
+        };
+        let trace = moments::fisher_trace(&model, &batch, &fwd, &ctx)
+            .unwrap()
+            .unwrap();
+        assert!(
+            (trace - reference).abs() <= 1e-4 * reference,
+            "chunk {chunk:?}: {trace} vs {reference}"
+        );
+    }
+    // The exact estimator's trace on the same batch is the same quantity.
+    let estimated = moments::estimate(
+        &model,
+        &batch,
+        &fwd,
+        Estimator::Exact,
+        MomentKind::Trace,
+        &ctx(0, &table),
+    )
+    .unwrap()
+    .moment
+    .unwrap()
+    .trace();
+    assert!((estimated - reference).abs() <= 1e-4 * reference);
+    // Without per-example gradients (batch norm couples the examples)
+    // there is no value, and no error.
+    for coupling in [Coupling::WholeBatch, Coupling::Groups(2)] {
+        let ctx = ctx_with(0, &table, coupling);
+        assert_eq!(
+            moments::fisher_trace(&model, &batch, &fwd, &ctx).unwrap(),
+            None
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, .. ProptestConfig::default() })]
     /// Shapes and batch sizes from one example up.

@@ -205,9 +205,16 @@ fn two_processes_match_one(extra: &[&str], all_reduces_per_step: u64) {
         .unwrap();
     assert_eq!(config["meta"]["world-size"].as_integer(), Some(2));
 
-    // 16 steps, plus one per epoch's test evaluation, the replica check and
-    // the final training-set evaluation.
-    let calls = all_reduces_per_step * 16 + 2 + 1 + 1;
+    // The final model's Fisher trace: each rank took half of the examples.
+    let (t1, t2) = (
+        single["fisher_trace"].as_f64().unwrap(),
+        mpi["fisher_trace"].as_f64().unwrap(),
+    );
+    assert!((t1 - t2).abs() <= 1e-4 * t1, "Fisher trace {t1} vs {t2}");
+
+    // 16 steps, plus one per epoch's test evaluation, the replica check,
+    // the final training-set evaluation and the Fisher trace.
+    let calls = all_reduces_per_step * 16 + 2 + 1 + 1 + 1;
     assert!(
         mpi_stdout.contains(&format!("[2 processes; {calls} all-reduces, ")),
         "expected {calls} all-reduces: {mpi_stdout}"

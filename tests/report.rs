@@ -3,7 +3,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use covnoise::report::run_plots::{BandSeries, plot_bands, plot_bars, plot_runs};
+use covnoise::report::run_plots::{
+    BandSeries, SeedLines, plot_bands, plot_bars, plot_runs, plot_seed_lines,
+};
 use covnoise::report::runs::{
     DivergedInfo, EpochMetrics, RunRecord, RunStatus, RunSummary, load_run, mean_std,
 };
@@ -227,6 +229,7 @@ fn written_structs_read_back_including_nan() {
         }),
         checkpoint_seconds: 0.0,
         checkpoint_bytes: 0,
+        fisher_trace: None,
     };
     let text = serde_json::to_string(&s).unwrap();
     assert!(text.contains(r#""status":"diverged""#), "{text}");
@@ -571,5 +574,77 @@ fn band_and_bar_plots_write_files() {
         &png,
     )
     .unwrap();
+    assert_png(&png);
+}
+
+#[test]
+fn seed_line_plots_draw_every_seed_and_name_each_arm_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let line = |ys: &[f64]| -> Vec<(f64, f64)> {
+        ys.iter()
+            .enumerate()
+            .map(|(i, &y)| (100.0 * (i + 1) as f64, y))
+            .collect()
+    };
+    let groups = vec![
+        SeedLines {
+            label: "arm-small".to_string(),
+            // Three seeds, one with an unevaluated epoch (two pieces).
+            lines: vec![
+                line(&[60.0, 70.0, 75.0]),
+                line(&[61.0, f64::NAN, 76.0, 77.0]),
+                line(&[59.0, 69.0, 74.0]),
+            ],
+        },
+        SeedLines {
+            label: "arm-large".to_string(),
+            // One seed collapsed to chance, one diverged at once (no point).
+            lines: vec![line(&[50.0, 10.0, 10.0]), line(&[f64::NAN, f64::NAN])],
+        },
+    ];
+    let nothing = vec![SeedLines {
+        label: "x".to_string(),
+        lines: vec![line(&[f64::NAN])],
+    }];
+    let message = plot_seed_lines(&nothing, "t", "step", "y", &tmp.path().join("n.svg"))
+        .unwrap_err()
+        .to_string();
+    assert!(message.starts_with("no finite point to plot"), "{message}");
+    assert!(plot_seed_lines(&[], "t", "step", "y", &tmp.path().join("e.svg")).is_err());
+    assert!(plot_seed_lines(&groups, "t", "step", "y", &tmp.path().join("g.gif")).is_err());
+    if !fonts_available() {
+        return;
+    }
+    let svg = tmp.path().join("seeds.svg");
+    plot_seed_lines(
+        &groups,
+        "per seed",
+        "optimizer steps",
+        "test accuracy (%)",
+        &svg,
+    )
+    .unwrap();
+    assert_svg(&svg);
+    let text = fs::read_to_string(&svg).unwrap();
+    // One legend entry per arm, however many seeds it has.
+    assert_eq!(text.matches("arm-small").count(), 1, "{text}");
+    assert_eq!(text.matches("arm-large").count(), 1, "{text}");
+    assert!(text.contains("optimizer steps"));
+    // Every piece of every seed is a line of its own in its arm's colour
+    // (tab10's first two), plus one legend sample per arm; no band polygon.
+    let lines_in = |colour: &str| {
+        text.matches(&format!(
+            "<polyline fill=\"none\" opacity=\"1\" stroke=\"{colour}\""
+        ))
+        .count()
+    };
+    assert_eq!(
+        (lines_in("#1F77B4"), lines_in("#FF7F0E")),
+        (4 + 1, 1 + 1),
+        "{text}"
+    );
+    assert!(!text.contains("<polygon"), "{text}");
+    let png = tmp.path().join("seeds.png");
+    plot_seed_lines(&groups, "per seed", "epoch", "test accuracy (%)", &png).unwrap();
     assert_png(&png);
 }

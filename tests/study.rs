@@ -138,15 +138,15 @@ fn parallel_workers_give_the_same_runs_and_resume() {
     assert_eq!(skipped.len(), 5);
     let read = |out: &Path| std::fs::read_to_string(out.join("study.md")).unwrap();
     // Without the timing: the main table's s/epoch, ms/step and step cost
-    // columns (its 10th to 12th of 13) and the line saying how many threads
+    // columns (its 13th to 15th of 16) and the line saying how many threads
     // each run had.
     let strip_times = |t: String| {
         t.lines()
             .filter(|l| !l.starts_with("Final runs:"))
             .map(|l| {
                 let mut cells: Vec<&str> = l.split('|').collect();
-                if cells.len() == 15 {
-                    cells.drain(10..13);
+                if cells.len() == 18 {
+                    cells.drain(13..16);
                 }
                 cells.join("|")
             })
@@ -180,10 +180,22 @@ fn a_killed_study_resumes_where_it_stopped() {
     for f in [
         "study.md",
         "study.json",
-        "study-curves.png",
+        "study-curves-epochs.png",
+        "study-curves-steps.png",
         "study-final.png",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // The trained runs recorded their final Fisher trace, and the table
+    // shows it for both arms (no batch norm).
+    let md = std::fs::read_to_string(out.join("study.md")).unwrap();
+    for arm in ["small", "large noisy"] {
+        let row = md
+            .lines()
+            .find(|l| l.starts_with(&format!("| {arm} |")))
+            .unwrap();
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        assert!(cells[12].contains('e') && cells[12] != "–", "{row}");
     }
     // Simulate a kill during one run: its summary is missing.
     let killed = out.join("runs/large-noisy/seed-1");
@@ -244,6 +256,7 @@ fn write_run(dir: &Path, accs: &[f64], final_acc: f64, status: RunStatus) {
         diverged: None,
         checkpoint_seconds: 0.0,
         checkpoint_bytes: 0,
+        fisher_trace: Some(1.5),
     };
     std::fs::write(
         dir.join("summary.json"),
@@ -279,7 +292,8 @@ fn aggregation_computes_mean_std_and_the_table() {
     assert_eq!(arm.curve.len(), 2);
     assert!((arm.curve[1].1.mean - 0.82).abs() < 1e-12);
     let md = report.markdown();
-    assert!(md.contains("| a | 4096 | 0.2 | 10 | none |"), "{md}");
+    // Epochs and steps are the completed runs' own (2 epochs of 10 steps).
+    assert!(md.contains("| a | 4096 | 0.2 | 2 | 20 | none |"), "{md}");
     assert!(md.contains("82.00 ± 2.83"), "{md}");
     assert!(md.contains("2/3"), "{md}");
     // The seconds column says what it is.
@@ -350,4 +364,136 @@ fn step_cost_is_relative_to_the_plain_arm_at_the_same_batch_size() {
     // No arm without noise at batch 256: no baseline, no ratio.
     assert!(row("alone").contains("| 300.00 | – |"), "{md}");
     assert!(md.contains("ms/step | step cost"), "{md}");
+}
+
+/// Rewrites the summary of the run in `dir` with `edit`.
+fn edit_summary(dir: &Path, edit: impl FnOnce(&mut RunSummary)) {
+    let path = dir.join("summary.json");
+    let mut summary: RunSummary =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut summary);
+    std::fs::write(&path, serde_json::to_string(&summary).unwrap()).unwrap();
+}
+
+#[test]
+fn the_table_decomposes_the_gap_per_seed_and_the_plots_are_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("s{i}"))).collect();
+    // Seed 0: train 95 %, test 80 %; seed 1: train 90 %, test 84 %; seed 2
+    // diverged (left out of the spreads, listed per seed).
+    let finals = [(0.80, 0.95, 1.5), (0.84, 0.90, 2.5)];
+    for (i, &(test, train, trace)) in finals.iter().enumerate() {
+        write_run(&dirs[i], &[0.5, test], test, RunStatus::Completed);
+        edit_summary(&dirs[i], |s| {
+            s.seed = i as u64;
+            s.train_accuracy = train;
+            s.fisher_trace = Some(trace);
+        });
+    }
+    write_run(&dirs[2], &[0.1, f64::NAN], f64::NAN, RunStatus::Diverged);
+    edit_summary(&dirs[2], |s| {
+        s.seed = 2;
+        s.fisher_trace = None;
+    });
+    // An arm whose run predates the Fisher trace: its summary lacks the field.
+    let old = tmp.path().join("old");
+    write_run(&old, &[0.5, 0.7], 0.7, RunStatus::Completed);
+    let text = std::fs::read_to_string(old.join("summary.json")).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    value.as_object_mut().unwrap().remove("fisher_trace");
+    std::fs::write(old.join("summary.json"), value.to_string()).unwrap();
+
+    // The reference, read from the run directories' summaries directly:
+    // the gap per completed seed, then its mean and sample std.
+    let gaps: Vec<f64> = dirs[..2]
+        .iter()
+        .map(|d| {
+            let s: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join("summary.json")).unwrap())
+                    .unwrap();
+            s["train_accuracy"].as_f64().unwrap() - s["test_accuracy"].as_f64().unwrap()
+        })
+        .collect();
+    let gap_mean = (gaps[0] + gaps[1]) / 2.0;
+    let gap_std = ((gaps[0] - gap_mean).powi(2) + (gaps[1] - gap_mean).powi(2)).sqrt();
+
+    let spec =
+        StudySpec::from_toml("name = \"gap\"\nseeds = [0, 1, 2]\n[[arm]]\nname = \"a\"\n").unwrap();
+    let arms = vec![
+        (
+            "a".into(),
+            String::new(),
+            TrainSettings::default(),
+            vec![],
+            dirs.clone(),
+        ),
+        (
+            "old".into(),
+            String::new(),
+            TrainSettings::default(),
+            vec![],
+            vec![old],
+        ),
+    ];
+    let report = aggregate(&spec, arms, 1, 1).unwrap();
+    let arm = &report.arms[0];
+    assert!((arm.gap.mean - gap_mean).abs() < 1e-12, "{:?}", arm.gap);
+    assert!((arm.gap.std - gap_std).abs() < 1e-12, "{:?}", arm.gap);
+    // Not the gap of the means' difference with the diverged seed's NaN.
+    assert!(arm.gap.mean.is_finite());
+    let trace = arm.fisher_trace.unwrap();
+    assert!((trace.mean - 2.0).abs() < 1e-12 && (trace.std - 0.5f64.sqrt()).abs() < 1e-12);
+    assert_eq!((arm.steps.mean, arm.epochs.mean), (20.0, 2.0));
+    assert_eq!(arm.seeds.len(), 3);
+    assert!(report.arms[1].fisher_trace.is_none());
+
+    let md = report.markdown();
+    let row = |name: &str| -> Vec<String> {
+        md.lines()
+            .find(|l| l.starts_with(&format!("| {name} |")))
+            .unwrap_or_else(|| panic!("no row {name} in {md}"))
+            .split('|')
+            .map(|c| c.trim().to_string())
+            .collect()
+    };
+    let header = row("arm");
+    let col = |name: &str| header.iter().position(|h| h == name).unwrap();
+    let a = row("a");
+    assert_eq!(a[col("epochs")], "2");
+    assert_eq!(a[col("steps")], "20");
+    assert_eq!(a[col("test acc")], "82.00 ± 2.83");
+    assert_eq!(a[col("train acc")], "92.50 ± 3.54");
+    assert_eq!(
+        a[col("gap")],
+        format!("{:.2} ± {:.2}", 100.0 * gap_mean, 100.0 * gap_std)
+    );
+    assert_eq!(a[col("gap")], "10.50 ± 6.36");
+    assert_eq!(a[col("train loss")], "0.3000 ± 0.0000");
+    assert_eq!(a[col("tr(F)")], "2.000e0 ± 7.1e-1");
+    assert_eq!(row("old")[col("tr(F)")], "–");
+    // One row per seed, the diverged one included.
+    for line in [
+        "| a | 0 | completed | 2 | 20 | 80.00 | 95.00 | 15.00 | 0.3000 | 1.500e0 |",
+        "| a | 1 | completed | 2 | 20 | 84.00 | 90.00 | 6.00 | 0.3000 | 2.500e0 |",
+        "| a | 2 | diverged | 2 | 20 | – | – | – | 0.3000 | – |",
+        "| old | 0 | completed | 2 | 20 | 70.00 | 75.00 | 5.00 | 0.3000 | – |",
+    ] {
+        assert!(md.lines().any(|l| l == line), "no line {line} in {md}");
+    }
+
+    // Both curve plots and the final accuracies are written, as PNG, and
+    // the markdown links them.
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let written = report.write(&out).unwrap();
+    for f in [
+        "study-curves-epochs.png",
+        "study-curves-steps.png",
+        "study-final.png",
+    ] {
+        let bytes = std::fs::read(out.join(f)).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG"), "{f} is not a PNG");
+        assert!(written.contains(&out.join(f)), "{f} not reported");
+        assert!(md.contains(&format!("]({f})")), "{f} not linked in {md}");
+    }
 }

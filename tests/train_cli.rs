@@ -132,6 +132,9 @@ fn one_epoch_writes_the_three_files() {
     }
     assert_eq!(summary["status"], "completed");
     assert_eq!(summary["steps"], 8); // 512 / 64 steps, 1 epoch
+    // The final model's Fisher trace (no batch norm: per-example gradients exist).
+    let trace = summary["fisher_trace"].as_f64().unwrap();
+    assert!(trace.is_finite() && trace > 0.0, "{trace}");
     assert!((summary["noise_scale"].as_f64().unwrap() - c).abs() < 1e-12);
 }
 
@@ -654,4 +657,64 @@ fn eval_every_skips_test_evaluations_but_not_the_last() {
     assert_eq!(summary["steps"], 2);
     let c = summary["noise_scale"].as_f64().unwrap();
     assert!((c - (1.0 / 16.0 - 1.0 / 400.0)).abs() < 1e-12, "c = {c}");
+}
+
+#[test]
+fn the_fisher_trace_is_the_final_models_on_the_first_4096_training_examples() {
+    use covnoise::model::{Batch, Network, Probes};
+    use covnoise::train::{RunDir, checkpoint, input_shape, load_data, to_device};
+    let tmp = tempfile::tempdir().unwrap();
+    // More training examples than the trace uses.
+    let data = common::write_fashion_fixture(&tmp.path().join("data"), 4200, 64);
+    let run = tmp.path().join("run");
+    // Passes of 1,000 examples: four full ones and one of 96.
+    let o = train(&data, &["--chunk", "1000", "--out", run.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let trace = summary["fisher_trace"].as_f64().unwrap();
+    // The reference: the final model (its last checkpoint) on the run's own
+    // data, (1/n) sum_i ||grad l_i||^2 from one single-example pass each.
+    let settings = RunDir::open(&run).unwrap().read_settings().unwrap();
+    let loaded = load_data(&settings).unwrap();
+    let (_, last) = checkpoint::list(&run).unwrap().pop().unwrap();
+    let saved = checkpoint::read(&last).unwrap();
+    let device = burn::tensor::Device::flex().autodiff();
+    let config = settings
+        .network_config(&loaded.train.shape, loaded.train.num_classes)
+        .unwrap();
+    let model = Network::new(&config, settings.seed, &device).unwrap();
+    let model = covnoise::weights::load_into(model, &saved.weights, false).unwrap();
+    let mut host = covnoise::data::Batch::default();
+    loaded
+        .train
+        .gather_into(&(0..4200).collect::<Vec<_>>(), &mut host);
+    let examples = to_device(&host, input_shape(&loaded.train), &device);
+    let forward =
+        |m: &Network, b: &Batch<4>, p: &mut Probes| m.objective(b.x.clone(), b.labels.clone(), p);
+    let squares: Vec<f64> = common::per_example(&model, &examples, &forward)
+        .iter()
+        .map(|g| g.iter().map(|x| x * x).sum())
+        .collect();
+    let mean = |n: usize| squares[..n].iter().sum::<f64>() / n as f64;
+    let reference = mean(4096);
+    assert!(
+        (trace - reference).abs() <= 1e-4 * reference,
+        "{trace} vs {reference}"
+    );
+    // Which examples count is visible at this tolerance.
+    assert!((mean(4200) - reference).abs() > 1e-3 * reference);
+    // With batch norm there are no per-example gradients: null, and the run
+    // completes.
+    let ghost = tmp.path().join("ghost");
+    let o = train(
+        &data,
+        &["--ghost-batch", "16", "--out", ghost.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ghost.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["status"], "completed");
+    assert!(summary["fisher_trace"].is_null(), "{summary}");
 }

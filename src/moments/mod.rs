@@ -668,6 +668,80 @@ where
     }
 }
 
+/// The trace of the empirical Fisher per example, `tr(F) = (1/n) sum_i
+/// ||grad l_i||^2`, over the examples of all processes together: a
+/// sharpness proxy of `model` (for example at the end of training). Each
+/// process passes its own shard of the examples (shards may differ in size;
+/// one may be empty); `n` is their total.
+///
+/// This is what the exact estimator ([`estimate`] with [`Estimator::Exact`]
+/// and [`MomentKind::Trace`]) computes on a batch: per-example squared
+/// gradients from the factors of the probed layers, with the examples'
+/// own labels. The passes run over at most [`StepContext::chunk`]
+/// examples each (all of the shard in one pass when it is None), and each
+/// pass's factors are reduced to a sum before the next pass starts, so
+/// memory stays that of one chunk. Parameter gradients are not formed. The
+/// model's buffers (running statistics) are left as they were, and nothing
+/// of a noise stage is read or advanced; [`StepContext::seed`] and
+/// [`StepContext::step`] are not used. The per-process sums are combined
+/// with one all-reduce over [`StepContext::collective`], which every
+/// process must call.
+///
+/// Returns `Ok(None)` when the model's examples are not independent
+/// ([`StepContext::coupling`] is not [`Coupling::Independent`]: batch
+/// normalization makes per-example gradients undefined). Errors when a
+/// parameter has no per-example rule (as the exact estimator does) or when
+/// no process has an example; a non-finite gradient gives a non-finite
+/// trace.
+pub fn fisher_trace<M, B, F>(
+    model: &M,
+    examples: &B,
+    forward: &F,
+    ctx: &StepContext,
+) -> Result<Option<f64>>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
+    if ctx.coupling != Coupling::Independent {
+        return Ok(None);
+    }
+    let local = examples.len();
+    let chunk = ctx.chunk.filter(|&c| c > 0).unwrap_or(local.max(1));
+    let mut sums = [0.0, local as f64];
+    keeping_buffers(model, || {
+        let mut start = 0;
+        while start < local {
+            let len = chunk.min(local - start);
+            let pass = backward_pass(
+                model,
+                ctx.table,
+                &examples.slice(start, len),
+                forward,
+                PassRequest {
+                    probes: true,
+                    skip_param_grads: true,
+                    ..Default::default()
+                },
+            )?;
+            // The pass differentiates the chunk's mean loss: len times a
+            // probe gradient is one example's own gradient.
+            sums[0] += exact::moment_sums(&pass.factors, ctx.table, len as f32, MomentKind::Trace)?
+                .trace();
+            start += len;
+        }
+        Ok(())
+    })?;
+    all_reduce_packed(ctx.collective, &mut [], &mut sums)?;
+    if sums[1] < 0.5 {
+        return Err(CovnoiseError::Shape(
+            "no examples to compute the Fisher trace on".into(),
+        ));
+    }
+    Ok(Some(sums[0] / sums[1]))
+}
+
 /// Labels drawn from the model's predictive distribution softmax(logits),
 /// for the examples of the global batch from position `offset` on. One
 /// uniform number per example of the global batch is drawn from

@@ -1,5 +1,5 @@
-//! Plots of training runs: per-run curves, seed-averaged bands and
-//! per-arm bar charts.
+//! Plots of training runs: per-run curves, seed-averaged bands, one line
+//! per seed grouped by arm, and per-arm bar charts.
 //!
 //! Every function writes PNG or SVG, chosen by the output's extension; any
 //! other extension is an error. Both need a TrueType font
@@ -31,6 +31,17 @@ pub struct BandSeries {
     pub mean: Vec<f64>,
     /// Standard deviation at each x (0 draws no band).
     pub std: Vec<f64>,
+}
+
+/// One group of lines drawn in one colour with one legend entry: a study
+/// arm, each of whose seeds is a line of its own.
+#[derive(Debug, Clone)]
+pub struct SeedLines {
+    /// Legend label (the study arm).
+    pub label: String,
+    /// One line per seed, as (x, y) points in order of x; a non-finite
+    /// point (a diverged or unevaluated epoch) leaves a gap.
+    pub lines: Vec<Vec<(f64, f64)>>,
 }
 
 /// Categorical colours (matplotlib's tab10): distinct and readable on
@@ -168,6 +179,11 @@ struct Curve {
     label: String,
     colour: RGBColor,
     segments: Vec<Vec<(f64, f64)>>,
+    /// Line width in pixels (the dots are one pixel wider in radius).
+    width: u32,
+    /// Whether the curve has its own legend entry (one per arm when each
+    /// seed is a curve).
+    legend: bool,
 }
 
 /// A panel of curves against a numeric x.
@@ -263,8 +279,8 @@ where
     }
     for curve in curves {
         let col = curve.colour;
-        let style = col.stroke_width(2);
-        let mut first = true;
+        let style = col.stroke_width(curve.width);
+        let mut first = curve.legend;
         for segment in &curve.segments {
             let series = chart
                 .draw_series(LineSeries::new(segment.iter().copied(), style))
@@ -280,7 +296,11 @@ where
             // Dots at the points: with few epochs a line alone hides where
             // the measurements are.
             chart
-                .draw_series(segment.iter().map(|&p| Circle::new(p, 3, col.filled())))
+                .draw_series(
+                    segment
+                        .iter()
+                        .map(|&p| Circle::new(p, curve.width + 1, col.filled())),
+                )
                 .map_err(drawing_error)?;
         }
     }
@@ -393,6 +413,8 @@ pub fn plot_runs(runs: &[RunRecord], out: &Path) -> anyhow::Result<()> {
                 label: label.clone(),
                 colour: colour(i),
                 segments: finite_segments(run.metrics.iter().map(|m| (m.epoch as f64, value(m)))),
+                width: 2,
+                legend: true,
             })
             .collect()
     };
@@ -487,6 +509,8 @@ pub fn plot_bands(
             label: s.label.clone(),
             colour: colour(i),
             segments: finite_segments(s.x.iter().copied().zip(s.mean.iter().copied())),
+            width: 2,
+            legend: true,
         })
         .collect();
     // A NaN std (one seed) draws no band but keeps the mean.
@@ -529,6 +553,70 @@ pub fn plot_bands(
             y,
             &curves,
             &bands,
+        )?;
+        root.present().map_err(drawing_error)
+    })
+}
+
+/// Draws every line of every group as a thin line of its own (for example
+/// test accuracy of each seed against epochs or optimizer steps, one colour
+/// per study arm), so that a seed that collapsed stays visible instead of
+/// widening a band. Each group has one legend entry. The format follows
+/// `out`'s extension (`.png` or `.svg`). Errors if `groups` is empty or
+/// holds no finite point; non-finite points are left out of the lines.
+pub fn plot_seed_lines(
+    groups: &[SeedLines],
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let format = format_of(out)?;
+    if groups.is_empty() {
+        bail!("no lines to plot for {}", out.display());
+    }
+    let mut curves = Vec::new();
+    for (i, group) in groups.iter().enumerate() {
+        let mut legend = true;
+        for line in &group.lines {
+            let segments = finite_segments(line.iter().copied());
+            if segments.is_empty() {
+                continue;
+            }
+            curves.push(Curve {
+                label: group.label.clone(),
+                colour: colour(i),
+                segments,
+                width: 1,
+                legend,
+            });
+            legend = false;
+        }
+    }
+    if curves.is_empty() {
+        bail!("no finite point to plot for {}", out.display());
+    }
+    let points = || curves.iter().flat_map(|c| c.segments.iter().flatten());
+    let (x_lo, x_hi) = linear_range(points().map(|p| p.0), (0.0, 1.0));
+    let (y_lo, y_hi) = linear_range(points().map(|p| p.1), (0.0, 1.0));
+    let integer_x = points().all(|p| p.0.fract() == 0.0);
+    prepare_output(out)?;
+    render!(out, format, (1000, 650), |root: DrawingArea<_, Shift>| {
+        root.fill(&WHITE).map_err(drawing_error)?;
+        let y: RangedCoordf64 = (y_lo..y_hi).into();
+        draw_line_panel(
+            &root,
+            &LinePanel {
+                caption: title,
+                x_desc: x_label,
+                y_desc: y_label,
+                x_range: x_lo..x_hi,
+                integer_x,
+                legend: SeriesLabelPosition::LowerRight,
+            },
+            y,
+            &curves,
+            &[],
         )?;
         root.present().map_err(drawing_error)
     })

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::{SearchSpec, StudyError, StudySpec};
-use crate::report::run_plots::{BandSeries, plot_bands, plot_bars};
+use crate::report::run_plots::{SeedLines, plot_bars, plot_seed_lines};
 use crate::report::runs::{RunRecord, load_run, mean_std};
 use crate::train::{RunStatus, TrainSettings};
 
@@ -39,6 +39,93 @@ impl Spread {
     }
 }
 
+/// One point of a final run's test-accuracy curve.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CurvePoint {
+    /// Epoch (1-based).
+    pub epoch: usize,
+    /// Optimizer steps taken by the end of the epoch (None: not recorded).
+    pub steps: Option<u64>,
+    /// Test accuracy after the epoch (NaN: diverged or not evaluated).
+    pub test_accuracy: f64,
+}
+
+/// One final run (one seed) of an arm.
+#[derive(Debug, Clone, Serialize)]
+pub struct SeedResult {
+    /// Its run directory.
+    pub dir: PathBuf,
+    /// Its seed (from the summary, else the config; None if neither says).
+    pub seed: Option<u64>,
+    /// How it ended; None for a run without a summary (killed).
+    pub status: Option<RunStatus>,
+    /// Final test accuracy.
+    pub test_accuracy: f64,
+    /// Final accuracy on the whole training set in evaluation mode.
+    pub train_accuracy: f64,
+    /// Final loss on the whole training set in evaluation mode.
+    pub train_loss: f64,
+    /// `train_accuracy - test_accuracy`.
+    pub gap: f64,
+    /// Epochs completed.
+    pub epochs: usize,
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// The final model's Fisher trace ([`crate::train::RunSummary::fisher_trace`]).
+    pub fisher_trace: Option<f64>,
+    /// Test accuracy per epoch.
+    pub curve: Vec<CurvePoint>,
+}
+
+impl SeedResult {
+    fn of(record: &RunRecord) -> Self {
+        let summary = record.summary.as_ref();
+        let value = |f: fn(&crate::train::RunSummary) -> f64| summary.map_or(f64::NAN, f);
+        // Steps of an epoch recorded before metrics held them: the run's
+        // steps per epoch from its summary.
+        let per_epoch = summary
+            .filter(|s| s.epochs > 0)
+            .map(|s| s.steps / s.epochs as u64);
+        let curve = record
+            .metrics
+            .iter()
+            .map(|m| CurvePoint {
+                epoch: m.epoch,
+                steps: if m.steps > 0 {
+                    Some(m.steps)
+                } else {
+                    per_epoch.map(|k| k * m.epoch as u64)
+                },
+                test_accuracy: m.test_accuracy,
+            })
+            .collect();
+        let (test, train) = (value(|s| s.test_accuracy), value(|s| s.train_accuracy));
+        Self {
+            dir: record.dir.clone(),
+            seed: summary.map(|s| s.seed).or_else(|| {
+                record
+                    .config
+                    .get("seed")
+                    .and_then(|v| v.as_integer())
+                    .and_then(|v| u64::try_from(v).ok())
+            }),
+            status: summary.map(|s| s.status),
+            test_accuracy: test,
+            train_accuracy: train,
+            train_loss: value(|s| s.train_loss),
+            gap: train - test,
+            epochs: summary.map_or(record.metrics.len(), |s| s.epochs),
+            steps: summary.map_or(0, |s| s.steps),
+            fisher_trace: summary.and_then(|s| s.fisher_trace),
+            curve,
+        }
+    }
+
+    fn completed(&self) -> bool {
+        self.status == Some(RunStatus::Completed)
+    }
+}
+
 /// One arm's outcome over seeds.
 #[derive(Debug, Clone, Serialize)]
 pub struct ArmResult {
@@ -58,8 +145,17 @@ pub struct ArmResult {
     pub test_accuracy: Spread,
     /// Training-set accuracy (evaluation mode) over completed seeds.
     pub train_accuracy: Spread,
-    /// Training-set loss over completed seeds.
+    /// Training-set loss (evaluation mode) over completed seeds.
     pub train_loss: Spread,
+    /// Train minus test accuracy, per completed seed, then over seeds.
+    pub gap: Spread,
+    /// Epochs of the completed final runs.
+    pub epochs: Spread,
+    /// Optimizer steps of the completed final runs.
+    pub steps: Spread,
+    /// The final models' Fisher trace over the completed seeds that
+    /// recorded one; None when none did (batch norm, older runs).
+    pub fisher_trace: Option<Spread>,
     /// Training seconds per epoch over completed seeds.
     pub seconds_per_epoch: Spread,
     /// Training milliseconds per optimizer step over completed seeds (the
@@ -67,6 +163,8 @@ pub struct ArmResult {
     pub ms_per_step: Spread,
     /// Test accuracy per epoch (mean and std over completed seeds).
     pub curve: Vec<(usize, Spread)>,
+    /// Each final run, in the order of the arm's run directories.
+    pub seeds: Vec<SeedResult>,
     /// The search runs, in grid order.
     pub search: Vec<SearchResult>,
     /// The final run directories.
@@ -139,6 +237,21 @@ pub fn aggregate(
                 (e + 1, Spread::of(&accs))
             })
             .collect();
+        let seeds: Vec<SeedResult> = records.iter().map(SeedResult::of).collect();
+        let over_completed = |f: fn(&SeedResult) -> f64| {
+            Spread::of(
+                &seeds
+                    .iter()
+                    .filter(|r| r.completed())
+                    .map(f)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let traces: Vec<f64> = seeds
+            .iter()
+            .filter(|r| r.completed())
+            .filter_map(|r| r.fisher_trace)
+            .collect();
         let noise_scale = records
             .iter()
             .find_map(|r| r.summary.as_ref().map(|s| s.noise_scale))
@@ -153,11 +266,16 @@ pub fn aggregate(
             test_accuracy: field(&|s| s.test_accuracy),
             train_accuracy: field(&|s| s.train_accuracy),
             train_loss: field(&|s| s.train_loss),
+            gap: over_completed(|r| r.gap),
+            epochs: over_completed(|r| r.epochs as f64),
+            steps: over_completed(|r| r.steps as f64),
+            fisher_trace: (!traces.is_empty()).then(|| Spread::of(&traces)),
             seconds_per_epoch: field(&|s| s.seconds_per_epoch),
             ms_per_step: field(&|s| {
                 1e3 * s.seconds_per_epoch * s.epochs as f64 / s.steps.max(1) as f64
             }),
             curve,
+            seeds,
             search,
             runs,
         });
@@ -171,6 +289,23 @@ pub fn aggregate(
         jobs,
         threads_per_run,
     })
+}
+
+/// File name of the per-seed curves against epochs.
+pub const CURVES_EPOCHS: &str = "study-curves-epochs.png";
+/// File name of the per-seed curves against optimizer steps.
+pub const CURVES_STEPS: &str = "study-curves-steps.png";
+/// File name of the final test accuracy per arm.
+pub const FINAL: &str = "study-final.png";
+
+/// "10" when all values agree, "8–10" when they differ, "–" for none.
+fn count_cell(values: impl Iterator<Item = u64>) -> String {
+    let (lo, hi) = values.fold((u64::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    match (lo, hi) {
+        (u64::MAX, _) => "–".to_string(),
+        (lo, hi) if lo == hi => lo.to_string(),
+        (lo, hi) => format!("{lo}–{hi}"),
+    }
 }
 
 fn pct(s: Spread) -> String {
@@ -209,6 +344,16 @@ impl StudyReport {
         })
     }
 
+    /// Whether any final run has a point to draw against both epochs and
+    /// steps (the curve plots are written and linked only then).
+    fn has_curves(&self) -> bool {
+        self.arms.iter().flat_map(|a| &a.seeds).any(|r| {
+            r.curve
+                .iter()
+                .any(|p| p.test_accuracy.is_finite() && p.steps.is_some())
+        })
+    }
+
     /// The results as a Markdown document.
     pub fn markdown(&self) -> String {
         let mut md = format!("# Study `{}`\n\n", self.name);
@@ -218,19 +363,24 @@ impl StudyReport {
         let seeds: Vec<String> = self.seeds.iter().map(|s| s.to_string()).collect();
         md += &format!(
             "Final runs: seeds {} (mean ± sample std over completed seeds). Accuracies in %, on the test set; \
-             train accuracy and loss on the whole training set in evaluation mode. s/epoch: training seconds per epoch \
+             train acc and train loss: the final model on the whole training set in evaluation mode; gap: train acc \
+             minus test acc in percentage points, per seed, then mean ± std; epochs and steps: of the completed final \
+             runs (a range when seeds differ); tr(F): the final model's trace of the empirical Fisher per example, \
+             (1/n) Σ_i ‖∇l_i‖² on the first n = min({}, N) training examples, a sharpness proxy (– where the model \
+             has no per-example gradients, as with batch norm). s/epoch: training seconds per epoch \
              (evaluation excluded) of a run on its own pool of {} thread(s), {} run(s) trained at once; ms/step: the \
              same time per optimizer step; step cost: ms/step over that of the arm without noise at the same batch \
              size and model (the per-step cost of the noise, to compare with `covnoise bench` at that many threads).\n\n",
             seeds.join(", "),
+            crate::train::FISHER_EXAMPLES,
             self.threads_per_run,
             self.jobs
         );
         md += &format!(
-            "| arm | batch | lr | epochs | noise | c | test acc | train acc | train loss | s/epoch ({} thr) | ms/step | step cost | seeds ok |\n",
+            "| arm | batch | lr | epochs | steps | noise | c | test acc | train acc | gap | train loss | tr(F) | s/epoch ({} thr) | ms/step | step cost | seeds ok |\n",
             self.threads_per_run
         );
-        md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+        md += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
         for a in &self.arms {
             let cost = self
                 .plain_arm_for(a)
@@ -238,8 +388,9 @@ impl StudyReport {
                 .map_or("–".to_string(), |base| {
                     format!("{:.2}x", a.ms_per_step.mean / base.ms_per_step.mean)
                 });
+            let done = || a.seeds.iter().filter(|r| r.completed());
             md += &format!(
-                "| {} | {} | {} | {} | {} | {:.3e} | {} | {} | {:.4} ± {:.4} | {:.2} | {:.2} | {} | {}/{} |\n",
+                "| {} | {} | {} | {} | {} | {} | {:.3e} | {} | {} | {} | {:.4} ± {:.4} | {} | {:.2} | {:.2} | {} | {}/{} |\n",
                 a.name,
                 if a.settings.batch_size == 0 {
                     "full".to_string()
@@ -247,13 +398,19 @@ impl StudyReport {
                     a.settings.batch_size.to_string()
                 },
                 a.settings.lr,
-                a.settings.epochs,
+                count_cell(done().map(|r| r.epochs as u64)),
+                count_cell(done().map(|r| r.steps)),
                 noise_label(&a.settings),
                 a.noise_scale,
                 pct(a.test_accuracy),
                 pct(a.train_accuracy),
+                pct(a.gap),
                 a.train_loss.mean,
                 a.train_loss.std,
+                a.fisher_trace.map_or("–".to_string(), |t| format!(
+                    "{:.3e} ± {:.1e}",
+                    t.mean, t.std
+                )),
                 a.seconds_per_epoch.mean,
                 a.ms_per_step.mean,
                 cost,
@@ -261,6 +418,49 @@ impl StudyReport {
                 a.completed + a.diverged
             );
         }
+        md += "\n## Per seed\n\nEach final run; a diverged or killed run's accuracies are those of its last epoch or none.\n\n";
+        md += "| arm | seed | status | epochs | steps | test acc | train acc | gap | train loss | tr(F) |\n";
+        md += "|---|---|---|---|---|---|---|---|---|---|\n";
+        let num = |v: f64, f: &dyn Fn(f64) -> String| {
+            if v.is_finite() {
+                f(v)
+            } else {
+                "–".to_string()
+            }
+        };
+        for a in &self.arms {
+            for r in &a.seeds {
+                md += &format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    a.name,
+                    r.seed.map_or("?".to_string(), |s| s.to_string()),
+                    match r.status {
+                        Some(RunStatus::Completed) => "completed",
+                        Some(RunStatus::Diverged) => "diverged",
+                        None => "no summary",
+                    },
+                    r.epochs,
+                    r.steps,
+                    num(r.test_accuracy, &|v| format!("{:.2}", 100.0 * v)),
+                    num(r.train_accuracy, &|v| format!("{:.2}", 100.0 * v)),
+                    num(r.gap, &|v| format!("{:.2}", 100.0 * v)),
+                    num(r.train_loss, &|v| format!("{v:.4}")),
+                    r.fisher_trace
+                        .map_or("–".to_string(), |t| num(t, &|v| format!("{v:.3e}"))),
+                );
+            }
+        }
+        if self.has_curves() {
+            md += &format!(
+                "\n## Curves\n\nTest accuracy of each final run (one thin line per seed, one colour per arm) against \
+                 epochs and against optimizer steps.\n\n\
+                 ![test accuracy against epochs]({CURVES_EPOCHS})\n\n\
+                 ![test accuracy against optimizer steps]({CURVES_STEPS})\n"
+            );
+        }
+        md += &format!(
+            "\nFinal test accuracy per arm (mean ± std over completed seeds):\n\n![final test accuracy per arm]({FINAL})\n"
+        );
         if let Some(search) = &self.search {
             md += &format!(
                 "\n## Search\n\nEvery grid point of every arm was trained for the first {} epochs of its final run's \
@@ -286,7 +486,10 @@ impl StudyReport {
         md
     }
 
-    /// Writes `study.md`, `study.json`, and the two plots (PNG) into `out`.
+    /// Writes `study.md`, `study.json`, the per-seed test-accuracy curves
+    /// against epochs and against optimizer steps ([`CURVES_EPOCHS`],
+    /// [`CURVES_STEPS`]; when any run has a finite point) and the final
+    /// accuracies ([`FINAL`]) into `out`, and returns the paths written.
     pub fn write(&self, out: &Path) -> Result<Vec<PathBuf>, StudyError> {
         let io = |e: String| StudyError::Io(e);
         let write = |name: &str, text: String| {
@@ -298,30 +501,50 @@ impl StudyReport {
             "study.json",
             serde_json::to_string_pretty(self).expect("report serializes") + "\n",
         )?;
-        let curves = out.join("study-curves.png");
-        let series: Vec<BandSeries> = self
-            .arms
-            .iter()
-            .filter(|a| !a.curve.is_empty())
-            .map(|a| BandSeries {
-                label: a.name.clone(),
-                x: a.curve.iter().map(|(e, _)| *e as f64).collect(),
-                mean: a.curve.iter().map(|(_, s)| s.mean).collect(),
-                std: a.curve.iter().map(|(_, s)| s.std).collect(),
-            })
-            .collect();
         let mut written = vec![out.join("study.md"), out.join("study.json")];
-        if !series.is_empty() {
-            plot_bands(
-                &series,
-                &format!("{}: test accuracy (mean ± std over seeds)", self.name),
-                "test accuracy",
-                &curves,
-            )
-            .map_err(|e| io(format!("{e:#}")))?;
-            written.push(curves);
+        if self.has_curves() {
+            // Test accuracy in %, one line per seed, against each x.
+            let lines = |x: fn(&CurvePoint) -> Option<f64>| -> Vec<SeedLines> {
+                self.arms
+                    .iter()
+                    .map(|a| SeedLines {
+                        label: a.name.clone(),
+                        lines: a
+                            .seeds
+                            .iter()
+                            .map(|r| {
+                                r.curve
+                                    .iter()
+                                    .map(|p| (x(p).unwrap_or(f64::NAN), 100.0 * p.test_accuracy))
+                                    .collect()
+                            })
+                            .collect(),
+                    })
+                    .collect()
+            };
+            for (file, x_label, x) in [
+                (
+                    CURVES_EPOCHS,
+                    "epoch",
+                    (|p: &CurvePoint| Some(p.epoch as f64)) as fn(&CurvePoint) -> Option<f64>,
+                ),
+                (CURVES_STEPS, "optimizer steps", |p: &CurvePoint| {
+                    p.steps.map(|s| s as f64)
+                }),
+            ] {
+                let path = out.join(file);
+                plot_seed_lines(
+                    &lines(x),
+                    &format!("{}: test accuracy per seed", self.name),
+                    x_label,
+                    "test accuracy (%)",
+                    &path,
+                )
+                .map_err(|e| io(format!("{e:#}")))?;
+                written.push(path);
+            }
         }
-        let finals = out.join("study-final.png");
+        let finals = out.join(FINAL);
         let labels: Vec<String> = self.arms.iter().map(|a| a.name.clone()).collect();
         let means: Vec<f64> = self.arms.iter().map(|a| a.test_accuracy.mean).collect();
         let stds: Vec<f64> = self.arms.iter().map(|a| a.test_accuracy.std).collect();

@@ -21,7 +21,10 @@
 
 mod aggregate;
 
-pub use aggregate::{ArmResult, SearchResult, StudyReport, aggregate};
+pub use aggregate::{
+    ArmResult, CURVES_EPOCHS, CURVES_STEPS, CurvePoint, FINAL, SearchResult, SeedResult,
+    StudyReport, aggregate,
+};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

@@ -25,7 +25,7 @@ use crate::collective::{
 use crate::data::{self, Dataset, TrainTest};
 use crate::error::CovnoiseError;
 use crate::model::{Batch, Network, NetworkConfig, cross_entropy_and_correct, labels_tensor};
-use crate::moments::MomentValues;
+use crate::moments::{self, MomentValues, StepContext};
 use crate::noise::NoiseStage;
 use crate::optim::LrSchedule;
 use crate::params::ParamTable;
@@ -68,6 +68,10 @@ pub enum TrainError {
     )]
     Diverged(DivergedInfo),
 }
+
+/// Training examples (the first ones, in data order) on which a run's
+/// final Fisher trace ([`RunSummary::fisher_trace`]) is computed.
+pub const FISHER_EXAMPLES: usize = 4096;
 
 /// Loss and accuracy of a model on a data set.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -692,7 +696,9 @@ impl<'a> Trainer<'a> {
 
     /// Trains for the configured epochs, appending each epoch's metrics to
     /// `run_dir` (rank 0 only) and writing `summary.json` at the end, also
-    /// when the run diverges.
+    /// when the run diverges. A completed run's summary holds the final
+    /// model's loss and accuracy on the whole training set (evaluation mode)
+    /// and its Fisher trace ([`RunSummary::fisher_trace`]).
     pub fn run(
         &mut self,
         run_dir: Option<&RunDir>,
@@ -865,7 +871,9 @@ impl<'a> Trainer<'a> {
             &self.device,
             self.stage.collective(),
         )?;
+        let fisher_trace = self.final_fisher_trace()?;
         let mut summary = self.summary(&history, started, None, Some(identical))?;
+        summary.fisher_trace = fisher_trace;
         summary.checkpoint_seconds = checkpoint_seconds;
         summary.checkpoint_bytes = checkpoint_bytes;
         summary.train_loss = final_train.loss;
@@ -875,6 +883,41 @@ impl<'a> Trainer<'a> {
         }
         progress.finish();
         Ok(summary)
+    }
+
+    /// The trace of the empirical Fisher per example of the current model
+    /// on the first [`FISHER_EXAMPLES`] training examples (all of them when
+    /// there are fewer), each process taking a contiguous shard, in passes
+    /// of at most `--chunk` and `eval-batch` examples. None when the model
+    /// has no per-example gradients (batch norm) or a parameter has no
+    /// per-example rule. The noise stage is not touched, and the model's
+    /// running statistics stay as they were.
+    fn final_fisher_trace(&self) -> Result<Option<f64>, TrainError> {
+        let collective = self.stage.collective();
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let n = self.data.train.n.min(FISHER_EXAMPLES);
+        let mine: Vec<usize> = (n * rank / world..n * (rank + 1) / world).collect();
+        let mut host = data::Batch::default();
+        self.data.train.gather_into(&mine, &mut host);
+        let examples = to_device(&host, self.network.input, &self.device);
+        let table = ParamTable::of(self.model());
+        let eval = self.settings.eval_batch;
+        let ctx = StepContext {
+            seed: self.settings.seed,
+            step: self.stage.step(),
+            collective,
+            table: &table,
+            coupling: self.network.coupling(),
+            chunk: Some(self.settings.chunk.map_or(eval, |c| c.min(eval))),
+        };
+        let forward = |m: &Network, b: &Batch<4>, p: &mut crate::model::Probes| {
+            m.objective(b.x.clone(), b.labels.clone(), p)
+        };
+        match moments::fisher_trace(self.model(), &examples, &forward, &ctx) {
+            Ok(trace) => Ok(trace),
+            Err(CovnoiseError::Unsupported(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Averages batch-norm running statistics over replicas (each saw its
@@ -923,6 +966,7 @@ impl<'a> Trainer<'a> {
             diverged,
             checkpoint_seconds: 0.0,
             checkpoint_bytes: 0,
+            fisher_trace: None,
         })
     }
 }

@@ -122,6 +122,14 @@ pub struct RunSummary {
     /// Size in bytes of the last checkpoint written (0: none).
     #[serde(default)]
     pub checkpoint_bytes: u64,
+    /// A sharpness proxy of the final model: the trace of the empirical
+    /// Fisher per example, `(1/n) sum_i ||grad l_i||^2`, on the first
+    /// `n = min(4096, N)` training examples (see
+    /// [`crate::moments::fisher_trace`]). None when the model has no
+    /// per-example gradients (batch norm), for a diverged run, and in
+    /// summaries written before the field existed.
+    #[serde(default)]
+    pub fisher_trace: Option<f64>,
 }
 
 fn one() -> usize {
