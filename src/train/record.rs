@@ -45,9 +45,10 @@ pub struct EpochMetrics {
     #[serde(default)]
     pub steps: u64,
     /// Mean over the epoch's steps of the regularizer's value without its
-    /// strength, `(1/M) sum_m ||g_m||^2` (not part of `train_loss`); null
-    /// without a regularizer.
-    #[serde(default)]
+    /// strength, `(1/M) sum_m ||g_m||^2` (not part of `train_loss`); absent
+    /// without a regularizer (then left out of the line, so that a line
+    /// written before the field existed reads and writes back unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub penalty: Option<f64>,
 }
 
