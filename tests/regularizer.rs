@@ -462,3 +462,43 @@ fn fisher_trace_value_is_the_trace_of_the_fisher_in_expectation() {
     }
     assert_monte_carlo_mean(&acc, &[expected], 0.1, "Fisher-trace penalty");
 }
+
+/// With `--chunk` smaller than a micro-batch every pass is split and
+/// accumulated: the same penalized step up to float32 rounding of the
+/// different summation order (1e-5 relative; a dropped or double-counted
+/// chunk is off by O(1)). The reported loss is the data loss, the plain
+/// step's, not the penalized objective.
+#[test]
+fn chunked_passes_give_the_same_penalized_step_and_the_loss_stays_the_data_loss() {
+    let n = 12;
+    let (model, batch) = mlp_and_batch(n, 7);
+    let mut plain = NoiseStage::new(NoiseConfig::none(), n, 0).unwrap();
+    let (_, plain_loss, _) = step_grads(&mut plain, &model, &batch, mlp_forward);
+    for reg in [
+        Regularizer::grad_norm(0.5, 2),
+        Regularizer::fisher_trace(0.5, 2),
+    ] {
+        let run = |chunk: Option<usize>| {
+            let mut stage = NoiseStage::new(NoiseConfig::none(), n, 0)
+                .unwrap()
+                .with_regularizer(reg)
+                .unwrap()
+                .with_chunk(chunk);
+            step_grads(&mut stage, &model, &batch, mlp_forward)
+        };
+        let (whole, loss, value) = run(None);
+        let (chunked, chunked_loss, chunked_value) = run(Some(4));
+        let diff: Vec<f64> = whole.iter().zip(&chunked).map(|(a, b)| a - b).collect();
+        assert!(
+            norm(&diff) <= 1e-5 * norm(&whole),
+            "{reg:?}: {}",
+            norm(&diff) / norm(&whole)
+        );
+        assert!((loss - chunked_loss).abs() <= 1e-6 * loss);
+        assert!((value.unwrap() - chunked_value.unwrap()).abs() <= 1e-5 * value.unwrap());
+        assert!(
+            (loss - plain_loss).abs() <= 1e-6 * plain_loss,
+            "{reg:?}: loss {loss} vs the plain step's {plain_loss}"
+        );
+    }
+}
