@@ -54,6 +54,7 @@ pub fn run() -> anyhow::Result<()> {
             std::process::exit(2)
         }
     };
+    fast_kernels_from_env()?;
     match cli.command {
         Command::Train(args) => train::run(&args),
         Command::Study(args) => study::run(&args),
@@ -62,6 +63,20 @@ pub fn run() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(&args),
         Command::Quadratic(args) => quadratic::run(&args),
         Command::Illustrate(args) => illustrate::run(&args),
+    }
+}
+
+/// `COVNOISE_FAST_KERNELS=0` (or `off`) runs every convolution and batch
+/// norm on burn's own ops instead of covnoise's flex kernels, for an A/B
+/// of whole runs; `1`, `on` or unset keeps them.
+fn fast_kernels_from_env() -> anyhow::Result<()> {
+    match std::env::var("COVNOISE_FAST_KERNELS").as_deref() {
+        Err(_) | Ok("1" | "on") => Ok(()),
+        Ok("0" | "off") => {
+            covnoise::kernels::set_enabled(false);
+            Ok(())
+        }
+        Ok(other) => anyhow::bail!("COVNOISE_FAST_KERNELS={other:?}: use 0, off, 1 or on"),
     }
 }
 
