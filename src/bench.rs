@@ -324,9 +324,15 @@ pub fn check(config: &BenchConfig, variants: &[Variant]) -> Result<()> {
         .iter()
         .filter(|v| applies(v, config.model))
         .collect();
+    // Variants that split each batch into --micro-batches parts: the
+    // micro-batch estimator, the penalties, and full noise on a batch-norm
+    // model (ghost batches of one micro-batch).
     let microbatch = applicable.iter().any(|v| {
-        v.noise.structure != NoiseStructure::None
-            && matches!(v.noise.estimator, Estimator::Microbatch { .. })
+        v.regularizer.is_some()
+            || (config.model.has_batch_norm()
+                && matches!(v.noise.structure, NoiseStructure::Full { .. }))
+            || (v.noise.structure != NoiseStructure::None
+                && matches!(v.noise.estimator, Estimator::Microbatch { .. }))
     });
     if microbatch {
         let m = config.micro_batches;
@@ -425,12 +431,14 @@ fn step_state(
     device: &Device,
 ) -> Result<RoundWork> {
     // Batch norm: plain steps normalize over the whole batch; the
-    // micro-batch estimator needs ghost batches of one micro-batch.
-    let normalization = match variant.noise.estimator {
+    // micro-batch estimator, and full-Fisher noise (whose per-example
+    // weights need losses that belong to one example), need ghost batches
+    // of one micro-batch.
+    let normalization = match (variant.noise.structure, variant.noise.estimator) {
         _ if !config.model.has_batch_norm() => Normalization::None,
-        Estimator::Microbatch { micro_batches }
-            if variant.noise.structure != NoiseStructure::None =>
-        {
+        (NoiseStructure::Full { .. }, _) => Normalization::GhostBatchNorm(b / config.micro_batches),
+        (NoiseStructure::None, _) => Normalization::BatchNorm,
+        (_, Estimator::Microbatch { micro_batches }) => {
             Normalization::GhostBatchNorm(b / micro_batches)
         }
         _ => Normalization::BatchNorm,

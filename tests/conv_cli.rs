@@ -290,3 +290,65 @@ fn cifar_study_files_plan_and_run_their_first_steps() {
         assert!(md.contains(arm), "{arm} missing from study.md");
     }
 }
+
+/// `covnoise bench` with its default variants on the conv nets: every
+/// variant that applies runs (on a batch-norm model, full noise and the
+/// micro-batch estimator on ghost batches of one micro-batch, the
+/// penalties over micro-batches), none is refused mid-bench.
+#[test]
+fn bench_runs_every_default_variant_on_the_conv_nets() {
+    for (model, expected) in [
+        (
+            "resnet20",
+            &[
+                "plain",
+                "plain-burn",
+                "diag-microbatch",
+                "full",
+                "grad-norm",
+                "fisher-trace",
+            ][..],
+        ),
+        (
+            "lenet5",
+            &[
+                "plain",
+                "plain-burn",
+                "diag-exact",
+                "diag-mc-fisher",
+                "full",
+                "isotropic-exact",
+                "grad-norm",
+                "fisher-trace",
+            ][..],
+        ),
+    ] {
+        let o = bin()
+            .args([
+                "bench",
+                "--model",
+                model,
+                "--batch-sizes",
+                "8",
+                "--micro-batches",
+                "2",
+                "--warmup",
+                "0",
+                "--steps",
+                "1",
+                "--threads",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{model}: {}{out}", stderr(&o));
+        for name in expected {
+            assert!(
+                out.lines()
+                    .any(|l| l.split_whitespace().nth(2) == Some(name)),
+                "{model}: no {name} line in\n{out}"
+            );
+        }
+    }
+}

@@ -13,8 +13,9 @@ pub struct BenchArgs {
     pub batch_sizes: Vec<usize>,
     /// Model: mlp (784 inputs), lenet5 (28x28 grey), vgg11, vgg16,
     /// resnet20..resnet56 (32x32 colour); 10 classes. Batch-norm models time
-    /// plain steps and the micro-batch estimator (with ghost batches of one
-    /// micro-batch); per-example estimators do not apply to them.
+    /// plain steps (whole-batch batch norm), the micro-batch estimator and
+    /// full noise (with ghost batches of one micro-batch) and the penalties;
+    /// per-example estimators do not apply to them.
     #[arg(long, value_name = "NAME", default_value = "mlp", value_parser = super::train::parse_model)]
     pub model: covnoise::model::Architecture,
     /// The device: cpu (burn's flex backend), ndarray (burn's ndarray
@@ -82,7 +83,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.variants.iter().any(|n| n == v.name) && !covnoise::bench::applies(v, args.model)
     }) {
         anyhow::bail!(
-            "bench variant {} does not apply to --model {} (batch-norm models time plain, diag-microbatch and full; matmul-products is the MLP's)",
+            "bench variant {} does not apply to --model {} (batch-norm models time plain, plain-burn, diag-microbatch, full, grad-norm and fisher-trace; matmul-products is the MLP's)",
             v.name,
             args.model
         );
