@@ -27,6 +27,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod common;
+use common::Regression;
 use common::Running;
 use common::{flat, norm, per_example};
 
@@ -390,24 +391,6 @@ fn kappa_zero_and_none_give_burns_own_gradients_bit_for_bit() {
 #[derive(Module, Debug)]
 struct Scalar {
     w: Linear,
-}
-
-/// Inputs and regression targets.
-struct Regression {
-    x: Tensor<2>,
-    y: Tensor<2>,
-}
-
-impl Examples for Regression {
-    fn len(&self) -> usize {
-        self.x.dims()[0]
-    }
-    fn slice(&self, start: usize, len: usize) -> Self {
-        Self {
-            x: self.x.clone().narrow(0, start, len),
-            y: self.y.clone().narrow(0, start, len),
-        }
-    }
 }
 
 fn scalar_forward(m: &Scalar, b: &Regression, p: &mut Probes) -> Objective {

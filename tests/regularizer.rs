@@ -16,6 +16,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 mod common;
+use common::Regression;
 use common::{Running, assert_monte_carlo_mean, flat, norm};
 
 fn device() -> Device {
@@ -30,23 +31,6 @@ fn tensor2(values: Vec<f32>, shape: [usize; 2]) -> Tensor<2> {
 #[derive(Module, Debug)]
 struct LeastSquares {
     fc: Linear,
-}
-
-struct Regression {
-    x: Tensor<2>,
-    y: Tensor<2>,
-}
-
-impl Examples for Regression {
-    fn len(&self) -> usize {
-        self.x.dims()[0]
-    }
-    fn slice(&self, start: usize, len: usize) -> Self {
-        Self {
-            x: self.x.clone().narrow(0, start, len),
-            y: self.y.clone().narrow(0, start, len),
-        }
-    }
 }
 
 fn least_squares(m: &LeastSquares, b: &Regression, p: &mut Probes) -> Objective {

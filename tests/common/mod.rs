@@ -22,6 +22,27 @@ pub fn write_fashion_fixture(dir: &Path, train: usize, test: usize) -> PathBuf {
     dir.to_path_buf()
 }
 
+/// Inputs and regression targets, one row per example (least-squares
+/// models in the tests).
+pub struct Regression {
+    /// Inputs `[n, d]`.
+    pub x: burn::tensor::Tensor<2>,
+    /// Targets `[n, 1]`.
+    pub y: burn::tensor::Tensor<2>,
+}
+
+impl covnoise::model::Examples for Regression {
+    fn len(&self) -> usize {
+        self.x.dims()[0]
+    }
+    fn slice(&self, start: usize, len: usize) -> Self {
+        Self {
+            x: self.x.clone().narrow(0, start, len),
+            y: self.y.clone().narrow(0, start, len),
+        }
+    }
+}
+
 /// Accumulates vectors and reports the mean and, per coordinate, the
 /// variance of that mean (sample variance / R).
 pub struct Running {
