@@ -16,7 +16,7 @@ use plotters::coord::ranged1d::ValueFormatter;
 use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
-use crate::report::output::{drawing_error, format_of, prepare_output, render};
+use crate::report::output::{Format, drawing_error, format_of, prepare_output, render};
 use crate::report::runs::{RunRecord, RunStatus};
 
 /// One curve of a seed-averaged plot: the mean over seeds at each x, drawn as
@@ -536,24 +536,32 @@ pub fn plot_bands(
     );
     // Integer ticks when x is whole numbers (epochs), as it usually is.
     let integer_x = series.iter().all(|s| s.x.iter().all(|x| x.fract() == 0.0));
+    let panel = LinePanel {
+        caption: title,
+        x_desc: "epoch",
+        y_desc: y_label,
+        x_range: x_lo..x_hi,
+        integer_x,
+        legend: SeriesLabelPosition::LowerRight,
+    };
+    render_line_panel(out, format, &panel, y_lo..y_hi, &curves, &bands)
+}
+
+/// Writes one panel of `curves` (over their `bands`, if any), y linear over
+/// `y_range`, as the whole 1000 x 650 figure at `out`.
+fn render_line_panel(
+    out: &Path,
+    format: Format,
+    panel: &LinePanel,
+    y_range: Range<f64>,
+    curves: &[Curve],
+    bands: &[Vec<(f64, f64, f64)>],
+) -> anyhow::Result<()> {
     prepare_output(out)?;
     render!(out, format, (1000, 650), |root: DrawingArea<_, Shift>| {
         root.fill(&WHITE).map_err(drawing_error)?;
-        let y: RangedCoordf64 = (y_lo..y_hi).into();
-        draw_line_panel(
-            &root,
-            &LinePanel {
-                caption: title,
-                x_desc: "epoch",
-                y_desc: y_label,
-                x_range: x_lo..x_hi,
-                integer_x,
-                legend: SeriesLabelPosition::LowerRight,
-            },
-            y,
-            &curves,
-            &bands,
-        )?;
+        let y: RangedCoordf64 = y_range.clone().into();
+        draw_line_panel(&root, panel, y, curves, bands)?;
         root.present().map_err(drawing_error)
     })
 }
@@ -600,26 +608,15 @@ pub fn plot_seed_lines(
     let (x_lo, x_hi) = linear_range(points().map(|p| p.0), (0.0, 1.0));
     let (y_lo, y_hi) = linear_range(points().map(|p| p.1), (0.0, 1.0));
     let integer_x = points().all(|p| p.0.fract() == 0.0);
-    prepare_output(out)?;
-    render!(out, format, (1000, 650), |root: DrawingArea<_, Shift>| {
-        root.fill(&WHITE).map_err(drawing_error)?;
-        let y: RangedCoordf64 = (y_lo..y_hi).into();
-        draw_line_panel(
-            &root,
-            &LinePanel {
-                caption: title,
-                x_desc: x_label,
-                y_desc: y_label,
-                x_range: x_lo..x_hi,
-                integer_x,
-                legend: SeriesLabelPosition::LowerRight,
-            },
-            y,
-            &curves,
-            &[],
-        )?;
-        root.present().map_err(drawing_error)
-    })
+    let panel = LinePanel {
+        caption: title,
+        x_desc: x_label,
+        y_desc: y_label,
+        x_range: x_lo..x_hi,
+        integer_x,
+        legend: SeriesLabelPosition::LowerRight,
+    };
+    render_line_panel(out, format, &panel, y_lo..y_hi, &curves, &[])
 }
 
 /// Draws one point per label at its mean with a +- std error bar (for
