@@ -264,6 +264,17 @@ pub fn applies(variant: &Variant, architecture: Architecture) -> bool {
         || matches!(variant.noise.estimator, Estimator::Microbatch { .. })
 }
 
+/// Whether `variant` on `architecture` splits each batch into the bench's
+/// micro-batches: the micro-batch estimator, the penalties, and full noise
+/// on a batch-norm model (ghost batches of one micro-batch).
+pub fn uses_micro_batches(variant: &Variant, architecture: Architecture) -> bool {
+    variant.regularizer.is_some()
+        || (architecture.has_batch_norm()
+            && matches!(variant.noise.structure, NoiseStructure::Full { .. }))
+        || (variant.noise.structure != NoiseStructure::None
+            && matches!(variant.noise.estimator, Estimator::Microbatch { .. }))
+}
+
 /// Checks a bench before anything is allocated: sizes and counts at least
 /// 1, micro-batches that split every batch, and an estimate of the memory
 /// the largest batch needs (every variant's model, optimizer and noise
@@ -324,16 +335,9 @@ pub fn check(config: &BenchConfig, variants: &[Variant]) -> Result<()> {
         .iter()
         .filter(|v| applies(v, config.model))
         .collect();
-    // Variants that split each batch into --micro-batches parts: the
-    // micro-batch estimator, the penalties, and full noise on a batch-norm
-    // model (ghost batches of one micro-batch).
-    let microbatch = applicable.iter().any(|v| {
-        v.regularizer.is_some()
-            || (config.model.has_batch_norm()
-                && matches!(v.noise.structure, NoiseStructure::Full { .. }))
-            || (v.noise.structure != NoiseStructure::None
-                && matches!(v.noise.estimator, Estimator::Microbatch { .. }))
-    });
+    let microbatch = applicable
+        .iter()
+        .any(|v| uses_micro_batches(v, config.model));
     if microbatch {
         let m = config.micro_batches;
         if m < 2 {

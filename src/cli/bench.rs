@@ -143,7 +143,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 /// The flags this bench will not use (set away from their defaults), one
 /// warning each.
 fn ignored(args: &BenchArgs, variants: &[covnoise::bench::Variant]) -> Vec<String> {
-    use covnoise::moments::Estimator;
     use covnoise::noise::NoiseStructure;
     let mut out = Vec::new();
     let timed: Vec<_> = variants
@@ -156,13 +155,14 @@ fn ignored(args: &BenchArgs, variants: &[covnoise::bench::Variant]) -> Vec<Strin
             args.model
         ));
     }
-    let microbatch = timed.iter().any(|v| {
-        v.regularizer.is_some()
-            || (v.noise.structure != NoiseStructure::None
-                && matches!(v.noise.estimator, Estimator::Microbatch { .. }))
-    });
+    let microbatch = timed
+        .iter()
+        .any(|v| covnoise::bench::uses_micro_batches(v, args.model));
     if !microbatch && args.micro_batches != 16 {
-        out.push("--micro-batches is ignored: no micro-batch or penalty variant is timed".into());
+        out.push(
+            "--micro-batches is ignored: no timed variant splits its batches into micro-batches"
+                .into(),
+        );
     }
     let noisy = timed
         .iter()
