@@ -542,13 +542,14 @@ impl<C: Collective> NoiseStage<C> {
         // Whether this step's gradient is the plain mean gradient, which
         // a regularizer's micro-batch passes also give.
         let plain_step = !active || (estimated && !(stale || self.smoother.needs_refresh(step)));
-        let penalty = match self.regularizer.filter(Regularizer::is_active) {
-            Some(reg) => Some(regularizer::penalty_gradient(
-                model, batch, &forward, &reg, plain_step, &ctx,
-            )?),
-            None => None,
+        let (penalty, mut data) = match self.regularizer.filter(Regularizer::is_active) {
+            Some(reg) => {
+                let p =
+                    regularizer::penalty_gradient(model, batch, &forward, &reg, plain_step, &ctx)?;
+                (Some((p.grads, p.value)), p.data)
+            }
+            None => (None, None),
         };
-        let mut data = penalty.as_ref().and_then(|p| p.data.clone());
         let mut plain = || match data.take() {
             Some(d) => Ok(d),
             None => moments::plain_gradient(model, batch, &forward, &ctx),
@@ -607,13 +608,13 @@ impl<C: Collective> NoiseStage<C> {
                 }
             }
         };
-        let penalty_value = penalty.map(|p| {
+        let penalty_value = penalty.map(|(grads, value)| {
             step_grad.grads = std::mem::take(&mut step_grad.grads)
                 .into_iter()
-                .zip(p.grads)
+                .zip(grads)
                 .map(|(g, h)| g + h)
                 .collect();
-            p.value
+            value
         });
         check_finite(&step_grad, step)?;
         let norm_before_clip = match self.clip_norm {
