@@ -9,7 +9,7 @@ use std::process::Output;
 
 mod common;
 use common::metrics_without_times as metrics;
-use common::runs::{bin, final_weights, fixture, resume, stderr, train};
+use common::runs::{bin, copy_dir, final_weights, fixture, resume, snapshot, stderr, train};
 
 use covnoise::train::checkpoint;
 use covnoise::weights;
@@ -135,34 +135,6 @@ fn resume_refuses_changes_and_extends_a_finished_run() {
     assert_eq!(metrics(&run).len(), 4);
     let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
     assert!(config.contains("epochs = 4"), "{config}");
-}
-
-/// Copies the files of `from` into a fresh directory `to`.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
-/// Snapshot of every file under `dir` (path and contents).
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(snapshot(&path));
-        } else {
-            out.push((path.clone(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::process::Output;
 
 mod common;
 use common::metrics_without_times as metrics;
-use common::runs::{bin, final_weights, fixture, resume, stderr, train};
+use common::runs::{bin, copy_dir, final_weights, fixture, resume, snapshot, stderr, train};
 
 use covnoise::train::{EpochMetrics, checkpoint};
 
@@ -32,33 +32,6 @@ fn refused(o: &Output, needle: &str) {
 
 fn epochs(dir: &Path) -> Vec<usize> {
     checkpoint::list(dir).unwrap().iter().map(|c| c.0).collect()
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
-/// Every file under `dir` with its bytes.
-fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(snapshot(&path));
-        } else {
-            out.push((path.clone(), std::fs::read(&path).unwrap()));
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Rewrites a checkpoint's manifest for its files as they are now: what a

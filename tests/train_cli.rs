@@ -2,22 +2,11 @@
 //! synthetic IDX files in the Fashion-MNIST format), bad inputs, and
 //! determinism.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
 mod common;
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_covnoise"));
-    // Tests run in parallel on few cores: one thread per run.
-    c.env_remove("COVNOISE_DATA");
-    c
-}
-
-/// A data directory with 512 training and 128 test images of 28x28.
-fn fixture(root: &Path) -> PathBuf {
-    common::write_fashion_fixture(&root.join("data"), 512, 128)
-}
+use common::runs::{bin, fixture};
 
 const SMALL: &[&str] = &[
     "train",
