@@ -1,0 +1,828 @@
+//! The noise stage: one value with explicit state (seed, step, estimate) that
+//! turns a large batch into a noisy gradient for any burn optimizer.
+
+use burn::module::{Module, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+
+use super::{NoiseConfig, NoiseStructure};
+use crate::collective::{Collective, SingleProcess};
+use crate::error::{CovnoiseError, Result, check_positive};
+use crate::model::{Coupling, Examples, Objective, Probes};
+use crate::moments::{
+    self, Estimator, MomentKind, PassRequest, SecondMoment, Smoother, SmootherState, StepContext,
+    StepGradient,
+};
+use crate::params::ParamTable;
+use crate::regularizer::{self, Regularizer};
+use crate::rng::{normals, stream};
+use crate::tensor_util::scalar;
+
+/// A gradient ready for the optimizer, and what went into it.
+#[derive(Debug)]
+pub struct NoisyGradient {
+    /// Mean gradient plus noise, as burn gradients keyed by `ParamId`.
+    pub grads: GradientsParams,
+    /// Mean loss over the global batch.
+    pub loss: f64,
+    /// Correct predictions in the global batch (classifiers only).
+    pub correct: Option<usize>,
+    /// Examples in the global batch.
+    pub examples: usize,
+    /// Expected total variance of the added noise, c tr(S); 0 without noise;
+    /// None for `full` noise (the multiplicative sampler never forms S).
+    pub noise_trace: Option<f64>,
+    /// The step this gradient was computed for.
+    pub step: u64,
+    /// The regularizer's value without its strength, `(1/M) sum_m
+    /// ||g_m||^2`, when a regularizer with lambda > 0 ran (reported beside
+    /// the loss, never added to it).
+    pub penalty: Option<f64>,
+    /// The gradient's global norm before clipping, when clipping is on.
+    pub norm_before_clip: Option<f64>,
+}
+
+/// What a [`NoiseStage`] carries from step to step, on the host (for
+/// checkpoints): everything else is a function of its configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoiseState {
+    /// The next step.
+    pub step: u64,
+    /// The moving average of the second moment.
+    pub smoother: SmootherState,
+    /// The `ParamId`s the estimate belongs to, in table order.
+    pub estimate_ids: Vec<u64>,
+}
+
+/// Adds structured covariance noise to large-batch gradients of any burn
+/// module.
+///
+/// ```text
+/// g_tilde = g_B + D xi,  xi ~ N(0, I),  D D^T = c S
+/// ```
+///
+/// The model's forward pass comes in as a function `(model, batch, probes)
+/// -> Objective`; the stage runs the passes its estimator needs and returns
+/// burn `GradientsParams` for any optimizer. The noise of step t is a pure
+/// function of (seed, t, position of the parameter in the module), so
+/// data-parallel replicas sharing the seed add identical noise.
+///
+/// `C` is the process group the batch is spread over; the default, one
+/// process, makes the stage `Send` (see [`SharedNoiseStage`](super::SharedNoiseStage)).
+pub struct NoiseStage<C: Collective = SingleProcess> {
+    config: NoiseConfig,
+    c: f64,
+    large_batch: usize,
+    seed: u64,
+    step: u64,
+    smoother: Smoother,
+    /// The parameters the current estimate belongs to.
+    estimate_ids: Vec<ParamId>,
+    /// The caller's declaration of how the model's examples interact.
+    declared: Option<Coupling>,
+    /// The model last checked by [`NoiseStage::validate_model`].
+    checked: Option<CheckedModel>,
+    chunk: Option<usize>,
+    collective: C,
+    /// The noise's standard deviations for the current estimate: they
+    /// change only when the estimate does, so the steps between refreshes
+    /// reuse them. Cleared whenever the smoother changes.
+    noise_scale: Option<NoiseScale>,
+    /// An explicit penalty added to the gradient.
+    regularizer: Option<Regularizer>,
+    /// Global gradient-norm clipping of the final gradient.
+    clip_norm: Option<f64>,
+}
+
+/// A model that passed [`NoiseStage::validate_model`]: its parameters and
+/// the coupling of its examples.
+#[derive(Debug, Clone)]
+struct CheckedModel {
+    ids: Vec<ParamId>,
+    coupling: Coupling,
+}
+
+/// `sqrt(c S)` of one estimate, ready to multiply standard normals, and the
+/// total variance `c tr(S)` it gives.
+#[derive(Debug, Clone)]
+struct NoiseScale {
+    std: NoiseStd,
+    variance: f64,
+    /// Entries per parameter of the gradients it was made for.
+    layout: Vec<usize>,
+}
+
+impl NoiseScale {
+    /// Whether it was made for gradients of this layout.
+    fn fits(&self, grads: &[Tensor<1>]) -> bool {
+        self.layout.len() == grads.len()
+            && self
+                .layout
+                .iter()
+                .zip(grads)
+                .all(|(&n, g)| g.dims()[0] == n)
+    }
+}
+
+/// Per-entry (diagonal) or one shared (isotropic) standard deviation.
+#[derive(Debug, Clone)]
+enum NoiseStd {
+    PerEntry(Vec<Tensor<1>>),
+    Shared(f32),
+}
+
+impl<C: Collective> std::fmt::Debug for NoiseStage<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoiseStage")
+            .field("config", &self.config)
+            .field("c", &self.c)
+            .field("large_batch", &self.large_batch)
+            .field("seed", &self.seed)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NoiseStage {
+    /// A single-process stage for a run whose global batch is `large_batch`
+    /// examples, keyed by `seed`. Validates the settings and resolves the
+    /// scale c (including kappa).
+    ///
+    /// ```
+    /// use covnoise::noise::{NoiseConfig, NoiseStage};
+    /// // Diagonal-Fisher noise on batch 1024 imitating batch 64.
+    /// let stage = NoiseStage::new(NoiseConfig::diag_fisher(64), 1024, 7)?;
+    /// assert!((stage.scale() - (1.0 / 64.0 - 1.0 / 1024.0)).abs() < 1e-12);
+    /// # Ok::<(), covnoise::CovnoiseError>(())
+    /// ```
+    pub fn new(config: NoiseConfig, large_batch: usize, seed: u64) -> Result<Self> {
+        config.validate()?;
+        if large_batch == 0 {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "large_batch",
+                value: "0".into(),
+                reason: "must be >= 1",
+            });
+        }
+        let c = if config.structure == NoiseStructure::None {
+            0.0
+        } else {
+            config.scale.resolve(large_batch)? * config.kappa
+        };
+        if let moments::Estimator::Microbatch { micro_batches } = config.estimator
+            && config.structure != NoiseStructure::None
+            && !large_batch.is_multiple_of(micro_batches)
+        {
+            return Err(CovnoiseError::MicroBatchesDoNotDivide {
+                batch: large_batch,
+                micro_batches,
+            });
+        }
+        let smoother = Smoother::new(config.ema, config.refresh_every)?;
+        Ok(Self {
+            config,
+            c,
+            large_batch,
+            seed,
+            step: 0,
+            smoother,
+            estimate_ids: Vec::new(),
+            declared: None,
+            checked: None,
+            chunk: None,
+            collective: SingleProcess,
+            noise_scale: None,
+            regularizer: None,
+            clip_norm: None,
+        })
+    }
+
+    /// Spreads each batch over a process group (see [`Collective`]).
+    pub fn with_collective<C: Collective>(self, collective: C) -> NoiseStage<C> {
+        NoiseStage {
+            config: self.config,
+            c: self.c,
+            large_batch: self.large_batch,
+            seed: self.seed,
+            step: self.step,
+            smoother: self.smoother,
+            estimate_ids: self.estimate_ids,
+            declared: self.declared,
+            checked: None,
+            chunk: self.chunk,
+            collective,
+            noise_scale: self.noise_scale,
+            regularizer: self.regularizer,
+            clip_norm: self.clip_norm,
+        }
+    }
+}
+
+impl<C: Collective> NoiseStage<C> {
+    /// Declares how the model's examples interact. Without it the stage
+    /// derives the coupling from the model (see [`Coupling::resolve`]): a
+    /// [`GhostBatchNorm`](crate::model::GhostBatchNorm) routed through
+    /// [`Probes::batch_norm`] tells its groups, burn's `BatchNorm` couples the
+    /// whole batch. A declaration is checked against what the model shows,
+    /// and believed only where nothing can be checked (a batch norm of the
+    /// user's own type).
+    pub fn with_coupling(mut self, coupling: Coupling) -> Self {
+        self.declared = Some(coupling);
+        self.checked = None;
+        self
+    }
+
+    /// Runs each forward and backward pass over at most `chunk` examples at
+    /// a time and accumulates (gradient accumulation): the same step up to
+    /// float rounding, with one chunk's activations alive at a time, which on
+    /// a CPU is also faster for conv nets. Applies only where the model's
+    /// examples may be split there (independent examples, or ghost groups
+    /// the chunk keeps whole); None (the default) passes whole batches.
+    pub fn with_chunk(mut self, chunk: Option<usize>) -> Self {
+        self.chunk = chunk.filter(|&c| c > 0);
+        self
+    }
+
+    /// Adds an explicit penalty's gradient to every step (see
+    /// [`Regularizer`]): `lambda (1/M) sum_m ||g_m||^2` over M micro-batches
+    /// of the global batch, with or without noise. A strength of 0 leaves
+    /// every step exactly as without it.
+    ///
+    /// ```
+    /// use covnoise::noise::{NoiseConfig, NoiseStage};
+    /// use covnoise::regularizer::Regularizer;
+    /// let stage = NoiseStage::new(NoiseConfig::none(), 1024, 7)?
+    ///     .with_regularizer(Regularizer::grad_norm(0.01, 16))?;
+    /// # Ok::<(), covnoise::CovnoiseError>(())
+    /// ```
+    pub fn with_regularizer(mut self, regularizer: Regularizer) -> Result<Self> {
+        regularizer.validate()?;
+        if !self.large_batch.is_multiple_of(regularizer.micro_batches) {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "reg-micro-batches",
+                value: regularizer.micro_batches.to_string(),
+                reason: "must divide the batch size",
+            });
+        }
+        self.regularizer = Some(regularizer);
+        self.checked = None;
+        Ok(self)
+    }
+
+    /// Scales each step's final gradient (mean, noise and penalty together)
+    /// to global norm at most `max_norm`, as PyTorch's
+    /// `clip_grad_norm_` does: by `max_norm / (norm + 1e-6)` when that is
+    /// below 1.
+    pub fn with_clip_norm(mut self, max_norm: f64) -> Result<Self> {
+        check_positive("clip-norm", max_norm)?;
+        self.clip_norm = Some(max_norm);
+        Ok(self)
+    }
+
+    /// The regularizer, if any.
+    pub fn regularizer(&self) -> Option<&Regularizer> {
+        self.regularizer.as_ref()
+    }
+
+    /// The process group.
+    pub fn collective(&self) -> &dyn Collective {
+        &self.collective
+    }
+
+    /// The resolved noise scale c (kappa included).
+    pub fn scale(&self) -> f64 {
+        self.c
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NoiseConfig {
+        &self.config
+    }
+
+    /// The next step to be computed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The state that a resumed run needs (see [`NoiseStage::restore`]).
+    pub fn state(&self) -> Result<NoiseState> {
+        Ok(NoiseState {
+            step: self.step,
+            smoother: self.smoother.state()?,
+            estimate_ids: self.estimate_ids.iter().map(|id| id.val()).collect(),
+        })
+    }
+
+    /// Continues from `state`, as if this stage had made its steps; moment
+    /// tensors are placed on `device`.
+    pub fn restore(&mut self, state: NoiseState, device: &Device) {
+        self.step = state.step;
+        self.smoother.restore(state.smoother, device);
+        self.noise_scale = None;
+        self.estimate_ids = state.estimate_ids.into_iter().map(ParamId::from).collect();
+    }
+
+    /// Whether noise is added during `epoch`.
+    pub fn active_in(&self, epoch: usize) -> bool {
+        self.c > 0.0 && self.config.window.contains(epoch)
+    }
+
+    /// Checks, before training, that the configuration can run on `model`
+    /// with batches like `batch` (this process's shard of a global batch),
+    /// and returns how the model's examples interact. One forward pass over
+    /// `batch` shows the model's structure (which layers are probed, how its
+    /// batch norms group examples); for the exact and mc-fisher estimators a
+    /// forward and backward pass over two examples checks that every
+    /// parameter's per-example gradients add up to its gradient (a parameter
+    /// without a rule, or used outside its probed layer, is refused by
+    /// name). The model's buffers (running statistics) are left as they were.
+    ///
+    /// [`NoiseStage::gradient`] runs this on its first batch when it has not
+    /// been run for the model.
+    pub fn validate_model<M, B, F>(&mut self, model: &M, batch: &B, forward: F) -> Result<Coupling>
+    where
+        M: Module,
+        B: Examples,
+        F: Fn(&M, &B, &mut Probes) -> Objective,
+    {
+        let table = self.table(model)?;
+        if batch.is_empty() {
+            return Err(CovnoiseError::Shape("empty batch".into()));
+        }
+        let mut probes = Probes::observe();
+        moments::keeping_buffers(model, || {
+            forward(model, batch, &mut probes);
+            Ok(())
+        })?;
+        let coupling = Coupling::resolve(&table, probes.norm_groups(), self.declared)?;
+        if let Some(reg) = self.regularizer.filter(Regularizer::is_active) {
+            let world = self.collective.world_size();
+            reg.check_batch(batch.len() * world, world, coupling)?;
+        }
+        if self.c > 0.0 {
+            self.check_structure(model, &table, &probes, coupling, batch, &forward)?;
+        }
+        self.checked = Some(CheckedModel {
+            ids: table.entries().iter().map(|e| e.id).collect(),
+            coupling,
+        });
+        Ok(coupling)
+    }
+
+    /// The structure and estimator checks of [`NoiseStage::validate_model`]
+    /// for a stage that adds noise.
+    fn check_structure<M, B, F>(
+        &self,
+        model: &M,
+        table: &ParamTable,
+        observed: &Probes,
+        coupling: Coupling,
+        batch: &B,
+        forward: &F,
+    ) -> Result<()>
+    where
+        M: Module,
+        B: Examples,
+        F: Fn(&M, &B, &mut Probes) -> Objective,
+    {
+        let whole_batch_layer = || {
+            table
+                .batch_norms()
+                .first()
+                .map_or_else(|| "a batch norm".to_string(), |(p, k)| format!("{p} ({k})"))
+        };
+        match self.config.structure {
+            NoiseStructure::None => Ok(()),
+            NoiseStructure::Full { .. } => {
+                if coupling == Coupling::WholeBatch {
+                    return Err(CovnoiseError::Unsupported(format!(
+                        "full-Fisher noise reweights each example's loss, and {} is batch normalization over the whole batch, so no loss belongs to one example; use GhostBatchNorm with a group size, routed through Probes::batch_norm",
+                        whole_batch_layer()
+                    )));
+                }
+                Ok(())
+            }
+            NoiseStructure::Diag | NoiseStructure::Isotropic => {
+                moments::validate(
+                    self.config.estimator,
+                    coupling,
+                    batch.len(),
+                    self.collective.world_size(),
+                )
+                .map_err(|e| match (e, coupling) {
+                    (CovnoiseError::Unsupported(_), Coupling::WholeBatch) => {
+                        CovnoiseError::Unsupported(match self.config.estimator {
+                            Estimator::Microbatch { .. } => format!(
+                                "{} is batch normalization over the whole batch, which would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
+                                whole_batch_layer()
+                            ),
+                            _ => format!(
+                                "{} is batch normalization over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
+                                whole_batch_layer()
+                            ),
+                        })
+                    }
+                    (e, _) => e,
+                })?;
+                if matches!(self.config.estimator, Estimator::Microbatch { .. }) {
+                    return Ok(());
+                }
+                if let Some((param, what)) = observed.unsupported().first() {
+                    return Err(CovnoiseError::Unsupported(format!(
+                        "parameter {} belongs to {what}, which has no per-example gradient rule; use the micro-batch estimator (Estimator::Microbatch)",
+                        table.name_of(*param)
+                    )));
+                }
+                let covered = observed.covered_params();
+                if let Some(e) = table.entries().iter().find(|e| !covered.contains(&e.id)) {
+                    return Err(CovnoiseError::Unsupported(format!(
+                        "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover Linear, Conv1d, Conv2d, Embedding, LayerNorm and GroupNorm layers routed through Probes; use the micro-batch estimator (Estimator::Microbatch) for other layers",
+                        e.name, e.shape
+                    )));
+                }
+                // The probe gradients of two examples must add up to the
+                // parameters' gradients. The sums differ by float32 rounding
+                // (about 1e-6 relative); a use outside the probed layers
+                // misses a whole term, so 1e-3 separates the two.
+                let sample = batch.slice(0, batch.len().min(2));
+                let pass = moments::keeping_buffers(model, || {
+                    moments::backward_pass(
+                        model,
+                        table,
+                        &sample,
+                        forward,
+                        PassRequest {
+                            probes: true,
+                            ..Default::default()
+                        },
+                    )
+                })?;
+                moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
+            }
+        }
+    }
+
+    /// Whether the configuration has a noise window (epochs without noise).
+    fn has_window(&self) -> bool {
+        self.config.window != super::NoiseWindow::default()
+    }
+
+    fn table<M: Module>(&self, model: &M) -> Result<ParamTable> {
+        let table = ParamTable::of(model);
+        if table.is_empty() {
+            return Err(CovnoiseError::Unsupported(
+                "the model has no parameter that takes gradients: create it on an autodiff device (device.autodiff()) and do not freeze every parameter".into(),
+            ));
+        }
+        Ok(table)
+    }
+
+    /// Runs the forward and backward passes the configuration needs over
+    /// `batch` (this process's shard of the global batch), adds the noise,
+    /// and advances the step. `model` must live on an autodiff device;
+    /// `forward` is its forward pass. A configuration with a noise window
+    /// (in epochs) needs the epoch: use [`NoiseStage::gradient_in_epoch`].
+    pub fn gradient<M, B, F>(&mut self, model: &M, batch: &B, forward: F) -> Result<NoisyGradient>
+    where
+        M: Module,
+        B: Examples,
+        F: Fn(&M, &B, &mut Probes) -> Objective,
+    {
+        if self.has_window() {
+            return Err(CovnoiseError::Unsupported(
+                "the noise window is given in epochs: call gradient_in_epoch with the current epoch".into(),
+            ));
+        }
+        self.gradient_in_epoch(model, batch, 0, forward)
+    }
+
+    /// [`NoiseStage::gradient`] in `epoch` (0-based), for configurations
+    /// with a noise window: noise is added only in the window's epochs.
+    pub fn gradient_in_epoch<M, B, F>(
+        &mut self,
+        model: &M,
+        batch: &B,
+        epoch: usize,
+        forward: F,
+    ) -> Result<NoisyGradient>
+    where
+        M: Module,
+        B: Examples,
+        F: Fn(&M, &B, &mut Probes) -> Objective,
+    {
+        let step = self.step;
+        let world = self.collective.world_size();
+        if batch.len() * world != self.large_batch {
+            return Err(CovnoiseError::Shape(format!(
+                "batch of {} examples on each of {world} processes does not make the configured global batch of {}",
+                batch.len(),
+                self.large_batch
+            )));
+        }
+        let table = self.table(model)?;
+        let ids: Vec<ParamId> = table.entries().iter().map(|e| e.id).collect();
+        let coupling = match &self.checked {
+            Some(checked) if checked.ids == ids => checked.coupling,
+            _ => self.validate_model(model, batch, &forward)?,
+        };
+        let ctx = StepContext {
+            seed: self.seed,
+            step,
+            collective: &self.collective,
+            table: &table,
+            coupling,
+            chunk: self.chunk,
+        };
+        let active = self.active_in(epoch);
+        let stale = !self.estimate_ids.is_empty() && self.estimate_ids != ids;
+        let estimated = matches!(
+            self.config.structure,
+            NoiseStructure::Diag | NoiseStructure::Isotropic
+        );
+        // Whether this step's gradient is the plain mean gradient, which
+        // a regularizer's micro-batch passes also give.
+        let plain_step = !active || (estimated && !(stale || self.smoother.needs_refresh(step)));
+        let (penalty, mut data) = match self.regularizer.filter(Regularizer::is_active) {
+            Some(reg) => {
+                let p =
+                    regularizer::penalty_gradient(model, batch, &forward, &reg, plain_step, &ctx)?;
+                (Some((p.grads, p.value)), p.data)
+            }
+            None => (None, None),
+        };
+        let mut plain = || match data.take() {
+            Some(d) => Ok(d),
+            None => moments::plain_gradient(model, batch, &forward, &ctx),
+        };
+        let (mut step_grad, noise_trace) = if !active {
+            (plain()?, Some(0.0))
+        } else {
+            match self.config.structure {
+                NoiseStructure::None => unreachable!("c = 0 for structure none"),
+                NoiseStructure::Full { centered } => (
+                    full_fisher_gradient(model, batch, &forward, centered, self.c, &ctx)?,
+                    None,
+                ),
+                NoiseStructure::Diag | NoiseStructure::Isotropic => {
+                    let kind = if self.config.structure == NoiseStructure::Diag {
+                        MomentKind::Diag
+                    } else {
+                        MomentKind::Trace
+                    };
+                    let mut g = if plain_step {
+                        plain()?
+                    } else {
+                        moments::estimate(
+                            model,
+                            batch,
+                            &forward,
+                            self.config.estimator,
+                            kind,
+                            &ctx,
+                        )?
+                    };
+                    if let Some(fresh) = g.moment.take() {
+                        if stale {
+                            // Another model (or a changed one): the old
+                            // estimate describes other parameters.
+                            self.smoother.reset();
+                        }
+                        self.smoother.update(fresh, step)?;
+                        self.noise_scale = None;
+                        self.estimate_ids = ids;
+                    }
+                    let scale = match self.noise_scale.take() {
+                        Some(scale) if scale.fits(&g.grads) => scale,
+                        _ => {
+                            let moment = self
+                                .smoother
+                                .current()
+                                .expect("refreshed above at least once");
+                            self.noise_scale_of(&moment, &g.grads)?
+                        }
+                    };
+                    self.add_scaled_noise(&mut g.grads, &scale, step);
+                    let variance = scale.variance;
+                    self.noise_scale = Some(scale);
+                    (g, Some(variance))
+                }
+            }
+        };
+        let penalty_value = penalty.map(|(grads, value)| {
+            step_grad.grads = std::mem::take(&mut step_grad.grads)
+                .into_iter()
+                .zip(grads)
+                .map(|(g, h)| g + h)
+                .collect();
+            value
+        });
+        check_finite(&step_grad, step)?;
+        let norm_before_clip = match self.clip_norm {
+            Some(max) => Some(clip(&mut step_grad.grads, max, step)?),
+            None => None,
+        };
+        self.step += 1;
+        let grads = table.unflatten(std::mem::take(&mut step_grad.grads))?;
+        Ok(NoisyGradient {
+            grads,
+            loss: step_grad.loss,
+            correct: step_grad.correct,
+            examples: step_grad.examples,
+            noise_trace,
+            step,
+            penalty: penalty_value,
+            norm_before_clip,
+        })
+    }
+
+    /// Adds `D xi` with `D D^T = c S` to the flat gradients `grads` (table
+    /// order) for the second moment `moment` (diagonal, or isotropic from its
+    /// trace), using the noise of `step`. Returns the expected total variance
+    /// c tr(S).
+    pub fn add_noise(
+        &self,
+        grads: &mut [Tensor<1>],
+        moment: &SecondMoment,
+        step: u64,
+    ) -> Result<f64> {
+        let scale = self.noise_scale_of(moment, grads)?;
+        self.add_scaled_noise(grads, &scale, step);
+        Ok(scale.variance)
+    }
+
+    /// `sqrt(c S)` for `moment`, checked against the gradients' layout.
+    fn noise_scale_of(&self, moment: &SecondMoment, grads: &[Tensor<1>]) -> Result<NoiseScale> {
+        let variance = self.c * moment.trace();
+        let std = match moment {
+            SecondMoment::Diag(diag) => {
+                if diag.len() != grads.len() {
+                    return Err(CovnoiseError::Shape(
+                        "second moment and gradients have different parameter counts".into(),
+                    ));
+                }
+                NoiseStd::PerEntry(
+                    diag.iter()
+                        .map(|s| (s.clone() * self.c as f32).sqrt())
+                        .collect(),
+                )
+            }
+            SecondMoment::Trace(t) => {
+                let d: usize = grads.iter().map(|g| g.dims()[0]).sum();
+                NoiseStd::Shared((self.c * t / d as f64).sqrt() as f32)
+            }
+        };
+        let layout = grads.iter().map(|g| g.dims()[0]).collect();
+        Ok(NoiseScale {
+            std,
+            variance,
+            layout,
+        })
+    }
+
+    /// Adds `scale`'s noise for `step` to `grads`.
+    fn add_scaled_noise(&self, grads: &mut [Tensor<1>], scale: &NoiseScale, step: u64) {
+        for (p, g) in grads.iter_mut().enumerate() {
+            let xi = standard_normal_like(g, self.seed, step, p as u64);
+            *g = match &scale.std {
+                NoiseStd::PerEntry(std) => g.clone() + xi * std[p].clone(),
+                NoiseStd::Shared(std) => g.clone() + xi * *std,
+            };
+        }
+    }
+}
+
+/// Standard normals shaped like `like`, keyed by `(seed, step, parameter)`.
+fn standard_normal_like(like: &Tensor<1>, seed: u64, step: u64, param: u64) -> Tensor<1> {
+    let n = like.dims()[0];
+    crate::tensor_util::from_vec1(normals(seed, step, param, n), &like.device())
+}
+
+/// Full-Fisher noise by multiplicative sampling: the loss
+/// `(1/B) sum_i (1 + s z_i) l_i` with `z_i ~ N(0, 1)` has gradient
+/// `g_B + (s/B) sum_i z_i grad l_i`, whose noise has covariance
+/// `(s^2/B) F_B`; `s^2 = c B` gives `c F_B`. Centering z gives `c Sigma_B`.
+/// The weights are drawn for the global batch, so sharding does not change
+/// them. It needs only per-example losses, so it works on any model.
+fn full_fisher_gradient<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    centered: bool,
+    c: f64,
+    ctx: &StepContext,
+) -> Result<StepGradient>
+where
+    M: Module,
+    B: Examples,
+    F: Fn(&M, &B, &mut Probes) -> Objective,
+{
+    let local = batch.len();
+    let global = local * ctx.collective.world_size();
+    let mut z = normals(ctx.seed, ctx.step, stream::FULL_WEIGHTS, global);
+    if centered {
+        let mean = z.iter().map(|&v| v as f64).sum::<f64>() / global as f64;
+        z.iter_mut().for_each(|v| *v -= mean as f32);
+    }
+    let s = (c * global as f64).sqrt() as f32;
+    let offset = ctx.collective.rank() * local;
+    let weights: Vec<f32> = z[offset..offset + local]
+        .iter()
+        .map(|&zi| 1.0 + s * zi)
+        .collect();
+    let pass = moments::backward_pass(
+        model,
+        ctx.table,
+        batch,
+        forward,
+        PassRequest {
+            weights: Some(&weights),
+            chunk: ctx.pass_chunk(),
+            ..Default::default()
+        },
+    )?;
+    moments::reduce_step(pass.grads, pass.loss_sum, pass.correct, local, None, ctx)
+}
+
+/// Scales `grads` to global norm at most `max` (PyTorch's
+/// `clip_grad_norm_`: by `max / (norm + 1e-6)` when that is below 1) and
+/// returns the norm before. A norm that overflows is a diverged step.
+fn clip(grads: &mut [Tensor<1>], max: f64, step: u64) -> Result<f64> {
+    let norm = regularizer::squared_norm(grads).sqrt();
+    if !norm.is_finite() {
+        return Err(CovnoiseError::NonFiniteGradient { step });
+    }
+    let coef = max / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = g.clone() * coef as f32;
+        }
+    }
+    Ok(norm)
+}
+
+/// A NaN or infinite loss or gradient is an error, never a silent update.
+fn check_finite(g: &StepGradient, step: u64) -> Result<()> {
+    if !g.loss.is_finite() {
+        return Err(CovnoiseError::NonFiniteLoss {
+            step,
+            loss: g.loss as f32,
+        });
+    }
+    // One host read for all parameters, one pass over them: a NaN or an
+    // infinity in any entry makes the plain sum non-finite (so would a sum
+    // beyond f32::MAX, itself a diverged step).
+    let sum = g
+        .grads
+        .iter()
+        .map(|t| t.clone().sum())
+        .reduce(|a, b| a + b)
+        .map_or(0.0, scalar);
+    if !sum.is_finite() {
+        return Err(CovnoiseError::NonFiniteGradient { step });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step_with(values: &[&[f32]]) -> StepGradient {
+        let device = Device::flex();
+        StepGradient {
+            grads: values
+                .iter()
+                .map(|v| crate::tensor_util::from_vec1(v.to_vec(), &device))
+                .collect(),
+            loss: 1.0,
+            correct: None,
+            examples: 1,
+            moment: None,
+        }
+    }
+
+    /// Every kind of non-finite entry is caught, including infinities of
+    /// opposite sign in different parameters and entries whose squares
+    /// would overflow f32 while they themselves are finite.
+    #[test]
+    fn check_finite_catches_each_non_finite_entry() {
+        assert!(check_finite(&step_with(&[&[1.0, -2.0], &[3.0]]), 0).is_ok());
+        assert!(check_finite(&step_with(&[&[1e20, -1e20], &[3e30]]), 0).is_ok());
+        for bad in [
+            step_with(&[&[1.0, f32::NAN], &[3.0]]),
+            step_with(&[&[1.0, 2.0], &[f32::INFINITY]]),
+            step_with(&[&[f32::NEG_INFINITY], &[f32::INFINITY]]),
+        ] {
+            assert!(matches!(
+                check_finite(&bad, 7),
+                Err(CovnoiseError::NonFiniteGradient { step: 7 })
+            ));
+        }
+        let mut nan_loss = step_with(&[&[1.0]]);
+        nan_loss.loss = f64::NAN;
+        assert!(matches!(
+            check_finite(&nan_loss, 0),
+            Err(CovnoiseError::NonFiniteLoss { .. })
+        ));
+    }
+}

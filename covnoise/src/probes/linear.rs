@@ -1,0 +1,130 @@
+//! The exact rule of burn's `Linear` layer on `[B, ..., in]`: example i's
+//! weight gradient is `a_iᵀ δ_i` (`[in, T] x [T, out]`, its T positions
+//! summed), its bias gradient `Σ_t δ_it`. With one position per example the
+//! sum of squares is one product, `(a²)ᵀ(δ²)` (BackPACK's shortcut), and the
+//! trace `Σ_i ‖a_i‖² ‖δ_i‖²` costs O(B (in + out)).
+
+use burn::module::ParamId;
+use burn::nn::Linear;
+use burn::tensor::Tensor;
+
+use super::Probes;
+use super::rule::ExactRule;
+use crate::error::Result;
+use crate::tensor_util::scalar;
+
+/// What a probed `Linear` layer records: its input `[B, T, in]` (T
+/// positions per example: 1 for `[B, in]`, the product of the middle
+/// dimensions otherwise), without autodiff graph.
+#[derive(Debug, Clone)]
+pub struct LinearRule {
+    /// The weight `[in, out]`.
+    pub weight: ParamId,
+    /// The bias `[out]`, if the layer has one.
+    pub bias: Option<ParamId>,
+    /// The input `[B, T, in]`.
+    pub input: Tensor<3>,
+}
+
+impl LinearRule {
+    /// The output gradient as `[B, T, out]`.
+    fn delta(&self, output_grad: &Tensor<2>, start: usize, len: usize) -> Tensor<3> {
+        let [_, t, _] = self.input.dims();
+        let out = output_grad.dims()[1] / t.max(1);
+        output_grad
+            .clone()
+            .narrow(0, start, len)
+            .reshape([len, t, out])
+    }
+
+    /// Whether each example has one position (the one-product shortcuts).
+    fn single_position(&self) -> bool {
+        self.input.dims()[1] == 1
+    }
+}
+
+impl ExactRule for LinearRule {
+    fn layer(&self) -> String {
+        "Linear".into()
+    }
+
+    fn params(&self) -> Vec<ParamId> {
+        std::iter::once(self.weight).chain(self.bias).collect()
+    }
+
+    fn per_example(
+        &self,
+        index: usize,
+        output_grad: &Tensor<2>,
+        start: usize,
+        len: usize,
+    ) -> Result<Tensor<2>> {
+        let d = self.delta(output_grad, start, len);
+        let [_, _, o] = d.dims();
+        Ok(if index == 0 {
+            let a = self.input.clone().narrow(0, start, len);
+            let i = a.dims()[2];
+            a.swap_dims(1, 2).matmul(d).reshape([len, i * o])
+        } else {
+            d.sum_dim(1).reshape([len, o])
+        })
+    }
+
+    fn square_sums(&self, index: usize, output_grad: &Tensor<2>) -> Option<Tensor<1>> {
+        if !self.single_position() {
+            return None;
+        }
+        let [b, o] = output_grad.dims();
+        let d2 = output_grad.clone().square();
+        Some(if index == 0 {
+            let i = self.input.dims()[2];
+            let a2 = self.input.clone().reshape([b, i]).square();
+            a2.transpose().matmul(d2).reshape([i * o])
+        } else {
+            d2.sum_dim(0).reshape([o])
+        })
+    }
+
+    fn trace(&self, index: usize, output_grad: &Tensor<2>) -> Option<f64> {
+        if index == 0 && self.single_position() {
+            let [b, _] = output_grad.dims();
+            let i = self.input.dims()[2];
+            let a2 = self.input.clone().reshape([b, i]).square().sum_dim(1);
+            let d2 = output_grad.clone().square().sum_dim(1);
+            return Some(scalar((a2 * d2).sum()));
+        }
+        self.square_sums(index, output_grad)
+            .map(|s| scalar(s.sum()))
+    }
+
+    fn bytes_per_example(&self, index: usize, numel: usize) -> usize {
+        let [_, t, i] = self.input.dims();
+        let f32s = if index == 0 {
+            t * i + t * (numel / i.max(1)) + numel
+        } else {
+            numel
+        };
+        4 * f32s.max(1)
+    }
+}
+
+impl Probes {
+    /// `layer.forward(x)` for `x` of shape `[B, ..., in]`: the first
+    /// dimension is the example, any dimensions between are positions (tokens,
+    /// time steps) whose gradients add up within the example. Recorded when
+    /// the probes are on.
+    pub fn linear<const D: usize>(&mut self, layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+        if self.is_off() {
+            return layer.forward(x);
+        }
+        let dims = x.dims();
+        let (b, positions) = (dims[0], dims[1..D - 1].iter().product());
+        let input = x.clone().detach();
+        let z = layer.forward(x);
+        self.layer(z, || LinearRule {
+            weight: layer.weight.id,
+            bias: layer.bias.as_ref().map(|b| b.id),
+            input: input.inner().reshape([b, positions, dims[D - 1]]),
+        })
+    }
+}

@@ -1,0 +1,293 @@
+//! Per-example output gradients of burn layers, from the same backward pass
+//! as the mean gradient, and the structure of a forward pass (which
+//! parameters have exact per-example rules, which examples normalize
+//! together).
+//!
+//! burn 0.22 has no backward hooks and no per-sample gradients, so a model
+//! opts in by routing its layers through [`Probes`]: `probes.linear(&self.fc,
+//! x)` instead of `self.fc.forward(x)`. When the probes are on, the layer's
+//! output gets a zero "probe" leaf added, and after backward the probe's
+//! gradient is the gradient of the objective with respect to the layer's
+//! output, one row per example (BackPACK's quantity, without storing
+//! per-example weight gradients). Each layer kind's [`ExactRule`] turns that
+//! into per-example parameter gradients; the driver in
+//! [`crate::moments::exact`] squares and sums them. One file per rule:
+//!
+//! | call | layer | input | rule |
+//! | --- | --- | --- | --- |
+//! | [`Probes::linear`] | `Linear` | `[B, ..., in]` (positions summed per example) | [`LinearRule`] |
+//! | [`Probes::conv1d`] | `Conv1d` (groups 1) | `[B, C, L]` | [`ConvRule`] |
+//! | [`Probes::conv2d`] | `Conv2d` (groups 1) | `[B, C, H, W]` | [`ConvRule`] |
+//! | [`Probes::embedding`] | `Embedding` | tokens `[B, T]` | [`EmbeddingRule`] |
+//! | [`Probes::layer_norm`] | `LayerNorm` | `[B, ..., d]` | [`AffineRule`] |
+//! | [`Probes::group_norm`] | `GroupNorm` | `[B, C, ...]` | [`AffineRule`] |
+//! | [`Probes::batch_norm`] | [`GhostBatchNorm`](crate::model::GhostBatchNorm) | `[B, C, ...]` | none: it declares its groups |
+//! | [`Probes::layer`] | a user's own layer | any `[B, ...]` | the user's [`ExactRule`] |
+//!
+//! When the probes are off, each call is the plain layer. The model's struct
+//! keeps burn's own layers, so its records and optimizers are unchanged.
+//!
+//! # Adding a rule for a layer of your own
+//!
+//! Implement [`ExactRule`] for what the layer must record (its inputs,
+//! without autodiff graph), and in the layer's forward pass hand its output
+//! and a closure that builds the rule to [`Probes::layer`]. Nothing in
+//! covnoise changes; the noise stage's validation checks the rule against
+//! the backward pass before training and refuses it, naming the layer, if
+//! its per-example gradients do not add up to the gradient. The trait's
+//! documentation has a worked example (a bilinear layer).
+
+mod affine;
+mod batch_norm;
+mod conv;
+mod embedding;
+mod linear;
+mod rule;
+
+pub use affine::{AffineRule, FeatureAxis};
+pub use conv::ConvRule;
+pub use embedding::EmbeddingRule;
+pub use linear::LinearRule;
+pub use rule::{ExactRule, ProbedLayer};
+
+use burn::module::ParamId;
+use burn::tensor::{Gradients, Tensor};
+
+use crate::error::{CovnoiseError, Result};
+use crate::params::ParamTable;
+
+/// What the probes do with the layers routed through them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Mode {
+    /// Plain layers, nothing recorded.
+    #[default]
+    Off,
+    /// Record which layers ran and how batch norms group examples, without
+    /// probe tensors (a structural dry run).
+    Observe,
+    /// Record each layer's rule and probe for the estimators.
+    On,
+}
+
+/// A batch normalization seen in a forward pass: its scale's parameter (when
+/// it trains) and the examples it normalizes together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormGroups {
+    /// The scale gamma, which names the layer in messages.
+    pub gamma: ParamId,
+    /// Examples per normalization group (0: the whole batch).
+    pub group: usize,
+}
+
+#[derive(Debug)]
+enum Recorded {
+    /// A layer whose rule waits for its probe's gradient.
+    Probed {
+        /// What the layer recorded.
+        rule: Box<dyn ExactRule>,
+        /// The zero leaf added to the output, `[B, n]`.
+        probe: Tensor<2>,
+    },
+    /// A layer seen in an observing pass: its kind and the parameters its
+    /// rule covers.
+    Seen {
+        /// The layer's kind.
+        layer: String,
+        /// Its parameters.
+        params: Vec<ParamId>,
+    },
+    /// A layer the estimators cannot take apart, and why.
+    Unsupported {
+        /// Its parameters.
+        params: Vec<ParamId>,
+        /// What it is.
+        what: String,
+    },
+}
+
+/// The recorder a model's forward pass routes its probe-aware layers through.
+#[derive(Debug, Default)]
+pub struct Probes {
+    mode: Mode,
+    layers: Vec<Recorded>,
+    norms: Vec<NormGroups>,
+}
+
+impl Probes {
+    /// Probes that record nothing: every layer runs as the plain burn layer.
+    pub fn off() -> Self {
+        Self::default()
+    }
+
+    /// Probes that record every probe-aware layer of the next forward pass.
+    pub fn on() -> Self {
+        Self {
+            mode: Mode::On,
+            ..Self::default()
+        }
+    }
+
+    /// Probes that only observe the forward pass: which parameters have a
+    /// per-example rule and how batch norms group examples. Layers run plain.
+    pub fn observe() -> Self {
+        Self {
+            mode: Mode::Observe,
+            ..Self::default()
+        }
+    }
+
+    /// Whether layers are being recorded for per-example factors.
+    pub fn is_on(&self) -> bool {
+        self.mode == Mode::On
+    }
+
+    /// Whether nothing is recorded (layers may skip building their rule).
+    pub fn is_off(&self) -> bool {
+        self.mode == Mode::Off
+    }
+
+    /// Routes a layer's `output` (`[B, ...]`, the example first) through the
+    /// probes with the exact rule that `rule` builds, and returns the output
+    /// to continue the forward pass with. When the probes are off, `output`
+    /// comes back unchanged and `rule` is not called; when they observe, the
+    /// rule's layer and parameters are noted; when they are on, a zero probe
+    /// leaf is added to the output, and after backward its gradient is the
+    /// `output_grad` the rule receives.
+    pub fn layer<const D: usize, R, F>(&mut self, output: Tensor<D>, rule: F) -> Tensor<D>
+    where
+        R: ExactRule + 'static,
+        F: FnOnce() -> R,
+    {
+        match self.mode {
+            Mode::Off => output,
+            Mode::Observe => {
+                let rule = rule();
+                self.layers.push(Recorded::Seen {
+                    layer: rule.layer(),
+                    params: rule.params(),
+                });
+                output
+            }
+            Mode::On => {
+                let dims = output.dims();
+                let per_example = dims[1..].iter().product();
+                let probe =
+                    Tensor::<2>::zeros([dims[0], per_example], &output.device()).require_grad();
+                self.layers.push(Recorded::Probed {
+                    rule: Box::new(rule()),
+                    probe: probe.clone(),
+                });
+                output + probe.reshape(dims)
+            }
+        }
+    }
+
+    /// Notes a layer routed through the probes that has no exact rule (a
+    /// grouped convolution, say), with its parameters and what it is: the
+    /// exact and mc-fisher estimators then refuse the model, naming the
+    /// parameter, instead of leaving it out. Nothing is noted when the
+    /// probes are off.
+    pub fn without_rule(&mut self, params: Vec<ParamId>, what: String) {
+        if self.mode != Mode::Off {
+            self.layers.push(Recorded::Unsupported { params, what });
+        }
+    }
+
+    /// The batch normalizations routed through [`Probes::batch_norm`] in
+    /// the last forward pass (recorded when the probes are on or observing).
+    pub fn norm_groups(&self) -> &[NormGroups] {
+        &self.norms
+    }
+
+    /// The parameters covered by a per-example rule in the last forward
+    /// pass, once per use (recorded when the probes are on or observing).
+    pub fn covered_params(&self) -> Vec<ParamId> {
+        self.layers
+            .iter()
+            .flat_map(|l| match l {
+                Recorded::Probed { rule, .. } => rule.params(),
+                Recorded::Seen { params, .. } => params.clone(),
+                Recorded::Unsupported { .. } => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The kinds of the layers whose rules cover `param` in the last
+    /// forward pass (for messages).
+    pub fn layers_of(&self, param: ParamId) -> Vec<String> {
+        self.layers
+            .iter()
+            .filter_map(|l| match l {
+                Recorded::Probed { rule, .. } if rule.params().contains(&param) => {
+                    Some(rule.layer())
+                }
+                Recorded::Seen { layer, params } if params.contains(&param) => Some(layer.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Hands each recorded layer's rule its probe's gradient from `grads`,
+    /// for a batch of `examples`. A layer whose first dimension is not the
+    /// example (tokens flattened into `[B*T, in]`, say) is refused: its
+    /// per-example gradients would be per-row gradients, silently wrong.
+    pub fn into_layers(
+        self,
+        grads: &Gradients,
+        examples: usize,
+        table: &ParamTable,
+    ) -> Result<Vec<ProbedLayer>> {
+        let mut out = Vec::new();
+        for layer in self.layers {
+            match layer {
+                Recorded::Probed { rule, probe } => {
+                    let name = || {
+                        rule.params()
+                            .first()
+                            .map_or_else(|| "?".to_string(), |p| table.name_of(*p))
+                    };
+                    let output_grad = probe.grad(grads).ok_or_else(|| {
+                        CovnoiseError::Unsupported(format!(
+                            "the probe of the {} layer of parameter {} received no gradient: the model must live on an autodiff device (device.autodiff()) and its probed layers must reach the loss",
+                            rule.layer(),
+                            name()
+                        ))
+                    })?;
+                    let rows = output_grad.dims()[0];
+                    if rows != examples {
+                        return Err(CovnoiseError::Unsupported(format!(
+                            "the probed {} layer of parameter {} saw {rows} rows for a batch of {examples} examples: keep the example as the first dimension ([B, T, in] for tokens, not [B*T, in]), so that each example's gradient sums its positions",
+                            rule.layer(),
+                            name()
+                        )));
+                    }
+                    out.push(ProbedLayer { rule, output_grad });
+                }
+                Recorded::Seen { .. } => {}
+                Recorded::Unsupported { params, what } => {
+                    return Err(CovnoiseError::Unsupported(format!(
+                        "parameter {} belongs to {what}, which has no per-example gradient rule; use the micro-batch estimator (Estimator::Microbatch)",
+                        params
+                            .first()
+                            .map_or_else(|| "?".to_string(), |p| table.name_of(*p))
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Layers seen without a per-example rule (grouped convolutions), with
+    /// their parameters: what [`Probes::into_layers`] would refuse.
+    pub fn unsupported(&self) -> Vec<(ParamId, String)> {
+        self.layers
+            .iter()
+            .filter_map(|l| match l {
+                Recorded::Unsupported { params, what } => {
+                    params.first().map(|p| (*p, what.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
