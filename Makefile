@@ -5,37 +5,49 @@ BIN := $(or $(CARGO_TARGET_DIR),target)/release/covnoise
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-out
 
-.PHONY: all build test test-mpi check-gpu lint demo data bench clean
+.PHONY: all build test test-mpi test-learner check-features check-gpu lint demo data bench clean
 
 all: build
 
 build:
-	$(CARGO) build --release
+	$(CARGO) build --release --workspace
 
-## The whole test suite (release build: the numerical tests train real models).
+## The whole test suite (release build: the numerical tests train real models):
+## the library's tests (its own crate, on data they generate) and the lab's,
+## doctests included, in one build of burn shared with `make build`.
 ## MPI tests run too when OpenMPI is installed (mpirun on PATH).
 test:
-	$(CARGO) test --release
-	@# The library alone (default-features = false): builds, and its doctests pass.
-	$(CARGO) test --release --no-default-features --lib
-	$(CARGO) test --release --no-default-features --doc
+	$(CARGO) test --release --workspace
+	@# The library depends on no command-line, plotting or config crate.
+	@bad=$$($(CARGO) tree --release -p covnoise -e normal --prefix none | grep -E '^(anyhow|clap|indicatif|plotters|toml|nalgebra|crc32fast|flate2) ' | sort -u); \
+	if [ -n "$$bad" ]; then echo "covnoise (the library) depends on lab crates: $$bad"; exit 1; fi
 	@# A token model (Embedding, LayerNorm, per-token MLP) with exact diagonal noise.
-	$(CARGO) run --release --no-default-features --example sequence -- 3 2048
+	$(CARGO) run --release -p covnoise --example sequence -- 3 2048
 	@# A burn user's own model with burn's SGD + diagonal-Fisher noise, on a slice.
-	$(CARGO) run --release --example burn_user -- 1 4096
-	@# The same through burn-train's Learner (the stage inside TrainStep::step).
-	$(CARGO) run --release --example learner -- 1 4096
+	$(CARGO) run --release -p covnoise-lab --example burn_user -- 1 4096
 	@if command -v mpirun >/dev/null 2>&1; then \
 		$(MAKE) --no-print-directory test-mpi; \
 	else \
 		echo "note: mpirun not found, MPI tests skipped (apt-get install openmpi-bin libopenmpi-dev)"; \
 	fi
 
+## burn-train's Learner with the noise stage inside TrainStep::step (a
+## second build of burn: its `train` feature turns on burn-core's datasets).
+test-learner:
+	$(CARGO) run --release -p covnoise-lab --features learner --example learner -- 1 4096
+
+## The lab's optional features build together (cargo check: the GPU and
+## BLAS backends need drivers this machine may lack; DOCS_RS=1 skips
+## cubecl-cuda's download). `tch` is left out: its build script needs
+## libtorch 2.9 installed (LIBTORCH), which no Debian package provides.
+check-features:
+	DOCS_RS=1 $(CARGO) check --release -p covnoise-lab --features ndarray,openblas,wgpu,cuda,mpi,learner
+
 ## The GPU devices build (no GPU needed to check them). The wgpu build also
 ## trains briefly on lavapipe, Debian's software Vulkan device
 ## (mesa-vulkan-drivers), when it is installed.
 check-gpu:
-	$(CARGO) build --release --features wgpu --bin covnoise
+	$(CARGO) build --release -p covnoise-lab --features wgpu --bin covnoise
 	@if ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1; then \
 		XDG_RUNTIME_DIR=$${XDG_RUNTIME_DIR:-/tmp} $(BIN) train --device wgpu-cpu --epochs 1 \
 			--train-limit 4096 --test-limit 1000 --batch-size 1024 --hidden 256 --noise diag --quiet; \
@@ -44,19 +56,17 @@ check-gpu:
 	fi
 	@# cubecl-cuda's LLVM bundle is downloaded by a build script, which this
 	@# network cannot reach; DOCS_RS=1 skips that native setup for a check.
-	DOCS_RS=1 $(CARGO) check --release --features cuda
+	DOCS_RS=1 $(CARGO) check --release -p covnoise-lab --features cuda
 
 test-mpi:
-	$(CARGO) test --release --features mpi --test mpi
+	$(CARGO) test --release -p covnoise-lab --features mpi --test mpi
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --release --all-targets -- -D warnings
-	$(CARGO) clippy --release --no-default-features --lib -- -D warnings
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --no-deps
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --no-deps --no-default-features
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --workspace --no-deps
 	@if command -v mpirun >/dev/null 2>&1; then \
-		$(CARGO) clippy --release --all-targets --features mpi -- -D warnings; \
+		$(CARGO) clippy --release -p covnoise-lab --all-targets --features mpi -- -D warnings; \
 	fi
 
 ## Fashion-MNIST from Debian's dataset-fashion-mnist; installed when missing

@@ -22,7 +22,9 @@ use covnoise::error::Result;
 use crate::zoo::{Architecture, Network, NetworkConfig, Normalization};
 use covnoise::model::{Batch, labels_tensor};
 use covnoise::moments::Estimator;
-use covnoise::noise::{NoiseConfig, NoiseStage, NoiseStructure, ScaleRule};
+use std::sync::Arc;
+
+use covnoise::noise::{Diagonal, FullFisher, Isotropic, NoiseConfig, NoiseStage, ScaleRule};
 use covnoise::optim::SgdConfig;
 use covnoise::regularizer::Regularizer;
 use covnoise::tensor_util::from_vec;
@@ -104,7 +106,7 @@ pub struct Variant {
 /// alone (`matmul-products`).
 pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Variant> {
     let diag = |estimator, refresh_every| NoiseConfig {
-        structure: NoiseStructure::Diag,
+        structure: Arc::new(Diagonal),
         estimator,
         refresh_every,
         ..NoiseConfig::diag_fisher(small_batch)
@@ -144,14 +146,14 @@ pub fn standard_variants(small_batch: usize, micro_batches: usize) -> Vec<Varian
         step(
             "full",
             fixed(NoiseConfig {
-                structure: NoiseStructure::Full { centered: false },
+                structure: Arc::new(FullFisher { centered: false }),
                 ..NoiseConfig::none()
             }),
         ),
         step(
             "isotropic-exact",
             fixed(NoiseConfig {
-                structure: NoiseStructure::Isotropic,
+                structure: Arc::new(Isotropic),
                 ..diag(Estimator::Exact, 1)
             }),
         ),
@@ -258,10 +260,8 @@ pub fn applies(variant: &Variant, architecture: Architecture) -> bool {
         return false;
     }
     !architecture.has_batch_norm()
-        || matches!(
-            variant.noise.structure,
-            NoiseStructure::None | NoiseStructure::Full { .. }
-        )
+        || variant.noise.is_none()
+        || variant.noise.structure.reweights_examples()
         || matches!(variant.noise.estimator, Estimator::Microbatch { .. })
 }
 
@@ -270,9 +270,8 @@ pub fn applies(variant: &Variant, architecture: Architecture) -> bool {
 /// on a batch-norm model (ghost batches of one micro-batch).
 pub fn uses_micro_batches(variant: &Variant, architecture: Architecture) -> bool {
     variant.regularizer.is_some()
-        || (architecture.has_batch_norm()
-            && matches!(variant.noise.structure, NoiseStructure::Full { .. }))
-        || (variant.noise.structure != NoiseStructure::None
+        || (architecture.has_batch_norm() && variant.noise.structure.reweights_examples())
+        || (!variant.noise.is_none()
             && matches!(variant.noise.estimator, Estimator::Microbatch { .. }))
 }
 
@@ -439,13 +438,14 @@ fn step_state(
     // micro-batch estimator, and full-Fisher noise (whose per-example
     // weights need losses that belong to one example), need ghost batches
     // of one micro-batch.
-    let normalization = match (variant.noise.structure, variant.noise.estimator) {
+    let structure = &variant.noise.structure;
+    let normalization = match variant.noise.estimator {
         _ if !config.model.has_batch_norm() => Normalization::None,
-        (NoiseStructure::Full { .. }, _) => Normalization::GhostBatchNorm(b / config.micro_batches),
-        (NoiseStructure::None, _) => Normalization::BatchNorm,
-        (_, Estimator::Microbatch { micro_batches }) => {
-            Normalization::GhostBatchNorm(b / micro_batches)
+        _ if structure.reweights_examples() => {
+            Normalization::GhostBatchNorm(b / config.micro_batches)
         }
+        _ if variant.noise.is_none() => Normalization::BatchNorm,
+        Estimator::Microbatch { micro_batches } => Normalization::GhostBatchNorm(b / micro_batches),
         _ => Normalization::BatchNorm,
     };
     let network = NetworkConfig {

@@ -2,7 +2,7 @@
 //! top of the [`covnoise`] library: the model zoo ([`zoo`]), data loaders
 //! ([`data`]), the trainer and its run directories ([`train`]), studies
 //! ([`study`]), reports ([`report`]), the quadratic model in closed form
-//! ([`theory`]), benchmarks ([`bench`]), devices by name ([`device`]) and
+//! ([`theory`]), benchmarks ([`bench`](mod@bench)), devices by name ([`device`]) and
 //! the MPI adapter (`dist`, feature `mpi`).
 //!
 //! The zoo's models are users of the library like anyone's: plain burn

@@ -244,7 +244,8 @@ fn cifar_study_files_plan_and_run_their_first_steps() {
     let root = tempfile::tempdir().unwrap();
     let c10 = cifar10(&root.path().join("c10"), 24);
     let c100 = cifar100(&root.path().join("c100"), 120, 16);
-    let studies = Path::new(env!("CARGO_MANIFEST_DIR")).join("studies");
+    // The study files sit at the workspace root, beside the two crates.
+    let studies = Path::new(env!("CARGO_MANIFEST_DIR")).join("../studies");
     for (file, data) in [
         ("cifar10-resnet44.toml", &c10),
         ("cifar100-resnet44.toml", &c100),

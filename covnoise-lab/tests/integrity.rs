@@ -59,8 +59,16 @@ fn overwrite_leaves_nothing_of_the_earlier_run() {
     let run = root.path().join("run");
     ok(&train(&data, &run, &["--epochs", "2"], None));
     ok(&bin().arg("eval").arg(&run).output().unwrap());
-    std::fs::write(run.join("compare.png"), b"a plot").unwrap();
-    std::fs::write(run.join("steps.jsonl"), b"{}\n").unwrap();
+    // A file covnoise never wrote makes --overwrite refuse, naming it,
+    // and leaves the directory as it was.
+    std::fs::write(run.join("notes.txt"), b"a user's notes").unwrap();
+    let before = snapshot(&run);
+    refused(
+        &train(&data, &run, &["--overwrite", "--epochs", "1"], None),
+        "notes.txt",
+    );
+    assert_eq!(snapshot(&run), before);
+    std::fs::remove_file(run.join("notes.txt")).unwrap();
     ok(&train(
         &data,
         &run,

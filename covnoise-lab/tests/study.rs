@@ -305,7 +305,7 @@ fn aggregation_computes_mean_std_and_the_table() {
 
 #[test]
 fn step_cost_is_relative_to_the_plain_arm_at_the_same_batch_size() {
-    use covnoise_lab::train::settings::NoiseName;
+    use covnoise::noise::StructureName;
     let tmp = tempfile::tempdir().unwrap();
     // One run per arm; the summary's seconds per epoch set its ms/step
     // (10 steps per epoch): 2 s -> 200 ms, 3 s -> 300 ms.
@@ -319,7 +319,7 @@ fn step_cost_is_relative_to_the_plain_arm_at_the_same_batch_size() {
         std::fs::write(&path, serde_json::to_string(&summary).unwrap()).unwrap();
         dir
     };
-    let with = |batch_size: usize, noise: NoiseName| TrainSettings {
+    let with = |batch_size: usize, noise: StructureName| TrainSettings {
         batch_size,
         noise,
         ..TrainSettings::default()
@@ -328,21 +328,21 @@ fn step_cost_is_relative_to_the_plain_arm_at_the_same_batch_size() {
         (
             "plain".into(),
             String::new(),
-            with(4096, NoiseName::None),
+            with(4096, StructureName::None),
             vec![],
             vec![run("p", 2.0)],
         ),
         (
             "noisy".into(),
             String::new(),
-            with(4096, NoiseName::Diag),
+            with(4096, StructureName::Diag),
             vec![],
             vec![run("n", 3.0)],
         ),
         (
             "alone".into(),
             String::new(),
-            with(256, NoiseName::Diag),
+            with(256, StructureName::Diag),
             vec![],
             vec![run("a", 3.0)],
         ),

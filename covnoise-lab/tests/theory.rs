@@ -1,8 +1,9 @@
 //! Tests of the exact quadratic theory (docs/method.md section 7) against its own
 //! closed forms, hand formulas, a dense Lyapunov solve and Monte-Carlo runs.
 
+use covnoise::noise::StructureName;
 use covnoise_lab::theory::{
-    Dynamics, IllustrationConfig, LossParts, Noise, NoiseStructure, Quadratic, TheoryError,
+    Dynamics, IllustrationConfig, LossParts, Noise, Quadratic, STRUCTURES, TheoryError,
     expected_loss_closed_form, expected_loss_recursion, illustrate, random_spd, simulate,
     solve_discrete_lyapunov, stationary_loss, stationary_loss_first_order,
 };
@@ -115,7 +116,7 @@ fn check_exact_matches_monte_carlo(momentum: f64) {
     // 3000 runs keep each simulation to ~10 ms while the standard error is
     // ~2% of the noise part.
     let runs = 3000;
-    for structure in NoiseStructure::ALL {
+    for structure in STRUCTURES {
         // scale 1: the stationary noise loss (~alpha tr F / 4) is comparable
         // to the starting loss, so both parts are exercised.
         let noise = Noise::from_fisher(&f, structure, 1.0).unwrap();
@@ -277,7 +278,7 @@ fn frobenius_norm_orders_the_early_noise_loss_and_trace_sets_the_stationary_loss
     let q = Quadratic::new(&f).unwrap();
     let e0 = DVector::from_element(d, 1.0);
     let scale = 0.5;
-    let noises: Vec<Noise> = NoiseStructure::ALL
+    let noises: Vec<Noise> = STRUCTURES
         .iter()
         .map(|&s| Noise::from_fisher(&f, s, scale).unwrap())
         .collect();
@@ -392,10 +393,10 @@ fn bad_matrices_are_rejected_with_one_line() {
     ));
 
     // A Fisher (covariance) may be singular but not indefinite.
-    let e = Noise::from_fisher(&indefinite, NoiseStructure::Diag, 1.0).unwrap_err();
+    let e = Noise::from_fisher(&indefinite, StructureName::Diag, 1.0).unwrap_err();
     assert!(matches!(e, TheoryError::NotPositiveSemidefinite { .. }));
-    assert!(Noise::from_fisher(&singular, NoiseStructure::Full, 1.0).is_ok());
-    assert!(Noise::from_fisher(&singular, NoiseStructure::Full, -1.0).is_err());
+    assert!(Noise::from_fisher(&singular, StructureName::Full, 1.0).is_ok());
+    assert!(Noise::from_fisher(&singular, StructureName::Full, -1.0).is_err());
 }
 
 #[test]
@@ -465,7 +466,7 @@ fn unstable_steps_are_rejected() {
 fn monte_carlo_is_reproducible_from_its_seed() {
     let f = random_spd(3, 4.0, 9).unwrap();
     let q = Quadratic::new(&f).unwrap();
-    let noise = Noise::from_fisher(&f, NoiseStructure::Full, 1.0).unwrap();
+    let noise = Noise::from_fisher(&f, StructureName::Full, 1.0).unwrap();
     let e0 = DVector::from_element(3, 1.0);
     let dynamics = Dynamics::new(0.5, 0.3).unwrap();
     let run = |seed| simulate(&q, &noise, &e0, dynamics, &[5, 1, 20], 70, seed).unwrap();

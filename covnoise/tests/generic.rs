@@ -17,7 +17,7 @@ use covnoise::moments::{
     self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
 };
 use covnoise::noise::{
-    NoiseConfig, NoiseStage, NoiseStructure, NoiseWindow, ScaleRule, SharedNoiseStage,
+    NoiseConfig, NoiseStage, NoiseWindow, ScaleRule, SharedNoiseStage, StructureName,
 };
 use covnoise::optim::SgdConfig;
 use covnoise::params::ParamTable;
@@ -232,9 +232,9 @@ fn diag_and_isotropic_noise_on_any_model_have_covariance_c_s() {
         flat(&pass.unwrap().grads)
     };
     let c = 1.0 / 2.0 - 1.0 / 8.0;
-    for structure in [NoiseStructure::Diag, NoiseStructure::Isotropic] {
+    for name in [StructureName::Diag, StructureName::Isotropic] {
         let config = NoiseConfig {
-            structure,
+            structure: name.structure(false),
             estimator: Estimator::Microbatch { micro_batches: 4 },
             scale: ScaleRule::Paper { small_batch: 2 },
             refresh_every: u64::MAX,
@@ -261,8 +261,8 @@ fn diag_and_isotropic_noise_on_any_model_have_covariance_c_s() {
             SecondMoment::Trace(_) => unreachable!(),
         };
         let trace: f64 = s.iter().sum();
-        let expected: Vec<f64> = match structure {
-            NoiseStructure::Diag => s.iter().map(|v| c * v).collect(),
+        let expected: Vec<f64> = match name {
+            StructureName::Diag => s.iter().map(|v| c * v).collect(),
             _ => vec![c * trace / s.len() as f64; s.len()],
         };
         let mut draws = Vec::new();
@@ -272,7 +272,7 @@ fn diag_and_isotropic_noise_on_any_model_have_covariance_c_s() {
             let noisy = flat(&table.flatten(&mut g.grads, &Device::flex()).unwrap());
             draws.push(noisy.iter().zip(&plain).map(|(a, b)| a - b).collect());
         }
-        assert_diag_covariance(&draws, &expected, &format!("{structure:?}"));
+        assert_diag_covariance(&draws, &expected, name.as_str());
     }
 }
 
@@ -520,4 +520,47 @@ fn a_shared_stage_in_a_model_field_adds_the_same_noise_as_its_own_stage() {
     }
     assert_eq!(carrier.noise.step().unwrap(), 4);
     assert!(SharedNoiseStage::new(own, 0).is_err());
+}
+
+/// Labels drawn from the model need a classifier: a regression model (per-
+/// example losses) is refused at validation with the mc-fisher estimator
+/// and the Fisher-trace penalty, and accepted with the exact estimator and
+/// the gradient-norm penalty, which need no labels.
+#[test]
+fn validation_refuses_model_labels_for_a_model_that_is_not_a_classifier() {
+    use covnoise::regularizer::Regularizer;
+    let device = device();
+    device.seed(4);
+    let model = Scalar {
+        w: LinearConfig::new(3, 1).init(&device),
+    };
+    let batch = Regression {
+        x: Tensor::<2>::ones([8, 3], &device),
+        y: Tensor::<2>::zeros([8, 1], &device),
+    };
+    let mc = NoiseConfig::diag_fisher(2).with_estimator(Estimator::McFisher);
+    let err = NoiseStage::new(mc, 8, 0)
+        .unwrap()
+        .validate_model(&model, &batch, scalar_forward)
+        .unwrap_err();
+    assert!(
+        matches!(&err, CovnoiseError::Unsupported(m) if m.contains("mc-fisher") && m.contains("Objective::Classification")),
+        "{err}"
+    );
+    let penalty = NoiseStage::new(NoiseConfig::none(), 8, 0)
+        .unwrap()
+        .with_regularizer(Regularizer::fisher_trace(0.1, 2))
+        .unwrap()
+        .validate_model(&model, &batch, scalar_forward)
+        .unwrap_err();
+    assert!(
+        matches!(&penalty, CovnoiseError::Unsupported(m) if m.contains("Fisher-trace")),
+        "{penalty}"
+    );
+    NoiseStage::new(NoiseConfig::diag_fisher(2), 8, 0)
+        .unwrap()
+        .with_regularizer(Regularizer::grad_norm(0.1, 2))
+        .unwrap()
+        .validate_model(&model, &batch, scalar_forward)
+        .unwrap();
 }

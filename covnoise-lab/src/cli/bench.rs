@@ -143,7 +143,6 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 /// The flags this bench will not use (set away from their defaults), one
 /// warning each.
 fn ignored(args: &BenchArgs, variants: &[covnoise_lab::bench::Variant]) -> Vec<String> {
-    use covnoise::noise::NoiseStructure;
     let mut out = Vec::new();
     let timed: Vec<_> = variants
         .iter()
@@ -164,9 +163,7 @@ fn ignored(args: &BenchArgs, variants: &[covnoise_lab::bench::Variant]) -> Vec<S
                 .into(),
         );
     }
-    let noisy = timed
-        .iter()
-        .any(|v| v.noise.structure != NoiseStructure::None);
+    let noisy = timed.iter().any(|v| !v.noise.is_none());
     if !noisy && args.small_batch != 128 {
         out.push("--small-batch is ignored: no noisy variant is timed".into());
     }

@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use covnoise::noise::StructureName;
 use nalgebra::DVector;
 
 use super::csv::{read_matrix, read_vector};
 use covnoise_lab::report::theory_plots::{draw_loss_curves, loss_curves};
 use covnoise_lab::theory::{
-    AnalysisSettings, Dynamics, Noise, NoiseStructure, ProblemSummary, Quadratic, QuadraticReport,
-    RANDOM_SPD_GENERATOR, analyze, noises_from_fisher, random_spd, validate_start,
+    AnalysisSettings, Dynamics, Noise, ProblemSummary, Quadratic, QuadraticReport,
+    RANDOM_SPD_GENERATOR, STRUCTURES, analyze, noises_from_fisher, random_spd, validate_start,
 };
 
 /// Which noise structures to build from the Fisher.
@@ -177,11 +178,11 @@ pub fn run(args: &QuadraticArgs) -> anyhow::Result<()> {
             Some(path) => read_matrix(path, "Fisher")?,
             None => quadratic.hessian().clone(),
         };
-        let structures: Vec<NoiseStructure> = match args.structure {
-            StructureChoice::Full => vec![NoiseStructure::Full],
-            StructureChoice::Diag => vec![NoiseStructure::Diag],
-            StructureChoice::Isotropic => vec![NoiseStructure::Isotropic],
-            StructureChoice::All => NoiseStructure::ALL.to_vec(),
+        let structures: Vec<StructureName> = match args.structure {
+            StructureChoice::Full => vec![StructureName::Full],
+            StructureChoice::Diag => vec![StructureName::Diag],
+            StructureChoice::Isotropic => vec![StructureName::Isotropic],
+            StructureChoice::All => STRUCTURES.to_vec(),
         };
         noises_from_fisher(&fisher, &structures, args.scale).with_context(|| {
             match &args.fisher {

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use covnoise::collective::{Collective, SingleProcess};
+use covnoise::noise::StructureName;
 use covnoise_lab::data::DatasetKind;
-use covnoise_lab::train::settings::{
-    EstimatorName, NoiseName, RegularizerName, ScaleName, ScheduleName,
-};
+use covnoise_lab::train::settings::{EstimatorName, RegularizerName, ScaleName, ScheduleName};
 use covnoise_lab::train::{
     EpochMetrics, Progress, RunDir, RunSummary, TrainSettings, Trainer, checkpoint,
 };
@@ -28,9 +27,10 @@ pub struct TrainArgs {
     /// Run directory to write (config.toml, metrics.jsonl, summary.json).
     #[arg(long, value_name = "RUN_DIR")]
     pub out: Option<PathBuf>,
-    /// Replace the run in an existing run directory: everything in it
-    /// (checkpoints, eval.json, plots, step logs, any other file) is removed
-    /// first. A non-empty directory without a config.toml is refused.
+    /// Replace the run in an existing run directory: what runs write there
+    /// (config.toml, metrics.jsonl, summary.json, eval.json, checkpoints/)
+    /// is removed first. A directory without a config.toml, or holding any
+    /// other file, is refused, naming the file.
     #[arg(long)]
     pub overwrite: bool,
     /// Continue the run in RUN_DIR from its newest checkpoint, with the
@@ -145,8 +145,8 @@ pub struct TrainArgs {
     pub warmup_epochs: Option<usize>,
 
     /// Noise structure added to the gradient [default: none].
-    #[arg(long, value_enum)]
-    pub noise: Option<NoiseName>,
+    #[arg(long, value_parser = structure_names())]
+    pub noise: Option<StructureName>,
     /// With --noise full: center the multiplicative weights (covariance Sigma_B instead of F_B).
     #[arg(long)]
     pub centered: bool,
@@ -731,4 +731,15 @@ fn group_thousands(n: usize) -> String {
         out.push(c);
     }
     out
+}
+
+/// `--noise`'s parser: the library's structure names, listed by `--help`.
+fn structure_names() -> impl clap::builder::TypedValueParser<Value = StructureName> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(StructureName::ALL.map(StructureName::as_str)).map(
+        |name| {
+            name.parse::<StructureName>()
+                .expect("the parser admits only the library's names")
+        },
+    )
 }

@@ -313,7 +313,8 @@ fn pct(s: Spread) -> String {
 }
 
 fn noise_label(s: &TrainSettings) -> String {
-    use crate::train::settings::{EstimatorName, NoiseName};
+    use crate::train::settings::EstimatorName;
+    use covnoise::noise::StructureName;
     let est = match s.estimator {
         EstimatorName::Exact => "exact".to_string(),
         EstimatorName::Microbatch => format!("microbatch M={}", s.micro_batches),
@@ -325,10 +326,12 @@ fn noise_label(s: &TrainSettings) -> String {
         _ => String::new(),
     };
     let noise = match s.noise {
-        NoiseName::None => "none".to_string(),
-        NoiseName::Full if s.centered => "full (centered)".to_string(),
-        NoiseName::Full => "full".to_string(),
-        NoiseName::Diag | NoiseName::Isotropic => format!("{:?} ({est})", s.noise).to_lowercase(),
+        StructureName::None => "none".to_string(),
+        StructureName::Full if s.centered => "full (centered)".to_string(),
+        StructureName::Full => "full".to_string(),
+        StructureName::Diag | StructureName::Isotropic => {
+            format!("{:?} ({est})", s.noise).to_lowercase()
+        }
     };
     format!("{noise}{norm}")
 }
@@ -337,10 +340,10 @@ impl StudyReport {
     /// The first arm without noise that trains the same model at the same
     /// batch size as `arm` (the baseline of its step cost).
     fn plain_arm_for(&self, arm: &ArmResult) -> Option<&ArmResult> {
-        use crate::train::settings::NoiseName;
+        use covnoise::noise::StructureName;
         let shape = |x: &TrainSettings| (x.model, x.hidden.clone(), x.batch_size, x.chunk);
         self.arms.iter().find(|b| {
-            b.settings.noise == NoiseName::None && shape(&b.settings) == shape(&arm.settings)
+            b.settings.noise == StructureName::None && shape(&b.settings) == shape(&arm.settings)
         })
     }
 

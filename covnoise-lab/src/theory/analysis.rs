@@ -13,7 +13,8 @@ use super::exact::{
     stationary_loss_first_order,
 };
 use super::monte_carlo::simulate;
-use super::problem::{Noise, NoiseStructure, Quadratic};
+use super::problem::{Noise, Quadratic};
+use covnoise::noise::StructureName;
 
 /// The recursion cross-check covers the requested steps k with
 /// (state dimension)^3 * k at most this (about a second of matrix products).
@@ -29,7 +30,7 @@ pub const DENSE_GRID_POINTS: usize = 300;
 /// first structure that cannot be built.
 pub fn noises_from_fisher(
     fisher: &DMatrix<f64>,
-    structures: &[NoiseStructure],
+    structures: &[StructureName],
     scale: f64,
 ) -> Result<Vec<Noise>, TheoryError> {
     structures
@@ -261,6 +262,7 @@ pub fn check_recursion(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::theory::problem::STRUCTURES;
 
     #[test]
     fn dense_grid_is_sorted_unique_and_spans_zero_to_max() {
@@ -277,7 +279,7 @@ mod tests {
     fn analysis_agrees_with_its_parts() {
         let a = DMatrix::from_row_slice(2, 2, &[1.0, 0.2, 0.2, 0.5]);
         let q = Quadratic::new(&a).unwrap();
-        let noises = noises_from_fisher(&a, &NoiseStructure::ALL, 0.1).unwrap();
+        let noises = noises_from_fisher(&a, &STRUCTURES, 0.1).unwrap();
         let e0 = DVector::from_element(2, 1.0);
         let dynamics = Dynamics::new(0.5, 0.0).unwrap();
         let settings = AnalysisSettings {

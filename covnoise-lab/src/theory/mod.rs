@@ -54,7 +54,5 @@ pub use exact::{
 pub use illustration::{Cloud, Illustration, IllustrationConfig, LeastSquares2d, illustrate};
 pub use lyapunov::solve_discrete_lyapunov;
 pub use monte_carlo::{MonteCarlo, simulate};
-pub use problem::{
-    Noise, NoiseStructure, Quadratic, RANDOM_SPD_GENERATOR, random_spd, validate_start,
-};
+pub use problem::{Noise, Quadratic, RANDOM_SPD_GENERATOR, STRUCTURES, random_spd, validate_start};
 pub use summary::{ProblemSummary, QuadraticReport, monte_carlo_z};

@@ -1,9 +1,7 @@
 //! The quadratic problem, the noise covariances built from a Fisher matrix,
 //! input validation, and the seeded random problem generator.
 
-use std::fmt;
-use std::str::FromStr;
-
+use covnoise::noise::StructureName;
 use nalgebra::{DMatrix, DVector, SymmetricEigen};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -218,54 +216,16 @@ pub fn validate_start(quadratic: &Quadratic, e0: &DVector<f64>) -> Result<(), Th
     Ok(())
 }
 
-/// How the noise covariance is built from a Fisher matrix F (docs/method.md
-/// section 3). All three have the same trace c tr(F).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum NoiseStructure {
-    /// C = c F.
-    Full,
-    /// C = c diag(F): the paper's method.
-    Diag,
-    /// C = c (tr F / d) I: same total variance, no structure.
-    Isotropic,
-}
-
-impl NoiseStructure {
-    /// The three structures in the order reports list them.
-    pub const ALL: [NoiseStructure; 3] = [Self::Full, Self::Diag, Self::Isotropic];
-
-    /// The name used on the command line and in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Full => "full",
-            Self::Diag => "diag",
-            Self::Isotropic => "isotropic",
-        }
-    }
-}
-
-impl fmt::Display for NoiseStructure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for NoiseStructure {
-    type Err = TheoryError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "full" => Ok(Self::Full),
-            "diag" => Ok(Self::Diag),
-            "isotropic" => Ok(Self::Isotropic),
-            _ => Err(TheoryError::InvalidParameter {
-                name: "noise structure".into(),
-                value: s.into(),
-                reason: "expected full, diag or isotropic".into(),
-            }),
-        }
-    }
-}
+/// The structures whose covariance the quadratic model compares, in the
+/// order reports list them: the library's own names ([`StructureName`]),
+/// each building its covariance from a Fisher matrix F (docs/method.md
+/// section 3) with the same trace c tr(F). `none` (C = 0) is accepted by
+/// [`Noise::from_fisher`] too.
+pub const STRUCTURES: [StructureName; 3] = [
+    StructureName::Full,
+    StructureName::Diag,
+    StructureName::Isotropic,
+];
 
 /// A validated noise covariance C (symmetric positive semidefinite) with a
 /// label for reports.
@@ -276,24 +236,25 @@ pub struct Noise {
 }
 
 impl Noise {
-    /// Builds C = scale * S from a Fisher matrix F, with S = F, diag(F) or
-    /// (tr F / d) I. F must be symmetric positive semidefinite and `scale`
+    /// Builds C = scale * S from a Fisher matrix F, with S = F, diag(F),
+    /// (tr F / d) I or 0. F must be symmetric positive semidefinite and `scale`
     /// finite and non-negative.
     pub fn from_fisher(
         fisher: &DMatrix<f64>,
-        structure: NoiseStructure,
+        structure: StructureName,
         scale: f64,
     ) -> Result<Self, TheoryError> {
         check_scale(scale)?;
         let fisher = checked_psd("Fisher", fisher)?;
         let d = fisher.nrows();
         let shape = match structure {
-            NoiseStructure::Full => fisher,
-            NoiseStructure::Diag => DMatrix::from_diagonal(&fisher.diagonal()),
-            NoiseStructure::Isotropic => DMatrix::identity(d, d) * (fisher.trace() / d as f64),
+            StructureName::Full => fisher,
+            StructureName::Diag => DMatrix::from_diagonal(&fisher.diagonal()),
+            StructureName::Isotropic => DMatrix::identity(d, d) * (fisher.trace() / d as f64),
+            StructureName::None => DMatrix::zeros(d, d),
         };
         Ok(Self {
-            label: structure.name().into(),
+            label: structure.as_str().into(),
             cov: shape * scale,
         })
     }
@@ -449,7 +410,7 @@ mod tests {
     #[test]
     fn structures_share_the_trace() {
         let f = random_spd(6, 10.0, 1).unwrap();
-        let traces: Vec<f64> = NoiseStructure::ALL
+        let traces: Vec<f64> = STRUCTURES
             .iter()
             .map(|&s| Noise::from_fisher(&f, s, 0.5).unwrap().trace())
             .collect();

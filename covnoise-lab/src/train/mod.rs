@@ -27,7 +27,7 @@ use covnoise::collective::{
 use covnoise::error::CovnoiseError;
 use covnoise::model::{Batch, cross_entropy_and_correct, labels_tensor};
 use covnoise::moments::{self, MomentValues, StepContext};
-use covnoise::noise::NoiseStage;
+use covnoise::noise::{NoiseStage, StructureName};
 use covnoise::optim::LrSchedule;
 use covnoise::params::ParamTable;
 use covnoise::tensor_util::from_vec;
@@ -45,6 +45,16 @@ pub enum TrainError {
     /// The run directory cannot be used.
     #[error("run directory {0}: {1}")]
     RunDirExists(PathBuf, &'static str),
+    /// `--overwrite` (or `--restart`) found a file no run writes.
+    #[error(
+        "run directory {dir}: holds {name}, which no run writes; --overwrite and --restart remove only a run's own files (config.toml, metrics.jsonl, summary.json, eval.json, checkpoints/): move {name} out of the directory first"
+    )]
+    ForeignFile {
+        /// The run directory.
+        dir: PathBuf,
+        /// The entry that is not the run's.
+        name: String,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {message}")]
     Io {
@@ -597,7 +607,7 @@ impl<'a> Trainer<'a> {
         let state = &checkpoint.noise;
         let estimated = matches!(
             self.settings.noise,
-            settings::NoiseName::Diag | settings::NoiseName::Isotropic
+            StructureName::Diag | StructureName::Isotropic
         );
         let (mut updates, mut last) = (0i64, None::<u64>);
         if estimated {
@@ -636,13 +646,13 @@ impl<'a> Trainer<'a> {
             None => updates == 0,
             Some(MomentValues::Trace(t)) => {
                 updates > 0
-                    && self.settings.noise == settings::NoiseName::Isotropic
+                    && self.settings.noise == StructureName::Isotropic
                     && t.is_finite()
                     && *t >= 0.0
             }
             Some(MomentValues::Diag(d)) => {
                 updates > 0
-                    && self.settings.noise == settings::NoiseName::Diag
+                    && self.settings.noise == StructureName::Diag
                     && d.len() == table.len()
                     && d.iter().zip(table.entries()).all(|(v, e)| {
                         v.len() == e.numel() && v.iter().all(|x| x.is_finite() && *x >= 0.0)

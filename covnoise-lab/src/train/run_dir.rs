@@ -10,6 +10,34 @@ use super::{EpochMetrics, TrainError, TrainSettings};
 /// The files a run writes (besides its checkpoints).
 pub const RUN_FILES: [&str; 3] = ["config.toml", "metrics.jsonl", "summary.json"];
 
+/// Every entry a run directory may hold that covnoise writes: the run's
+/// files, `covnoise eval`'s result and the checkpoints directory.
+pub const RUN_OWN_ENTRIES: [&str; 5] = [
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "eval.json",
+    super::checkpoint::DIR,
+];
+
+/// The first entry of the run directory `dir` (sorted by name) that no run
+/// writes, if any. Temporary files of an interrupted atomic write
+/// (`.NAME.tmp-PID`) are the run's own.
+fn foreign_entry(dir: &Path) -> Result<Option<String>, TrainError> {
+    let mut names = std::fs::read_dir(dir)
+        .map_err(|e| io_error(dir, e))?
+        .map(|e| {
+            e.map(|e| e.file_name().to_string_lossy().into_owned())
+                .map_err(|e| io_error(dir, e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    names.sort();
+    Ok(names.into_iter().find(|name| {
+        let temporary = name.starts_with('.') && name.contains(".tmp-");
+        !temporary && !RUN_OWN_ENTRIES.contains(&name.as_str())
+    }))
+}
+
 /// A directory that a run owns.
 #[derive(Debug, Clone)]
 pub struct RunDir {
@@ -44,11 +72,18 @@ impl RunDir {
                     "exists and is not empty (pass --overwrite to replace its run)",
                 ));
             }
-            // --overwrite empties the directory: only one a run made.
+            // --overwrite empties the directory: only one a run made, and
+            // only of what runs write.
             if non_empty && !path.join("config.toml").is_file() {
                 return Err(refuse(
                     "is not empty and holds no run (no config.toml); --overwrite replaces only a run directory",
                 ));
+            }
+            if non_empty && let Some(name) = foreign_entry(path)? {
+                return Err(TrainError::ForeignFile {
+                    dir: path.to_path_buf(),
+                    name,
+                });
             }
         }
         check_can_create(path)
@@ -56,9 +91,11 @@ impl RunDir {
 
     /// Creates `path` (and its parents) as a fresh run directory. An
     /// existing non-empty directory is refused unless `overwrite`; then it
-    /// must hold a run (a `config.toml`) and everything in it is removed
-    /// (checkpoints, `eval.json`, plots, step logs, any other file), so
-    /// that nothing of the earlier run can be read as this one's.
+    /// must hold a run (a `config.toml`) and nothing but what runs write
+    /// ([`RUN_OWN_ENTRIES`] and interrupted atomic writes), all of which is
+    /// removed, so that nothing of the earlier run can be read as this
+    /// one's. Any other file (a user's notes, a plot) makes it refuse,
+    /// naming the file, before anything is removed.
     pub fn create(path: &Path, overwrite: bool) -> Result<Self, TrainError> {
         Self::check_new(path, overwrite)?;
         if path.is_dir() {

@@ -9,23 +9,9 @@ use crate::data::{Augmentation, DatasetKind};
 use crate::zoo::{Architecture, NetworkConfig, Normalization};
 use covnoise::error::{CovnoiseError, Result};
 use covnoise::moments::Estimator;
-use covnoise::noise::{NoiseConfig, NoiseStructure, NoiseWindow, ScaleRule};
+use covnoise::noise::{NoiseConfig, NoiseWindow, ScaleRule, StructureName};
 use covnoise::optim::{ScheduleKind, SgdConfig};
 use covnoise::regularizer::{PenaltyKind, Regularizer};
-
-/// Noise structure names as the command line spells them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum NoiseName {
-    /// Plain large batch.
-    None,
-    /// Isotropic noise with the trace of the Fisher.
-    Isotropic,
-    /// Diagonal-Fisher noise (the paper's method).
-    Diag,
-    /// Full-Fisher noise by multiplicative sampling.
-    Full,
-}
 
 /// Estimator names as the command line spells them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -135,7 +121,7 @@ pub struct TrainSettings {
     /// Linear warmup length in epochs.
     pub warmup_epochs: usize,
     /// Noise structure.
-    pub noise: NoiseName,
+    pub noise: StructureName,
     /// Center full-Fisher noise (covariance Sigma_B instead of F_B).
     pub centered: bool,
     /// Second-moment estimator for diag and isotropic noise.
@@ -210,7 +196,7 @@ impl Default for TrainSettings {
             milestones: Vec::new(),
             gamma: 0.1,
             warmup_epochs: 2,
-            noise: NoiseName::None,
+            noise: StructureName::None,
             centered: false,
             estimator: EstimatorName::Exact,
             micro_batches: 16,
@@ -354,14 +340,7 @@ impl TrainSettings {
 
     /// The noise stage's settings.
     pub fn noise_config(&self) -> Result<NoiseConfig> {
-        let structure = match self.noise {
-            NoiseName::None => NoiseStructure::None,
-            NoiseName::Isotropic => NoiseStructure::Isotropic,
-            NoiseName::Diag => NoiseStructure::Diag,
-            NoiseName::Full => NoiseStructure::Full {
-                centered: self.centered,
-            },
-        };
+        let structure = self.noise.structure(self.centered);
         let estimator = match self.estimator {
             EstimatorName::Exact => Estimator::Exact,
             EstimatorName::McFisher => Estimator::McFisher,
@@ -499,7 +478,7 @@ impl TrainSettings {
         self.regularizer_config()?;
         let noise = self.noise_config()?;
         // Resolving the scale checks B_S < B_L for the paper rule, etc.
-        if noise.structure != NoiseStructure::None && self.batch_size > 0 {
+        if !noise.is_none() && self.batch_size > 0 {
             noise.scale.resolve(self.batch_size)?;
         }
         Ok(())
@@ -605,7 +584,7 @@ impl TrainSettings {
                 self.warmup_epochs, self.lr
             ));
         }
-        if self.noise != NoiseName::None && self.noise_from >= self.epochs {
+        if self.noise != StructureName::None && self.noise_from >= self.epochs {
             out.push(format!(
                 "--noise-from {} is past the last epoch ({} epochs, 0-based): no noise is added",
                 self.noise_from, self.epochs
@@ -643,8 +622,8 @@ impl TrainSettings {
                 out.push((flag, why));
             }
         };
-        let noisy = self.noise != NoiseName::None;
-        let estimated = matches!(self.noise, NoiseName::Diag | NoiseName::Isotropic);
+        let noisy = self.noise != StructureName::None;
+        let estimated = matches!(self.noise, StructureName::Diag | StructureName::Isotropic);
         let none = "there is no noise (--noise none)";
         check(!noisy && self.kappa != d.kappa, "kappa", none);
         check(!noisy && self.ema.is_some(), "ema", none);
@@ -662,12 +641,12 @@ impl TrainSettings {
         );
         check(!noisy && self.noise_until.is_some(), "noise-until", none);
         check(
-            self.centered && self.noise != NoiseName::Full,
+            self.centered && self.noise != StructureName::Full,
             "centered",
             "it applies only to --noise full",
         );
         let full = "full-Fisher noise needs no estimate of diag(F)";
-        let full_noise = self.noise == NoiseName::Full;
+        let full_noise = self.noise == StructureName::Full;
         check(
             full_noise && self.estimator != d.estimator,
             "estimator",

@@ -1,36 +1,25 @@
-//! Gradient noise with the structure of the Fisher: the noise structures, the
-//! rules that set their scale, and the [`NoiseStage`] that applies them
-//! between backward and the optimizer step.
+//! Gradient noise with the structure of the Fisher: the noise structures
+//! (behind the [`NoiseStructure`] trait), the rules that set their scale,
+//! and the [`NoiseStage`] that applies them between backward and the
+//! optimizer step.
 
 mod shared;
 mod stage;
+mod structure;
 
 pub use shared::SharedNoiseStage;
 pub use stage::{NoiseStage, NoiseState, NoisyGradient};
+pub use structure::{
+    Diagonal, FullFisher, Isotropic, NoNoise, NoiseStd, NoiseStep, NoiseStructure, StructureName,
+    StructuredGradient,
+};
+
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{CovnoiseError, Result, check_non_negative, check_positive};
 use crate::moments::Estimator;
-
-/// The covariance structure S of the added noise (its covariance is c S).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum NoiseStructure {
-    /// No noise: plain large-batch SGD.
-    None,
-    /// `(tr S / d) I`: the same total variance as `diag`, no structure.
-    Isotropic,
-    /// `diag(S)`: the paper's method.
-    Diag,
-    /// The full batch Fisher, by multiplicative reweighting of the per-example
-    /// losses (no d x d matrix). `centered` uses `z - mean(z)`, giving the
-    /// centered batch covariance instead of the uncentered Fisher.
-    Full {
-        /// Center the weights (covariance Sigma_B instead of F_B).
-        centered: bool,
-    },
-}
 
 /// How the noise scale c is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -111,10 +100,11 @@ impl NoiseWindow {
 }
 
 /// Everything that defines the noise stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct NoiseConfig {
-    /// Covariance structure.
-    pub structure: NoiseStructure,
+    /// Covariance structure: covnoise's own ([`NoNoise`], [`Isotropic`],
+    /// [`Diagonal`], [`FullFisher`]) or one of your own.
+    pub structure: Arc<dyn NoiseStructure>,
     /// Estimator of diag(S) for `diag` and `isotropic`.
     pub estimator: Estimator,
     /// Scale rule for c.
@@ -129,11 +119,25 @@ pub struct NoiseConfig {
     pub refresh_every: u64,
 }
 
+/// Two configurations are equal when their settings are, their structures
+/// compared by name.
+impl PartialEq for NoiseConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.structure.name() == other.structure.name()
+            && self.estimator == other.estimator
+            && self.scale == other.scale
+            && self.kappa == other.kappa
+            && self.window == other.window
+            && self.ema == other.ema
+            && self.refresh_every == other.refresh_every
+    }
+}
+
 impl NoiseConfig {
     /// Plain large-batch training.
     pub fn none() -> Self {
         Self {
-            structure: NoiseStructure::None,
+            structure: Arc::new(NoNoise),
             estimator: Estimator::Exact,
             scale: ScaleRule::Fixed { c: 0.0 },
             kappa: 1.0,
@@ -146,32 +150,44 @@ impl NoiseConfig {
     /// The paper's method: diagonal-Fisher noise from the exact estimator,
     /// scaled by c = 1/B_S - 1/B_L.
     pub fn diag_fisher(small_batch: usize) -> Self {
-        Self::with_structure(NoiseStructure::Diag, small_batch)
+        Self::paper(Arc::new(Diagonal), small_batch)
     }
 
     /// Isotropic noise of the diagonal Fisher's total variance, the control
     /// without structure (exact estimator, paper rule).
     pub fn isotropic(small_batch: usize) -> Self {
-        Self::with_structure(NoiseStructure::Isotropic, small_batch)
+        Self::paper(Arc::new(Isotropic), small_batch)
     }
 
     /// Full-Fisher noise by reweighting the per-example losses (no d x d
     /// matrix, no estimator), scaled by the paper rule.
     pub fn full_fisher(small_batch: usize) -> Self {
-        Self::with_structure(NoiseStructure::Full { centered: false }, small_batch)
+        Self::paper(Arc::new(FullFisher { centered: false }), small_batch)
     }
 
     /// Full noise of the centered batch covariance Sigma_B (weights centered).
     pub fn full_covariance(small_batch: usize) -> Self {
-        Self::with_structure(NoiseStructure::Full { centered: true }, small_batch)
+        Self::paper(Arc::new(FullFisher { centered: true }), small_batch)
     }
 
-    fn with_structure(structure: NoiseStructure, small_batch: usize) -> Self {
+    /// `structure` (a user's own, say) scaled by the paper rule, with the
+    /// exact estimator where it draws on an estimate.
+    pub fn paper(structure: Arc<dyn NoiseStructure>, small_batch: usize) -> Self {
         Self {
             structure,
             scale: ScaleRule::Paper { small_batch },
             ..Self::none()
         }
+    }
+
+    /// The same settings with another structure.
+    pub fn with_structure(self, structure: Arc<dyn NoiseStructure>) -> Self {
+        Self { structure, ..self }
+    }
+
+    /// Whether the structure adds no noise ([`NoNoise`]).
+    pub fn is_none(&self) -> bool {
+        !self.structure.adds_noise()
     }
 
     /// The same noise, estimated by `estimator` (diag and isotropic).

@@ -5,7 +5,8 @@ use burn::module::{Module, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 
-use super::{NoiseConfig, NoiseStructure};
+use super::NoiseConfig;
+use super::structure::{NoiseStd, NoiseStep, StepPasses, add_keyed_noise};
 use crate::collective::{Collective, SingleProcess};
 use crate::error::{CovnoiseError, Result, check_positive};
 use crate::model::{Coupling, Examples, Objective, Probes};
@@ -15,7 +16,6 @@ use crate::moments::{
 };
 use crate::params::ParamTable;
 use crate::regularizer::{self, Regularizer};
-use crate::rng::{normals, stream};
 use crate::tensor_util::scalar;
 
 /// A gradient ready for the optimizer, and what went into it.
@@ -87,7 +87,7 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
     /// The noise's standard deviations for the current estimate: they
     /// change only when the estimate does, so the steps between refreshes
     /// reuse them. Cleared whenever the smoother changes.
-    noise_scale: Option<NoiseScale>,
+    noise_std: Option<NoiseStd>,
     /// An explicit penalty added to the gradient.
     regularizer: Option<Regularizer>,
     /// Global gradient-norm clipping of the final gradient.
@@ -100,35 +100,6 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
 struct CheckedModel {
     ids: Vec<ParamId>,
     coupling: Coupling,
-}
-
-/// `sqrt(c S)` of one estimate, ready to multiply standard normals, and the
-/// total variance `c tr(S)` it gives.
-#[derive(Debug, Clone)]
-struct NoiseScale {
-    std: NoiseStd,
-    variance: f64,
-    /// Entries per parameter of the gradients it was made for.
-    layout: Vec<usize>,
-}
-
-impl NoiseScale {
-    /// Whether it was made for gradients of this layout.
-    fn fits(&self, grads: &[Tensor<1>]) -> bool {
-        self.layout.len() == grads.len()
-            && self
-                .layout
-                .iter()
-                .zip(grads)
-                .all(|(&n, g)| g.dims()[0] == n)
-    }
-}
-
-/// Per-entry (diagonal) or one shared (isotropic) standard deviation.
-#[derive(Debug, Clone)]
-enum NoiseStd {
-    PerEntry(Vec<Tensor<1>>),
-    Shared(f32),
 }
 
 impl<C: Collective> std::fmt::Debug for NoiseStage<C> {
@@ -164,13 +135,13 @@ impl NoiseStage {
                 reason: "must be >= 1",
             });
         }
-        let c = if config.structure == NoiseStructure::None {
+        let c = if config.is_none() {
             0.0
         } else {
             config.scale.resolve(large_batch)? * config.kappa
         };
         if let moments::Estimator::Microbatch { micro_batches } = config.estimator
-            && config.structure != NoiseStructure::None
+            && !config.is_none()
             && !large_batch.is_multiple_of(micro_batches)
         {
             return Err(CovnoiseError::MicroBatchesDoNotDivide {
@@ -191,7 +162,7 @@ impl NoiseStage {
             checked: None,
             chunk: None,
             collective: SingleProcess,
-            noise_scale: None,
+            noise_std: None,
             regularizer: None,
             clip_norm: None,
         })
@@ -211,7 +182,7 @@ impl NoiseStage {
             checked: None,
             chunk: self.chunk,
             collective,
-            noise_scale: self.noise_scale,
+            noise_std: self.noise_std,
             regularizer: self.regularizer,
             clip_norm: self.clip_norm,
         }
@@ -318,7 +289,7 @@ impl<C: Collective> NoiseStage<C> {
     pub fn restore(&mut self, state: NoiseState, device: &Device) {
         self.step = state.step;
         self.smoother.restore(state.smoother, device);
-        self.noise_scale = None;
+        self.noise_std = None;
         self.estimate_ids = state.estimate_ids.into_iter().map(ParamId::from).collect();
     }
 
@@ -350,11 +321,32 @@ impl<C: Collective> NoiseStage<C> {
             return Err(CovnoiseError::Shape("empty batch".into()));
         }
         let mut probes = Probes::observe();
-        moments::keeping_buffers(model, || {
-            forward(model, batch, &mut probes);
-            Ok(())
+        let classifier = moments::keeping_buffers(model, || {
+            Ok(matches!(
+                forward(model, batch, &mut probes),
+                Objective::Classification { .. }
+            ))
         })?;
         let coupling = Coupling::resolve(&table, probes.norm_groups(), self.declared)?;
+        // Labels drawn from the model need its predictive distribution.
+        if !classifier {
+            let samples_labels = self.c > 0.0
+                && self.config.estimator == Estimator::McFisher
+                && self.config.structure.moment().is_some();
+            if samples_labels {
+                return Err(CovnoiseError::Unsupported(
+                    "the mc-fisher estimator samples labels from the model's predictions, so the forward pass must return Objective::Classification; this model returns per-example losses (Objective::Losses): use the exact or micro-batch estimator".into(),
+                ));
+            }
+            if self
+                .regularizer
+                .is_some_and(|r| r.is_active() && r.kind == regularizer::PenaltyKind::FisherTrace)
+            {
+                return Err(CovnoiseError::Unsupported(
+                    "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification; this model returns per-example losses (Objective::Losses): use the gradient-norm penalty".into(),
+                ));
+            }
+        }
         if let Some(reg) = self.regularizer.filter(Regularizer::is_active) {
             let world = self.collective.world_size();
             reg.check_batch(batch.len() * world, world, coupling)?;
@@ -391,75 +383,72 @@ impl<C: Collective> NoiseStage<C> {
                 .first()
                 .map_or_else(|| "a batch norm".to_string(), |(p, k)| format!("{p} ({k})"))
         };
-        match self.config.structure {
-            NoiseStructure::None => Ok(()),
-            NoiseStructure::Full { .. } => {
-                if coupling == Coupling::WholeBatch {
-                    return Err(CovnoiseError::Unsupported(format!(
-                        "full-Fisher noise reweights each example's loss, and {} is batch normalization over the whole batch, so no loss belongs to one example; use GhostBatchNorm with a group size, routed through Probes::batch_norm",
-                        whole_batch_layer()
-                    )));
-                }
-                Ok(())
-            }
-            NoiseStructure::Diag | NoiseStructure::Isotropic => {
-                moments::validate(
-                    self.config.estimator,
-                    coupling,
-                    batch.len(),
-                    self.collective.world_size(),
-                )
-                .map_err(|e| match (e, coupling) {
-                    (CovnoiseError::Unsupported(_), Coupling::WholeBatch) => {
-                        CovnoiseError::Unsupported(match self.config.estimator {
-                            Estimator::Microbatch { .. } => format!(
-                                "{} is batch normalization over the whole batch, which would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
-                                whole_batch_layer()
-                            ),
-                            _ => format!(
-                                "{} is batch normalization over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
-                                whole_batch_layer()
-                            ),
-                        })
-                    }
-                    (e, _) => e,
-                })?;
-                if matches!(self.config.estimator, Estimator::Microbatch { .. }) {
-                    return Ok(());
-                }
-                if let Some((param, what)) = observed.unsupported().first() {
-                    return Err(CovnoiseError::Unsupported(format!(
-                        "parameter {} belongs to {what}, which has no per-example gradient rule; use the micro-batch estimator (Estimator::Microbatch)",
-                        table.name_of(*param)
-                    )));
-                }
-                let covered = observed.covered_params();
-                if let Some(e) = table.entries().iter().find(|e| !covered.contains(&e.id)) {
-                    return Err(CovnoiseError::Unsupported(format!(
-                        "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover Linear, Conv1d, Conv2d, Embedding, LayerNorm and GroupNorm layers routed through Probes; use the micro-batch estimator (Estimator::Microbatch) for other layers",
-                        e.name, e.shape
-                    )));
-                }
-                // The probe gradients of two examples must add up to the
-                // parameters' gradients. The sums differ by float32 rounding
-                // (about 1e-6 relative); a use outside the probed layers
-                // misses a whole term, so 1e-3 separates the two.
-                let sample = batch.slice(0, batch.len().min(2));
-                let pass = moments::keeping_buffers(model, || {
-                    moments::backward_pass(
-                        model,
-                        table,
-                        &sample,
-                        forward,
-                        PassRequest {
-                            probes: true,
-                            ..Default::default()
-                        },
-                    )
-                })?;
-                moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
-            }
+        let structure = &self.config.structure;
+        if structure.reweights_examples() && coupling == Coupling::WholeBatch {
+            return Err(CovnoiseError::Unsupported(format!(
+                "{} noise reweights each example's loss, and {} is batch normalization over the whole batch, so no loss belongs to one example; use GhostBatchNorm with a group size, routed through Probes::batch_norm",
+                structure.name(),
+                whole_batch_layer()
+            )));
         }
+        if structure.moment().is_none() {
+            return Ok(());
+        }
+        moments::validate(
+            self.config.estimator,
+            coupling,
+            batch.len(),
+            self.collective.world_size(),
+        )
+        .map_err(|e| match (e, coupling) {
+            (CovnoiseError::Unsupported(_), Coupling::WholeBatch) => {
+                CovnoiseError::Unsupported(match self.config.estimator {
+                    Estimator::Microbatch { .. } => format!(
+                        "{} is batch normalization over the whole batch, which would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
+                        whole_batch_layer()
+                    ),
+                    _ => format!(
+                        "{} is batch normalization over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
+                        whole_batch_layer()
+                    ),
+                })
+            }
+            (e, _) => e,
+        })?;
+        if matches!(self.config.estimator, Estimator::Microbatch { .. }) {
+            return Ok(());
+        }
+        if let Some((param, what)) = observed.unsupported().first() {
+            return Err(CovnoiseError::Unsupported(format!(
+                "parameter {} belongs to {what}, which has no per-example gradient rule; use the micro-batch estimator (Estimator::Microbatch)",
+                table.name_of(*param)
+            )));
+        }
+        let covered = observed.covered_params();
+        if let Some(e) = table.entries().iter().find(|e| !covered.contains(&e.id)) {
+            return Err(CovnoiseError::Unsupported(format!(
+                "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover layers routed through Probes (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, and any layer with an ExactRule of its own, via Probes::layer); use the micro-batch estimator (Estimator::Microbatch) for other layers",
+                e.name, e.shape
+            )));
+        }
+        // The probe gradients of two examples must add up to the
+        // parameters' gradients. The sums differ by float32 rounding
+        // (about 1e-6 relative); a use outside the probed layers
+        // misses a whole term, so 1e-3 separates the two.
+        let sample = batch.slice(0, batch.len().min(2));
+        let pass = moments::keeping_buffers(model, || {
+            moments::backward_pass(
+                model,
+                table,
+                &sample,
+                forward,
+                PassRequest {
+                    probes: true,
+                    ..Default::default()
+                },
+            )
+        })?;
+        moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
     }
 
     /// Whether the configuration has a noise window (epochs without noise).
@@ -535,14 +524,12 @@ impl<C: Collective> NoiseStage<C> {
         };
         let active = self.active_in(epoch);
         let stale = !self.estimate_ids.is_empty() && self.estimate_ids != ids;
-        let estimated = matches!(
-            self.config.structure,
-            NoiseStructure::Diag | NoiseStructure::Isotropic
-        );
+        let structure = self.config.structure.clone();
+        let estimate_due = stale || self.smoother.needs_refresh(step);
         // Whether this step's gradient is the plain mean gradient, which
         // a regularizer's micro-batch passes also give.
-        let plain_step = !active || (estimated && !(stale || self.smoother.needs_refresh(step)));
-        let (penalty, mut data) = match self.regularizer.filter(Regularizer::is_active) {
+        let plain_step = !active || structure.plain_gradient(estimate_due);
+        let (penalty, data) = match self.regularizer.filter(Regularizer::is_active) {
             Some(reg) => {
                 let p =
                     regularizer::penalty_gradient(model, batch, &forward, &reg, plain_step, &ctx)?;
@@ -550,63 +537,34 @@ impl<C: Collective> NoiseStage<C> {
             }
             None => (None, None),
         };
-        let mut plain = || match data.take() {
-            Some(d) => Ok(d),
-            None => moments::plain_gradient(model, batch, &forward, &ctx),
+        let (c, seed, global) = (self.c, self.seed, self.large_batch);
+        let first = self.collective.rank() * batch.len();
+        let mut engine = Engine {
+            model,
+            batch,
+            forward: &forward,
+            ctx: &ctx,
+            data,
+            estimator: self.config.estimator,
+            smoother: &mut self.smoother,
+            estimate_ids: &mut self.estimate_ids,
+            noise_std: &mut self.noise_std,
+            ids: &ids,
+            stale,
         };
         let (mut step_grad, noise_trace) = if !active {
-            (plain()?, Some(0.0))
+            (engine.plain()?, Some(0.0))
         } else {
-            match self.config.structure {
-                NoiseStructure::None => unreachable!("c = 0 for structure none"),
-                NoiseStructure::Full { centered } => (
-                    full_fisher_gradient(model, batch, &forward, centered, self.c, &ctx)?,
-                    None,
-                ),
-                NoiseStructure::Diag | NoiseStructure::Isotropic => {
-                    let kind = if self.config.structure == NoiseStructure::Diag {
-                        MomentKind::Diag
-                    } else {
-                        MomentKind::Trace
-                    };
-                    let mut g = if plain_step {
-                        plain()?
-                    } else {
-                        moments::estimate(
-                            model,
-                            batch,
-                            &forward,
-                            self.config.estimator,
-                            kind,
-                            &ctx,
-                        )?
-                    };
-                    if let Some(fresh) = g.moment.take() {
-                        if stale {
-                            // Another model (or a changed one): the old
-                            // estimate describes other parameters.
-                            self.smoother.reset();
-                        }
-                        self.smoother.update(fresh, step)?;
-                        self.noise_scale = None;
-                        self.estimate_ids = ids;
-                    }
-                    let scale = match self.noise_scale.take() {
-                        Some(scale) if scale.fits(&g.grads) => scale,
-                        _ => {
-                            let moment = self
-                                .smoother
-                                .current()
-                                .expect("refreshed above at least once");
-                            self.noise_scale_of(&moment, &g.grads)?
-                        }
-                    };
-                    self.add_scaled_noise(&mut g.grads, &scale, step);
-                    let variance = scale.variance;
-                    self.noise_scale = Some(scale);
-                    (g, Some(variance))
-                }
-            }
+            let mut noise_step = NoiseStep {
+                passes: &mut engine,
+                c,
+                seed,
+                step,
+                global_batch: global,
+                local: first..first + batch.len(),
+            };
+            let out = structure.gradient(&mut noise_step)?;
+            (out.gradient, out.noise_trace)
         };
         let penalty_value = penalty.map(|(grads, value)| {
             step_grad.grads = std::mem::take(&mut step_grad.grads)
@@ -645,102 +603,110 @@ impl<C: Collective> NoiseStage<C> {
         moment: &SecondMoment,
         step: u64,
     ) -> Result<f64> {
-        let scale = self.noise_scale_of(moment, grads)?;
-        self.add_scaled_noise(grads, &scale, step);
-        Ok(scale.variance)
-    }
-
-    /// `sqrt(c S)` for `moment`, checked against the gradients' layout.
-    fn noise_scale_of(&self, moment: &SecondMoment, grads: &[Tensor<1>]) -> Result<NoiseScale> {
-        let variance = self.c * moment.trace();
-        let std = match moment {
-            SecondMoment::Diag(diag) => {
-                if diag.len() != grads.len() {
-                    return Err(CovnoiseError::Shape(
-                        "second moment and gradients have different parameter counts".into(),
-                    ));
-                }
-                NoiseStd::PerEntry(
-                    diag.iter()
-                        .map(|s| (s.clone() * self.c as f32).sqrt())
-                        .collect(),
-                )
-            }
-            SecondMoment::Trace(t) => {
-                let d: usize = grads.iter().map(|g| g.dims()[0]).sum();
-                NoiseStd::Shared((self.c * t / d as f64).sqrt() as f32)
-            }
-        };
-        let layout = grads.iter().map(|g| g.dims()[0]).collect();
-        Ok(NoiseScale {
-            std,
-            variance,
-            layout,
-        })
-    }
-
-    /// Adds `scale`'s noise for `step` to `grads`.
-    fn add_scaled_noise(&self, grads: &mut [Tensor<1>], scale: &NoiseScale, step: u64) {
-        for (p, g) in grads.iter_mut().enumerate() {
-            let xi = standard_normal_like(g, self.seed, step, p as u64);
-            *g = match &scale.std {
-                NoiseStd::PerEntry(std) => g.clone() + xi * std[p].clone(),
-                NoiseStd::Shared(std) => g.clone() + xi * *std,
-            };
-        }
+        let std = NoiseStd::of_moment(moment, self.c, grads)?;
+        add_keyed_noise(grads, &std, self.seed, step);
+        Ok(std.variance())
     }
 }
 
-/// Standard normals shaped like `like`, keyed by `(seed, step, parameter)`.
-fn standard_normal_like(like: &Tensor<1>, seed: u64, step: u64, param: u64) -> Tensor<1> {
-    let n = like.dims()[0];
-    crate::tensor_util::from_vec1(normals(seed, step, param, n), &like.device())
+/// The passes of one step, for the structure's [`NoiseStep`]: the model,
+/// its batch and forward pass, and the stage's estimate.
+struct Engine<'s, 'c, M, B, F> {
+    model: &'s M,
+    batch: &'s B,
+    forward: &'s F,
+    ctx: &'s StepContext<'c>,
+    /// The plain gradient a regularizer's passes already made, if any.
+    data: Option<StepGradient>,
+    estimator: Estimator,
+    smoother: &'s mut Smoother,
+    estimate_ids: &'s mut Vec<ParamId>,
+    noise_std: &'s mut Option<NoiseStd>,
+    ids: &'s [ParamId],
+    /// The estimate belongs to other parameters (another model).
+    stale: bool,
 }
 
-/// Full-Fisher noise by multiplicative sampling: the loss
-/// `(1/B) sum_i (1 + s z_i) l_i` with `z_i ~ N(0, 1)` has gradient
-/// `g_B + (s/B) sum_i z_i grad l_i`, whose noise has covariance
-/// `(s^2/B) F_B`; `s^2 = c B` gives `c F_B`. Centering z gives `c Sigma_B`.
-/// The weights are drawn for the global batch, so sharding does not change
-/// them. It needs only per-example losses, so it works on any model.
-fn full_fisher_gradient<M, B, F>(
-    model: &M,
-    batch: &B,
-    forward: &F,
-    centered: bool,
-    c: f64,
-    ctx: &StepContext,
-) -> Result<StepGradient>
+impl<M, B, F> StepPasses for Engine<'_, '_, M, B, F>
 where
     M: Module,
     B: Examples,
     F: Fn(&M, &B, &mut Probes) -> Objective,
 {
-    let local = batch.len();
-    let global = local * ctx.collective.world_size();
-    let mut z = normals(ctx.seed, ctx.step, stream::FULL_WEIGHTS, global);
-    if centered {
-        let mean = z.iter().map(|&v| v as f64).sum::<f64>() / global as f64;
-        z.iter_mut().for_each(|v| *v -= mean as f32);
+    fn plain(&mut self) -> Result<StepGradient> {
+        match self.data.take() {
+            Some(d) => Ok(d),
+            None => moments::plain_gradient(self.model, self.batch, self.forward, self.ctx),
+        }
     }
-    let s = (c * global as f64).sqrt() as f32;
-    let offset = ctx.collective.rank() * local;
-    let weights: Vec<f32> = z[offset..offset + local]
-        .iter()
-        .map(|&zi| 1.0 + s * zi)
-        .collect();
-    let pass = moments::backward_pass(
-        model,
-        ctx.table,
-        batch,
-        forward,
-        PassRequest {
-            weights: Some(&weights),
-            chunk: ctx.pass_chunk(),
-            ..Default::default()
-        },
-    )?;
-    moments::reduce_step(pass.grads, pass.loss_sum, pass.correct, local, None, ctx)
+
+    fn reweighted(&mut self, local_weights: &[f32]) -> Result<StepGradient> {
+        let pass = moments::backward_pass(
+            self.model,
+            self.ctx.table,
+            self.batch,
+            self.forward,
+            PassRequest {
+                weights: Some(local_weights),
+                chunk: self.ctx.pass_chunk(),
+                ..Default::default()
+            },
+        )?;
+        moments::reduce_step(
+            pass.grads,
+            pass.loss_sum,
+            pass.correct,
+            self.batch.len(),
+            None,
+            self.ctx,
+        )
+    }
+
+    fn estimated(&mut self, kind: MomentKind) -> Result<StepGradient> {
+        let step = self.ctx.step;
+        let due = self.stale || self.smoother.needs_refresh(step);
+        let mut g = if due {
+            moments::estimate(
+                self.model,
+                self.batch,
+                self.forward,
+                self.estimator,
+                kind,
+                self.ctx,
+            )?
+        } else {
+            self.plain()?
+        };
+        if let Some(fresh) = g.moment.take() {
+            if self.stale {
+                // Another model (or a changed one): the old estimate
+                // describes other parameters.
+                self.smoother.reset();
+            }
+            self.smoother.update(fresh, step)?;
+            *self.noise_std = None;
+            *self.estimate_ids = self.ids.to_vec();
+        }
+        Ok(g)
+    }
+
+    fn noise_std(
+        &mut self,
+        grads: &[Tensor<1>],
+        make: &mut dyn FnMut(&SecondMoment) -> Result<NoiseStd>,
+    ) -> Result<NoiseStd> {
+        if let Some(std) = self.noise_std.as_ref().filter(|s| s.fits(grads)) {
+            return Ok(std.clone());
+        }
+        let moment = self.smoother.current().ok_or_else(|| {
+            CovnoiseError::Unsupported(
+                "a noise structure asked for the estimate's noise before any estimate (call NoiseStep::estimated first)".into(),
+            )
+        })?;
+        let std = make(&moment)?;
+        *self.noise_std = Some(std.clone());
+        Ok(std)
+    }
 }
 
 /// Scales `grads` to global norm at most `max` (PyTorch's
