@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line for the user, no backtrace: `{:#}` joins the context chain.
-            eprintln!("error: {}", cli::in_flag_words(&format!("{e:#}")));
+            eprintln!("error: {}", cli::render_error(&e));
             ExitCode::FAILURE
         }
     }

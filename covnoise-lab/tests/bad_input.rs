@@ -242,9 +242,14 @@ fn cases() -> Vec<Case> {
             ],
             "divide",
         ),
+        // The library's typed remedies are said as this command's flags.
         train(
             &["--noise", "diag", "--small-batch", "8", "--batch-norm"],
-            "batch normalization",
+            "batch normalization over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients; use --estimator microbatch with --ghost-batch N",
+        ),
+        train(
+            &["--noise", "full", "--small-batch", "8", "--batch-norm"],
+            "so no loss belongs to one example; use --ghost-batch N",
         ),
         train(
             &["--noise", "diag", "--small-batch", "8", "--ema", "1"],

@@ -751,7 +751,7 @@ fn impossible_settings_are_typed_errors() {
         &ctx(0, &bn_table),
     )
     .unwrap_err();
-    assert!(matches!(e, CovnoiseError::Unsupported(_)), "{e}");
+    assert!(matches!(e, CovnoiseError::Refused { .. }), "{e}");
     // Micro-batches may not split ghost batches.
     let ghost = MlpConfig {
         input: 3,

@@ -40,6 +40,16 @@ pub enum CovnoiseError {
     /// The requested estimator cannot be computed for this model.
     #[error("{0}")]
     Unsupported(String),
+    /// A model or setting the library refuses, and what to do instead: the
+    /// remedy is typed, so that a program with its own vocabulary (the
+    /// `covnoise` binary's flags) can say it in its own words.
+    #[error("{problem}; {remedy}")]
+    Refused {
+        /// What is wrong, naming the parameter or layer.
+        problem: String,
+        /// What to do instead.
+        remedy: Remedy,
+    },
     /// Tensors or batches whose shapes do not agree.
     #[error("shape mismatch: {0}")]
     Shape(String),
@@ -90,6 +100,55 @@ pub(crate) fn check_positive(name: &'static str, value: f64) -> Result<()> {
             name,
             value: format!("{value}"),
             reason: "must be a finite number > 0",
+        })
+    }
+}
+
+/// What a user can do about a refusal ([`CovnoiseError::Refused`]), in the
+/// library's terms; [`Remedy`]'s `Display` says it with the library's items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Remedy {
+    /// Use the micro-batch estimator, which needs nothing from the layers.
+    MicrobatchEstimator,
+    /// Use the micro-batch estimator with batch norm over groups
+    /// (`GhostBatchNorm`).
+    MicrobatchWithGhostBatchNorm,
+    /// Normalize over groups of examples: `GhostBatchNorm` with a group
+    /// size, routed through `Probes::batch_norm`.
+    GhostBatchNorm,
+    /// As [`Remedy::GhostBatchNorm`], with a group size dividing the
+    /// micro-batch.
+    GhostBatchNormDividingMicroBatch,
+    /// Route every use of the parameter through the probes, or use the
+    /// micro-batch estimator.
+    RouteThroughProbes,
+    /// Use an estimator that does not sample labels (exact or micro-batch).
+    EstimatorWithoutSampledLabels,
+    /// Use the gradient-norm penalty, which does not sample labels.
+    GradNormPenalty,
+}
+
+impl std::fmt::Display for Remedy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Remedy::MicrobatchEstimator => "use the micro-batch estimator (Estimator::Microbatch)",
+            Remedy::MicrobatchWithGhostBatchNorm => {
+                "use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm"
+            }
+            Remedy::GhostBatchNorm => {
+                "use GhostBatchNorm with a group size, routed through Probes::batch_norm"
+            }
+            Remedy::GhostBatchNormDividingMicroBatch => {
+                "use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm"
+            }
+            Remedy::RouteThroughProbes => {
+                "route every use through Probes, or use the micro-batch estimator (Estimator::Microbatch)"
+            }
+            Remedy::EstimatorWithoutSampledLabels => {
+                "use the exact or micro-batch estimator (Estimator::Exact, Estimator::Microbatch)"
+            }
+            Remedy::GradNormPenalty => "use the gradient-norm penalty (Regularizer::grad_norm)",
         })
     }
 }

@@ -124,12 +124,12 @@ impl Regularizer {
         let m = self.micro_batches;
         if !global.is_multiple_of(m) {
             return Err(CovnoiseError::Unsupported(format!(
-                "--reg-micro-batches {m} does not divide the global batch of {global}"
+                "the penalty's {m} micro-batches do not divide the global batch of {global}"
             )));
         }
         if !m.is_multiple_of(world) {
             return Err(CovnoiseError::Unsupported(format!(
-                "--reg-micro-batches {m} cannot be spread evenly over {world} processes"
+                "the penalty's {m} micro-batches cannot be spread evenly over {world} processes"
             )));
         }
         let b = global / m;
@@ -137,7 +137,7 @@ impl Regularizer {
             && !b.is_multiple_of(g)
         {
             return Err(CovnoiseError::Unsupported(format!(
-                "penalty micro-batches of {b} examples would split ghost batches of {g}; choose --reg-micro-batches so that the micro-batch is a multiple of the ghost batch"
+                "penalty micro-batches of {b} examples would split ghost batches of {g}; choose a number of penalty micro-batches whose micro-batch is a multiple of the ghost batch"
             )));
         }
         Ok(())

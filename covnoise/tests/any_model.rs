@@ -390,7 +390,7 @@ fn validate_model_names_each_parameter_without_a_rule() {
             .validate_model(&model, &batch, scaled_forward)
             .unwrap_err();
         assert!(
-            matches!(&err, CovnoiseError::Unsupported(m) if m.contains("parameter scale")),
+            matches!(&err, CovnoiseError::Refused { problem: m, .. } if m.contains("parameter scale")),
             "{err}"
         );
     }
@@ -401,7 +401,7 @@ fn validate_model_names_each_parameter_without_a_rule() {
         .validate_model(&tied, &batch, tied_output_forward)
         .unwrap_err();
     assert!(
-        matches!(&err, CovnoiseError::Unsupported(m) if m.contains("embed.weight") && m.contains("outside")),
+        matches!(&err, CovnoiseError::Refused { problem: m, .. } if m.contains("embed.weight") && m.contains("outside")),
         "{err}"
     );
     // The micro-batch estimator needs no rule: both models are accepted.

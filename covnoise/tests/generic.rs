@@ -355,7 +355,7 @@ fn exact_estimator_names_the_parameter_it_cannot_handle() {
     )
     .unwrap_err();
     assert!(
-        matches!(&err, CovnoiseError::Unsupported(m) if m.contains("conv.weight")),
+        matches!(&err, CovnoiseError::Refused { problem: m, .. } if m.contains("conv.weight")),
         "{err}"
     );
 }
@@ -544,7 +544,7 @@ fn validation_refuses_model_labels_for_a_model_that_is_not_a_classifier() {
         .validate_model(&model, &batch, scalar_forward)
         .unwrap_err();
     assert!(
-        matches!(&err, CovnoiseError::Unsupported(m) if m.contains("mc-fisher") && m.contains("Objective::Classification")),
+        matches!(&err, CovnoiseError::Refused { problem: m, .. } if m.contains("mc-fisher") && m.contains("Objective::Classification")),
         "{err}"
     );
     let penalty = NoiseStage::new(NoiseConfig::none(), 8, 0)
@@ -554,7 +554,7 @@ fn validation_refuses_model_labels_for_a_model_that_is_not_a_classifier() {
         .validate_model(&model, &batch, scalar_forward)
         .unwrap_err();
     assert!(
-        matches!(&penalty, CovnoiseError::Unsupported(m) if m.contains("Fisher-trace")),
+        matches!(&penalty, CovnoiseError::Refused { problem: m, .. } if m.contains("Fisher-trace")),
         "{penalty}"
     );
     NoiseStage::new(NoiseConfig::diag_fisher(2), 8, 0)

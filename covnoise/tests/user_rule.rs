@@ -317,7 +317,7 @@ fn a_wrong_user_rule_is_refused_at_validation_naming_the_layer() {
             .validate_model(&model, &batch, wrong)
             .unwrap_err();
         assert!(
-            matches!(&err, CovnoiseError::Unsupported(m) if m.contains("Bilinear") && m.contains("bilinear.weight")),
+            matches!(&err, CovnoiseError::Refused { problem: m, .. } if m.contains("Bilinear") && m.contains("bilinear.weight")),
             "{err}"
         );
     }

@@ -10,6 +10,7 @@ mod study;
 mod train;
 
 use clap::{Parser, Subcommand};
+use covnoise::error::{CovnoiseError, Remedy};
 
 /// Large-batch SGD with structured (Fisher) covariance noise.
 #[derive(Debug, Parser)]
@@ -121,53 +122,103 @@ pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A library message in the command line's words: the library names its
-/// own types and methods (`Estimator::Microbatch`, `GhostBatchNorm`), the
-/// user of this binary knows the flags that set them.
-pub fn in_flag_words(message: &str) -> String {
-    const WORDS: [(&str, &str); 7] = [
-        (
-            "use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
-            "use --ghost-batch N with N dividing the micro-batch size",
-        ),
-        (
-            "use GhostBatchNorm with a group size, routed through Probes::batch_norm",
-            "use --ghost-batch N",
-        ),
-        (
-            "the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
-            "--estimator microbatch with --ghost-batch N",
-        ),
-        (
-            "the micro-batch estimator (Estimator::Microbatch)",
-            "--estimator microbatch",
-        ),
-        ("Estimator::Microbatch", "--estimator microbatch"),
-        ("large_batch", "batch-size"),
-        ("routed through Probes", "in covnoise's models"),
-    ];
-    WORDS
-        .iter()
-        .fold(message.to_string(), |m, (library, flags)| {
-            m.replace(library, flags)
+/// An error as one line in the command line's words: `{:#}`'s chain of
+/// contexts joined by ": ", with each library refusal's typed remedy
+/// ([`Remedy`]) said as the flags that apply it, and the library's
+/// setting names as flags.
+pub fn render_error(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|link| {
+            let library = link.downcast_ref::<CovnoiseError>().or_else(|| {
+                match link.downcast_ref::<covnoise_lab::train::TrainError>() {
+                    Some(covnoise_lab::train::TrainError::Config(c)) => Some(c),
+                    _ => None,
+                }
+            });
+            match library {
+                Some(c) => in_flags(c),
+                None => link.to_string(),
+            }
         })
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// A library error in the command line's words.
+fn in_flags(e: &CovnoiseError) -> String {
+    match e {
+        CovnoiseError::Refused { problem, remedy } => {
+            format!("{problem}; {}", remedy_flags(*remedy))
+        }
+        CovnoiseError::InvalidSetting {
+            name,
+            value,
+            reason,
+        } => format!("invalid {} = {value}: {reason}", setting_flag(name)),
+        other => other.to_string(),
+    }
+}
+
+/// What the flags of `covnoise train` do about a refusal.
+fn remedy_flags(remedy: Remedy) -> String {
+    let flags = match remedy {
+        Remedy::MicrobatchEstimator => "use --estimator microbatch",
+        Remedy::MicrobatchWithGhostBatchNorm => "use --estimator microbatch with --ghost-batch N",
+        Remedy::GhostBatchNorm => "use --ghost-batch N",
+        Remedy::GhostBatchNormDividingMicroBatch => {
+            "use --ghost-batch N with N dividing the micro-batch size"
+        }
+        Remedy::RouteThroughProbes => "use --estimator microbatch",
+        Remedy::EstimatorWithoutSampledLabels => "use --estimator exact or microbatch",
+        Remedy::GradNormPenalty => "use --regularizer grad-norm",
+        // Remedies added to the library later are said in its own words.
+        other => return other.to_string(),
+    };
+    flags.to_string()
+}
+
+/// The flag that sets a library setting, where the names differ.
+fn setting_flag(name: &str) -> &str {
+    match name {
+        "large_batch" => "batch-size",
+        other => other,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::in_flag_words;
+    use super::*;
 
     #[test]
-    fn library_words_become_flags() {
-        let m =
-            "parameter bn.gamma has no rule; use the micro-batch estimator (Estimator::Microbatch)";
+    fn library_refusals_are_said_in_flags() {
+        let refused = anyhow::Error::new(CovnoiseError::Refused {
+            problem: "parameter bn.gamma has no rule".into(),
+            remedy: Remedy::MicrobatchEstimator,
+        })
+        .context("run runs/x");
         assert_eq!(
-            in_flag_words(m),
-            "parameter bn.gamma has no rule; use --estimator microbatch"
+            render_error(&refused),
+            "run runs/x: parameter bn.gamma has no rule; use --estimator microbatch"
         );
+        let wrapped = anyhow::Error::new(covnoise_lab::train::TrainError::Config(
+            CovnoiseError::InvalidSetting {
+                name: "large_batch",
+                value: "0".into(),
+                reason: "must be >= 1",
+            },
+        ));
         assert_eq!(
-            in_flag_words("invalid large_batch = 0"),
-            "invalid batch-size = 0"
+            render_error(&wrapped),
+            "invalid batch-size = 0: must be >= 1"
+        );
+        // Without the binary's rendering, the library says its own items.
+        assert!(
+            CovnoiseError::Refused {
+                problem: "p".into(),
+                remedy: Remedy::GhostBatchNorm
+            }
+            .to_string()
+            .contains("GhostBatchNorm")
         );
     }
 }

@@ -16,7 +16,7 @@ pub use objective::{Examples, Objective, count_correct, cross_entropy_per_exampl
 
 use burn::tensor::{Int, Tensor};
 
-use crate::error::Result;
+use crate::error::{Remedy, Result};
 use crate::tensor_util::scalar;
 
 /// One labelled batch on a device: inputs (first dimension the example) and
@@ -130,9 +130,12 @@ impl Coupling {
         if let Some(layer) = &whole {
             return match declared {
                 None | Some(Coupling::WholeBatch) => Ok(Coupling::WholeBatch),
-                Some(d) => Err(CovnoiseError::Unsupported(format!(
-                    "the coupling was declared {d:?}, but {layer} normalizes over the whole batch; use GhostBatchNorm with a group size, routed through Probes::batch_norm"
-                ))),
+                Some(d) => Err(CovnoiseError::Refused {
+                    problem: format!(
+                        "the coupling was declared {d:?}, but {layer} normalizes over the whole batch"
+                    ),
+                    remedy: Remedy::GhostBatchNorm,
+                }),
             };
         }
         if unchecked {

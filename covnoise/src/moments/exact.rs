@@ -21,7 +21,7 @@
 use burn::tensor::Tensor;
 
 use super::{MomentKind, SecondMoment};
-use crate::error::{CovnoiseError, Result};
+use crate::error::{CovnoiseError, Remedy, Result};
 use crate::params::ParamTable;
 use crate::probes::{ExactRule, ProbedLayer};
 use crate::tensor_util::scalar;
@@ -46,10 +46,13 @@ fn uses_by_param<'a>(layers: &'a [ProbedLayer], table: &ParamTable) -> Result<Ve
     }
     if let Some(i) = uses.iter().position(Vec::is_empty) {
         let e = &table.entries()[i];
-        return Err(CovnoiseError::Unsupported(format!(
-            "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover layers routed through Probes (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, and any layer with an ExactRule of its own, via Probes::layer); use the micro-batch estimator (Estimator::Microbatch) for other layers",
-            e.name, e.shape
-        )));
+        return Err(CovnoiseError::Refused {
+            problem: format!(
+                "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover layers routed through Probes (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, and any layer with an ExactRule of its own, via Probes::layer)",
+                e.name, e.shape
+            ),
+            remedy: Remedy::MicrobatchEstimator,
+        });
     }
     Ok(uses)
 }
@@ -213,11 +216,14 @@ pub fn check_rules_cover_gradients(
             .sqrt()
             .max(scalar(g.clone().square().sum()).sqrt());
         if diff > tolerance * scale + 1e-30 {
-            return Err(CovnoiseError::Unsupported(format!(
-                "parameter {}: the per-example gradients of its {} rule add up to {diff:.3e} away from its gradient of norm {scale:.3e}: the rule is wrong, or the parameter is also used outside the layers routed through Probes (route every use through Probes, or use the micro-batch estimator, Estimator::Microbatch)",
-                entry.name,
-                kinds(uses),
-            )));
+            return Err(CovnoiseError::Refused {
+                problem: format!(
+                    "parameter {}: the per-example gradients of its {} rule add up to {diff:.3e} away from its gradient of norm {scale:.3e}: the rule is wrong, or the parameter is also used outside the layers routed through Probes",
+                    entry.name,
+                    kinds(uses),
+                ),
+                remedy: Remedy::RouteThroughProbes,
+            });
         }
     }
     Ok(())

@@ -24,7 +24,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use rand::RngExt;
 
 use crate::collective::{Collective, all_reduce_packed};
-use crate::error::{CovnoiseError, Result};
+use crate::error::{CovnoiseError, Remedy, Result};
 use crate::model::{
     Coupling, Examples, Objective, Probes, count_correct, cross_entropy_per_example,
 };
@@ -495,9 +495,10 @@ pub fn validate(
     match estimator {
         Estimator::Exact | Estimator::McFisher => {
             if coupling != Coupling::Independent {
-                return Err(CovnoiseError::Unsupported(
-                    "the exact and mc-fisher estimators need per-example gradients, which batch normalization makes undefined; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm".into(),
-                ));
+                return Err(CovnoiseError::Refused {
+                    problem: "the exact and mc-fisher estimators need per-example gradients, which batch normalization makes undefined".into(),
+                    remedy: Remedy::MicrobatchWithGhostBatchNorm,
+                });
             }
         }
         Estimator::Microbatch { micro_batches } => {
@@ -526,9 +527,10 @@ pub fn validate(
                     )));
                 }
                 Coupling::WholeBatch => {
-                    return Err(CovnoiseError::Unsupported(
-                        "batch normalization over the whole batch would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm".into(),
-                    ));
+                    return Err(CovnoiseError::Refused {
+                        problem: "batch normalization over the whole batch would change if the batch were split into micro-batches".into(),
+                        remedy: Remedy::GhostBatchNormDividingMicroBatch,
+                    });
                 }
             }
         }

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 use super::NoiseConfig;
 use super::structure::{NoiseStd, NoiseStep, StepPasses, add_keyed_noise};
 use crate::collective::{Collective, SingleProcess};
-use crate::error::{CovnoiseError, Result, check_positive};
+use crate::error::{CovnoiseError, Remedy, Result, check_positive};
 use crate::model::{Coupling, Examples, Objective, Probes};
 use crate::moments::{
     self, Estimator, MomentKind, PassRequest, SecondMoment, Smoother, SmootherState, StepContext,
@@ -334,17 +334,19 @@ impl<C: Collective> NoiseStage<C> {
                 && self.config.estimator == Estimator::McFisher
                 && self.config.structure.moment().is_some();
             if samples_labels {
-                return Err(CovnoiseError::Unsupported(
-                    "the mc-fisher estimator samples labels from the model's predictions, so the forward pass must return Objective::Classification; this model returns per-example losses (Objective::Losses): use the exact or micro-batch estimator".into(),
-                ));
+                return Err(CovnoiseError::Refused {
+                    problem: "the mc-fisher estimator samples labels from the model's predictions, so the forward pass must return Objective::Classification; this model returns per-example losses (Objective::Losses)".into(),
+                    remedy: Remedy::EstimatorWithoutSampledLabels,
+                });
             }
             if self
                 .regularizer
                 .is_some_and(|r| r.is_active() && r.kind == regularizer::PenaltyKind::FisherTrace)
             {
-                return Err(CovnoiseError::Unsupported(
-                    "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification; this model returns per-example losses (Objective::Losses): use the gradient-norm penalty".into(),
-                ));
+                return Err(CovnoiseError::Refused {
+                    problem: "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification; this model returns per-example losses (Objective::Losses)".into(),
+                    remedy: Remedy::GradNormPenalty,
+                });
             }
         }
         if let Some(reg) = self.regularizer.filter(Regularizer::is_active) {
@@ -385,11 +387,14 @@ impl<C: Collective> NoiseStage<C> {
         };
         let structure = &self.config.structure;
         if structure.reweights_examples() && coupling == Coupling::WholeBatch {
-            return Err(CovnoiseError::Unsupported(format!(
-                "{} noise reweights each example's loss, and {} is batch normalization over the whole batch, so no loss belongs to one example; use GhostBatchNorm with a group size, routed through Probes::batch_norm",
-                structure.name(),
-                whole_batch_layer()
-            )));
+            return Err(CovnoiseError::Refused {
+                problem: format!(
+                    "{} noise reweights each example's loss, and {} is batch normalization over the whole batch, so no loss belongs to one example",
+                    structure.name(),
+                    whole_batch_layer()
+                ),
+                remedy: Remedy::GhostBatchNorm,
+            });
         }
         if structure.moment().is_none() {
             return Ok(());
@@ -401,17 +406,23 @@ impl<C: Collective> NoiseStage<C> {
             self.collective.world_size(),
         )
         .map_err(|e| match (e, coupling) {
-            (CovnoiseError::Unsupported(_), Coupling::WholeBatch) => {
-                CovnoiseError::Unsupported(match self.config.estimator {
-                    Estimator::Microbatch { .. } => format!(
-                        "{} is batch normalization over the whole batch, which would change if the batch were split into micro-batches; use GhostBatchNorm with a group size dividing the micro-batch, routed through Probes::batch_norm",
-                        whole_batch_layer()
-                    ),
-                    _ => format!(
-                        "{} is batch normalization over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients; use the micro-batch estimator (Estimator::Microbatch) with GhostBatchNorm",
-                        whole_batch_layer()
-                    ),
-                })
+            (CovnoiseError::Refused { .. }, Coupling::WholeBatch) => {
+                match self.config.estimator {
+                    Estimator::Microbatch { .. } => CovnoiseError::Refused {
+                        problem: format!(
+                            "{} is batch normalization over the whole batch, which would change if the batch were split into micro-batches",
+                            whole_batch_layer()
+                        ),
+                        remedy: Remedy::GhostBatchNormDividingMicroBatch,
+                    },
+                    _ => CovnoiseError::Refused {
+                        problem: format!(
+                            "{} is batch normalization over the whole batch, so no gradient belongs to one example: the exact and mc-fisher estimators need per-example gradients",
+                            whole_batch_layer()
+                        ),
+                        remedy: Remedy::MicrobatchWithGhostBatchNorm,
+                    },
+                }
             }
             (e, _) => e,
         })?;
@@ -419,17 +430,23 @@ impl<C: Collective> NoiseStage<C> {
             return Ok(());
         }
         if let Some((param, what)) = observed.unsupported().first() {
-            return Err(CovnoiseError::Unsupported(format!(
-                "parameter {} belongs to {what}, which has no per-example gradient rule; use the micro-batch estimator (Estimator::Microbatch)",
-                table.name_of(*param)
-            )));
+            return Err(CovnoiseError::Refused {
+                problem: format!(
+                    "parameter {} belongs to {what}, which has no per-example gradient rule",
+                    table.name_of(*param)
+                ),
+                remedy: Remedy::MicrobatchEstimator,
+            });
         }
         let covered = observed.covered_params();
         if let Some(e) = table.entries().iter().find(|e| !covered.contains(&e.id)) {
-            return Err(CovnoiseError::Unsupported(format!(
-                "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover layers routed through Probes (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, and any layer with an ExactRule of its own, via Probes::layer); use the micro-batch estimator (Estimator::Microbatch) for other layers",
-                e.name, e.shape
-            )));
+            return Err(CovnoiseError::Refused {
+                problem: format!(
+                    "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover layers routed through Probes (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, and any layer with an ExactRule of its own, via Probes::layer)",
+                    e.name, e.shape
+                ),
+                remedy: Remedy::MicrobatchEstimator,
+            });
         }
         // The probe gradients of two examples must add up to the
         // parameters' gradients. The sums differ by float32 rounding

@@ -53,7 +53,7 @@ pub use rule::{ExactRule, ProbedLayer};
 use burn::module::ParamId;
 use burn::tensor::{Gradients, Tensor};
 
-use crate::error::{CovnoiseError, Result};
+use crate::error::{CovnoiseError, Remedy, Result};
 use crate::params::ParamTable;
 
 /// What the probes do with the layers routed through them.
@@ -267,12 +267,15 @@ impl Probes {
                 }
                 Recorded::Seen { .. } => {}
                 Recorded::Unsupported { params, what } => {
-                    return Err(CovnoiseError::Unsupported(format!(
-                        "parameter {} belongs to {what}, which has no per-example gradient rule; use the micro-batch estimator (Estimator::Microbatch)",
-                        params
-                            .first()
-                            .map_or_else(|| "?".to_string(), |p| table.name_of(*p))
-                    )));
+                    return Err(CovnoiseError::Refused {
+                        problem: format!(
+                            "parameter {} belongs to {what}, which has no per-example gradient rule",
+                            params
+                                .first()
+                                .map_or_else(|| "?".to_string(), |p| table.name_of(*p))
+                        ),
+                        remedy: Remedy::MicrobatchEstimator,
+                    });
                 }
             }
         }
