@@ -9,7 +9,7 @@ use burn::nn::{Linear, PaddingConfig2d};
 use burn::tensor::{Device, Tensor};
 use covnoise::collective::SingleProcess;
 use covnoise::model::{
-    Batch, Coupling, Examples, GhostBatchNorm, Objective, Probes, labels_tensor,
+    Batch, Coupling, Examples, Forward, GhostBatchNorm, Objective, Probes, labels_tensor,
 };
 use covnoise::moments::{
     self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
@@ -107,7 +107,7 @@ fn ctx(table: &ParamTable) -> StepContext<'_> {
 /// parameter, and the exact estimator's diagonal and trace on the batch.
 fn compare_exact<M: Module, F>(model: &M, batch: &Batch<4>, forward: F)
 where
-    F: Fn(&M, &Batch<4>, &mut Probes) -> Objective,
+    F: Forward<M, Batch<4>>,
 {
     let table = ParamTable::of(model);
     let b = batch.len();

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::collective::all_reduce_packed;
 use crate::error::{CovnoiseError, Result, check_non_negative, check_positive};
-use crate::model::{Coupling, Examples, Objective, Probes};
+use crate::model::{Coupling, Examples, Forward};
 use crate::moments::{self, PassRequest, StepContext, StepGradient};
 use crate::rng::stream;
 use crate::tensor_util::scalar;
@@ -173,7 +173,7 @@ pub(crate) fn penalty_gradient<M, B, F>(
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     let world = ctx.collective.world_size();
     let local = batch.len();

@@ -14,7 +14,9 @@ use burn::nn::{
 use burn::tensor::{Device, Int, Tensor, TensorData, activation};
 use covnoise::CovnoiseError;
 use covnoise::collective::SingleProcess;
-use covnoise::model::{Coupling, Examples, GhostBatchNorm, Objective, Probes, labels_tensor};
+use covnoise::model::{
+    Coupling, Examples, Forward, GhostBatchNorm, Objective, Probes, labels_tensor,
+};
 use covnoise::moments::{self, Estimator, MomentKind, SecondMoment, StepContext};
 use covnoise::noise::{NoiseConfig, NoiseStage, ScaleRule};
 use covnoise::optim::SgdConfig;
@@ -149,7 +151,7 @@ fn assert_exact_matches_brute_force<M, B, F>(model: &M, batch: &B, forward: &F)
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     let table = ParamTable::of(model);
     let n = batch.len();

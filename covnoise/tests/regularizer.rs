@@ -7,7 +7,7 @@
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData, activation};
-use covnoise::model::{Examples, Objective, Probes, labels_tensor};
+use covnoise::model::{Examples, Forward, Objective, Probes, labels_tensor};
 use covnoise::moments::{PassRequest, backward_pass};
 use covnoise::noise::{NoiseConfig, NoiseStage};
 use covnoise::params::{ParamTable, shifted};
@@ -59,7 +59,7 @@ fn step_grads<M: Module, B: Examples>(
     stage: &mut NoiseStage,
     model: &M,
     batch: &B,
-    forward: impl Fn(&M, &B, &mut Probes) -> Objective,
+    forward: impl Forward<M, B>,
 ) -> (Vec<f64>, f64, Option<f64>) {
     let table = ParamTable::of(model);
     let mut g = stage.gradient(model, batch, forward).unwrap();

@@ -14,6 +14,14 @@ pub use crate::probes::{NormGroups, Probes};
 pub use norm::GhostBatchNorm;
 pub use objective::{Examples, Objective, count_correct, cross_entropy_per_example, labels_tensor};
 
+/// A model's forward pass as the noise stage calls it: `(model, batch,
+/// probes) -> Objective`. Every function or closure of that shape is one
+/// (a blanket implementation); the name only spares writing the `Fn` bound
+/// out.
+pub trait Forward<M, B>: Fn(&M, &B, &mut Probes) -> Objective {}
+
+impl<M, B, F> Forward<M, B> for F where F: Fn(&M, &B, &mut Probes) -> Objective {}
+
 use burn::tensor::{Int, Tensor};
 
 use crate::error::{Remedy, Result};

@@ -26,7 +26,7 @@ use rand::RngExt;
 use crate::collective::{Collective, all_reduce_packed};
 use crate::error::{CovnoiseError, Remedy, Result};
 use crate::model::{
-    Coupling, Examples, Objective, Probes, count_correct, cross_entropy_per_example,
+    Coupling, Examples, Forward, Objective, Probes, count_correct, cross_entropy_per_example,
 };
 use crate::params::ParamTable;
 use crate::probes::ProbedLayer;
@@ -230,7 +230,7 @@ pub fn backward_pass<M, B, F>(
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     let n = batch.len();
     if n == 0 {
@@ -355,7 +355,7 @@ fn chunked_pass<M, B, F>(
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     let n = batch.len();
     let starts: Vec<usize> = (0..n).step_by(chunk).collect();
@@ -555,7 +555,7 @@ pub fn plain_gradient<M, B, F>(
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     let request = PassRequest {
         chunk: ctx.pass_chunk(),
@@ -629,7 +629,7 @@ pub fn estimate<M, B, F>(
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     let world = ctx.collective.world_size();
     validate(estimator, ctx.coupling, batch.len(), world)?;
@@ -729,7 +729,7 @@ pub fn fisher_trace<M, B, F>(
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     if ctx.coupling != Coupling::Independent {
         return Ok(None);
@@ -848,7 +848,7 @@ fn microbatch<M, B, F>(
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     let world = ctx.collective.world_size();
     let local_m = micro_batches / world;

@@ -8,7 +8,7 @@ use burn::module::Module;
 
 use super::{NoiseStage, NoisyGradient};
 use crate::error::{CovnoiseError, Result};
-use crate::model::{Examples, Objective, Probes};
+use crate::model::{Examples, Forward};
 
 /// A single-process [`NoiseStage`] that clones share, so that it can live in
 /// a `#[module(skip)]` field of a burn model and be driven from
@@ -46,7 +46,7 @@ impl SharedNoiseStage {
     where
         M: Module,
         B: Examples,
-        F: Fn(&M, &B, &mut Probes) -> Objective,
+        F: Forward<M, B>,
     {
         let mut stage = self.lock()?;
         let epoch = (stage.step() / self.steps_per_epoch) as usize;

@@ -9,7 +9,7 @@ use super::NoiseConfig;
 use super::structure::{NoiseStd, NoiseStep, StepPasses, add_keyed_noise};
 use crate::collective::{Collective, SingleProcess};
 use crate::error::{CovnoiseError, Remedy, Result, check_positive};
-use crate::model::{Coupling, Examples, Objective, Probes};
+use crate::model::{Coupling, Examples, Forward, Objective, Probes};
 use crate::moments::{
     self, Estimator, MomentKind, PassRequest, SecondMoment, Smoother, SmootherState, StepContext,
     StepGradient,
@@ -314,7 +314,7 @@ impl<C: Collective> NoiseStage<C> {
     where
         M: Module,
         B: Examples,
-        F: Fn(&M, &B, &mut Probes) -> Objective,
+        F: Forward<M, B>,
     {
         let table = self.table(model)?;
         if batch.is_empty() {
@@ -377,7 +377,7 @@ impl<C: Collective> NoiseStage<C> {
     where
         M: Module,
         B: Examples,
-        F: Fn(&M, &B, &mut Probes) -> Objective,
+        F: Forward<M, B>,
     {
         let whole_batch_layer = || {
             table
@@ -492,7 +492,7 @@ impl<C: Collective> NoiseStage<C> {
     where
         M: Module,
         B: Examples,
-        F: Fn(&M, &B, &mut Probes) -> Objective,
+        F: Forward<M, B>,
     {
         if self.has_window() {
             return Err(CovnoiseError::Unsupported(
@@ -514,7 +514,7 @@ impl<C: Collective> NoiseStage<C> {
     where
         M: Module,
         B: Examples,
-        F: Fn(&M, &B, &mut Probes) -> Objective,
+        F: Forward<M, B>,
     {
         let step = self.step;
         let world = self.collective.world_size();
@@ -648,7 +648,7 @@ impl<M, B, F> StepPasses for Engine<'_, '_, M, B, F>
 where
     M: Module,
     B: Examples,
-    F: Fn(&M, &B, &mut Probes) -> Objective,
+    F: Forward<M, B>,
 {
     fn plain(&mut self) -> Result<StepGradient> {
         match self.data.take() {

@@ -120,7 +120,7 @@ pub fn per_example<M, B, F>(model: &M, batch: &B, forward: &F) -> Vec<Vec<f64>>
 where
     M: burn::module::Module,
     B: covnoise::model::Examples,
-    F: Fn(&M, &B, &mut covnoise::model::Probes) -> covnoise::model::Objective,
+    F: covnoise::model::Forward<M, B>,
 {
     let table = covnoise::params::ParamTable::of(model);
     (0..batch.len())
