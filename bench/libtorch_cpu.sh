@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # A CPU-only libtorch 2.9 (the version tch 0.22, under burn's LibTorch
 # backend, binds) built from PyPI's torch wheel, for
-# `cargo build --release --features tch` on a machine that can reach PyPI but
+# `cargo build --release -p covnoise-lab --features tch` on a machine that can reach PyPI but
 # not download.pytorch.org (whose CPU libtorch zip would do without steps 3-4).
 #
 #   bench/libtorch_cpu.sh DIR      then:
-#   LIBTORCH=DIR/torch cargo build --release --features tch
+#   LIBTORCH=DIR/torch cargo build --release -p covnoise-lab --features tch
 #   LD_LIBRARY_PATH=DIR/torch/lib target/release/covnoise bench --device libtorch ...
 #
 # Needs python3 with pip, unzip and patchelf (Debian: python3-pip unzip patchelf);

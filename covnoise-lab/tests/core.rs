@@ -10,7 +10,11 @@ use covnoise::model::{Batch, Coupling, Examples, Objective, Probes, labels_tenso
 use covnoise::moments::{
     self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
 };
-use covnoise::noise::{NoiseConfig, NoiseStage, NoiseWindow, ScaleRule, StructureName};
+use std::sync::Arc;
+
+use covnoise::noise::{
+    FullFisher, NoiseConfig, NoiseStage, NoiseWindow, ScaleRule, StructureName, StructureOptions,
+};
 use covnoise::optim::{LrSchedule, ScheduleKind, Sgd, SgdConfig};
 use covnoise::params::ParamTable;
 use covnoise::tensor_util::{from_vec, from_vec1, to_vec};
@@ -477,7 +481,7 @@ fn full_noise_has_the_batch_fisher_as_covariance() {
             }
         }
         let config = NoiseConfig {
-            structure: StructureName::Full.structure(centered),
+            structure: Arc::new(FullFisher { centered }),
             scale: ScaleRule::Fixed { c },
             ..NoiseConfig::none()
         };
@@ -570,7 +574,7 @@ fn same_seed_same_run_other_seed_other_noise() {
         StructureName::Full,
     ] {
         let config = NoiseConfig {
-            structure: name.structure(false),
+            structure: name.build(&StructureOptions::default()).unwrap(),
             ..NoiseConfig::diag_fisher(4)
         };
         let a = train_steps(config.clone(), 1, 4);

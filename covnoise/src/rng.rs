@@ -26,6 +26,13 @@ pub mod stream {
     pub const MC_LABELS: u64 = 2 << 40;
     /// Labels sampled from the model for the Fisher-trace penalty.
     pub const PENALTY_LABELS: u64 = 3 << 40;
+    /// The Bernoulli weights of the `bernoulli` structure.
+    pub const BERNOULLI_WEIGHTS: u64 = 4 << 40;
+    /// The subset, and its weights, of the `subset` structure.
+    pub const SUBSET_WEIGHTS: u64 = 5 << 40;
+    /// The normals of the `constant` structure (a stream of its own, so
+    /// that it never shares numbers with `diag` noise of the same step).
+    pub const CONSTANT_NOISE: u64 = 6 << 40;
 }
 
 /// SplitMix64 finalizer: a bijective mixer with good avalanche, used to turn

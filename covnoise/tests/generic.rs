@@ -18,6 +18,7 @@ use covnoise::moments::{
 };
 use covnoise::noise::{
     NoiseConfig, NoiseStage, NoiseWindow, ScaleRule, SharedNoiseStage, StructureName,
+    StructureOptions,
 };
 use covnoise::optim::SgdConfig;
 use covnoise::params::ParamTable;
@@ -234,7 +235,7 @@ fn diag_and_isotropic_noise_on_any_model_have_covariance_c_s() {
     let c = 1.0 / 2.0 - 1.0 / 8.0;
     for name in [StructureName::Diag, StructureName::Isotropic] {
         let config = NoiseConfig {
-            structure: name.structure(false),
+            structure: name.build(&StructureOptions::default()).unwrap(),
             estimator: Estimator::Microbatch { micro_batches: 4 },
             scale: ScaleRule::Paper { small_batch: 2 },
             refresh_every: u64::MAX,

@@ -147,6 +147,12 @@ pub struct TrainArgs {
     /// Noise structure added to the gradient [default: none].
     #[arg(long, value_parser = structure_names())]
     pub noise: Option<StructureName>,
+    /// With --noise subset: the examples of the global batch that carry noise (1 to the batch size).
+    #[arg(long, value_name = "M")]
+    pub noise_subset: Option<usize>,
+    /// With --noise constant: the variance per entry at c = 1 (the noise is N(0, c V I)) [default: 1].
+    #[arg(long, value_name = "V", allow_negative_numbers = true)]
+    pub noise_variance: Option<f64>,
     /// With --noise full: center the multiplicative weights (covariance Sigma_B instead of F_B).
     #[arg(long)]
     pub centered: bool,
@@ -267,6 +273,7 @@ impl TrainArgs {
             scale,
             kappa,
             noise_from,
+            noise_variance,
             refresh,
             regularizer,
             reg_strength,
@@ -289,6 +296,7 @@ impl TrainArgs {
             small_lr,
             noise_scale,
             noise_until,
+            noise_subset,
             ema,
             clip_norm,
             threads

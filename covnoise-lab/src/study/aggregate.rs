@@ -332,6 +332,12 @@ fn noise_label(s: &TrainSettings) -> String {
         StructureName::Diag | StructureName::Isotropic => {
             format!("{:?} ({est})", s.noise).to_lowercase()
         }
+        StructureName::Bernoulli => "bernoulli".to_string(),
+        StructureName::Subset => match s.noise_subset {
+            Some(m) => format!("subset of {m}"),
+            None => "subset".to_string(),
+        },
+        StructureName::Constant => format!("constant (v = {})", s.noise_variance),
     };
     format!("{noise}{norm}")
 }

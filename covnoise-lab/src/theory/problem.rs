@@ -237,7 +237,8 @@ pub struct Noise {
 
 impl Noise {
     /// Builds C = scale * S from a Fisher matrix F, with S = F, diag(F),
-    /// (tr F / d) I or 0. F must be symmetric positive semidefinite and `scale`
+    /// (tr F / d) I or 0 (F for bernoulli and subset noise, whose covariance
+    /// is c F). F must be symmetric positive semidefinite and `scale`
     /// finite and non-negative.
     pub fn from_fisher(
         fisher: &DMatrix<f64>,
@@ -252,6 +253,16 @@ impl Noise {
             StructureName::Diag => DMatrix::from_diagonal(&fisher.diagonal()),
             StructureName::Isotropic => DMatrix::identity(d, d) * (fisher.trace() / d as f64),
             StructureName::None => DMatrix::zeros(d, d),
+            // Reweighting noises whose covariance is c F (their shape is
+            // not Gaussian; the expected loss sees only the covariance).
+            StructureName::Bernoulli | StructureName::Subset => fisher,
+            StructureName::Constant => {
+                return Err(TheoryError::InvalidParameter {
+                    name: "noise structure".into(),
+                    value: "constant".into(),
+                    reason: "constant noise is c v I, not made from a Fisher matrix: give its covariance with Noise::from_covariance".into(),
+                });
+            }
         };
         Ok(Self {
             label: structure.as_str().into(),

@@ -9,7 +9,7 @@ use crate::data::{Augmentation, DatasetKind};
 use crate::zoo::{Architecture, NetworkConfig, Normalization};
 use covnoise::error::{CovnoiseError, Result};
 use covnoise::moments::Estimator;
-use covnoise::noise::{NoiseConfig, NoiseWindow, ScaleRule, StructureName};
+use covnoise::noise::{NoiseConfig, NoiseWindow, ScaleRule, StructureName, StructureOptions};
 use covnoise::optim::{ScheduleKind, SgdConfig};
 use covnoise::regularizer::{PenaltyKind, Regularizer};
 
@@ -124,6 +124,10 @@ pub struct TrainSettings {
     pub noise: StructureName,
     /// Center full-Fisher noise (covariance Sigma_B instead of F_B).
     pub centered: bool,
+    /// Examples of the global batch that carry subset noise.
+    pub noise_subset: Option<usize>,
+    /// Constant noise's variance per entry at c = 1.
+    pub noise_variance: f64,
     /// Second-moment estimator for diag and isotropic noise.
     pub estimator: EstimatorName,
     /// Micro-batches M for the microbatch estimator.
@@ -198,6 +202,8 @@ impl Default for TrainSettings {
             warmup_epochs: 2,
             noise: StructureName::None,
             centered: false,
+            noise_subset: None,
+            noise_variance: 1.0,
             estimator: EstimatorName::Exact,
             micro_batches: 16,
             small_batch: 128,
@@ -340,7 +346,11 @@ impl TrainSettings {
 
     /// The noise stage's settings.
     pub fn noise_config(&self) -> Result<NoiseConfig> {
-        let structure = self.noise.structure(self.centered);
+        let structure = self.noise.build(&StructureOptions {
+            centered: self.centered,
+            subset: self.noise_subset,
+            variance: self.noise_variance,
+        })?;
         let estimator = match self.estimator {
             EstimatorName::Exact => Estimator::Exact,
             EstimatorName::McFisher => Estimator::McFisher,
@@ -490,7 +500,7 @@ impl TrainSettings {
         let one = |v: usize| vec![v as u64];
         let opt = |v: Option<usize>| v.map(|v| v as u64).into_iter().collect::<Vec<_>>();
         let many = |v: &[usize]| v.iter().map(|&v| v as u64).collect::<Vec<_>>();
-        let fields: [(&'static str, Vec<u64>); 23] = [
+        let fields: [(&'static str, Vec<u64>); 24] = [
             ("train-limit", opt(self.train_limit)),
             ("test-limit", opt(self.test_limit)),
             ("holdout", opt(self.holdout)),
@@ -506,6 +516,7 @@ impl TrainSettings {
             ("small-batch", one(self.small_batch)),
             ("noise-from", one(self.noise_from)),
             ("noise-until", opt(self.noise_until)),
+            ("noise-subset", opt(self.noise_subset)),
             ("refresh", vec![self.refresh]),
             ("reg-micro-batches", one(self.reg_micro_batches)),
             ("seed", vec![self.seed]),
@@ -623,7 +634,7 @@ impl TrainSettings {
             }
         };
         let noisy = self.noise != StructureName::None;
-        let estimated = matches!(self.noise, StructureName::Diag | StructureName::Isotropic);
+        let estimated = self.noise.is_estimated();
         let none = "there is no noise (--noise none)";
         check(!noisy && self.kappa != d.kappa, "kappa", none);
         check(!noisy && self.ema.is_some(), "ema", none);
@@ -645,8 +656,18 @@ impl TrainSettings {
             "centered",
             "it applies only to --noise full",
         );
-        let full = "full-Fisher noise needs no estimate of diag(F)";
-        let full_noise = self.noise == StructureName::Full;
+        check(
+            self.noise_subset.is_some() && self.noise != StructureName::Subset,
+            "noise-subset",
+            "it applies only to --noise subset",
+        );
+        check(
+            self.noise_variance != d.noise_variance && self.noise != StructureName::Constant,
+            "noise-variance",
+            "it applies only to --noise constant",
+        );
+        let full = "this noise structure needs no estimate of diag(F)";
+        let full_noise = noisy && !estimated;
         check(
             full_noise && self.estimator != d.estimator,
             "estimator",

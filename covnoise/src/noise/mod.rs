@@ -10,8 +10,8 @@ mod structure;
 pub use shared::SharedNoiseStage;
 pub use stage::{NoiseStage, NoiseState, NoisyGradient};
 pub use structure::{
-    Diagonal, FullFisher, Isotropic, NoNoise, NoiseStd, NoiseStep, NoiseStructure, StructureName,
-    StructuredGradient,
+    Bernoulli, Constant, Diagonal, FullFisher, Isotropic, NoNoise, NoiseStd, NoiseStep,
+    NoiseStructure, StructureName, StructureOptions, StructuredGradient, Subset,
 };
 
 use std::sync::Arc;

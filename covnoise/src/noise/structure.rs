@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CovnoiseError, Result};
 use crate::moments::{MomentKind, SecondMoment, StepGradient};
-use crate::rng::{normals, stream};
+use crate::rng::{keyed_rng, normals, stream};
+use rand::RngExt;
 
 /// How the noise of a step is formed: the extension point for a noise
 /// structure of one's own (implement it in your own crate and pass it to
@@ -412,6 +413,169 @@ impl NoiseStructure for FullFisher {
     }
 }
 
+/// SGD written as noise (Wu et al., ICML 2020): every example's loss is
+/// weighted `w_i = 1/p` with probability p and 0 otherwise, independently,
+/// so `E w_i = 1` and `Var w_i = 1/p - 1`. The gradient's noise then has
+/// covariance `(1/B²) Σ_i Var(w_i) ∇l_i ∇l_iᵀ = ((1/p - 1)/B) F_B`;
+/// `p = 1/(1 + c B)` gives `c F_B`. With the paper rule `c = 1/b - 1/B`
+/// that is `p = b/B` and `w_i = B/b`: each example enters with the
+/// probability it has of being in a batch of b, at the weight that makes
+/// the step unbiased (a batch of random size, mean b).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Bernoulli;
+
+impl NoiseStructure for Bernoulli {
+    fn name(&self) -> String {
+        "bernoulli".into()
+    }
+
+    fn reweights_examples(&self) -> bool {
+        true
+    }
+
+    fn gradient(&self, step: &mut NoiseStep<'_>) -> Result<StructuredGradient> {
+        let global = step.global_batch();
+        let p = 1.0 / (1.0 + step.scale() * global as f64);
+        let mut rng = keyed_rng(step.seed(), step.step(), stream::BERNOULLI_WEIGHTS, 0);
+        let weights: Vec<f32> = (0..global)
+            .map(|_| {
+                if rng.random::<f64>() < p {
+                    (1.0 / p) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Ok(StructuredGradient {
+            gradient: step.reweighted(&weights)?,
+            noise_trace: None,
+        })
+    }
+}
+
+/// Multiplicative Gaussian noise on a random subset of the batch (Wu et
+/// al.'s "Fisher-B"): m examples drawn without replacement get weights
+/// `1 + s z_i`, `z_i ~ N(0, 1)`, the others weight 1. Given the subset the
+/// noise has covariance `(s²/B²) Σ_{i∈S} ∇l_i ∇l_iᵀ`; over the subset's
+/// draw, `(s² m/B²) F_B`, so `s² = c B²/m` gives `c F_B` (m = B is
+/// [`FullFisher`]). A smaller subset gives the same covariance from fewer,
+/// larger weights: noise further from Gaussian.
+#[derive(Debug, Clone, Copy)]
+pub struct Subset {
+    /// Examples of the global batch that carry noise (m >= 1).
+    pub size: usize,
+}
+
+impl NoiseStructure for Subset {
+    fn name(&self) -> String {
+        format!("subset of {}", self.size)
+    }
+
+    fn reweights_examples(&self) -> bool {
+        true
+    }
+
+    fn gradient(&self, step: &mut NoiseStep<'_>) -> Result<StructuredGradient> {
+        let global = step.global_batch();
+        if self.size == 0 || self.size > global {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "noise-subset",
+                value: self.size.to_string(),
+                reason: "must be between 1 and the global batch size",
+            });
+        }
+        let s = (step.scale() * (global * global) as f64 / self.size as f64).sqrt();
+        let mut rng = keyed_rng(step.seed(), step.step(), stream::SUBSET_WEIGHTS, 0);
+        // A partial Fisher-Yates shuffle: the first m positions are a
+        // uniform subset of size m.
+        let mut order: Vec<usize> = (0..global).collect();
+        for k in 0..self.size {
+            let j = rng.random_range(k..global);
+            order.swap(k, j);
+        }
+        let z = normals(
+            step.seed(),
+            step.step(),
+            stream::SUBSET_WEIGHTS + 1,
+            self.size,
+        );
+        let mut weights = vec![1.0f32; global];
+        for (&i, &zi) in order[..self.size].iter().zip(&z) {
+            weights[i] = (1.0 + s * zi as f64) as f32;
+        }
+        Ok(StructuredGradient {
+            gradient: step.reweighted(&weights)?,
+            noise_trace: None,
+        })
+    }
+}
+
+/// Isotropic noise of a constant variance, `N(0, c v I)`: no estimate, no
+/// model information (Zhu et al.'s "constant" noise). Its scale means
+/// something else than the other structures': c times a variance per entry
+/// v that the user chooses, not c times a second moment of the gradients.
+#[derive(Debug, Clone, Copy)]
+pub struct Constant {
+    /// The variance per entry v at c = 1 (> 0).
+    pub variance: f64,
+}
+
+impl NoiseStructure for Constant {
+    fn name(&self) -> String {
+        format!("constant {}", self.variance)
+    }
+
+    fn plain_gradient(&self, _estimate_due: bool) -> bool {
+        true
+    }
+
+    fn gradient(&self, step: &mut NoiseStep<'_>) -> Result<StructuredGradient> {
+        if !(self.variance.is_finite() && self.variance > 0.0) {
+            return Err(CovnoiseError::InvalidSetting {
+                name: "noise-variance",
+                value: self.variance.to_string(),
+                reason: "must be a finite number > 0",
+            });
+        }
+        let mut g = step.plain()?;
+        let std = (step.scale() * self.variance).sqrt() as f32;
+        let d: usize = g.grads.iter().map(|t| t.dims()[0]).sum();
+        let variance = step.scale() * self.variance * d as f64;
+        let (seed, t) = (step.seed(), step.step());
+        for (p, grad) in g.grads.iter_mut().enumerate() {
+            let n = grad.dims()[0];
+            let xi = normals(seed, t, stream::CONSTANT_NOISE + p as u64, n);
+            let xi = crate::tensor_util::from_vec1(xi, &grad.device());
+            *grad = grad.clone() + xi * std;
+        }
+        Ok(StructuredGradient {
+            gradient: g,
+            noise_trace: Some(variance),
+        })
+    }
+}
+
+/// The settings of a structure beyond its name.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StructureOptions {
+    /// `full`: center the weights (covariance Σ_B instead of F_B).
+    pub centered: bool,
+    /// `subset`: examples of the global batch that carry noise.
+    pub subset: Option<usize>,
+    /// `constant`: the variance per entry at c = 1.
+    pub variance: f64,
+}
+
+impl Default for StructureOptions {
+    fn default() -> Self {
+        Self {
+            centered: false,
+            subset: None,
+            variance: 1.0,
+        }
+    }
+}
+
 /// The built-in structures by the names a command line or a settings file
 /// uses (`none`, `isotropic`, `diag`, `full`): the one list of names, which
 /// the lab's flags and study files take from here.
@@ -426,11 +590,25 @@ pub enum StructureName {
     Diag,
     /// [`FullFisher`] (centered with `centered`).
     Full,
+    /// [`Bernoulli`]: SGD written as multiplicative noise.
+    Bernoulli,
+    /// [`Subset`]: multiplicative noise on a random subset of examples.
+    Subset,
+    /// [`Constant`]: isotropic noise of a constant variance.
+    Constant,
 }
 
 impl StructureName {
     /// Every name, in the order `--help` lists them.
-    pub const ALL: [StructureName; 4] = [Self::None, Self::Isotropic, Self::Diag, Self::Full];
+    pub const ALL: [StructureName; 7] = [
+        Self::None,
+        Self::Isotropic,
+        Self::Diag,
+        Self::Full,
+        Self::Bernoulli,
+        Self::Subset,
+        Self::Constant,
+    ];
 
     /// The name as written.
     pub fn as_str(self) -> &'static str {
@@ -439,17 +617,46 @@ impl StructureName {
             Self::Isotropic => "isotropic",
             Self::Diag => "diag",
             Self::Full => "full",
+            Self::Bernoulli => "bernoulli",
+            Self::Subset => "subset",
+            Self::Constant => "constant",
         }
     }
 
-    /// The structure it names (`centered` applies to `full` only).
-    pub fn structure(self, centered: bool) -> Arc<dyn NoiseStructure> {
-        match self {
+    /// The structure it names, with the options that apply to it
+    /// (`centered` to `full`, `subset` to `subset`, `variance` to
+    /// `constant`); `subset` needs its size.
+    pub fn build(self, options: &StructureOptions) -> Result<Arc<dyn NoiseStructure>> {
+        Ok(match self {
             Self::None => Arc::new(NoNoise),
             Self::Isotropic => Arc::new(Isotropic),
             Self::Diag => Arc::new(Diagonal),
-            Self::Full => Arc::new(FullFisher { centered }),
-        }
+            Self::Full => Arc::new(FullFisher {
+                centered: options.centered,
+            }),
+            Self::Bernoulli => Arc::new(Bernoulli),
+            Self::Subset => match options.subset {
+                Some(size) if size >= 1 => Arc::new(Subset { size }),
+                other => {
+                    return Err(CovnoiseError::InvalidSetting {
+                        name: "noise-subset",
+                        value: other.map_or_else(|| "unset".into(), |m| m.to_string()),
+                        reason: "subset noise needs the number of examples that carry noise (>= 1)",
+                    });
+                }
+            },
+            Self::Constant => {
+                let v = options.variance;
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(CovnoiseError::InvalidSetting {
+                        name: "noise-variance",
+                        value: v.to_string(),
+                        reason: "must be a finite number > 0",
+                    });
+                }
+                Arc::new(Constant { variance: v })
+            }
+        })
     }
 
     /// Whether the structure draws its noise from a second-moment estimate
@@ -475,7 +682,7 @@ impl std::str::FromStr for StructureName {
             .ok_or_else(|| CovnoiseError::InvalidSetting {
                 name: "noise",
                 value: s.to_string(),
-                reason: "must be one of none, isotropic, diag, full",
+                reason: "must be one of none, isotropic, diag, full, bernoulli, subset, constant",
             })
     }
 }
