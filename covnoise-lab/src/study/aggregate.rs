@@ -353,6 +353,48 @@ impl StudyReport {
         })
     }
 
+    /// One line per arm against the reference arm (the smallest batch
+    /// without noise): its test-accuracy deficit in points, and how much of
+    /// it the training-accuracy deficit (under-training) explains. Empty
+    /// without such a reference or without completed runs.
+    pub fn deficit_lines(&self) -> Vec<String> {
+        use covnoise::noise::StructureName;
+        let Some(reference) = self
+            .arms
+            .iter()
+            .filter(|a| {
+                a.completed > 0
+                    && a.settings.noise == StructureName::None
+                    && a.settings.batch_size > 0
+            })
+            .min_by_key(|a| a.settings.batch_size)
+        else {
+            return Vec::new();
+        };
+        let points = |x: f64| 100.0 * x;
+        self.arms
+            .iter()
+            .filter(|a| a.completed > 0 && a.name != reference.name)
+            .map(|a| {
+                let test = points(reference.test_accuracy.mean - a.test_accuracy.mean);
+                let train = points(reference.train_accuracy.mean - a.train_accuracy.mean);
+                if test <= 0.0 {
+                    return format!(
+                        "{}: {:.2} points above {} in test accuracy",
+                        a.name, -test, reference.name
+                    );
+                }
+                let under = train.clamp(0.0, test);
+                format!(
+                    "{}: {test:.2} points below {} in test accuracy and {train:.2} in training accuracy: {under:.2} of them under-training, {:.2} a generalization gap",
+                    a.name,
+                    reference.name,
+                    test - under
+                )
+            })
+            .collect()
+    }
+
     /// Whether any final run has a point to draw against both epochs and
     /// steps (the curve plots are written and linked only then).
     fn has_curves(&self) -> bool {
@@ -426,6 +468,13 @@ impl StudyReport {
                 a.completed,
                 a.completed + a.diverged
             );
+        }
+        let deficits = self.deficit_lines();
+        if !deficits.is_empty() {
+            md += "\n## Where each arm's deficit comes from\n\nAgainst the smallest batch without noise: the test-accuracy deficit, and the part of it that the training-accuracy deficit explains (under-training: the training set is not fit either); the rest is a generalization gap.\n\n";
+            for line in deficits {
+                md += &format!("- {line}\n");
+            }
         }
         md += "\n## Per seed\n\nEach final run; a diverged or killed run's accuracies are those of its last epoch or none.\n\n";
         md += "| arm | seed | status | epochs | steps | test acc | train acc | gap | train loss | tr(F) |\n";
@@ -568,5 +617,87 @@ impl StudyReport {
         .map_err(|e| io(format!("{e:#}")))?;
         written.push(finals);
         Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use covnoise::noise::StructureName;
+
+    fn arm(name: &str, batch: usize, noise: StructureName, test: f64, train: f64) -> ArmResult {
+        let at = |mean| Spread { mean, std: 0.0 };
+        ArmResult {
+            name: name.into(),
+            chosen: String::new(),
+            settings: TrainSettings {
+                batch_size: batch,
+                noise,
+                ..TrainSettings::default()
+            },
+            noise_scale: 0.0,
+            completed: 3,
+            diverged: 0,
+            test_accuracy: at(test),
+            train_accuracy: at(train),
+            train_loss: at(0.1),
+            gap: at(train - test),
+            epochs: at(10.0),
+            steps: at(100.0),
+            fisher_trace: None,
+            seconds_per_epoch: at(1.0),
+            ms_per_step: at(1.0),
+            curve: Vec::new(),
+            seeds: Vec::new(),
+            search: Vec::new(),
+            runs: Vec::new(),
+        }
+    }
+
+    /// The reference is the smallest batch without noise, whatever the
+    /// arms' order; a deficit is under-training up to the training-accuracy
+    /// deficit and a generalization gap beyond it.
+    #[test]
+    fn deficits_split_into_under_training_and_a_generalization_gap() {
+        let report = StudyReport {
+            name: "t".into(),
+            description: String::new(),
+            seeds: vec![0],
+            search: None,
+            arms: vec![
+                arm("large", 1024, StructureName::None, 0.80, 0.82),
+                arm("noisy", 1024, StructureName::Diag, 0.86, 0.97),
+                arm("small", 64, StructureName::None, 0.88, 0.95),
+                arm("better", 1024, StructureName::Full, 0.89, 0.95),
+            ],
+            jobs: 1,
+            threads_per_run: 1,
+        };
+        let lines = report.deficit_lines();
+        assert_eq!(lines.len(), 3, "{lines:?}");
+        // 8 points below, 13 in training: all of it under-training.
+        assert!(
+            lines[0].starts_with("large: 8.00 points below small"),
+            "{}",
+            lines[0]
+        );
+        assert!(lines[0].ends_with("8.00 of them under-training, 0.00 a generalization gap"));
+        // 2 points below, fits the training set better: all of it a gap.
+        assert!(
+            lines[1].ends_with("0.00 of them under-training, 2.00 a generalization gap"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("better: 1.00 points above small"),
+            "{}",
+            lines[2]
+        );
+        // Without a noise-free arm there is no reference.
+        let none = StudyReport {
+            arms: vec![arm("noisy", 1024, StructureName::Diag, 0.86, 0.97)],
+            ..report
+        };
+        assert!(none.deficit_lines().is_empty());
     }
 }
