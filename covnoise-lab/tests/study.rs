@@ -497,3 +497,70 @@ fn the_table_decomposes_the_gap_per_seed_and_the_plots_are_written() {
         assert!(md.contains(&format!("]({f})")), "{f} not linked in {md}");
     }
 }
+
+/// `--arm NAME --seeds N` runs one arm's first N seeds in the whole study's
+/// run directories, reports under its own file names (the whole study's
+/// study.md is not replaced), and the whole study then reuses those runs;
+/// an unknown arm or an impossible seed count is refused naming it.
+#[test]
+fn one_arm_with_its_first_seeds_runs_alone_and_the_whole_study_reuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let file = tmp.path().join("s.toml");
+    std::fs::write(&file, spec_text(&data, "[0.1]")).unwrap();
+    let out = tmp.path().join("out");
+    let study = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_covnoise"))
+            .args([
+                "study",
+                file.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (extra, needle) in [
+        (&["--arm", "tiny"][..], "\"small\", \"large noisy\""),
+        (&["--seeds", "3"][..], "give 1 to 2"),
+        (&["--seeds", "0"][..], "give 1 to 2"),
+    ] {
+        let o = study(extra);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && stderr.contains(needle),
+            "{extra:?}: {stderr}"
+        );
+        assert!(!out.exists());
+    }
+    let o = study(&["--arm", "large noisy", "--seeds", "1", "--quiet"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let arm_dir = out.join("runs").join("large-noisy");
+    let mut seeds: Vec<String> = std::fs::read_dir(&arm_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    seeds.sort();
+    assert_eq!(seeds, ["seed-0"]);
+    assert!(!out.join("runs").join("small").exists());
+    assert!(out.join("study-arm-large-noisy-1-seeds.md").is_file());
+    assert!(!out.join("study.md").exists());
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        table.contains("| large noisy |") && !table.contains("| small |"),
+        "{table}"
+    );
+    // The whole study reuses the arm's run.
+    let o = study(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "reusing finished run {}",
+            arm_dir.join("seed-0").display()
+        )),
+        "{stderr}"
+    );
+    assert!(out.join("study.md").is_file());
+}

@@ -33,6 +33,13 @@ pub struct StudyArgs {
     /// Validate the study file and list its runs and budget, without training.
     #[arg(long)]
     pub plan: bool,
+    /// Run only the arm of this name (its search, if any, and its final
+    /// runs), in the same run directories as the whole study.
+    #[arg(long, value_name = "NAME")]
+    pub arm: Option<String>,
+    /// Run only the first N seeds of the study.
+    #[arg(long, value_name = "N")]
+    pub seeds: Option<usize>,
     /// Override a setting in every run (base, arms and grids), e.g.
     /// `--set data=/data/cifar-10-batches-bin --set device=cuda`; VALUE is
     /// TOML (a bare word is a string). Repeatable.
@@ -45,6 +52,12 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
     let mut spec = StudySpec::load(&args.file)?;
     for assignment in &args.set {
         spec.set(assignment)?;
+    }
+    if let Some(name) = &args.arm {
+        spec.only_arm(name)?;
+    }
+    if let Some(n) = args.seeds {
+        spec.first_seeds(n)?;
     }
     // Validate every arm before touching the output directory or the CPU.
     let plans = spec.plan()?;
@@ -123,6 +136,9 @@ pub fn run(args: &StudyArgs) -> anyhow::Result<()> {
         &mut on_event,
     )?;
     println!("{}", report.markdown());
-    println!("written: {}", args.out.join("study.md").display());
+    println!(
+        "written: {}",
+        args.out.join(report.file("study.md")).display()
+    );
     Ok(())
 }

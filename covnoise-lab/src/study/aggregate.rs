@@ -189,6 +189,12 @@ pub struct StudyReport {
     /// Threads of each run's own pool (the process's threads divided by
     /// the jobs): the seconds per epoch are with this many threads.
     pub threads_per_run: usize,
+    /// The stem of the report's files: `study` for the whole study (study.md,
+    /// study.json, study-curves-*.png, study-final.png), another for a part
+    /// of it (`covnoise study --arm`), so that a part never replaces the
+    /// whole study's report.
+    #[serde(skip)]
+    pub stem: String,
 }
 
 /// An arm as the runner hands it over: name, chosen point, final settings,
@@ -288,6 +294,7 @@ pub fn aggregate(
         arms: results,
         jobs,
         threads_per_run,
+        stem: spec.report_stem(),
     })
 }
 
@@ -343,6 +350,15 @@ fn noise_label(s: &TrainSettings) -> String {
 }
 
 impl StudyReport {
+    /// The file `name` (one of study.md, study.json, [`CURVES_EPOCHS`],
+    /// [`CURVES_STEPS`], [`FINAL`]) under this report's stem.
+    pub fn file(&self, name: &str) -> String {
+        match name.strip_prefix("study") {
+            Some(rest) => format!("{}{rest}", self.stem),
+            None => name.to_string(),
+        }
+    }
+
     /// The first arm without noise that trains the same model at the same
     /// batch size as `arm` (the baseline of its step cost).
     fn plain_arm_for(&self, arm: &ArmResult) -> Option<&ArmResult> {
@@ -512,12 +528,15 @@ impl StudyReport {
             md += &format!(
                 "\n## Curves\n\nTest accuracy of each final run (one thin line per seed, one colour per arm) against \
                  epochs and against optimizer steps.\n\n\
-                 ![test accuracy against epochs]({CURVES_EPOCHS})\n\n\
-                 ![test accuracy against optimizer steps]({CURVES_STEPS})\n"
+                 ![test accuracy against epochs]({})\n\n\
+                 ![test accuracy against optimizer steps]({})\n",
+                self.file(CURVES_EPOCHS),
+                self.file(CURVES_STEPS)
             );
         }
         md += &format!(
-            "\nFinal test accuracy per arm (mean ± std over completed seeds):\n\n![final test accuracy per arm]({FINAL})\n"
+            "\nFinal test accuracy per arm (mean ± std over completed seeds):\n\n![final test accuracy per arm]({})\n",
+            self.file(FINAL)
         );
         if let Some(search) = &self.search {
             md += &format!(
@@ -554,12 +573,13 @@ impl StudyReport {
             crate::train::run_dir::write_atomic(&out.join(name), text.as_bytes())
                 .map_err(|e| io(e.to_string()))
         };
-        write("study.md", self.markdown())?;
+        let (md, json) = (self.file("study.md"), self.file("study.json"));
+        write(&md, self.markdown())?;
         write(
-            "study.json",
+            &json,
             serde_json::to_string_pretty(self).expect("report serializes") + "\n",
         )?;
-        let mut written = vec![out.join("study.md"), out.join("study.json")];
+        let mut written = vec![out.join(md), out.join(json)];
         if self.has_curves() {
             // Test accuracy in %, one line per seed, against each x.
             let lines = |x: fn(&CurvePoint) -> Option<f64>| -> Vec<SeedLines> {
@@ -590,7 +610,7 @@ impl StudyReport {
                     p.steps.map(|s| s as f64)
                 }),
             ] {
-                let path = out.join(file);
+                let path = out.join(self.file(file));
                 plot_seed_lines(
                     &lines(x),
                     &format!("{}: test accuracy per seed", self.name),
@@ -602,7 +622,7 @@ impl StudyReport {
                 written.push(path);
             }
         }
-        let finals = out.join(FINAL);
+        let finals = out.join(self.file(FINAL));
         let labels: Vec<String> = self.arms.iter().map(|a| a.name.clone()).collect();
         let means: Vec<f64> = self.arms.iter().map(|a| a.test_accuracy.mean).collect();
         let stds: Vec<f64> = self.arms.iter().map(|a| a.test_accuracy.std).collect();
@@ -672,6 +692,7 @@ mod tests {
             ],
             jobs: 1,
             threads_per_run: 1,
+            stem: "study".into(),
         };
         let lines = report.deficit_lines();
         assert_eq!(lines.len(), 3, "{lines:?}");

@@ -119,6 +119,10 @@ pub struct StudySpec {
     /// e.g. where the data are and which device: `covnoise study --set`.
     #[serde(skip)]
     pub overrides: toml::Table,
+    /// The part of the study kept by `--arm` and `--seeds` (None: all of
+    /// it), which names the report's files.
+    #[serde(skip)]
+    pub part: Option<String>,
 }
 
 /// One arm, resolved: the settings of each search candidate and of each
@@ -184,6 +188,57 @@ impl StudySpec {
         let text = std::fs::read_to_string(path)
             .map_err(|e| StudyError::Io(format!("{}: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| StudyError::Spec(format!("{}: {e}", path.display())))
+    }
+
+    /// Keeps only the arm named `name` (`covnoise study --arm`), so that a
+    /// reader can check one row without the whole grid. Its run
+    /// directories are the same as in the whole study, so the full study
+    /// later reuses them.
+    pub fn only_arm(&mut self, name: &str) -> Result<(), StudyError> {
+        let names: Vec<String> = self.arms.iter().map(|a| a.name.clone()).collect();
+        self.arms.retain(|a| a.name == name);
+        self.part = Some(format!(
+            "{}-{}",
+            self.part.take().unwrap_or_else(|| "arm".into()),
+            slug(name)
+        ));
+        if self.arms.is_empty() {
+            return Err(StudyError::Spec(format!(
+                "--arm {name:?}: the study has no such arm (its arms: {})",
+                names
+                    .iter()
+                    .map(|n| format!("{n:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Keeps the first `n` seeds of the study (`covnoise study --seeds`).
+    pub fn first_seeds(&mut self, n: usize) -> Result<(), StudyError> {
+        if n == 0 || n > self.seeds.len() {
+            return Err(StudyError::Spec(format!(
+                "--seeds {n}: the study has {} seeds; give 1 to {}",
+                self.seeds.len(),
+                self.seeds.len()
+            )));
+        }
+        self.seeds.truncate(n);
+        self.part = Some(format!(
+            "{}-{n}-seeds",
+            self.part.take().unwrap_or_else(|| "part".into())
+        ));
+        Ok(())
+    }
+
+    /// The stem of the report's files: `study`, or `study-arm-NAME` /
+    /// `study-...-N-seeds` for a part of the study.
+    pub fn report_stem(&self) -> String {
+        match &self.part {
+            None => "study".into(),
+            Some(part) => format!("study-{part}"),
+        }
     }
 
     /// Adds an override `key=value` (a TOML value; a bare word is a string):
