@@ -95,7 +95,7 @@ fn libtorch() -> Result<Device> {
 ))]
 fn not_built(feature: &str) -> CovnoiseError {
     CovnoiseError::Unsupported(format!(
-        "this covnoise was built without the {feature} device: build it with `cargo build --release --features {feature}`"
+        "this covnoise was built without the {feature} device: build it with `cargo build --release -p covnoise-lab --features {feature}`"
     ))
 }
 

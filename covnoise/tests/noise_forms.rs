@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Device, Int, Tensor, TensorData};
-use covnoise::model::{Examples, Objective, Probes, labels_tensor};
+use burn::tensor::{Device, Tensor, TensorData};
+use covnoise::model::{Batch, Objective, Probes, labels_tensor};
 use covnoise::moments::{self, PassRequest};
 use covnoise::noise::{
     Bernoulli, Constant, NoiseConfig, NoiseStage, NoiseStructure, ScaleRule, StructureName,
@@ -33,25 +33,7 @@ struct Net {
     fc: Linear,
 }
 
-#[derive(Debug, Clone)]
-struct Data {
-    x: Tensor<2>,
-    labels: Tensor<1, Int>,
-}
-
-impl Examples for Data {
-    fn len(&self) -> usize {
-        self.labels.dims()[0]
-    }
-    fn slice(&self, start: usize, len: usize) -> Self {
-        Data {
-            x: self.x.clone().narrow(0, start, len),
-            labels: self.labels.clone().narrow(0, start, len),
-        }
-    }
-}
-
-fn forward(m: &Net, b: &Data, p: &mut Probes) -> Objective {
+fn forward(m: &Net, b: &Batch, p: &mut Probes) -> Objective {
     Objective::Classification {
         logits: p.linear(&m.fc, b.x.clone()),
         labels: b.labels.clone(),
@@ -59,7 +41,7 @@ fn forward(m: &Net, b: &Data, p: &mut Probes) -> Objective {
 }
 
 /// A 3-to-2 softmax classifier (8 parameters) and 8 examples.
-fn setup() -> (Net, Data) {
+fn setup() -> (Net, Batch) {
     let d = device();
     d.seed(3);
     let net = Net {
@@ -69,7 +51,7 @@ fn setup() -> (Net, Data) {
         .map(|i| ((i * 37 % 23) as f32 - 11.0) / 6.0)
         .collect();
     let labels: Vec<u8> = (0..B).map(|i| (i % 2) as u8).collect();
-    let data = Data {
+    let data = Batch {
         x: Tensor::from_data(TensorData::new(x, [B, 3]), &d),
         labels: labels_tensor(&labels, &d),
     };
@@ -84,7 +66,7 @@ fn stage(structure: Arc<dyn NoiseStructure>, c: f64, seed: u64) -> NoiseStage {
     NoiseStage::new(config, B, seed).unwrap()
 }
 
-fn plain(net: &Net, data: &Data) -> Vec<f64> {
+fn plain(net: &Net, data: &Batch) -> Vec<f64> {
     let table = ParamTable::of(net);
     flat(
         &moments::backward_pass(net, &table, data, &forward, PassRequest::default())
@@ -94,7 +76,7 @@ fn plain(net: &Net, data: &Data) -> Vec<f64> {
 }
 
 /// `draws` noise vectors (noisy minus plain gradient) from `stage`.
-fn draws(stage: &mut NoiseStage, net: &Net, data: &Data, n: usize) -> Vec<Vec<f64>> {
+fn draws(stage: &mut NoiseStage, net: &Net, data: &Batch, n: usize) -> Vec<Vec<f64>> {
     let table = ParamTable::of(net);
     let reference = plain(net, data);
     (0..n)
@@ -144,7 +126,7 @@ fn assert_second_moment(draws: &[Vec<f64>], expected: &[f64], max_fraction: f64,
 }
 
 /// c F_B = (c/B) Σ_i g_i g_iᵀ from single-example passes.
-fn c_fisher(net: &Net, data: &Data, c: f64) -> Vec<f64> {
+fn c_fisher(net: &Net, data: &Batch, c: f64) -> Vec<f64> {
     let per = per_example(net, data, &forward);
     let d = per[0].len();
     let mut f = vec![0.0; d * d];

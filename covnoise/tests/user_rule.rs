@@ -7,10 +7,10 @@
 
 use burn::module::{Module, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Device, Distribution, Int, Tensor, activation};
+use burn::tensor::{Device, Distribution, Tensor, activation};
 use covnoise::CovnoiseError;
 use covnoise::collective::SingleProcess;
-use covnoise::model::{Coupling, Examples, Objective, Probes, labels_tensor};
+use covnoise::model::{Batch, Coupling, Examples, Objective, Probes, labels_tensor};
 use covnoise::moments::{self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext};
 use covnoise::noise::{NoiseConfig, NoiseStage};
 use covnoise::params::ParamTable;
@@ -144,43 +144,25 @@ impl Net {
     }
 }
 
-#[derive(Debug, Clone)]
-struct Data {
-    x: Tensor<2>,
-    labels: Tensor<1, Int>,
-}
-
-impl Examples for Data {
-    fn len(&self) -> usize {
-        self.labels.dims()[0]
-    }
-    fn slice(&self, start: usize, len: usize) -> Self {
-        Data {
-            x: self.x.clone().narrow(0, start, len),
-            labels: self.labels.clone().narrow(0, start, len),
-        }
-    }
-}
-
-fn data(n: usize, seed: u64) -> Data {
+fn data(n: usize, seed: u64) -> Batch {
     let d = device();
     d.seed(seed);
     let x = Tensor::<2>::random([n, D], Distribution::Normal(0.0, 1.0), &d);
     let labels: Vec<u8> = (0..n).map(|i| (i * 7 % CLASSES) as u8).collect();
-    Data {
+    Batch {
         x,
         labels: labels_tensor(&labels, &d),
     }
 }
 
-fn right(m: &Net, b: &Data, p: &mut Probes) -> Objective {
+fn right(m: &Net, b: &Batch, p: &mut Probes) -> Objective {
     Objective::Classification {
         logits: m.logits(b.x.clone(), p, false),
         labels: b.labels.clone(),
     }
 }
 
-fn wrong(m: &Net, b: &Data, p: &mut Probes) -> Objective {
+fn wrong(m: &Net, b: &Batch, p: &mut Probes) -> Objective {
     Objective::Classification {
         logits: m.logits(b.x.clone(), p, true),
         labels: b.labels.clone(),
@@ -200,7 +182,7 @@ fn ctx(table: &ParamTable, step: u64) -> StepContext<'_> {
 
 /// `(1/n) Σ_i g_i²` from single-example backward passes, each against
 /// `labels` (the data's own when None).
-fn brute_force_diag(model: &Net, batch: &Data, labels: Option<&[u8]>) -> Vec<f64> {
+fn brute_force_diag(model: &Net, batch: &Batch, labels: Option<&[u8]>) -> Vec<f64> {
     let table = ParamTable::of(model);
     let n = batch.len();
     let mut sums: Vec<f64> = Vec::new();
