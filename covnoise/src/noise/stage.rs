@@ -568,6 +568,7 @@ impl<C: Collective> NoiseStage<C> {
             noise_std: &mut self.noise_std,
             ids: &ids,
             stale,
+            estimate_due,
         };
         let (mut step_grad, noise_trace) = if !active {
             (engine.plain()?, Some(0.0))
@@ -642,6 +643,8 @@ struct Engine<'s, 'c, M, B, F> {
     ids: &'s [ParamId],
     /// The estimate belongs to other parameters (another model).
     stale: bool,
+    /// A fresh estimate is due this step (stale, or the refresh interval).
+    estimate_due: bool,
 }
 
 impl<M, B, F> StepPasses for Engine<'_, '_, M, B, F>
@@ -681,8 +684,7 @@ where
 
     fn estimated(&mut self, kind: MomentKind) -> Result<StepGradient> {
         let step = self.ctx.step;
-        let due = self.stale || self.smoother.needs_refresh(step);
-        let mut g = if due {
+        let mut g = if self.estimate_due {
             moments::estimate(
                 self.model,
                 self.batch,
