@@ -366,6 +366,7 @@ pub fn check(config: &BenchConfig, variants: &[Variant]) -> Result<()> {
         classes: 10,
         hidden: config.hidden.clone(),
         normalization: Normalization::None,
+        layers: Vec::new(),
     };
     let (params, units) = network.footprint();
     let largest = *config.batch_sizes.iter().max().expect("checked non-empty") as u128;
@@ -454,6 +455,7 @@ fn step_state(
         classes: 10,
         hidden: config.hidden.clone(),
         normalization,
+        layers: Vec::new(),
     };
     let model = Network::new(&network, 0, device)?;
     let mut stage = NoiseStage::new(variant.noise.clone(), b, 0)?

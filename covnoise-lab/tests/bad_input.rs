@@ -149,6 +149,25 @@ fn train(extra: &[&'static str], needle: &'static str) -> Case {
     }
 }
 
+/// `covnoise train --model sequential` (without `--hidden`, which only
+/// the MLP takes), with `layers` if given.
+fn sequential(layers: Option<&'static str>, needle: &'static str) -> Case {
+    let mut args: Vec<&'static str> = TRAIN
+        .iter()
+        .copied()
+        .filter(|&a| a != "--hidden" && a != "16")
+        .collect();
+    args.extend(["--model", "sequential"]);
+    if let Some(l) = layers {
+        args.extend(["--layers", l]);
+    }
+    Case {
+        args,
+        code: 1,
+        needle,
+    }
+}
+
 fn other(args: &[&'static str], code: i32, needle: &'static str) -> Case {
     Case {
         args: args.to_vec(),
@@ -242,6 +261,12 @@ fn cases() -> Vec<Case> {
             ],
             "divide",
         ),
+        // A sequential net needs its layers, and only it takes them.
+        sequential(None, "needs its layers"),
+        train(&["--layers", "relu"], "applies only to --model sequential"),
+        sequential(Some("conv:3,flatten,linear:10"), "conv:3"),
+        sequential(Some("flatten,linear:7"), "linear:10"),
+        sequential(Some("linear:10"), "put flatten before it"),
         // The library's typed remedies are said as this command's flags.
         train(
             &["--noise", "diag", "--small-batch", "8", "--batch-norm"],
@@ -586,6 +611,7 @@ fn cases() -> Vec<Case> {
         // bench (finding 7): refused before anything is allocated or timed.
         other(&["bench", "--batch-sizes", "100000000"], 1, "GiB"),
         other(&["bench", "--threads", "0"], 1, "threads"),
+        other(&["bench", "--model", "sequential"], 1, "does not take"),
         other(&["bench", "--chunk", "0"], 1, "chunk"),
         other(
             &["bench", "--model", "resnet20", "--variants", "diag-exact"],

@@ -194,6 +194,7 @@ fn network(architecture: Architecture, input: [usize; 3], normalization: Normali
         classes: 10,
         hidden: vec![],
         normalization,
+        layers: Vec::new(),
     };
     Network::new(&config, 0, &device()).unwrap()
 }
@@ -209,6 +210,29 @@ fn lenet5_exact_estimator_matches_single_example_backward_passes() {
 }
 
 /// Parameters of a 3x3 conv (no bias) + batch norm, `i -> o` channels.
+/// A net described on the command line (`--model sequential --layers`):
+/// Wu et al.'s Fashion-MNIST net, with average pooling and tanh in place of
+/// one max-pool and ReLU so that every kind of item is covered. Its
+/// 11,330-parameter original is counted in the zoo's unit tests.
+#[test]
+fn sequential_exact_estimator_matches_single_example_backward_passes() {
+    use covnoise_lab::zoo::parse_layers;
+    let layers = parse_layers(
+        "conv:10:5,maxpool:2,relu,conv:10:5:1:1,avgpool:2,tanh,flatten,linear:50,relu,linear:10",
+    )
+    .unwrap();
+    let config = NetworkConfig {
+        architecture: Architecture::Sequential,
+        input: [1, 28, 28],
+        classes: 10,
+        hidden: vec![],
+        normalization: Normalization::None,
+        layers,
+    };
+    let model = Network::new(&config, 3, &device()).unwrap();
+    compare_exact(&model, &image_batch(6, [1, 28, 28], 10, 4), objective);
+}
+
 fn conv_bn(i: usize, o: usize) -> usize {
     9 * i * o + 2 * o
 }
@@ -224,6 +248,7 @@ fn parameter_counts_match_closed_forms_and_published_counts() {
             classes: 10,
             hidden: vec![],
             normalization: norm,
+            layers: Vec::new(),
         };
         let n = Network::new(&config, 0, &device())
             .unwrap()
@@ -485,6 +510,7 @@ fn weights_are_named_by_their_path_in_the_model_not_the_enum_variant() {
             classes: 3,
             hidden: vec![4],
             normalization: Normalization::None,
+            layers: Vec::new(),
         },
         0,
         &device(),

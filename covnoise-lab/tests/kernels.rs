@@ -491,6 +491,7 @@ fn train_losses(
         } else {
             Normalization::None
         },
+        layers: Vec::new(),
     };
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let n = batch * input.iter().product::<usize>();

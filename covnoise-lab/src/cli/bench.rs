@@ -65,6 +65,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.threads == Some(0) {
         anyhow::bail!("invalid threads = 0: must be >= 1");
     }
+    if args.model == covnoise_lab::zoo::Architecture::Sequential {
+        anyhow::bail!(
+            "bench times the zoo's fixed architectures; --model sequential is described by --layers, which bench does not take (time it with covnoise train, whose study table gives ms/step)"
+        );
+    }
     let json = args.json.as_deref().map(std::path::absolute).transpose()?;
     if let Some(path) = &json {
         super::check_output_file("--json", path)?;

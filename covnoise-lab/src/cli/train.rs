@@ -63,7 +63,7 @@ pub struct TrainArgs {
     pub distributed: Distributed,
 
     /// Model: mlp, lenet5 (28x28 grey), vgg11, vgg16, resnet20, resnet32,
-    /// resnet44, resnet56 (32x32 colour) [default: mlp].
+    /// resnet44, resnet56 (32x32 colour), sequential (from --layers) [default: mlp].
     #[arg(long, value_name = "NAME", value_parser = parse_model)]
     pub model: Option<Architecture>,
     /// Data set: fashion-mnist, cifar10, cifar100, cifar100-coarse
@@ -94,6 +94,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "N")]
     pub holdout: Option<usize>,
 
+    /// The layers of --model sequential, comma-separated: conv:OUT:K[:STRIDE[:PAD]],
+    /// maxpool:K, avgpool:K, relu, tanh, flatten, linear:OUT; the last is linear:CLASSES.
+    #[arg(long, value_name = "SPEC")]
+    pub layers: Option<String>,
     /// Hidden layer widths of the MLP, comma-separated [default: 512,512].
     #[arg(long, value_delimiter = ',', value_name = "W,W,...")]
     pub hidden: Option<Vec<usize>>,
@@ -290,6 +294,7 @@ impl TrainArgs {
             train_limit,
             test_limit,
             holdout,
+            layers,
             schedule_epochs,
             chunk,
             ghost_batch,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Augmentation, DatasetKind};
-use crate::zoo::{Architecture, NetworkConfig, Normalization};
+use crate::zoo::{Architecture, NetworkConfig, Normalization, parse_layers};
 use covnoise::error::{CovnoiseError, Result};
 use covnoise::moments::Estimator;
 use covnoise::noise::{NoiseConfig, NoiseWindow, ScaleRule, StructureName, StructureOptions};
@@ -86,6 +86,9 @@ pub struct TrainSettings {
     pub holdout: Option<usize>,
     /// Hidden layer widths (the MLP).
     pub hidden: Vec<usize>,
+    /// The layers of `--model sequential`, as written
+    /// (`conv:10:5,maxpool:2,relu,flatten,linear:10`).
+    pub layers: Option<String>,
     /// Batch normalization after each hidden Linear layer (the MLP; VGG and
     /// ResNet always have it).
     pub batch_norm: bool,
@@ -186,6 +189,7 @@ impl Default for TrainSettings {
             test_limit: None,
             holdout: None,
             hidden: vec![512, 512],
+            layers: None,
             batch_norm: false,
             ghost_batch: None,
             chunk: None,
@@ -291,6 +295,10 @@ impl TrainSettings {
             classes,
             hidden: self.hidden.clone(),
             normalization: self.normalization()?,
+            layers: match &self.layers {
+                Some(spec) => parse_layers(spec)?,
+                None => Vec::new(),
+            },
         })
     }
 
@@ -459,6 +467,26 @@ impl TrainSettings {
                 format!("{:?}", self.hidden),
                 "applies only to --model mlp",
             ));
+        }
+        match (&self.layers, self.model) {
+            (Some(spec), Architecture::Sequential) => {
+                parse_layers(spec)?;
+            }
+            (Some(spec), _) => {
+                return Err(invalid(
+                    "layers",
+                    spec,
+                    "applies only to --model sequential",
+                ));
+            }
+            (None, Architecture::Sequential) => {
+                return Err(invalid(
+                    "layers",
+                    "unset",
+                    "--model sequential needs its layers (--layers conv:10:5,maxpool:2,relu,flatten,linear:10, say)",
+                ));
+            }
+            (None, _) => {}
         }
         if !(self.reg_strength.is_finite() && self.reg_strength >= 0.0) {
             return Err(invalid(

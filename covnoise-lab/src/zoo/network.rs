@@ -9,7 +9,9 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{LeNet5, Mlp, MlpConfig, Normalization, ResNet, Vgg};
+use super::{
+    LayerSpec, LeNet5, Mlp, MlpConfig, Normalization, ResNet, Sequential, Vgg, plan_layers,
+};
 use covnoise::error::{CovnoiseError, Result};
 use covnoise::model::{Coupling, Objective, Probes};
 
@@ -40,11 +42,14 @@ pub enum Architecture {
     /// CIFAR ResNet-56 ("resnet56").
     #[serde(rename = "resnet56")]
     ResNet56,
+    /// A small sequential net described by `--layers` ("sequential").
+    #[serde(rename = "sequential")]
+    Sequential,
 }
 
 impl Architecture {
     /// Every architecture, in the order `--help` lists them.
-    pub const ALL: [Architecture; 8] = [
+    pub const ALL: [Architecture; 9] = [
         Architecture::Mlp,
         Architecture::LeNet5,
         Architecture::Vgg11,
@@ -53,6 +58,7 @@ impl Architecture {
         Architecture::ResNet32,
         Architecture::ResNet44,
         Architecture::ResNet56,
+        Architecture::Sequential,
     ];
 
     /// The command-line name.
@@ -66,20 +72,24 @@ impl Architecture {
             Architecture::ResNet32 => "resnet32",
             Architecture::ResNet44 => "resnet44",
             Architecture::ResNet56 => "resnet56",
+            Architecture::Sequential => "sequential",
         }
     }
 
     /// Whether the architecture has batch normalization built in (VGG and
     /// ResNet); the MLP has it only with `--batch-norm`/`--ghost-batch`.
     pub fn has_batch_norm(self) -> bool {
-        !matches!(self, Architecture::Mlp | Architecture::LeNet5)
+        !matches!(
+            self,
+            Architecture::Mlp | Architecture::LeNet5 | Architecture::Sequential
+        )
     }
 
     /// The image shape `[C, H, W]` the architecture takes, None for any
     /// (the MLP flattens its input).
     pub fn input_shape(self) -> Option<[usize; 3]> {
         match self {
-            Architecture::Mlp => None,
+            Architecture::Mlp | Architecture::Sequential => None,
             Architecture::LeNet5 => Some([1, 28, 28]),
             _ => Some([3, 32, 32]),
         }
@@ -123,6 +133,8 @@ pub struct NetworkConfig {
     /// Normalization: for the MLP as configured; for VGG and ResNet
     /// `BatchNorm` or `GhostBatchNorm(n)`; `None` for LeNet-5.
     pub normalization: Normalization,
+    /// The layers of a `sequential` model (empty for the others).
+    pub layers: Vec<LayerSpec>,
 }
 
 impl NetworkConfig {
@@ -142,9 +154,17 @@ impl NetworkConfig {
                 }
             )));
         }
+        if a == Architecture::Sequential {
+            if self.layers.is_empty() {
+                return Err(CovnoiseError::Unsupported(
+                    "--model sequential needs its layers (--layers conv:10:5,maxpool:2,relu,flatten,linear:10, say)".into(),
+                ));
+            }
+            plan_layers(&self.layers, self.input, self.classes)?;
+        }
         match (a, self.normalization) {
-            (Architecture::LeNet5, Normalization::None) => {}
-            (Architecture::LeNet5, _) => {
+            (Architecture::LeNet5 | Architecture::Sequential, Normalization::None) => {}
+            (Architecture::LeNet5 | Architecture::Sequential, _) => {
                 return Err(CovnoiseError::InvalidSetting {
                     name: "model",
                     value: a.name().into(),
@@ -187,6 +207,8 @@ impl NetworkConfig {
                 let params = widths.windows(2).map(|w| w[0] * w[1] + w[1]).sum();
                 (params, widths.iter().sum())
             }
+            Architecture::Sequential => plan_layers(&self.layers, self.input, self.classes)
+                .map_or((0, 0), |p| (p.params, p.units)),
             Architecture::LeNet5 => (
                 26 * 6 + 151 * 16 + 401 * 120 + 121 * 84 + 85 * classes,
                 6 * 28 * 28 + 6 * 14 * 14 + 16 * 10 * 10 + 16 * 5 * 5 + 120 + 84 + classes,
@@ -265,6 +287,8 @@ pub enum Network {
     Vgg(Vgg),
     /// A CIFAR ResNet.
     ResNet(ResNet),
+    /// A sequential net from a description.
+    Sequential(Sequential),
 }
 
 impl Network {
@@ -297,6 +321,13 @@ impl Network {
             Architecture::ResNet56 => {
                 Network::ResNet(ResNet::new(56, classes, group, seed, device))
             }
+            Architecture::Sequential => Network::Sequential(Sequential::new(
+                &config.layers,
+                config.input,
+                classes,
+                seed,
+                device,
+            )?),
         })
     }
 
@@ -308,6 +339,7 @@ impl Network {
             Network::LeNet5(m) => m.forward(x, probes),
             Network::Vgg(m) => m.forward(x, probes),
             Network::ResNet(m) => m.forward(x, probes),
+            Network::Sequential(m) => m.forward(x, probes),
         }
     }
 
