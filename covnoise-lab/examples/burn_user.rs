@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (epochs, train_limit) = (arg(1, 3)?, arg(2, 60_000)?);
     let options = LoadOptions {
         train_limit: Some(train_limit),
-        test_limit: None,
+        ..LoadOptions::default()
     };
     let data = DatasetKind::FashionMnist.load(None, &options)?;
     let device = Device::flex().autodiff();

@@ -349,6 +349,7 @@ fn limits_take_the_first_examples_after_full_validation() {
     let opts = LoadOptions {
         train_limit: Some(7),
         test_limit: Some(1000),
+        ..LoadOptions::default()
     };
     let tt = load_fashion_mnist(Some(dir.path()), &opts).unwrap();
     assert_eq!((tt.train.n, tt.test.n), (7, 20));
@@ -1050,4 +1051,106 @@ proptest! {
         prop_assert_eq!(arr.dims, dims);
         prop_assert_eq!(arr.data, data);
     }
+}
+
+/// `--inputs raw` gives the pixel values, `unit` pixel / 255, and
+/// `--train-on test` trains on the test file (its first N with
+/// `--train-limit N`) and tests on the training file, bit for bit.
+#[test]
+fn input_scaling_and_the_training_file_are_choices() {
+    use covnoise_lab::data::InputScaling;
+    let (dir, train, test) = fake_fashion(false);
+    let with = |scaling, swap_splits, train_limit| {
+        load_fashion_mnist(
+            Some(dir.path()),
+            &LoadOptions {
+                train_limit,
+                scaling,
+                swap_splits,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap()
+    };
+    let raw = with(InputScaling::Raw, false, None);
+    let pixels: Vec<f32> = train.pixels.iter().map(|&p| f32::from(p)).collect();
+    assert_eq!(raw.train.features, pixels);
+    let unit = with(InputScaling::Unit, false, None);
+    let scaled: Vec<f32> = train
+        .pixels
+        .iter()
+        .map(|&p| (f64::from(p) / 255.0) as f32)
+        .collect();
+    assert_eq!(unit.train.features, scaled);
+    assert_eq!(unit.standardization.fill_values(), vec![0.0]);
+    // The default standardizes: mean 0 over the training set.
+    let standard = with(InputScaling::Standardized, false, None);
+    let mean = standard
+        .train
+        .features
+        .iter()
+        .map(|&x| f64::from(x))
+        .sum::<f64>()
+        / standard.train.features.len() as f64;
+    assert!(mean.abs() < 1e-5, "{mean}");
+    // Swapped: the first 7 test images train, all training images test.
+    let swapped = with(InputScaling::Raw, true, Some(7));
+    assert_eq!(swapped.train.n, 7);
+    assert_eq!(swapped.train.labels, test.labels[..7]);
+    let test_pixels: Vec<f32> = test.pixels[..7 * 784]
+        .iter()
+        .map(|&p| f32::from(p))
+        .collect();
+    assert_eq!(swapped.train.features, test_pixels);
+    assert_eq!(swapped.test.n, train.n);
+    assert_eq!(swapped.test.labels, train.labels);
+}
+
+/// `--sampling step`: every step draws B distinct examples, the epoch has
+/// n / B steps, the draws depend only on (seed, epoch), and across many
+/// steps every example is drawn about equally often (each with probability
+/// B/n per step).
+#[test]
+fn per_step_sampling_draws_distinct_examples_independently() {
+    use covnoise_lab::data::Sampling;
+    let (n, b) = (20, 5);
+    let shuffler = EpochShuffler::new(3);
+    let a = shuffler.batches(n, b, 0, Sampling::Step).unwrap();
+    assert_eq!(a.num_batches(), n / b);
+    assert_eq!(a, shuffler.batches(n, b, 0, Sampling::Step).unwrap());
+    assert_ne!(a, shuffler.batches(n, b, 1, Sampling::Step).unwrap());
+    let mut counts = vec![0usize; n];
+    let epochs = 2000;
+    let mut steps_with_repeats_across = 0;
+    for epoch in 0..epochs {
+        let batches = shuffler.batches(n, b, epoch, Sampling::Step).unwrap();
+        let mut seen = BTreeSet::new();
+        for batch in batches.iter() {
+            let distinct: BTreeSet<_> = batch.iter().collect();
+            assert_eq!(distinct.len(), b, "a batch repeats an example");
+            assert!(batch.iter().all(|&i| i < n));
+            for &i in batch {
+                counts[i] += 1;
+                if !seen.insert(i) {
+                    steps_with_repeats_across += 1;
+                }
+            }
+        }
+    }
+    // Steps are independent: within an epoch examples recur across steps
+    // (a permutation never would).
+    assert!(steps_with_repeats_across > 0);
+    // Each example: Binomial(epochs * n/b, b/n), mean 2000, sd ~38.7; 5 sd.
+    let expected = (epochs as usize * (n / b) * b / n) as f64;
+    for (i, &c) in counts.iter().enumerate() {
+        assert!(
+            (c as f64 - expected).abs() < 5.0 * (expected * (1.0 - 0.25)).sqrt(),
+            "example {i}: {c}"
+        );
+    }
+    // Per-epoch sampling is the shuffler's permutation, unchanged.
+    assert_eq!(
+        shuffler.batches(n, b, 4, Sampling::Epoch).unwrap(),
+        shuffler.train_batches(n, b, 4).unwrap()
+    );
 }

@@ -8,12 +8,15 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use covnoise::collective::{Collective, SingleProcess};
 use covnoise::noise::StructureName;
-use covnoise_lab::data::DatasetKind;
-use covnoise_lab::train::settings::{EstimatorName, RegularizerName, ScaleName, ScheduleName};
+use covnoise_lab::data::{DatasetKind, InputScaling, Sampling};
+use covnoise_lab::train::settings::{
+    EstimatorName, RegularizerName, ScaleName, ScheduleName, TrainOn,
+};
 use covnoise_lab::train::{
     EpochMetrics, Progress, RunDir, RunSummary, TrainSettings, Trainer, checkpoint,
 };
 use covnoise_lab::zoo::Architecture;
+use covnoise_lab::zoo::init::InitScheme;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Settings of `covnoise train`. Every flag overrides the same key of
@@ -89,6 +92,18 @@ pub struct TrainArgs {
     /// Use only the first N test examples.
     #[arg(long, value_name = "N")]
     pub test_limit: Option<usize>,
+    /// Which file trains: train, or test (then the training file tests; the limits apply to the roles) [default: train].
+    #[arg(long, value_enum, value_name = "FILE")]
+    pub train_on: Option<TrainOn>,
+    /// How image bytes become features: standardized (per channel, training set's statistics), unit (pixel / 255), raw (0-255) [default: standardized].
+    #[arg(long, value_enum, value_name = "SCALING")]
+    pub inputs: Option<InputScaling>,
+    /// How each step's batch is drawn: epoch (one permutation per epoch) or step (B distinct examples drawn afresh every step) [default: epoch].
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub sampling: Option<Sampling>,
+    /// How every weight and bias is drawn: default (the model's own), normal:STD, uniform:A (from the run's seed) [default: default].
+    #[arg(long, value_name = "SCHEME")]
+    pub init: Option<InitScheme>,
 
     /// Evaluate on the last N training examples (held out from training) instead of the test set.
     #[arg(long, value_name = "N")]
@@ -273,6 +288,10 @@ impl TrainArgs {
             noise,
             estimator,
             micro_batches,
+            inputs,
+            sampling,
+            init,
+            train_on,
             small_batch,
             scale,
             kappa,

@@ -137,6 +137,63 @@ impl EpochShuffler {
     }
 }
 
+/// How each step's batch is drawn (`--sampling`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sampling {
+    /// One permutation per epoch, cut into batches: every example once.
+    #[default]
+    Epoch,
+    /// An independent draw per step: B distinct examples, uniformly, the
+    /// steps of an epoch independent of each other (examples may repeat
+    /// across steps and some be left out), n / B steps per epoch.
+    Step,
+}
+
+/// Domain of the per-step draws' generator (see [`domain_rng`]).
+const STEP_DOMAIN: u64 = 0x5354_4550_5f44_5241; // "STEP_DRA"
+
+impl EpochShuffler {
+    /// The training batches of `epoch` over `n` examples with `sampling`:
+    /// [`EpochShuffler::train_batches`], or n / B independent draws of B
+    /// distinct examples (a partial Fisher-Yates shuffle per step, keyed by
+    /// the seed and the epoch).
+    pub fn batches(
+        &self,
+        n: usize,
+        batch_size: usize,
+        epoch: u64,
+        sampling: Sampling,
+    ) -> Result<TrainBatches, DataError> {
+        let epoch_batches = self.train_batches(n, batch_size, epoch)?;
+        if sampling == Sampling::Epoch {
+            return Ok(epoch_batches);
+        }
+        let mut rng = domain_rng(self.seed, STEP_DOMAIN);
+        rng.set_stream(epoch);
+        let mut pool: Vec<usize> = (0..n).collect();
+        let mut order = Vec::with_capacity(epoch_batches.num_batches() * batch_size);
+        for _ in 0..epoch_batches.num_batches() {
+            for k in 0..batch_size {
+                let j = k + uniform_below(&mut rng, (n - k) as u64) as usize;
+                pool.swap(k, j);
+            }
+            order.extend_from_slice(&pool[..batch_size]);
+        }
+        Ok(TrainBatches { order, batch_size })
+    }
+}
+
 /// One epoch of training batches: full batches of the shuffled order, the
 /// incomplete remainder dropped (see the module documentation for why).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -50,7 +50,7 @@ mod synthetic;
 
 pub use augment::{AUGMENT_DOMAIN, AugmentDraw, Augmentation};
 pub use batch::{
-    EpochShuffler, EvalBatches, SHUFFLE_DOMAIN, TrainBatches, TrainBatchesIntoIter,
+    EpochShuffler, EvalBatches, SHUFFLE_DOMAIN, Sampling, TrainBatches, TrainBatchesIntoIter,
     epoch_permutation, epoch_rng, eval_batches, shuffle_in_place, splitmix64, uniform_below,
 };
 pub use cifar::{
@@ -70,5 +70,5 @@ pub use idx::{
 };
 pub use locate::{DATA_ENV_VAR, DataSource, DirOrigin};
 pub use memory::{Batch, Dataset};
-pub use split::{LoadOptions, Standardization, TrainTest};
+pub use split::{InputScaling, LoadOptions, Standardization, TrainTest};
 pub use synthetic::{synthetic_clusters, synthetic_images};

@@ -212,7 +212,37 @@ impl Standardization {
     }
 }
 
-/// How many examples to keep (`--train-limit`, `--test-limit`).
+/// How image bytes become features (`--inputs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputScaling {
+    /// Per-channel mean 0 and standard deviation 1 on the training set.
+    #[default]
+    Standardized,
+    /// Pixel / 255, in [0, 1].
+    Unit,
+    /// The pixel values themselves, 0 to 255.
+    Raw,
+}
+
+impl InputScaling {
+    /// The map this scaling applies to `pixel / 255` of examples of `shape`
+    /// whose training bytes are `train_pixels`.
+    fn map(self, train_pixels: &[u8], shape: &[usize]) -> Standardization {
+        let channels = channel_layout(shape).0;
+        match self {
+            InputScaling::Standardized => Standardization::from_u8_pixels(train_pixels, shape),
+            InputScaling::Unit => Standardization::identity(channels),
+            InputScaling::Raw => Standardization {
+                mean: vec![0.0; channels],
+                std: vec![1.0 / 255.0; channels],
+            },
+        }
+    }
+}
+
+/// How many examples to keep (`--train-limit`, `--test-limit`), which file
+/// trains, and how bytes become features.
 ///
 /// A limit keeps the *first* N examples of the file, after the whole file has
 /// been validated. A limit larger than the file keeps everything; a limit of
@@ -223,6 +253,13 @@ pub struct LoadOptions {
     pub train_limit: Option<usize>,
     /// Keep at most this many test examples.
     pub test_limit: Option<usize>,
+    /// Train on the data set's test file and test on its training file
+    /// (`--train-on test`); the limits apply to the roles, not the files.
+    #[serde(default)]
+    pub swap_splits: bool,
+    /// How bytes become features.
+    #[serde(default)]
+    pub scaling: InputScaling,
 }
 
 /// A training set and a test set, preprocessed together.
@@ -258,6 +295,9 @@ pub(crate) fn build_train_test(
     opts: &LoadOptions,
     source: DataSource,
 ) -> Result<TrainTest, DataError> {
+    if opts.swap_splits {
+        std::mem::swap(&mut train, &mut test);
+    }
     let dim: usize = shape.iter().product();
     for (split, limit, flag) in [
         (&mut train, opts.train_limit, "--train-limit"),
@@ -275,7 +315,7 @@ pub(crate) fn build_train_test(
         split.labels.truncate(keep);
         split.pixels.truncate(keep * dim);
     }
-    let standardization = Standardization::from_u8_pixels(&train.pixels, &shape);
+    let standardization = opts.scaling.map(&train.pixels, &shape);
     let make = |split: RawSplit| {
         let features = standardization.apply_u8(&split.pixels, &shape);
         Dataset::new(features, split.labels, shape.clone(), num_classes)

@@ -142,6 +142,8 @@ pub fn load_data(settings: &TrainSettings) -> Result<TrainTest, TrainError> {
     let opts = data::LoadOptions {
         train_limit: settings.train_limit,
         test_limit: settings.test_limit,
+        swap_splits: settings.train_on == settings::TrainOn::Test,
+        scaling: settings.inputs,
     };
     let loaded = settings.dataset.load(settings.data.as_deref(), &opts)?;
     match settings.holdout {
@@ -324,7 +326,11 @@ pub fn evaluate_checkpoint(
     let data = load_data(&settings)?;
     let device = crate::device::parse_device(&settings.device)?;
     let config = settings.network_config(&data.train.shape, data.train.num_classes)?;
-    let model = Network::new(&config, settings.seed, &device.clone().autodiff())?;
+    let model = crate::zoo::init::reinit(
+        Network::new(&config, settings.seed, &device.clone().autodiff())?,
+        settings.init,
+        settings.seed,
+    );
     let model =
         weights::load_into(model, &saved.weights, false).map_err(|e| TrainError::Checkpoint {
             path: path.join("model.safetensors"),
@@ -414,7 +420,11 @@ impl<'a> Trainer<'a> {
         if let Some(aug) = settings.augmentation() {
             aug.check(&data.train.shape, &data.standardization.fill_values())?;
         }
-        let model = Network::new(&network, settings.seed, &device.clone().autodiff())?;
+        let model = crate::zoo::init::reinit(
+            Network::new(&network, settings.seed, &device.clone().autodiff())?,
+            settings.init,
+            settings.seed,
+        );
         let noise = settings.noise_config()?;
         let mut stage = NoiseStage::new(noise, settings.batch_size, settings.seed)?
             .with_collective(collective)
@@ -748,10 +758,11 @@ impl<'a> Trainer<'a> {
             let (mut trace_sum, mut trace_known) = (0.0, true);
             let mut penalty_sum: Option<f64> = None;
             let mut lr = 0.0;
-            let batches = data::EpochShuffler::new(seed).train_batches(
+            let batches = data::EpochShuffler::new(seed).batches(
                 self.data.train.n,
                 batch_size,
                 epoch as u64,
+                self.settings.sampling,
             )?;
             for (k, indices) in batches.iter().enumerate() {
                 // This process's contiguous shard of the global batch.

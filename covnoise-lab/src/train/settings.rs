@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Augmentation, DatasetKind};
+use crate::data::{InputScaling, Sampling};
+use crate::zoo::init::InitScheme;
 use crate::zoo::{Architecture, NetworkConfig, Normalization, parse_layers};
 use covnoise::error::{CovnoiseError, Result};
 use covnoise::moments::Estimator;
@@ -62,6 +64,19 @@ pub enum ScheduleName {
     Cosine,
 }
 
+/// Which file of a data set trains (`--train-on`); the other one tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TrainOn {
+    /// The training file (Fashion-MNIST's 60,000 images), testing on the
+    /// test file.
+    #[default]
+    Train,
+    /// The test file (Fashion-MNIST's 10,000 images), testing on the
+    /// training file: the small-data setting of Wu et al. and Zhu et al.
+    Test,
+}
+
 /// All settings of a training run. Defaults are the paper's large-batch MLP
 /// recipe on Fashion-MNIST without noise.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +96,14 @@ pub struct TrainSettings {
     pub train_limit: Option<usize>,
     /// Keep only the first N test examples.
     pub test_limit: Option<usize>,
+    /// Which file of the data set trains (the other tests).
+    pub train_on: TrainOn,
+    /// How image bytes become features.
+    pub inputs: InputScaling,
+    /// How each step's batch is drawn.
+    pub sampling: Sampling,
+    /// How the model's weights and biases are drawn.
+    pub init: InitScheme,
     /// Hold out the last N training examples and evaluate on them instead
     /// of the test set (for hyper-parameter search).
     pub holdout: Option<usize>,
@@ -186,6 +209,10 @@ impl Default for TrainSettings {
             data: None,
             augment: None,
             train_limit: None,
+            train_on: TrainOn::Train,
+            inputs: InputScaling::Standardized,
+            sampling: Sampling::Epoch,
+            init: InitScheme::Default,
             test_limit: None,
             holdout: None,
             hidden: vec![512, 512],
