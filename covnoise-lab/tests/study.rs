@@ -564,3 +564,34 @@ fn one_arm_with_its_first_seeds_runs_alone_and_the_whole_study_reuses_it() {
     );
     assert!(out.join("study.md").is_file());
 }
+
+/// `studies/peer-multinoise.toml` stays valid: every arm plans as written,
+/// and its noisy arms run their first steps on a small stand-in data set
+/// (the study's own 1,000-image, 3,000-step budget scaled down).
+#[test]
+fn the_peer_study_file_plans_and_its_arms_take_their_first_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture(tmp.path());
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../studies/peer-multinoise.toml");
+    let mut spec = StudySpec::load(&file).unwrap();
+    spec.set(&format!("data = \"{}\"", data.display())).unwrap();
+    let plans = spec.plan().unwrap();
+    assert_eq!(plans.len(), 7);
+    // The fixture's test file has 64 images: train on 48 of them in full
+    // batches of 48 (noise imitating batch 8), two steps, one seed.
+    for assignment in [
+        "train-limit = 48",
+        "batch-size = 48",
+        "small-batch = 8",
+        "epochs = 2",
+        "eval-every = 1",
+        "checkpoint-every = 1",
+    ] {
+        spec.set(assignment).unwrap();
+    }
+    spec.first_seeds(1).unwrap();
+    spec.arms.retain(|a| a.name != "sgd-50");
+    let out = tmp.path().join("out");
+    let (started, _) = run(&spec, &out);
+    assert_eq!(started.len(), 6);
+}
