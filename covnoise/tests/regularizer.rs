@@ -449,9 +449,13 @@ fn fisher_trace_value_is_the_trace_of_the_fisher_in_expectation() {
 
 /// With `--chunk` smaller than a micro-batch every pass is split and
 /// accumulated: the same penalized step up to float32 rounding of the
-/// different summation order (1e-5 relative; a dropped or double-counted
-/// chunk is off by O(1)). The reported loss is the data loss, the plain
-/// step's, not the penalized objective.
+/// different summation order. The forward difference divides that rounding
+/// of two gradients by ε = r/‖g‖, so it shows in the step at about 1e-5
+/// relative: measured 5.3e-6 (gradient norm) and 7.5e-6 (Fisher trace) on an
+/// idle machine, and 1.07e-5 with both cores busy, where flex splits its
+/// sums differently. 5e-5 bounds that with room and is still far below a
+/// dropped or double-counted chunk, which is off by O(1). The reported loss
+/// is the data loss, the plain step's, not the penalized objective.
 #[test]
 fn chunked_passes_give_the_same_penalized_step_and_the_loss_stays_the_data_loss() {
     let n = 12;
@@ -474,7 +478,7 @@ fn chunked_passes_give_the_same_penalized_step_and_the_loss_stays_the_data_loss(
         let (chunked, chunked_loss, chunked_value) = run(Some(4));
         let diff: Vec<f64> = whole.iter().zip(&chunked).map(|(a, b)| a - b).collect();
         assert!(
-            norm(&diff) <= 1e-5 * norm(&whole),
+            norm(&diff) <= 5e-5 * norm(&whole),
             "{reg:?}: {}",
             norm(&diff) / norm(&whole)
         );
