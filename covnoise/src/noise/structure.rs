@@ -217,18 +217,20 @@ impl NoiseStep<'_> {
         grads: &mut [Tensor<1>],
         mut std_of: impl FnMut(usize, usize) -> Vec<f32>,
     ) {
-        let std = NoiseStd::PerEntry(
-            grads
-                .iter()
-                .enumerate()
-                .map(|(p, g)| {
-                    let n = g.dims()[0];
-                    crate::tensor_util::from_vec1(std_of(p, n), &g.device())
-                })
-                .collect(),
-            0.0,
-        );
-        self.add_noise(grads, &std);
+        let mut variance = 0.0;
+        let per_entry = grads
+            .iter()
+            .enumerate()
+            .map(|(p, g)| {
+                let std = std_of(p, g.dims()[0]);
+                variance += std
+                    .iter()
+                    .map(|&s| f64::from(s) * f64::from(s))
+                    .sum::<f64>();
+                crate::tensor_util::from_vec1(std, &g.device())
+            })
+            .collect();
+        self.add_noise(grads, &NoiseStd::PerEntry(per_entry, variance));
     }
 }
 
