@@ -124,12 +124,7 @@ impl EpochShuffler {
         batch_size: usize,
         epoch: u64,
     ) -> Result<TrainBatches, DataError> {
-        if batch_size == 0 || batch_size > n {
-            return Err(DataError::Invalid(format!(
-                "batch size {batch_size} must be between 1 and the {n} training examples \
-                 (the last incomplete batch is dropped, so a larger batch gives no step)"
-            )));
-        }
+        check_batch_size(n, batch_size)?;
         Ok(TrainBatches {
             order: self.permutation(n, epoch),
             batch_size,
@@ -175,15 +170,16 @@ impl EpochShuffler {
         epoch: u64,
         sampling: Sampling,
     ) -> Result<TrainBatches, DataError> {
-        let epoch_batches = self.train_batches(n, batch_size, epoch)?;
         if sampling == Sampling::Epoch {
-            return Ok(epoch_batches);
+            return self.train_batches(n, batch_size, epoch);
         }
+        check_batch_size(n, batch_size)?;
         let mut rng = domain_rng(self.seed, STEP_DOMAIN);
         rng.set_stream(epoch);
         let mut pool: Vec<usize> = (0..n).collect();
-        let mut order = Vec::with_capacity(epoch_batches.num_batches() * batch_size);
-        for _ in 0..epoch_batches.num_batches() {
+        let steps = n / batch_size;
+        let mut order = Vec::with_capacity(steps * batch_size);
+        for _ in 0..steps {
             for k in 0..batch_size {
                 let j = k + uniform_below(&mut rng, (n - k) as u64) as usize;
                 pool.swap(k, j);
@@ -192,6 +188,18 @@ impl EpochShuffler {
         }
         Ok(TrainBatches { order, batch_size })
     }
+}
+
+/// Refuses a batch size of 0 or larger than the `n` examples (an epoch
+/// would have no step).
+fn check_batch_size(n: usize, batch_size: usize) -> Result<(), DataError> {
+    if batch_size == 0 || batch_size > n {
+        return Err(DataError::Invalid(format!(
+            "batch size {batch_size} must be between 1 and the {n} training examples \
+             (the last incomplete batch is dropped, so a larger batch gives no step)"
+        )));
+    }
+    Ok(())
 }
 
 /// One epoch of training batches: full batches of the shuffled order, the

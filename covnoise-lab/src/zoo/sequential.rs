@@ -181,6 +181,9 @@ pub struct SequentialPlan {
     pub units: u128,
     /// Features of the last layer's output.
     pub outputs: usize,
+    /// What each conv and Linear layer takes, in order: input channels for
+    /// a convolution, input features for a Linear layer.
+    pub inputs: Vec<usize>,
 }
 
 /// Walks `layers` from images `[C, H, W]`: convolutions and pooling need
@@ -198,6 +201,7 @@ pub fn plan_layers(
     }
     let mut shape = Shape::Image(input);
     let (mut params, mut units) = (0u128, 0u128);
+    let mut inputs = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
         let at = |s: &str| format!("item {} ({layer}) {s}", i + 1);
         shape = match (*layer, shape) {
@@ -222,6 +226,7 @@ pub fn plan_layers(
                 };
                 params += (c * kernel * kernel * out + out) as u128;
                 units += (out * ho * wo) as u128;
+                inputs.push(c);
                 Shape::Image([out, ho, wo])
             }
             (LayerSpec::MaxPool(k) | LayerSpec::AvgPool(k), Shape::Image([c, h, w])) => {
@@ -236,6 +241,7 @@ pub fn plan_layers(
             (LayerSpec::Linear(out), Shape::Vector(n)) => {
                 params += (n * out + out) as u128;
                 units += out as u128;
+                inputs.push(n);
                 Shape::Vector(out)
             }
             (LayerSpec::Linear(_), Shape::Image(_)) => {
@@ -251,6 +257,7 @@ pub fn plan_layers(
             params,
             units,
             outputs: *out,
+            inputs,
         }),
         _ => Err(bad(format!(
             "the network must end in linear:{classes} (one output per class)"
@@ -281,11 +288,10 @@ impl Sequential {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
-        plan_layers(layers, input, classes)?;
+        let plan = plan_layers(layers, input, classes)?;
+        let mut fan_in = plan.inputs.into_iter();
         let mut init = SeededInit::new(seed, device);
         let (mut convs, mut linears) = (Vec::new(), Vec::new());
-        let [mut channels, mut h, mut w] = input;
-        let mut features = 0;
         for layer in layers {
             match *layer {
                 LayerSpec::Conv {
@@ -294,6 +300,7 @@ impl Sequential {
                     stride,
                     padding,
                 } => {
+                    let channels = fan_in.next().expect("the plan has each conv's input");
                     convs.push(init.conv(
                         [channels, out],
                         kernel,
@@ -302,20 +309,12 @@ impl Sequential {
                         true,
                         WeightInit::Default,
                     ));
-                    channels = out;
-                    h = (h + 2 * padding - kernel) / stride + 1;
-                    w = (w + 2 * padding - kernel) / stride + 1;
                 }
-                LayerSpec::MaxPool(k) | LayerSpec::AvgPool(k) => {
-                    h /= k;
-                    w /= k;
-                }
-                LayerSpec::Flatten => features = channels * h * w,
                 LayerSpec::Linear(out) => {
+                    let features = fan_in.next().expect("the plan has each Linear's input");
                     linears.push(init.linear(features, out, WeightInit::Default));
-                    features = out;
                 }
-                LayerSpec::Relu | LayerSpec::Tanh => {}
+                _ => {}
             }
         }
         Ok(Self {

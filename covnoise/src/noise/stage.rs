@@ -622,7 +622,7 @@ impl<C: Collective> NoiseStage<C> {
         step: u64,
     ) -> Result<f64> {
         let std = NoiseStd::of_moment(moment, self.c, grads)?;
-        add_keyed_noise(grads, &std, self.seed, step);
+        add_keyed_noise(grads, &std, self.seed, step, 0);
         Ok(std.variance())
     }
 }

@@ -207,7 +207,7 @@ impl NoiseStep<'_> {
     /// keyed by (seed, step, the parameter's position): the same on every
     /// process.
     pub fn add_noise(&self, grads: &mut [Tensor<1>], std: &NoiseStd) {
-        add_keyed_noise(grads, std, self.seed, self.step);
+        add_keyed_noise(grads, std, self.seed, self.step, 0);
     }
 
     /// Adds noise whose per-entry standard deviations `std_of(position,
@@ -287,11 +287,19 @@ impl NoiseStd {
     }
 }
 
-/// Adds `std ⊙ ξ` for `(seed, step)` to `grads`.
-pub(super) fn add_keyed_noise(grads: &mut [Tensor<1>], std: &NoiseStd, seed: u64, step: u64) {
+/// Adds `std ⊙ ξ` for `(seed, step)` to `grads`, parameter p's normals
+/// from stream `first_stream + p`.
+pub(super) fn add_keyed_noise(
+    grads: &mut [Tensor<1>],
+    std: &NoiseStd,
+    seed: u64,
+    step: u64,
+    first_stream: u64,
+) {
     for (p, g) in grads.iter_mut().enumerate() {
         let n = g.dims()[0];
-        let xi = crate::tensor_util::from_vec1(normals(seed, step, p as u64, n), &g.device());
+        let xi = normals(seed, step, first_stream + p as u64, n);
+        let xi = crate::tensor_util::from_vec1(xi, &g.device());
         *g = match std {
             NoiseStd::PerEntry(std, _) => g.clone() + xi * std[p].clone(),
             NoiseStd::Shared(std, _) => g.clone() + xi * *std,
@@ -540,16 +548,19 @@ impl NoiseStructure for Constant {
             });
         }
         let mut g = step.plain()?;
-        let std = (step.scale() * self.variance).sqrt() as f32;
         let d: usize = g.grads.iter().map(|t| t.dims()[0]).sum();
-        let variance = step.scale() * self.variance * d as f64;
-        let (seed, t) = (step.seed(), step.step());
-        for (p, grad) in g.grads.iter_mut().enumerate() {
-            let n = grad.dims()[0];
-            let xi = normals(seed, t, stream::CONSTANT_NOISE + p as u64, n);
-            let xi = crate::tensor_util::from_vec1(xi, &grad.device());
-            *grad = grad.clone() + xi * std;
-        }
+        let std = NoiseStd::Shared(
+            (step.scale() * self.variance).sqrt() as f32,
+            step.scale() * self.variance * d as f64,
+        );
+        let variance = std.variance();
+        add_keyed_noise(
+            &mut g.grads,
+            &std,
+            step.seed(),
+            step.step(),
+            stream::CONSTANT_NOISE,
+        );
         Ok(StructuredGradient {
             gradient: g,
             noise_trace: Some(variance),
