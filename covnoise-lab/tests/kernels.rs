@@ -122,10 +122,15 @@ fn fast_conv2d(
     let (x, w) = (x.into_dispatch(), weight.into_dispatch());
     let (stride, padding) = (options.stride, options.padding);
     Tensor::from_dispatch(match bias {
-        Some(b) => {
-            <Dispatch as FastKernels>::fast_conv2d_bias(x, w, b.into_dispatch(), stride, padding)
-        }
-        None => <Dispatch as FastKernels>::fast_conv2d(x, w, stride, padding),
+        Some(b) => <Dispatch as FastKernels>::fast_conv2d_bias(
+            x,
+            w,
+            b.into_dispatch(),
+            stride,
+            padding,
+            None,
+        ),
+        None => <Dispatch as FastKernels>::fast_conv2d(x, w, stride, padding, None),
     })
 }
 

@@ -338,21 +338,151 @@ pub fn forward(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -
     out
 }
 
+/// The weight and bias gradients of a convolution ([`weight_grad`]), and
+/// when asked for, the sums over the examples of their squared per-example
+/// gradients.
+#[derive(Debug, Clone)]
+pub struct WeightGrads {
+    /// The weight gradient `[c_out, c_in, kh, kw]`.
+    pub weight: Vec<f32>,
+    /// The bias gradient `[c_out]` (empty without bias).
+    pub bias: Vec<f32>,
+    /// `Σ_n G_n²` and `Σ_n b_n²` of the per-example gradients, in the same
+    /// layouts, when they were asked for.
+    pub squares: Option<GradSquares>,
+}
+
+/// Sums over the examples of the squared per-example weight and bias
+/// gradients of one convolution.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GradSquares {
+    /// `Σ_n G_n²`, `[c_out, c_in, kh, kw]`.
+    pub weight: Vec<f32>,
+    /// `Σ_n b_n²`, `[c_out]` (empty without bias).
+    pub bias: Vec<f32>,
+}
+
+/// One task's running sums over its examples: the gradient (in a kernel
+/// path's own layout) and the bias gradient, and, when squares are asked
+/// for, their squared per-example counterparts and one example's gradient.
+struct TaskSums {
+    acc: Vec<f32>,
+    acc_bias: Vec<f64>,
+    sq: Vec<f64>,
+    sq_bias: Vec<f64>,
+    example: Vec<f32>,
+}
+
+impl TaskSums {
+    fn new(len: usize, c_out: usize, with_bias: bool, squares: bool) -> Self {
+        let if_sq = |n: usize| if squares { n } else { 0 };
+        Self {
+            acc: vec![0.0; len],
+            acc_bias: vec![0.0; if with_bias { c_out } else { 0 }],
+            sq: vec![0.0; if_sq(len)],
+            sq_bias: vec![0.0; if with_bias { if_sq(c_out) } else { 0 }],
+            example: vec![0.0; if_sq(len)],
+        }
+    }
+
+    fn squares(&self) -> bool {
+        !self.example.is_empty()
+    }
+
+    /// Adds the example gradient just written to `example` to the sums.
+    fn fold_example(&mut self) {
+        for ((a, q), &v) in self.acc.iter_mut().zip(&mut self.sq).zip(&self.example) {
+            *a += v;
+            *q += (v as f64) * (v as f64);
+        }
+    }
+
+    /// Adds one example's bias gradient from its output gradient `dy_n`
+    /// `[c_out, positions]`.
+    fn add_bias(&mut self, dy_n: &[f32], positions: usize) {
+        let squares = self.squares();
+        for (c, row) in dy_n
+            .chunks_exact(positions)
+            .enumerate()
+            .take(self.acc_bias.len())
+        {
+            let b = row.iter().map(|&v| v as f64).sum::<f64>();
+            self.acc_bias[c] += b;
+            if squares {
+                self.sq_bias[c] += b * b;
+            }
+        }
+    }
+}
+
+/// Runs `task` on the first example of each task (`per_task` examples
+/// each), in parallel when the examples are spread over threads.
+fn run_tasks(
+    batch: usize,
+    per_task: usize,
+    par: Parallelism,
+    task: impl Fn(usize) -> TaskSums + Sync + Send,
+) -> Vec<TaskSums> {
+    let firsts: Vec<usize> = (0..batch).step_by(per_task).collect();
+    if matches!(par, Parallelism::None) {
+        firsts.into_par_iter().map(task).collect()
+    } else {
+        firsts.into_iter().map(task).collect()
+    }
+}
+
+/// The tasks' sums as [`WeightGrads`]: `at(i)` is the position in a task's
+/// layout of element `i` of the `[c_out, c_in, kh, kw]` weight.
+fn reduce_tasks(parts: &[TaskSums], numel: usize, at: impl Fn(usize) -> usize) -> WeightGrads {
+    let c_out = parts.first().map_or(0, |p| p.acc_bias.len());
+    let mut weight = output_buffer(numel);
+    for (i, d) in weight.iter_mut().enumerate() {
+        *d = parts.iter().map(|p| p.acc[at(i)]).sum();
+    }
+    let bias_sum =
+        |f: fn(&TaskSums) -> &Vec<f64>, c: usize| parts.iter().map(|p| f(p)[c]).sum::<f64>() as f32;
+    let bias = (0..c_out).map(|c| bias_sum(|p| &p.acc_bias, c)).collect();
+    let squares = parts
+        .first()
+        .is_some_and(TaskSums::squares)
+        .then(|| GradSquares {
+            weight: (0..numel)
+                .map(|i| parts.iter().map(|p| p.sq[at(i)]).sum::<f64>() as f32)
+                .collect(),
+            bias: (0..c_out).map(|c| bias_sum(|p| &p.sq_bias, c)).collect(),
+        });
+    WeightGrads {
+        weight,
+        bias,
+        squares,
+    }
+}
+
 /// The weight gradient `[c_out, c_in, kh, kw]` and, when `with_bias`, the
 /// bias gradient `[c_out]` of the convolution, from its input `x` and the
-/// output gradient `dy` `[B, c_out, H', W']`.
-pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], with_bias: bool) -> (Vec<f32>, Vec<f32>) {
+/// output gradient `dy` `[B, c_out, H', W']`; with `squares`, also the sums
+/// over the examples of their squared per-example gradients, from the same
+/// products: each example's gradient is formed on its own (as the batch
+/// gradient's summands already are), added to the batch gradient and its
+/// square to the sums, so the squares cost one pass over a weight-sized
+/// buffer per example and no per-example tensor is kept.
+pub fn weight_grad(
+    s: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    with_bias: bool,
+    squares: bool,
+) -> WeightGrads {
     let (k, p, per_in, per_out) = (s.rows(), s.positions(), s.input_len(), s.output_len());
     assert_eq!(x.len(), s.batch * per_in);
     assert_eq!(dy.len(), s.batch * per_out);
     if s.uses_taps() {
-        return weight_grad_taps(s, x, dy, with_bias);
+        return weight_grad_taps(s, x, dy, with_bias, squares);
     }
     // One accumulator per task, so few tasks: one per thread.
     let (per_task, par) = plan(s.batch, 1);
     let task = |first: usize| {
-        let mut acc = vec![0.0f32; s.c_out * k];
-        let mut acc_bias = vec![0.0f64; if with_bias { s.c_out } else { 0 }];
+        let mut sums = TaskSums::new(s.c_out * k, s.c_out, with_bias, squares);
         let scratch = if s.is_pointwise() { 0 } else { k * p };
         with_scratch(scratch, |col| {
             for n in first..(first + per_task).min(s.batch) {
@@ -370,30 +500,21 @@ pub fn weight_grad(s: &ConvShape, x: &[f32], dy: &[f32], with_bias: bool) -> (Ve
                 // across rows.
                 let (col_st, dyt_st) = ([p, 1], [1, p]);
                 let mnk = [k, s.c_out, p];
-                matmul(mnk, &mut acc, s.c_out, true, col, col_st, dy_n, dyt_st, par);
-                for (a, row) in acc_bias.iter_mut().zip(dy_n.chunks_exact(p)) {
-                    *a += row.iter().map(|&v| v as f64).sum::<f64>();
+                if squares {
+                    let g = &mut sums.example;
+                    matmul(mnk, g, s.c_out, false, col, col_st, dy_n, dyt_st, par);
+                    sums.fold_example();
+                } else {
+                    let acc = &mut sums.acc;
+                    matmul(mnk, acc, s.c_out, true, col, col_st, dy_n, dyt_st, par);
                 }
+                sums.add_bias(dy_n, p);
             }
         });
-        (acc, acc_bias)
+        sums
     };
-    let firsts: Vec<usize> = (0..s.batch).step_by(per_task).collect();
-    let parts: Vec<(Vec<f32>, Vec<f64>)> = if matches!(par, Parallelism::None) {
-        firsts.into_par_iter().map(task).collect()
-    } else {
-        firsts.into_iter().map(task).collect()
-    };
-    let mut dw = output_buffer(s.c_out * k);
-    let mut db = output_buffer(if with_bias { s.c_out } else { 0 });
-    for (i, d) in dw.iter_mut().enumerate() {
-        let (co, kk) = (i / k, i % k);
-        *d = parts.iter().map(|(a, _)| a[kk * s.c_out + co]).sum();
-    }
-    for (i, d) in db.iter_mut().enumerate() {
-        *d = parts.iter().map(|(_, b)| b[i]).sum::<f64>() as f32;
-    }
-    (dw, db)
+    let parts = run_tasks(s.batch, per_task, par, task);
+    reduce_tasks(&parts, s.c_out * k, |i| (i % k) * s.c_out + i / k)
 }
 
 /// With stride 1, the input gradient is itself a convolution: of the
@@ -526,8 +647,15 @@ fn forward_taps(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
 /// unfolding, on [`forward_taps`]' grid: with the output gradient laid on
 /// `Ho` rows of `Wp` columns (zeros in the discarded ones), tap `(i, j)`'s
 /// gradient is `xpad_shifted dYpadᵀ`, `[C_in, C_out]`, accumulated per task
-/// as `[kh kw, C_in, C_out]`.
-fn weight_grad_taps(s: &ConvShape, x: &[f32], dy: &[f32], with_bias: bool) -> (Vec<f32>, Vec<f32>) {
+/// as `[kh kw, C_in, C_out]` (with `squares`, formed per example first, as
+/// in [`weight_grad`]).
+fn weight_grad_taps(
+    s: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    with_bias: bool,
+    squares: bool,
+) -> WeightGrads {
     let [ho, wo] = s.output_size().expect("a valid convolution shape");
     let [kh, kw] = s.kernel;
     let taps = kh * kw;
@@ -537,8 +665,7 @@ fn weight_grad_taps(s: &ConvShape, x: &[f32], dy: &[f32], with_bias: bool) -> (V
     let (per_task, par) = plan(s.batch, 1);
     let block = s.c_in * s.c_out;
     let task = |first: usize| {
-        let mut acc = vec![0.0f32; taps * block];
-        let mut acc_bias = vec![0.0f64; if with_bias { s.c_out } else { 0 }];
+        let mut sums = TaskSums::new(taps * block, s.c_out, with_bias, squares);
         with_scratch(pad_len + s.c_out * q, |scratch| {
             let (xpad, dypad) = scratch.split_at_mut(pad_len);
             for n in first..(first + per_task).min(s.batch) {
@@ -548,39 +675,31 @@ fn weight_grad_taps(s: &ConvShape, x: &[f32], dy: &[f32], with_bias: bool) -> (V
                     copy_run(&mut dst[..wo], src);
                     zero_run(&mut dst[wo..]);
                 }
-                for (tap, acc) in acc.chunks_exact_mut(block).enumerate() {
+                let target = if squares {
+                    &mut sums.example
+                } else {
+                    &mut sums.acc
+                };
+                for (tap, acc) in target.chunks_exact_mut(block).enumerate() {
                     let (i, j) = (tap / kw, tap % kw);
                     let (x_st, dyt_st) = ([hp * wp, 1], [1, q]);
                     let x_tap = &xpad[i * wp + j..];
                     let mnk = [s.c_in, s.c_out, q];
-                    matmul(mnk, acc, s.c_out, true, x_tap, x_st, dypad, dyt_st, par);
+                    matmul(mnk, acc, s.c_out, !squares, x_tap, x_st, dypad, dyt_st, par);
                 }
-                for (a, row) in acc_bias.iter_mut().zip(dy_n.chunks_exact(ho * wo)) {
-                    *a += row.iter().map(|&v| v as f64).sum::<f64>();
+                if squares {
+                    sums.fold_example();
                 }
+                sums.add_bias(dy_n, ho * wo);
             }
         });
-        (acc, acc_bias)
+        sums
     };
-    let firsts: Vec<usize> = (0..s.batch).step_by(per_task).collect();
-    let parts: Vec<(Vec<f32>, Vec<f64>)> = if matches!(par, Parallelism::None) {
-        firsts.into_par_iter().map(task).collect()
-    } else {
-        firsts.into_iter().map(task).collect()
-    };
-    let mut dw = output_buffer(s.c_out * s.c_in * taps);
-    let mut db = output_buffer(if with_bias { s.c_out } else { 0 });
-    for (idx, d) in dw.iter_mut().enumerate() {
+    let parts = run_tasks(s.batch, per_task, par, task);
+    reduce_tasks(&parts, s.c_out * s.c_in * taps, |idx| {
         let (co, c, tap) = (idx / (s.c_in * taps), (idx / taps) % s.c_in, idx % taps);
-        *d = parts
-            .iter()
-            .map(|(a, _)| a[tap * block + c * s.c_out + co])
-            .sum();
-    }
-    for (i, d) in db.iter_mut().enumerate() {
-        *d = parts.iter().map(|(_, b)| b[i]).sum::<f64>() as f32;
-    }
-    (dw, db)
+        tap * block + c * s.c_out + co
+    })
 }
 
 /// The input gradient `[B, c_in, H, W]` of the convolution, from its weight

@@ -14,6 +14,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, backend_extension};
 use burn::tensor::{DType, TensorData};
 
+use super::ConvSquares;
 use super::conv::{self, ConvShape};
 use super::norm::{self, NormShape};
 
@@ -27,12 +28,16 @@ use super::norm::{self, NormShape};
 #[backend_extension(Flex, Autodiff)]
 pub trait FastKernels: Backend {
     /// `x` `[B, C_in, H, W]` convolved with `weight` `[C_out, C_in, kh,
-    /// kw]`, groups 1, dilation 1, `f32`, no bias.
+    /// kw]`, groups 1, dilation 1, `f32`, no bias. With `squares`, the
+    /// backward step (on `Autodiff<Flex>`) also leaves there the sums over
+    /// the examples of the squared per-example weight and bias gradients
+    /// of the objective it differentiates.
     fn fast_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        squares: Option<ConvSquares>,
     ) -> FloatTensor<Self>;
 
     /// [`FastKernels::fast_conv2d`] plus `bias` `[C_out]` (a method of its
@@ -43,6 +48,7 @@ pub trait FastKernels: Backend {
         bias: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        squares: Option<ConvSquares>,
     ) -> FloatTensor<Self>;
 
     /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive
@@ -159,7 +165,9 @@ impl FastKernels for Flex {
         weight: FlexTensor,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        _squares: Option<ConvSquares>,
     ) -> FlexTensor {
+        // Without autodiff there is no backward step to fill `squares`.
         let s = conv_shape(&x, &weight, stride, padding);
         flex_conv2d(x, weight, None, &s)
     }
@@ -170,6 +178,7 @@ impl FastKernels for Flex {
         bias: FlexTensor,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        _squares: Option<ConvSquares>,
     ) -> FlexTensor {
         let s = conv_shape(&x, &weight, stride, padding);
         flex_conv2d(x, weight, Some(bias), &s)
@@ -190,7 +199,8 @@ impl FastKernels for Flex {
 }
 
 /// The backward step of a convolution: what it keeps is its input and
-/// weight (as burn's own conv2d does), nothing unfolded.
+/// weight (as burn's own conv2d does), nothing unfolded; and where the
+/// probes asked for them, where to leave the per-example squares.
 #[derive(Debug)]
 struct ConvBackward;
 
@@ -200,11 +210,16 @@ struct ConvState {
     x: FlexTensor,
     weight: FlexTensor,
     shape: ConvShape,
+    has_bias: bool,
+    squares: Option<ConvSquares>,
 }
 
 impl ConvState {
     /// Registers the gradients of the parents that want one (`ids`: input,
-    /// weight and, when present, bias) from the output gradient `dy`.
+    /// weight and, when present, bias) from the output gradient `dy`, and
+    /// leaves the per-example squares in the sink, if any (also when the
+    /// weight itself takes no gradient: the Monte-Carlo Fisher's pass on a
+    /// frozen copy of the model).
     fn backward(self, dy: FlexTensor, ids: [Option<NodeId>; 3], grads: &mut Gradients) {
         let dy = contiguous(dy);
         let s = self.shape;
@@ -213,15 +228,24 @@ impl ConvState {
             let dx = conv::input_grad(&s, values(&self.weight), values(&dy));
             grads.register::<Flex>(id, flex(dx, vec![s.batch, s.c_in, s.height, s.width]));
         }
-        if id_w.is_some() || id_b.is_some() {
-            let with_bias = id_b.is_some();
-            let (dw, db) = conv::weight_grad(&s, values(&self.x), values(&dy), with_bias);
+        if id_w.is_some() || id_b.is_some() || self.squares.is_some() {
+            let with_bias = id_b.is_some() || (self.has_bias && self.squares.is_some());
+            let g = conv::weight_grad(
+                &s,
+                values(&self.x),
+                values(&dy),
+                with_bias,
+                self.squares.is_some(),
+            );
             if let Some(id) = id_w {
                 let [kh, kw] = s.kernel;
-                grads.register::<Flex>(id, flex(dw, vec![s.c_out, s.c_in, kh, kw]));
+                grads.register::<Flex>(id, flex(g.weight, vec![s.c_out, s.c_in, kh, kw]));
             }
             if let Some(id) = id_b {
-                grads.register::<Flex>(id, flex(db, vec![s.c_out]));
+                grads.register::<Flex>(id, flex(g.bias, vec![s.c_out]));
+            }
+            if let (Some(sink), Some(sq)) = (self.squares, g.squares) {
+                sink.put(sq);
             }
         }
     }
@@ -301,12 +325,16 @@ fn autodiff_conv2d<C: CheckpointStrategy>(
     bias: Option<FloatTensor<AutodiffFlex<C>>>,
     stride: [usize; 2],
     padding: [(usize, usize); 2],
+    squares: Option<ConvSquares>,
 ) -> FloatTensor<AutodiffFlex<C>> {
     let s = conv_shape(x.primitive(), weight.primitive(), stride, padding);
+    let has_bias = bias.is_some();
     let state = |x: &FlexTensor, w: &FlexTensor| ConvState {
         x: contiguous(x.clone()),
         weight: contiguous(w.clone()),
         shape: s,
+        has_bias,
+        squares: squares.clone(),
     };
     match bias {
         Some(bias) => {
@@ -361,8 +389,9 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        squares: Option<ConvSquares>,
     ) -> FloatTensor<Self> {
-        autodiff_conv2d::<C>(x, weight, None, stride, padding)
+        autodiff_conv2d::<C>(x, weight, None, stride, padding, squares)
     }
 
     fn fast_conv2d_bias(
@@ -371,8 +400,9 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         bias: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        squares: Option<ConvSquares>,
     ) -> FloatTensor<Self> {
-        autodiff_conv2d::<C>(x, weight, Some(bias), stride, padding)
+        autodiff_conv2d::<C>(x, weight, Some(bias), stride, padding, squares)
     }
 
     fn fast_batch_norm(

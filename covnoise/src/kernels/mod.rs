@@ -9,7 +9,12 @@
 //! reductions. [`conv2d`] and [`batch_norm`] run instead one `gemm` per
 //! example with the unfolded input built in the layout the product wants,
 //! and a two-pass batch normalization, each with a hand-written backward
-//! step for burn's autodiff.
+//! step for burn's autodiff. The convolution's backward step forms the
+//! weight gradient one example at a time, so when the probes ask for it
+//! ([`conv2d_recording_squares`]) it also sums the squares of those
+//! per-example gradients ([`ConvSquares`]): the exact and Monte-Carlo
+//! Fisher estimators' conv factors at the cost of one pass over a
+//! weight-sized buffer per example, with no per-example tensor kept.
 //!
 //! Reach: the kernels run for `f32` tensors on `Device::flex()` and
 //! `Device::flex().autodiff()`, for convolutions with groups 1, dilation 1
@@ -32,6 +37,7 @@ mod norm;
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::PaddingConfig2d;
@@ -40,7 +46,35 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor};
 
 use conv::ConvShape;
+pub use conv::GradSquares;
 pub use extension::FastKernels;
+
+/// Where the backward step of a fast convolution leaves the sums over the
+/// examples of its squared per-example weight and bias gradients
+/// ([`GradSquares`]), formed from the same per-example products as the
+/// weight gradient itself ([`conv2d_recording_squares`]). Shared by clones:
+/// the probes keep one, the backward step fills another. Empty until a
+/// backward pass through a fast convolution (on `Autodiff<Flex>`) fills it;
+/// a convolution that runs burn's op leaves it empty.
+#[derive(Debug, Clone, Default)]
+pub struct ConvSquares(Arc<Mutex<Option<GradSquares>>>);
+
+impl ConvSquares {
+    /// An empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The squares the backward step left, if it ran.
+    pub fn get(&self) -> Option<GradSquares> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Leaves `squares` in the sink (replacing what was there).
+    pub(crate) fn put(&self, squares: GradSquares) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(squares);
+    }
+}
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static POISON: AtomicBool = AtomicBool::new(false);
@@ -181,6 +215,20 @@ pub fn conv2d(
     bias: Option<Tensor<1>>,
     options: ConvOptions<2>,
 ) -> Tensor<4> {
+    conv2d_recording_squares(x, weight, bias, options, None)
+}
+
+/// [`conv2d`], whose backward step (where the fast kernel runs, on
+/// `Autodiff<Flex>`) also leaves in `squares` the sums over the examples of
+/// the squared per-example weight and bias gradients of the objective it
+/// differentiates. Where burn's op runs instead, `squares` stays empty.
+pub fn conv2d_recording_squares(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+    squares: Option<ConvSquares>,
+) -> Tensor<4> {
     if !conv2d_is_fast(&x, &weight, bias.as_ref(), &options) {
         return burn::tensor::module::conv2d(x, weight, bias, options);
     }
@@ -193,23 +241,34 @@ pub fn conv2d(
             b.into_dispatch(),
             stride,
             padding,
+            squares,
         ),
-        None => <Dispatch as FastKernels>::fast_conv2d(x, weight, stride, padding),
+        None => <Dispatch as FastKernels>::fast_conv2d(x, weight, stride, padding, squares),
     })
 }
 
 /// `layer.forward(x)` for a burn `Conv2d`, through [`conv2d`]: the same
 /// padding (burn's `Same` may be asymmetric), stride, dilation and groups.
 pub fn conv2d_layer(layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    conv2d_layer_recording_squares(layer, x, None)
+}
+
+/// [`conv2d_layer`] through [`conv2d_recording_squares`].
+pub fn conv2d_layer_recording_squares(
+    layer: &Conv2d,
+    x: Tensor<4>,
+    squares: Option<ConvSquares>,
+) -> Tensor<4> {
     let [_, _, h, w] = x.dims();
     let padding = padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride);
     let options =
         ConvOptions::new_with_padding(layer.stride, padding, layer.dilation, layer.groups);
-    conv2d(
+    conv2d_recording_squares(
         x,
         layer.weight.val(),
         layer.bias.as_ref().map(|b| b.val()),
         options,
+        squares,
     )
 }
 

@@ -257,7 +257,11 @@ where
         model
     };
     let mut probes = if request.probes || request.moments.is_some() {
-        Probes::on()
+        if request.skip_param_grads {
+            Probes::on_frozen()
+        } else {
+            Probes::on()
+        }
     } else {
         Probes::off()
     };

@@ -9,12 +9,13 @@ use burn::nn::PaddingConfig1d;
 use burn::nn::conv::{Conv1d, Conv2d};
 use burn::tensor::Tensor;
 use burn::tensor::module::unfold4d;
-use burn::tensor::ops::{PadMode, UnfoldOptions};
+use burn::tensor::ops::{ConvOptions, PadMode, UnfoldOptions};
 
 use super::Probes;
 use super::rule::ExactRule;
 use crate::error::{CovnoiseError, Result};
-use crate::kernels::{self, padding_pairs, same_padding};
+use crate::kernels::{self, ConvSquares, padding_pairs, same_padding};
+use crate::tensor_util::from_vec;
 
 /// What a probed convolution records: its input before padding and its
 /// geometry.
@@ -38,6 +39,12 @@ pub struct ConvRule {
     pub output_size: [usize; 2],
     /// `"Conv2d"` or `"Conv1d"`, for messages.
     pub kind: &'static str,
+    /// Where the fast convolution's backward step leaves the sums of the
+    /// squared per-example gradients it formed anyway (see
+    /// [`kernels::conv2d_recording_squares`]); None, or left empty where
+    /// burn's op ran, and then the sums come from [`ExactRule::per_example`]
+    /// chunk by chunk.
+    pub squares: Option<ConvSquares>,
 }
 
 impl ConvRule {
@@ -125,6 +132,16 @@ impl ExactRule for ConvRule {
         Ok(delta.sum_dim(2).reshape([len, cout]))
     }
 
+    /// The sums the fast kernel's backward step formed, when it ran: the
+    /// same per-example gradients as [`ConvRule::per_example`], from the
+    /// products that make the batch gradient.
+    fn square_sums(&self, index: usize, output_grad: &Tensor<2>) -> Option<Tensor<1>> {
+        let sums = self.squares.as_ref()?.get()?;
+        let values = if index == 0 { sums.weight } else { sums.bias };
+        let n = values.len();
+        (n > 0).then(|| from_vec(values, [n], &output_grad.device()))
+    }
+
     fn bytes_per_example(&self, index: usize, numel: usize) -> usize {
         if index != 0 {
             return 4 * numel.max(1);
@@ -150,7 +167,21 @@ impl Probes {
         }
         let [_, _, h, w] = x.dims();
         let input = x.clone().detach();
-        let z = kernels::conv2d_layer(layer, x);
+        let squares = ConvSquares::new();
+        let padding = padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride);
+        let options =
+            ConvOptions::new_with_padding(layer.stride, padding, layer.dilation, layer.groups);
+        let mut weight = layer.weight.val();
+        let bias = layer.bias.as_ref().map(|b| b.val());
+        // Only the fast kernel's backward step forms the squares; burn's op
+        // would spend a weight gradient on the tracked copy for nothing.
+        if self.frozen
+            && !weight.is_require_grad()
+            && kernels::conv2d_is_fast(&x, &weight, bias.as_ref(), &options)
+        {
+            weight = weight.require_grad();
+        }
+        let z = kernels::conv2d_recording_squares(x, weight, bias, options, Some(squares.clone()));
         let [_, _, ho, wo] = z.dims();
         self.layer(z, || ConvRule {
             weight: layer.weight.id,
@@ -159,9 +190,10 @@ impl Probes {
             kernel: layer.kernel_size,
             stride: layer.stride,
             dilation: layer.dilation,
-            padding: padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride),
+            padding,
             output_size: [ho, wo],
             kind: "Conv2d",
+            squares: Some(squares),
         })
     }
 
@@ -191,6 +223,7 @@ impl Probes {
             padding: [(0, 0), (left, right)],
             output_size: [1, lo],
             kind: "Conv1d",
+            squares: None,
         })
     }
 
@@ -241,6 +274,7 @@ mod tests {
             padding: [(1, 0), (1, 0)],
             output_size: [3, 3],
             kind: "Conv2d",
+            squares: None,
         };
         let output_grad = from_vec(delta, [b, cout * 9], &device);
         for index in 0..2 {

@@ -111,6 +111,9 @@ enum Recorded {
 #[derive(Debug, Default)]
 pub struct Probes {
     mode: Mode,
+    /// Recording a pass over a frozen copy of the model (see
+    /// [`Probes::on_frozen`]).
+    frozen: bool,
     layers: Vec<Recorded>,
     norms: Vec<NormGroups>,
 }
@@ -125,6 +128,21 @@ impl Probes {
     pub fn on() -> Self {
         Self {
             mode: Mode::On,
+            ..Self::default()
+        }
+    }
+
+    /// Probes that record, as [`Probes::on`], a forward pass of a frozen
+    /// copy of the model whose backward pass only reaches the probes (the
+    /// Monte-Carlo Fisher's pass with sampled labels): a fast convolution
+    /// whose weight takes no gradient is handed a tracked copy of it, so
+    /// that its backward step runs and forms the per-example squares (see
+    /// [`crate::kernels::ConvSquares`]) instead of leaving them to the
+    /// rule's slower per-example path. The copy's gradient is not read.
+    pub fn on_frozen() -> Self {
+        Self {
+            mode: Mode::On,
+            frozen: true,
             ..Self::default()
         }
     }

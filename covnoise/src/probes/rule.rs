@@ -115,7 +115,10 @@ pub trait ExactRule: std::fmt::Debug + Send {
 
     /// `Σ_i g_i²` over all examples for parameter `index`, flat `[numel]`,
     /// where a shortcut forms it without per-example gradients (a Linear
-    /// layer on `[B, in]`: one product `(a²)ᵀ(δ²)`). `None` (the default):
+    /// layer on `[B, in]`: one product `(a²)ᵀ(δ²)`), or where the backward
+    /// pass already did (a convolution on the fast kernels, whose backward
+    /// step forms each example's gradient on the way to the batch's and
+    /// leaves the sums of their squares). `None` (the default):
     /// the driver squares [`ExactRule::per_example`] chunk by chunk. Used
     /// only for a parameter this one layer alone covers.
     fn square_sums(&self, index: usize, output_grad: &Tensor<2>) -> Option<Tensor<1>> {

@@ -1,0 +1,342 @@
+//! The exact and Monte-Carlo Fisher estimates of convolutions whose
+//! per-example squares come out of the fast kernel's backward step (the
+//! same per-example products that make the batch weight gradient), against
+//! single-example backward passes and against the rule's own chunked path
+//! (burn's ops, fast kernels off), on each of the kernel's code paths: the
+//! unfolded (im2col) product with stride and padding, the per-tap products
+//! (stride 1, eight or more input channels) and the pointwise 1x1 product.
+
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
+use burn::tensor::{Device, Distribution, Tensor, activation};
+use covnoise::collective::SingleProcess;
+use covnoise::kernels::{self, ConvSquares};
+use covnoise::model::{Batch, Coupling, Examples, Objective, Probes, labels_tensor};
+use covnoise::moments::{
+    self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
+};
+use covnoise::params::ParamTable;
+use covnoise::tensor_util::to_vec;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::{flat, per_example};
+
+const CLASSES: usize = 4;
+
+fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// One convolution of a given geometry, ReLU, and a Linear head.
+#[derive(Module, Debug)]
+struct ConvNet {
+    conv: Conv2d,
+    head: Linear,
+}
+
+/// A geometry: input channels and side, output channels, kernel, stride,
+/// padding, bias, and which kernel path it takes.
+struct Geometry {
+    c_in: usize,
+    side: usize,
+    c_out: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    bias: bool,
+    path: &'static str,
+}
+
+const GEOMETRIES: [Geometry; 4] = [
+    Geometry {
+        c_in: 3,
+        side: 17,
+        c_out: 5,
+        kernel: 3,
+        stride: 2,
+        padding: 1,
+        bias: true,
+        path: "im2col, stride 2",
+    },
+    Geometry {
+        c_in: 2,
+        side: 12,
+        c_out: 4,
+        kernel: 5,
+        stride: 1,
+        padding: 0,
+        bias: true,
+        path: "im2col, stride 1",
+    },
+    Geometry {
+        c_in: 8,
+        side: 8,
+        c_out: 6,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+        bias: false,
+        path: "taps",
+    },
+    Geometry {
+        c_in: 4,
+        side: 8,
+        c_out: 3,
+        kernel: 1,
+        stride: 1,
+        padding: 0,
+        bias: true,
+        path: "pointwise",
+    },
+];
+
+impl Geometry {
+    fn output_side(&self) -> usize {
+        (self.side + 2 * self.padding - self.kernel) / self.stride + 1
+    }
+
+    fn model(&self, device: &Device) -> ConvNet {
+        let conv = Conv2dConfig::new([self.c_in, self.c_out], [self.kernel, self.kernel])
+            .with_stride([self.stride, self.stride])
+            .with_padding(PaddingConfig2d::Explicit(
+                self.padding,
+                self.padding,
+                self.padding,
+                self.padding,
+            ))
+            .with_bias(self.bias)
+            .init(device);
+        let o = self.output_side();
+        let head = LinearConfig::new(self.c_out * o * o, CLASSES).init(device);
+        ConvNet { conv, head }
+    }
+
+    fn batch(&self, n: usize, seed: u64, device: &Device) -> Batch<4> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let labels: Vec<u8> = (0..n).map(|_| rng.random_range(0..CLASSES as u8)).collect();
+        let x = Tensor::<4>::random(
+            [n, self.c_in, self.side, self.side],
+            Distribution::Normal(0.0, 1.0),
+            device,
+        );
+        Batch {
+            x,
+            labels: labels_tensor(&labels, device),
+        }
+    }
+}
+
+fn forward(m: &ConvNet, b: &Batch<4>, p: &mut Probes) -> Objective {
+    let h = activation::relu(p.conv2d(&m.conv, b.x.clone()));
+    Objective::Classification {
+        logits: p.linear(&m.head, h.flatten(1, 3)),
+        labels: b.labels.clone(),
+    }
+}
+
+/// `Σ_i g_i²` per coordinate from single-example passes, in table order.
+fn brute_force_squares(model: &ConvNet, batch: &Batch<4>) -> Vec<f64> {
+    let per = per_example(model, batch, &forward);
+    (0..per[0].len())
+        .map(|j| per.iter().map(|g| g[j] * g[j]).sum())
+        .collect()
+}
+
+/// Largest error over the coordinates, relative to the largest reference.
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale.max(1e-30)
+}
+
+fn diag_sums(model: &ConvNet, batch: &Batch<4>) -> Vec<f64> {
+    let table = ParamTable::of(model);
+    let pass = backward_pass(
+        model,
+        &table,
+        batch,
+        &forward,
+        PassRequest {
+            moments: Some(MomentKind::Diag),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let Some(SecondMoment::Diag(d)) = pass.moment_sums else {
+        panic!("a diagonal")
+    };
+    flat(&d)
+}
+
+/// The fast kernel's backward step fills its sink, on every path, and the
+/// sums there are the squares of single-example weight and bias gradients
+/// (computed here with burn's own convolution, one example at a time).
+/// A backward step that skipped the squares, or that squared per position
+/// or over the batch, fails: the latter differ from the reference by far
+/// more than float32 rounding (~1e-6 relative over tens of examples).
+#[test]
+fn the_kernel_leaves_per_example_squares_in_its_sink() {
+    let device = device();
+    for g in &GEOMETRIES {
+        let model = g.model(&device);
+        let n = 7;
+        let x = g.batch(n, 11, &device).x;
+        let options = burn::tensor::ops::ConvOptions::new(
+            [g.stride, g.stride],
+            [g.padding, g.padding],
+            [1, 1],
+            1,
+        );
+        assert!(
+            kernels::conv2d_is_fast(
+                &x,
+                &model.conv.weight.val(),
+                model.conv.bias.as_ref().map(|b| b.val()).as_ref(),
+                &options
+            ),
+            "{}: the fast kernel must apply",
+            g.path
+        );
+        // A fixed output gradient: the objective sum(y * r).
+        let o = g.output_side();
+        let r = Tensor::<4>::random([n, g.c_out, o, o], Distribution::Normal(0.0, 1.0), &device);
+        let sink = ConvSquares::new();
+        let y = kernels::conv2d_recording_squares(
+            x.clone(),
+            model.conv.weight.val(),
+            model.conv.bias.as_ref().map(|b| b.val()),
+            options.clone(),
+            Some(sink.clone()),
+        );
+        assert!(sink.get().is_none(), "{}: filled before backward", g.path);
+        let grads = (y * r.clone()).sum().backward();
+        let squares = sink.get().expect("the backward step fills the sink");
+        let mut reference_w = vec![0.0f64; squares.weight.len()];
+        let mut reference_b = vec![0.0f64; squares.bias.len()];
+        for i in 0..n {
+            let xi = x.clone().narrow(0, i, 1).detach();
+            let w = model.conv.weight.val().detach().require_grad();
+            let b = model
+                .conv
+                .bias
+                .as_ref()
+                .map(|b| b.val().detach().require_grad());
+            let yi = burn::tensor::module::conv2d(xi, w.clone(), b.clone(), options.clone());
+            let gi = (yi * r.clone().narrow(0, i, 1)).sum().backward();
+            for (acc, v) in reference_w
+                .iter_mut()
+                .zip(to_vec(&w.grad(&gi).unwrap()).unwrap())
+            {
+                *acc += (v as f64).powi(2);
+            }
+            if let Some(b) = b {
+                for (acc, v) in reference_b
+                    .iter_mut()
+                    .zip(to_vec(&b.grad(&gi).unwrap()).unwrap())
+                {
+                    *acc += (v as f64).powi(2);
+                }
+            }
+        }
+        let got = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let err = rel_err(&got(&squares.weight), &reference_w);
+        assert!(err <= 1e-4, "{}: weight squares off by {err}", g.path);
+        assert_eq!(squares.bias.is_empty(), !g.bias, "{}", g.path);
+        if g.bias {
+            let err = rel_err(&got(&squares.bias), &reference_b);
+            assert!(err <= 1e-4, "{}: bias squares off by {err}", g.path);
+        }
+        // The batch gradient is still the sum of the examples'.
+        let w_grad = model.conv.weight.val().grad(&grads);
+        assert!(
+            w_grad.is_some(),
+            "{}: the weight gradient is registered",
+            g.path
+        );
+    }
+}
+
+/// The exact estimator's sums (through the probes, with the kernel's
+/// squares) against single-example passes, and against the same estimator
+/// with the fast kernels off (the rule's per-example path on burn's ops).
+/// float32 sums over 9 examples and up to a few hundred positions round at
+/// about 1e-6 relative; a squared-per-position or missing term is off by
+/// tens of percent: 1e-4 separates the two.
+#[test]
+fn exact_sums_from_the_kernel_match_single_example_passes_and_the_rule_path() {
+    let device = device();
+    for (k, g) in GEOMETRIES.iter().enumerate() {
+        let model = g.model(&device);
+        let batch = g.batch(9, 20 + k as u64, &device);
+        let reference = brute_force_squares(&model, &batch);
+        let fast = diag_sums(&model, &batch);
+        let err = rel_err(&fast, &reference);
+        assert!(err <= 1e-4, "{}: kernel sums off by {err}", g.path);
+        let rule = kernels::with_enabled(false, || diag_sums(&model, &batch));
+        let err = rel_err(&fast, &rule);
+        assert!(err <= 1e-4, "{}: kernel vs rule path {err}", g.path);
+    }
+}
+
+/// The Monte-Carlo Fisher's second pass runs on a frozen copy of the model
+/// (no weight gradients), where the kernel still leaves its squares: the
+/// estimate equals single-example passes on the labels it sampled
+/// (reproduced with `mc_fisher_labels`), at two steps. Tolerance as above.
+#[test]
+fn monte_carlo_fisher_from_the_kernel_matches_single_example_passes() {
+    let device = device();
+    for (k, g) in GEOMETRIES.iter().enumerate() {
+        let model = g.model(&device);
+        let batch = g.batch(8, 40 + k as u64, &device);
+        let table = ParamTable::of(&model);
+        for step in [0u64, 5] {
+            let ctx = StepContext {
+                seed: 9,
+                step,
+                collective: &SingleProcess,
+                table: &table,
+                coupling: Coupling::Independent,
+                chunk: None,
+            };
+            let out = moments::estimate(
+                &model,
+                &batch,
+                &forward,
+                Estimator::McFisher,
+                MomentKind::Diag,
+                &ctx,
+            )
+            .unwrap();
+            let Some(SecondMoment::Diag(d)) = out.moment else {
+                panic!("a diagonal")
+            };
+            let estimate = flat(&d);
+            let logits = model
+                .head
+                .forward(
+                    activation::relu(kernels::conv2d_layer(&model.conv, batch.x.clone()))
+                        .flatten(1, 3),
+                )
+                .detach()
+                .inner();
+            let labels = moments::mc_fisher_labels(&logits, 9, step, 0).unwrap();
+            let sampled = Batch {
+                x: batch.x.clone(),
+                labels: labels_tensor(&labels, &device),
+            };
+            let n = batch.len() as f64;
+            let reference: Vec<f64> = brute_force_squares(&model, &sampled)
+                .iter()
+                .map(|v| v / n)
+                .collect();
+            let err = rel_err(&estimate, &reference);
+            assert!(err <= 1e-4, "{} step {step}: off by {err}", g.path);
+        }
+    }
+}
