@@ -1,6 +1,7 @@
 //! The exact and Monte-Carlo Fisher estimates of convolutions whose
-//! per-example squares come out of the fast kernel's backward step (the
-//! same per-example products that make the batch weight gradient), against
+//! output gradient and per-example squares come out of the fast kernel's
+//! backward step (the same per-example products that make the batch
+//! weight gradient; no probe tensor), against
 //! single-example backward passes and against the rule's own chunked path
 //! (burn's ops, fast kernels off), on each of the kernel's code paths: the
 //! unfolded (im2col) product with stride and padding, the per-tap products
@@ -11,7 +12,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d};
 use burn::tensor::{Device, Distribution, Tensor, activation};
 use covnoise::collective::SingleProcess;
-use covnoise::kernels::{self, ConvSquares};
+use covnoise::kernels::{self, ConvSink};
 use covnoise::model::{Batch, Coupling, Examples, Objective, Probes, labels_tensor};
 use covnoise::moments::{
     self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
@@ -174,8 +175,8 @@ fn diag_sums(model: &ConvNet, batch: &Batch<4>) -> Vec<f64> {
     flat(&d)
 }
 
-/// The fast kernel's backward step fills its sink, on every path, and the
-/// sums there are the squares of single-example weight and bias gradients
+/// The fast kernel's backward step fills its sink, on every path: the
+/// output gradient, and sums that are the squares of single-example weight and bias gradients
 /// (computed here with burn's own convolution, one example at a time).
 /// A backward step that skipped the squares, or that squared per position
 /// or over the batch, fails: the latter differ from the reference by far
@@ -206,17 +207,33 @@ fn the_kernel_leaves_per_example_squares_in_its_sink() {
         // A fixed output gradient: the objective sum(y * r).
         let o = g.output_side();
         let r = Tensor::<4>::random([n, g.c_out, o, o], Distribution::Normal(0.0, 1.0), &device);
-        let sink = ConvSquares::new();
-        let y = kernels::conv2d_recording_squares(
+        let sink = ConvSink::new();
+        let y = kernels::conv2d_recording(
             x.clone(),
             model.conv.weight.val(),
             model.conv.bias.as_ref().map(|b| b.val()),
             options.clone(),
             Some(sink.clone()),
         );
-        assert!(sink.get().is_none(), "{}: filled before backward", g.path);
+        assert!(
+            sink.squares().is_none(),
+            "{}: filled before backward",
+            g.path
+        );
+        assert!(sink.output_grad(&x).is_none(), "{}", g.path);
         let grads = (y * r.clone()).sum().backward();
-        let squares = sink.get().expect("the backward step fills the sink");
+        let squares = sink.squares().expect("the backward step fills the sink");
+        // The output gradient of sum(y * r) is r itself, exactly.
+        let dy = sink
+            .output_grad(&x)
+            .expect("and leaves its output gradient");
+        assert_eq!(dy.dims(), r.dims(), "{}", g.path);
+        assert_eq!(
+            to_vec(&dy).unwrap(),
+            to_vec(&r.clone().inner()).unwrap(),
+            "{}: output gradient",
+            g.path
+        );
         let mut reference_w = vec![0.0f64; squares.weight.len()];
         let mut reference_b = vec![0.0f64; squares.bias.len()];
         for i in 0..n {
@@ -339,4 +356,73 @@ fn monte_carlo_fisher_from_the_kernel_matches_single_example_passes() {
             assert!(err <= 1e-4, "{} step {step}: off by {err}", g.path);
         }
     }
+}
+
+/// A frozen first convolution (fine-tuning) and a trained one after it.
+#[derive(Module, Debug)]
+struct FrozenFirst {
+    frozen: Conv2d,
+    conv: Conv2d,
+    head: Linear,
+}
+
+fn frozen_forward(m: &FrozenFirst, b: &Batch<4>, p: &mut Probes) -> Objective {
+    let h = activation::relu(p.conv2d(&m.frozen, b.x.clone()));
+    let h = activation::relu(p.conv2d(&m.conv, h));
+    Objective::Classification {
+        logits: p.linear(&m.head, h.flatten(1, 3)),
+        labels: b.labels.clone(),
+    }
+}
+
+/// A frozen first convolution runs no backward step (none of its operands
+/// takes a gradient), so its sink stays empty: the estimators skip it, as
+/// its parameters take no noise, and the trained layers' sums still equal
+/// single-example passes (tolerance as above).
+#[test]
+fn a_frozen_first_convolution_is_skipped_and_the_rest_is_exact() {
+    let device = device();
+    let pad = PaddingConfig2d::Explicit(1, 1, 1, 1);
+    let model = FrozenFirst {
+        frozen: Conv2dConfig::new([3, 4], [3, 3])
+            .with_padding(pad.clone())
+            .init(&device)
+            .no_grad(),
+        conv: Conv2dConfig::new([4, 5], [3, 3])
+            .with_padding(pad)
+            .init(&device),
+        head: LinearConfig::new(5 * 10 * 10, CLASSES).init(&device),
+    };
+    let table = ParamTable::of(&model);
+    assert_eq!(
+        table.len(),
+        4,
+        "the frozen layer's weight and bias are not in the table"
+    );
+    let geometry = Geometry {
+        c_in: 3,
+        side: 10,
+        ..GEOMETRIES[0]
+    };
+    let batch = geometry.batch(6, 70, &device);
+    let per = per_example(&model, &batch, &frozen_forward);
+    let reference: Vec<f64> = (0..per[0].len())
+        .map(|j| per.iter().map(|g| g[j] * g[j]).sum())
+        .collect();
+    let pass = backward_pass(
+        &model,
+        &table,
+        &batch,
+        &frozen_forward,
+        PassRequest {
+            moments: Some(MomentKind::Diag),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let Some(SecondMoment::Diag(d)) = pass.moment_sums else {
+        panic!("a diagonal")
+    };
+    let err = rel_err(&flat(&d), &reference);
+    assert!(err <= 1e-4, "off by {err}");
 }

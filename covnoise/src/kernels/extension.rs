@@ -14,7 +14,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, backend_extension};
 use burn::tensor::{DType, TensorData};
 
-use super::ConvSquares;
+use super::ConvSink;
 use super::conv::{self, ConvShape};
 use super::norm::{self, NormShape};
 
@@ -28,16 +28,16 @@ use super::norm::{self, NormShape};
 #[backend_extension(Flex, Autodiff)]
 pub trait FastKernels: Backend {
     /// `x` `[B, C_in, H, W]` convolved with `weight` `[C_out, C_in, kh,
-    /// kw]`, groups 1, dilation 1, `f32`, no bias. With `squares`, the
-    /// backward step (on `Autodiff<Flex>`) also leaves there the sums over
-    /// the examples of the squared per-example weight and bias gradients
-    /// of the objective it differentiates.
+    /// kw]`, groups 1, dilation 1, `f32`, no bias. With a `sink`, the
+    /// backward step (on `Autodiff<Flex>`) also leaves there its output
+    /// gradient and the sums over the examples of the squared per-example
+    /// weight and bias gradients of the objective it differentiates.
     fn fast_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
-        squares: Option<ConvSquares>,
+        sink: Option<ConvSink>,
     ) -> FloatTensor<Self>;
 
     /// [`FastKernels::fast_conv2d`] plus `bias` `[C_out]` (a method of its
@@ -48,8 +48,13 @@ pub trait FastKernels: Backend {
         bias: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
-        squares: Option<ConvSquares>,
+        sink: Option<ConvSink>,
     ) -> FloatTensor<Self>;
+
+    /// The output gradient a fast convolution's backward step left in
+    /// `sink` (which must hold one), as a tensor of this backend without
+    /// autodiff graph; `like` (any tensor of the backend) routes the call.
+    fn fast_sunk_output_grad(like: FloatTensor<Self>, sink: ConvSink) -> FloatTensor<Self>;
 
     /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive
     /// groups of examples, scaled by `gamma` and shifted by `beta` (`[C]`):
@@ -165,9 +170,9 @@ impl FastKernels for Flex {
         weight: FlexTensor,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
-        _squares: Option<ConvSquares>,
+        _sink: Option<ConvSink>,
     ) -> FlexTensor {
-        // Without autodiff there is no backward step to fill `squares`.
+        // Without autodiff there is no backward step to fill the sink.
         let s = conv_shape(&x, &weight, stride, padding);
         flex_conv2d(x, weight, None, &s)
     }
@@ -178,10 +183,14 @@ impl FastKernels for Flex {
         bias: FlexTensor,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
-        _squares: Option<ConvSquares>,
+        _sink: Option<ConvSink>,
     ) -> FlexTensor {
         let s = conv_shape(&x, &weight, stride, padding);
         flex_conv2d(x, weight, Some(bias), &s)
+    }
+
+    fn fast_sunk_output_grad(_like: FlexTensor, sink: ConvSink) -> FlexTensor {
+        sink.flex_output_grad()
     }
 
     fn fast_batch_norm(
@@ -200,7 +209,8 @@ impl FastKernels for Flex {
 
 /// The backward step of a convolution: what it keeps is its input and
 /// weight (as burn's own conv2d does), nothing unfolded; and where the
-/// probes asked for them, where to leave the per-example squares.
+/// probes asked for them, where to leave the output gradient and the
+/// per-example squares.
 #[derive(Debug)]
 struct ConvBackward;
 
@@ -211,13 +221,14 @@ struct ConvState {
     weight: FlexTensor,
     shape: ConvShape,
     has_bias: bool,
-    squares: Option<ConvSquares>,
+    sink: Option<ConvSink>,
 }
 
 impl ConvState {
     /// Registers the gradients of the parents that want one (`ids`: input,
     /// weight and, when present, bias) from the output gradient `dy`, and
-    /// leaves the per-example squares in the sink, if any (also when the
+    /// leaves the output gradient and the per-example squares in the sink,
+    /// if any (also when the
     /// weight itself takes no gradient: the Monte-Carlo Fisher's pass on a
     /// frozen copy of the model).
     fn backward(self, dy: FlexTensor, ids: [Option<NodeId>; 3], grads: &mut Gradients) {
@@ -228,15 +239,10 @@ impl ConvState {
             let dx = conv::input_grad(&s, values(&self.weight), values(&dy));
             grads.register::<Flex>(id, flex(dx, vec![s.batch, s.c_in, s.height, s.width]));
         }
-        if id_w.is_some() || id_b.is_some() || self.squares.is_some() {
-            let with_bias = id_b.is_some() || (self.has_bias && self.squares.is_some());
-            let g = conv::weight_grad(
-                &s,
-                values(&self.x),
-                values(&dy),
-                with_bias,
-                self.squares.is_some(),
-            );
+        if id_w.is_some() || id_b.is_some() || self.sink.is_some() {
+            let squares = self.sink.is_some();
+            let with_bias = id_b.is_some() || (self.has_bias && squares);
+            let g = conv::weight_grad(&s, values(&self.x), values(&dy), with_bias, squares);
             if let Some(id) = id_w {
                 let [kh, kw] = s.kernel;
                 grads.register::<Flex>(id, flex(g.weight, vec![s.c_out, s.c_in, kh, kw]));
@@ -244,8 +250,8 @@ impl ConvState {
             if let Some(id) = id_b {
                 grads.register::<Flex>(id, flex(g.bias, vec![s.c_out]));
             }
-            if let (Some(sink), Some(sq)) = (self.squares, g.squares) {
-                sink.put(sq);
+            if let Some(sink) = self.sink {
+                sink.put(g.squares, dy);
             }
         }
     }
@@ -325,7 +331,7 @@ fn autodiff_conv2d<C: CheckpointStrategy>(
     bias: Option<FloatTensor<AutodiffFlex<C>>>,
     stride: [usize; 2],
     padding: [(usize, usize); 2],
-    squares: Option<ConvSquares>,
+    sink: Option<ConvSink>,
 ) -> FloatTensor<AutodiffFlex<C>> {
     let s = conv_shape(x.primitive(), weight.primitive(), stride, padding);
     let has_bias = bias.is_some();
@@ -334,7 +340,7 @@ fn autodiff_conv2d<C: CheckpointStrategy>(
         weight: contiguous(w.clone()),
         shape: s,
         has_bias,
-        squares: squares.clone(),
+        sink: sink.clone(),
     };
     match bias {
         Some(bias) => {
@@ -389,9 +395,9 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
-        squares: Option<ConvSquares>,
+        sink: Option<ConvSink>,
     ) -> FloatTensor<Self> {
-        autodiff_conv2d::<C>(x, weight, None, stride, padding, squares)
+        autodiff_conv2d::<C>(x, weight, None, stride, padding, sink)
     }
 
     fn fast_conv2d_bias(
@@ -400,9 +406,13 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         bias: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
-        squares: Option<ConvSquares>,
+        sink: Option<ConvSink>,
     ) -> FloatTensor<Self> {
-        autodiff_conv2d::<C>(x, weight, Some(bias), stride, padding, squares)
+        autodiff_conv2d::<C>(x, weight, Some(bias), stride, padding, sink)
+    }
+
+    fn fast_sunk_output_grad(_like: FloatTensor<Self>, sink: ConvSink) -> FloatTensor<Self> {
+        Self::from_inner(sink.flex_output_grad())
     }
 
     fn fast_batch_norm(

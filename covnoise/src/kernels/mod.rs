@@ -11,8 +11,8 @@
 //! and a two-pass batch normalization, each with a hand-written backward
 //! step for burn's autodiff. The convolution's backward step forms the
 //! weight gradient one example at a time, so when the probes ask for it
-//! ([`conv2d_recording_squares`]) it also sums the squares of those
-//! per-example gradients ([`ConvSquares`]): the exact and Monte-Carlo
+//! ([`conv2d_recording`]) it also sums the squares of those
+//! per-example gradients ([`ConvSink`]): the exact and Monte-Carlo
 //! Fisher estimators' conv factors at the cost of one pass over a
 //! weight-sized buffer per example, with no per-example tensor kept.
 //!
@@ -49,30 +49,74 @@ use conv::ConvShape;
 pub use conv::GradSquares;
 pub use extension::FastKernels;
 
-/// Where the backward step of a fast convolution leaves the sums over the
-/// examples of its squared per-example weight and bias gradients
+/// Where the backward step of a fast convolution leaves what the probes
+/// need of it ([`conv2d_recording`]): the gradient of the differentiated
+/// objective with respect to the convolution's output (so that the probes
+/// need no probe tensor of their own for it), and the sums over the
+/// examples of the squared per-example weight and bias gradients
 /// ([`GradSquares`]), formed from the same per-example products as the
-/// weight gradient itself ([`conv2d_recording_squares`]). Shared by clones:
-/// the probes keep one, the backward step fills another. Empty until a
-/// backward pass through a fast convolution (on `Autodiff<Flex>`) fills it;
-/// a convolution that runs burn's op leaves it empty.
+/// weight gradient itself. Shared by clones: the probes keep one, the
+/// backward step fills another. Empty until a backward pass through a fast
+/// convolution (on `Autodiff<Flex>`) fills it; a convolution that runs
+/// burn's op, or whose operands take no gradient, leaves it empty.
 #[derive(Debug, Clone, Default)]
-pub struct ConvSquares(Arc<Mutex<Option<GradSquares>>>);
+pub struct ConvSink(Arc<Mutex<SinkContents>>);
 
-impl ConvSquares {
+/// What a [`ConvSink`] holds.
+#[derive(Debug, Default)]
+struct SinkContents {
+    squares: Option<GradSquares>,
+    output_grad: Option<burn::backend::flex::FlexTensor>,
+}
+
+impl ConvSink {
     /// An empty sink.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The squares the backward step left, if it ran.
-    pub fn get(&self) -> Option<GradSquares> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    fn lock(&self) -> std::sync::MutexGuard<'_, SinkContents> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Leaves `squares` in the sink (replacing what was there).
-    pub(crate) fn put(&self, squares: GradSquares) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(squares);
+    /// The squares the backward step left, if it ran.
+    pub fn squares(&self) -> Option<GradSquares> {
+        self.lock().squares.clone()
+    }
+
+    /// The output gradient `[B, C_out, H', W']` the backward step left, if
+    /// it ran, as a tensor on the device of `like` (any tensor on the
+    /// convolution's device, with or without autodiff; the gradient itself
+    /// takes none).
+    pub fn output_grad<const D: usize>(&self, like: &Tensor<D>) -> Option<Tensor<4>> {
+        self.lock().output_grad.as_ref()?;
+        Some(Tensor::from_dispatch(
+            <Dispatch as FastKernels>::fast_sunk_output_grad(
+                like.clone().into_dispatch(),
+                self.clone(),
+            ),
+        ))
+    }
+
+    /// Leaves the backward step's results in the sink.
+    pub(crate) fn put(
+        &self,
+        squares: Option<GradSquares>,
+        output_grad: burn::backend::flex::FlexTensor,
+    ) {
+        let mut contents = self.lock();
+        contents.squares = squares;
+        contents.output_grad = Some(output_grad);
+    }
+
+    /// The output gradient the backward step left (see
+    /// [`ConvSink::output_grad`]); panics if there is none, which that
+    /// method checks first.
+    pub(crate) fn flex_output_grad(&self) -> burn::backend::flex::FlexTensor {
+        self.lock()
+            .output_grad
+            .clone()
+            .expect("ConvSink::output_grad checks that there is one")
     }
 }
 
@@ -215,19 +259,20 @@ pub fn conv2d(
     bias: Option<Tensor<1>>,
     options: ConvOptions<2>,
 ) -> Tensor<4> {
-    conv2d_recording_squares(x, weight, bias, options, None)
+    conv2d_recording(x, weight, bias, options, None)
 }
 
 /// [`conv2d`], whose backward step (where the fast kernel runs, on
-/// `Autodiff<Flex>`) also leaves in `squares` the sums over the examples of
-/// the squared per-example weight and bias gradients of the objective it
-/// differentiates. Where burn's op runs instead, `squares` stays empty.
-pub fn conv2d_recording_squares(
+/// `Autodiff<Flex>`) also leaves in `sink` its output gradient and the sums
+/// over the examples of the squared per-example weight and bias gradients
+/// of the objective it differentiates (see [`ConvSink`]). Where burn's op
+/// runs instead, `sink` stays empty.
+pub fn conv2d_recording(
     x: Tensor<4>,
     weight: Tensor<4>,
     bias: Option<Tensor<1>>,
     options: ConvOptions<2>,
-    squares: Option<ConvSquares>,
+    sink: Option<ConvSink>,
 ) -> Tensor<4> {
     if !conv2d_is_fast(&x, &weight, bias.as_ref(), &options) {
         return burn::tensor::module::conv2d(x, weight, bias, options);
@@ -241,34 +286,30 @@ pub fn conv2d_recording_squares(
             b.into_dispatch(),
             stride,
             padding,
-            squares,
+            sink,
         ),
-        None => <Dispatch as FastKernels>::fast_conv2d(x, weight, stride, padding, squares),
+        None => <Dispatch as FastKernels>::fast_conv2d(x, weight, stride, padding, sink),
     })
 }
 
 /// `layer.forward(x)` for a burn `Conv2d`, through [`conv2d`]: the same
 /// padding (burn's `Same` may be asymmetric), stride, dilation and groups.
 pub fn conv2d_layer(layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    conv2d_layer_recording_squares(layer, x, None)
+    conv2d_layer_recording(layer, x, None)
 }
 
-/// [`conv2d_layer`] through [`conv2d_recording_squares`].
-pub fn conv2d_layer_recording_squares(
-    layer: &Conv2d,
-    x: Tensor<4>,
-    squares: Option<ConvSquares>,
-) -> Tensor<4> {
+/// [`conv2d_layer`] through [`conv2d_recording`].
+pub fn conv2d_layer_recording(layer: &Conv2d, x: Tensor<4>, sink: Option<ConvSink>) -> Tensor<4> {
     let [_, _, h, w] = x.dims();
     let padding = padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride);
     let options =
         ConvOptions::new_with_padding(layer.stride, padding, layer.dilation, layer.groups);
-    conv2d_recording_squares(
+    conv2d_recording(
         x,
         layer.weight.val(),
         layer.bias.as_ref().map(|b| b.val()),
         options,
-        squares,
+        sink,
     )
 }
 

@@ -14,7 +14,7 @@ use burn::tensor::ops::{ConvOptions, PadMode, UnfoldOptions};
 use super::Probes;
 use super::rule::ExactRule;
 use crate::error::{CovnoiseError, Result};
-use crate::kernels::{self, ConvSquares, padding_pairs, same_padding};
+use crate::kernels::{self, ConvSink, padding_pairs, same_padding};
 use crate::tensor_util::from_vec;
 
 /// What a probed convolution records: its input before padding and its
@@ -39,12 +39,12 @@ pub struct ConvRule {
     pub output_size: [usize; 2],
     /// `"Conv2d"` or `"Conv1d"`, for messages.
     pub kind: &'static str,
-    /// Where the fast convolution's backward step leaves the sums of the
-    /// squared per-example gradients it formed anyway (see
-    /// [`kernels::conv2d_recording_squares`]); None, or left empty where
-    /// burn's op ran, and then the sums come from [`ExactRule::per_example`]
-    /// chunk by chunk.
-    pub squares: Option<ConvSquares>,
+    /// Where the fast convolution's backward step leaves the output
+    /// gradient and the sums of the squared per-example gradients it formed
+    /// anyway (see [`kernels::conv2d_recording`]); None where burn's op
+    /// runs (a probe then takes the output gradient, and the sums come from
+    /// [`ExactRule::per_example`] chunk by chunk).
+    pub sink: Option<ConvSink>,
 }
 
 impl ConvRule {
@@ -136,7 +136,7 @@ impl ExactRule for ConvRule {
     /// same per-example gradients as [`ConvRule::per_example`], from the
     /// products that make the batch gradient.
     fn square_sums(&self, index: usize, output_grad: &Tensor<2>) -> Option<Tensor<1>> {
-        let sums = self.squares.as_ref()?.get()?;
+        let sums = self.sink.as_ref()?.squares()?;
         let values = if index == 0 { sums.weight } else { sums.bias };
         let n = values.len();
         (n > 0).then(|| from_vec(values, [n], &output_grad.device()))
@@ -167,23 +167,24 @@ impl Probes {
         }
         let [_, _, h, w] = x.dims();
         let input = x.clone().detach();
-        let squares = ConvSquares::new();
         let padding = padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride);
         let options =
             ConvOptions::new_with_padding(layer.stride, padding, layer.dilation, layer.groups);
         let mut weight = layer.weight.val();
         let bias = layer.bias.as_ref().map(|b| b.val());
-        // Only the fast kernel's backward step forms the squares; burn's op
-        // would spend a weight gradient on the tracked copy for nothing.
-        if self.frozen
-            && !weight.is_require_grad()
-            && kernels::conv2d_is_fast(&x, &weight, bias.as_ref(), &options)
-        {
+        // On the fast kernel the backward step hands over the output
+        // gradient and the per-example squares (a sink instead of a probe);
+        // elsewhere a probe takes the output gradient and the rule forms
+        // the per-example gradients.
+        let fast = self.is_on() && kernels::conv2d_is_fast(&x, &weight, bias.as_ref(), &options);
+        if fast && self.frozen && !weight.is_require_grad() {
+            // The backward step must run to fill the sink.
             weight = weight.require_grad();
         }
-        let z = kernels::conv2d_recording_squares(x, weight, bias, options, Some(squares.clone()));
+        let sink = fast.then(ConvSink::new);
+        let z = kernels::conv2d_recording(x, weight, bias, options, sink.clone());
         let [_, _, ho, wo] = z.dims();
-        self.layer(z, || ConvRule {
+        let rule = || ConvRule {
             weight: layer.weight.id,
             bias: layer.bias.as_ref().map(|b| b.id),
             input: input.inner(),
@@ -193,8 +194,15 @@ impl Probes {
             padding,
             output_size: [ho, wo],
             kind: "Conv2d",
-            squares: Some(squares),
-        })
+            sink: sink.clone(),
+        };
+        match &sink {
+            Some(sink) => {
+                self.record_sunk(rule(), sink.clone());
+                z
+            }
+            None => self.layer(z, rule),
+        }
     }
 
     /// `layer.forward(x)` for sequences `x` of shape `[B, C, L]`, recording
@@ -223,7 +231,7 @@ impl Probes {
             padding: [(0, 0), (left, right)],
             output_size: [1, lo],
             kind: "Conv1d",
-            squares: None,
+            sink: None,
         })
     }
 
@@ -274,7 +282,7 @@ mod tests {
             padding: [(1, 0), (1, 0)],
             output_size: [3, 3],
             kind: "Conv2d",
-            squares: None,
+            sink: None,
         };
         let output_grad = from_vec(delta, [b, cout * 9], &device);
         for index in 0..2 {

@@ -54,6 +54,7 @@ use burn::module::ParamId;
 use burn::tensor::{Gradients, Tensor};
 
 use crate::error::{CovnoiseError, Remedy, Result};
+use crate::kernels::ConvSink;
 use crate::params::ParamTable;
 
 /// What the probes do with the layers routed through them.
@@ -89,6 +90,17 @@ enum Recorded {
         rule: Box<dyn ExactRule>,
         /// The zero leaf added to the output, `[B, n]`.
         probe: Tensor<2>,
+    },
+    /// A fast convolution, whose backward step leaves its output gradient
+    /// (and per-example squares) in a sink instead of a probe.
+    Sunk {
+        /// What the layer recorded.
+        rule: Box<dyn ExactRule>,
+        /// Where the backward step leaves the output gradient.
+        sink: ConvSink,
+        /// The layer's input (any tensor of its device would do: it tells
+        /// the sink where the gradient lives).
+        like: Tensor<4>,
     },
     /// A layer seen in an observing pass: its kind and the parameters its
     /// rule covers.
@@ -137,7 +149,7 @@ impl Probes {
     /// Monte-Carlo Fisher's pass with sampled labels): a fast convolution
     /// whose weight takes no gradient is handed a tracked copy of it, so
     /// that its backward step runs and forms the per-example squares (see
-    /// [`crate::kernels::ConvSquares`]) instead of leaving them to the
+    /// [`crate::kernels::ConvSink`]) instead of leaving them to the
     /// rule's slower per-example path. The copy's gradient is not read.
     pub fn on_frozen() -> Self {
         Self {
@@ -202,6 +214,16 @@ impl Probes {
         }
     }
 
+    /// Records a fast convolution whose backward step fills `sink` (see
+    /// [`Probes::conv2d`]).
+    fn record_sunk(&mut self, rule: ConvRule, sink: ConvSink) {
+        self.layers.push(Recorded::Sunk {
+            like: rule.input.clone(),
+            rule: Box::new(rule),
+            sink,
+        });
+    }
+
     /// Notes a layer routed through the probes that has no exact rule (a
     /// grouped convolution, say), with its parameters and what it is: the
     /// exact and mc-fisher estimators then refuse the model, naming the
@@ -225,7 +247,7 @@ impl Probes {
         self.layers
             .iter()
             .flat_map(|l| match l {
-                Recorded::Probed { rule, .. } => rule.params(),
+                Recorded::Probed { rule, .. } | Recorded::Sunk { rule, .. } => rule.params(),
                 Recorded::Seen { params, .. } => params.clone(),
                 Recorded::Unsupported { .. } => Vec::new(),
             })
@@ -238,7 +260,9 @@ impl Probes {
         self.layers
             .iter()
             .filter_map(|l| match l {
-                Recorded::Probed { rule, .. } if rule.params().contains(&param) => {
+                Recorded::Probed { rule, .. } | Recorded::Sunk { rule, .. }
+                    if rule.params().contains(&param) =>
+                {
                     Some(rule.layer())
                 }
                 Recorded::Seen { layer, params } if params.contains(&param) => Some(layer.clone()),
@@ -279,6 +303,35 @@ impl Probes {
                             "the probed {} layer of parameter {} saw {rows} rows for a batch of {examples} examples: keep the example as the first dimension ([B, T, in] for tokens, not [B*T, in]), so that each example's gradient sums its positions",
                             rule.layer(),
                             name()
+                        )));
+                    }
+                    out.push(ProbedLayer { rule, output_grad });
+                }
+                Recorded::Sunk { rule, sink, like } => {
+                    // No output gradient: the convolution's backward step did
+                    // not run, because none of its operands takes a gradient
+                    // (a frozen first layer, say). Only an error where one of
+                    // its parameters is to be estimated.
+                    let output_grad = match sink.output_grad(&like) {
+                        Some(g) => g.flatten::<2>(1, 3),
+                        None if rule.params().iter().all(|p| table.index_of(*p).is_none()) => {
+                            continue;
+                        }
+                        None => {
+                            return Err(CovnoiseError::Unsupported(format!(
+                                "the {} layer of parameter {} received no gradient: the model must live on an autodiff device (device.autodiff()) and its probed layers must reach the loss",
+                                rule.layer(),
+                                rule.params()
+                                    .first()
+                                    .map_or_else(|| "?".to_string(), |p| table.name_of(*p))
+                            )));
+                        }
+                    };
+                    let rows = output_grad.dims()[0];
+                    if rows != examples {
+                        return Err(CovnoiseError::Shape(format!(
+                            "the {} layer saw {rows} examples for a batch of {examples}",
+                            rule.layer()
                         )));
                     }
                     out.push(ProbedLayer { rule, output_grad });
