@@ -39,6 +39,82 @@ impl Spread {
     }
 }
 
+/// A mean over paired differences and its 95 % Student-t interval.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Interval {
+    /// Mean difference.
+    pub mean: f64,
+    /// Half the width of the 95 % interval, `t(0.975, n-1) s / sqrt(n)`;
+    /// NaN for fewer than two differences.
+    pub half_width: f64,
+}
+
+impl Interval {
+    fn of(values: &[f64]) -> Self {
+        let n = values.len();
+        let (mean, std) = mean_std(values);
+        let half_width = if n >= 2 {
+            t_975(n - 1) * std / (n as f64).sqrt()
+        } else {
+            f64::NAN
+        };
+        Self { mean, half_width }
+    }
+
+    /// `mean ± half_width`, or the mean alone without an interval.
+    fn cell(&self, digits: usize) -> String {
+        if !self.mean.is_finite() {
+            "–".into()
+        } else if self.half_width.is_finite() {
+            format!(
+                "{:+.d$} ± {:.d$} [{:+.d$}, {:+.d$}]",
+                self.mean,
+                self.half_width,
+                self.mean - self.half_width,
+                self.mean + self.half_width,
+                d = digits
+            )
+        } else {
+            format!("{:+.d$}", self.mean, d = digits)
+        }
+    }
+}
+
+/// The 0.975 quantile of Student's t with `df` degrees of freedom: the
+/// tabulated values for 1 to 30, and beyond them the normal quantile with
+/// the first Cornish-Fisher correction (`z + (z³ + z) / (4 df)`, within
+/// 0.002 of the exact value there).
+pub fn t_975(df: usize) -> f64 {
+    const TABLE: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=30 => TABLE[df - 1],
+        _ => {
+            let z = 1.959_964;
+            z + (z * z * z + z) / (4.0 * df as f64)
+        }
+    }
+}
+
+/// One arm against the study's first arm, paired by seed.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedDifference {
+    /// The arm.
+    pub arm: String,
+    /// The reference arm (the study's first).
+    pub reference: String,
+    /// Seeds both completed.
+    pub seeds: usize,
+    /// Arm minus reference, final test accuracy in percentage points.
+    pub test_accuracy_points: Interval,
+    /// Arm minus reference, final test loss.
+    pub test_loss: Interval,
+}
+
 /// One point of a final run's test-accuracy curve.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct CurvePoint {
@@ -48,6 +124,8 @@ pub struct CurvePoint {
     pub steps: Option<u64>,
     /// Test accuracy after the epoch (NaN: diverged or not evaluated).
     pub test_accuracy: f64,
+    /// Test loss after the epoch (NaN: diverged or not evaluated).
+    pub test_loss: f64,
 }
 
 /// One final run (one seed) of an arm.
@@ -61,6 +139,8 @@ pub struct SeedResult {
     pub status: Option<RunStatus>,
     /// Final test accuracy.
     pub test_accuracy: f64,
+    /// Final test loss.
+    pub test_loss: f64,
     /// Final accuracy on the whole training set in evaluation mode.
     pub train_accuracy: f64,
     /// Final loss on the whole training set in evaluation mode.
@@ -97,6 +177,7 @@ impl SeedResult {
                     per_epoch.map(|k| k * m.epoch as u64)
                 },
                 test_accuracy: m.test_accuracy,
+                test_loss: m.test_loss,
             })
             .collect();
         let (test, train) = (value(|s| s.test_accuracy), value(|s| s.train_accuracy));
@@ -111,6 +192,7 @@ impl SeedResult {
             }),
             status: summary.map(|s| s.status),
             test_accuracy: test,
+            test_loss: value(|s| s.test_loss),
             train_accuracy: train,
             train_loss: value(|s| s.train_loss),
             gap: train - test,
@@ -298,6 +380,9 @@ pub fn aggregate(
     })
 }
 
+/// Most columns of the table at common evaluation steps.
+pub const MAX_COMMON_STEPS: usize = 6;
+
 /// File name of the per-seed curves against epochs.
 pub const CURVES_EPOCHS: &str = "study-curves-epochs.png";
 /// File name of the per-seed curves against optimizer steps.
@@ -411,6 +496,102 @@ impl StudyReport {
             .collect()
     }
 
+    /// Each arm after the first against the first (the study's reference,
+    /// e.g. full-batch descent), paired by seed: the same seed gives every
+    /// arm the same initial weights and data order, so the per-seed
+    /// differences cancel what the seeds share. Over the seeds both arms
+    /// completed: the mean difference of final test accuracy (points) and
+    /// test loss, each with a 95 % Student-t interval (none for one seed).
+    pub fn paired_differences(&self) -> Vec<PairedDifference> {
+        let Some(reference) = self.arms.first() else {
+            return Vec::new();
+        };
+        let by_seed = |a: &ArmResult| -> Vec<(u64, f64, f64)> {
+            a.seeds
+                .iter()
+                .filter(|r| r.completed())
+                .filter_map(|r| Some((r.seed?, r.test_accuracy, r.test_loss)))
+                .collect()
+        };
+        let base = by_seed(reference);
+        self.arms[1..]
+            .iter()
+            .map(|a| {
+                let pairs: Vec<(f64, f64)> = by_seed(a)
+                    .into_iter()
+                    .filter_map(|(seed, acc, loss)| {
+                        let &(_, acc0, loss0) = base.iter().find(|b| b.0 == seed)?;
+                        Some((100.0 * (acc - acc0), loss - loss0))
+                    })
+                    .collect();
+                let acc: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+                let loss: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+                PairedDifference {
+                    arm: a.name.clone(),
+                    reference: reference.name.clone(),
+                    seeds: pairs.len(),
+                    test_accuracy_points: Interval::of(&acc),
+                    test_loss: Interval::of(&loss),
+                }
+            })
+            .collect()
+    }
+
+    /// Test accuracy and loss of each arm (mean and std over its completed
+    /// seeds) at the optimizer steps where every completed run of every arm
+    /// was evaluated (e.g. 1,000, 2,000 and 3,000 when full-batch arms stop
+    /// at 3,000 and SGD runs on), at most [`MAX_COMMON_STEPS`] of them
+    /// (evenly picked, the last kept); empty when there is no such step.
+    pub fn at_common_steps(&self) -> (Vec<u64>, Vec<Vec<(Spread, Spread)>>) {
+        let evaluated = |r: &SeedResult| -> Vec<u64> {
+            r.curve
+                .iter()
+                .filter(|p| p.test_accuracy.is_finite())
+                .filter_map(|p| p.steps)
+                .collect()
+        };
+        let runs: Vec<&SeedResult> = self
+            .arms
+            .iter()
+            .flat_map(|a| a.seeds.iter().filter(|r| r.completed()))
+            .collect();
+        let Some(first) = runs.first() else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut common = evaluated(first);
+        for r in &runs[1..] {
+            let steps = evaluated(r);
+            common.retain(|s| steps.contains(s));
+        }
+        if common.len() > MAX_COMMON_STEPS {
+            let n = common.len();
+            common = (0..MAX_COMMON_STEPS)
+                .map(|k| common[(k + 1) * n / MAX_COMMON_STEPS - 1])
+                .collect();
+        }
+        let table = self
+            .arms
+            .iter()
+            .map(|a| {
+                common
+                    .iter()
+                    .map(|&step| {
+                        let at: Vec<&CurvePoint> = a
+                            .seeds
+                            .iter()
+                            .filter(|r| r.completed())
+                            .filter_map(|r| r.curve.iter().find(|p| p.steps == Some(step)))
+                            .collect();
+                        let acc: Vec<f64> = at.iter().map(|p| p.test_accuracy).collect();
+                        let loss: Vec<f64> = at.iter().map(|p| p.test_loss).collect();
+                        (Spread::of(&acc), Spread::of(&loss))
+                    })
+                    .collect()
+            })
+            .collect();
+        (common, table)
+    }
+
     /// Whether any final run has a point to draw against both epochs and
     /// steps (the curve plots are written and linked only then).
     fn has_curves(&self) -> bool {
@@ -490,6 +671,45 @@ impl StudyReport {
             md += "\n## Where each arm's deficit comes from\n\nAgainst the smallest batch without noise: the test-accuracy deficit, and the part of it that the training-accuracy deficit explains (under-training: the training set is not fit either); the rest is a generalization gap.\n\n";
             for line in deficits {
                 md += &format!("- {line}\n");
+            }
+        }
+        let (steps, at_steps) = self.at_common_steps();
+        if !steps.is_empty() && self.arms.iter().any(|a| a.completed > 0) {
+            md += "\n## Test accuracy and loss at common steps\n\nAt the optimizer steps where every completed run was evaluated: test accuracy (%) / test loss, mean ± std over the arm's completed seeds.\n\n| arm |";
+            for s in &steps {
+                md += &format!(" step {s} |");
+            }
+            md += "\n|---|";
+            md += &"---|".repeat(steps.len());
+            md += "\n";
+            for (a, row) in self.arms.iter().zip(&at_steps) {
+                md += &format!("| {} |", a.name);
+                for (acc, loss) in row {
+                    md += &format!(
+                        " {:.2} ± {:.2} / {:.4} ± {:.4} |",
+                        100.0 * acc.mean,
+                        100.0 * acc.std,
+                        loss.mean,
+                        loss.std
+                    );
+                }
+                md += "\n";
+            }
+        }
+        let paired = self.paired_differences();
+        if paired.iter().any(|p| p.seeds > 0) {
+            md += &format!(
+                "\n## Paired by seed against `{}`\n\nEach arm minus the first arm, seed by seed (the same seed gives both the same initial weights), over the seeds both completed: mean difference ± half the 95 % Student-t interval, and the interval. An interval that excludes 0 is a difference the seeds resolve.\n\n| arm | seeds | test acc (points) | test loss |\n|---|---|---|---|\n",
+                paired[0].reference
+            );
+            for p in &paired {
+                md += &format!(
+                    "| {} | {} | {} | {} |\n",
+                    p.arm,
+                    p.seeds,
+                    p.test_accuracy_points.cell(2),
+                    p.test_loss.cell(4)
+                );
             }
         }
         md += "\n## Per seed\n\nEach final run; a diverged or killed run's accuracies are those of its last epoch or none.\n\n";
@@ -720,5 +940,124 @@ mod tests {
             ..report
         };
         assert!(none.deficit_lines().is_empty());
+    }
+
+    /// Paired differences against the first arm over the seeds both
+    /// completed, with the Student-t interval worked by hand: differences
+    /// 1, 2, 3 points have mean 2, s = 1, t(0.975, 2) = 4.303, half width
+    /// 4.303 / sqrt(3) = 2.484.
+    #[test]
+    fn paired_differences_take_the_seeds_both_arms_completed() {
+        let seed = |s: u64, acc: f64, loss: f64, done: bool| SeedResult {
+            dir: PathBuf::new(),
+            seed: Some(s),
+            status: Some(if done {
+                RunStatus::Completed
+            } else {
+                RunStatus::Diverged
+            }),
+            test_accuracy: acc,
+            test_loss: loss,
+            train_accuracy: 1.0,
+            train_loss: 0.0,
+            gap: 0.0,
+            epochs: 1,
+            steps: 1,
+            fisher_trace: None,
+            curve: Vec::new(),
+        };
+        let mut gd = arm("gd", 1000, StructureName::None, 0.8, 1.0);
+        gd.seeds = (0..4).map(|s| seed(s, 0.80, 0.60, true)).collect();
+        let mut noisy = arm("noisy", 1000, StructureName::Diag, 0.8, 1.0);
+        noisy.seeds = vec![
+            seed(0, 0.81, 0.55, true),
+            seed(1, 0.82, 0.50, true),
+            seed(2, 0.83, 0.45, true),
+            seed(3, 0.99, 0.10, false),
+        ];
+        let report = StudyReport {
+            name: "t".into(),
+            description: String::new(),
+            seeds: vec![0, 1, 2, 3],
+            search: None,
+            arms: vec![gd, noisy],
+            jobs: 1,
+            threads_per_run: 1,
+            stem: "study".into(),
+        };
+        let p = report.paired_differences();
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (p[0].arm.as_str(), p[0].reference.as_str(), p[0].seeds),
+            ("noisy", "gd", 3)
+        );
+        let acc = p[0].test_accuracy_points;
+        assert!((acc.mean - 2.0).abs() < 1e-9, "{acc:?}");
+        assert!(
+            (acc.half_width - 4.303 / 3f64.sqrt()).abs() < 1e-9,
+            "{acc:?}"
+        );
+        assert!((p[0].test_loss.mean + 0.10).abs() < 1e-9);
+        assert!(
+            report
+                .markdown()
+                .contains("| noisy | 3 | +2.00 ± 2.48 [-0.48, +4.48] |")
+        );
+        // Beyond the table, the corrected normal quantile is within 0.002
+        // of t(0.975, 40) = 2.021 and t(0.975, 120) = 1.980.
+        assert!((t_975(40) - 2.021).abs() < 2e-3 && (t_975(120) - 1.980).abs() < 2e-3);
+    }
+
+    /// The common steps are those every completed run was evaluated at
+    /// (full-batch arms stopping at 3,000, SGD going on to 10,000), and
+    /// each cell is the mean over the arm's seeds there.
+    #[test]
+    fn common_steps_are_where_every_completed_run_was_evaluated() {
+        let run = |last: u64, acc: f64| SeedResult {
+            dir: PathBuf::new(),
+            seed: Some(0),
+            status: Some(RunStatus::Completed),
+            test_accuracy: acc,
+            test_loss: 1.0 - acc,
+            train_accuracy: 1.0,
+            train_loss: 0.0,
+            gap: 0.0,
+            epochs: 1,
+            steps: last,
+            fisher_trace: None,
+            curve: (1..=last / 1000)
+                .map(|k| CurvePoint {
+                    epoch: k as usize,
+                    steps: Some(1000 * k),
+                    test_accuracy: acc + k as f64 / 100.0,
+                    test_loss: 1.0 - acc,
+                })
+                .collect(),
+        };
+        let mut gd = arm("gd", 1000, StructureName::None, 0.8, 1.0);
+        gd.seeds = vec![run(3000, 0.70), run(3000, 0.72)];
+        let mut sgd = arm("sgd", 50, StructureName::None, 0.8, 1.0);
+        sgd.seeds = vec![run(10000, 0.75)];
+        let report = StudyReport {
+            name: "t".into(),
+            description: String::new(),
+            seeds: vec![0],
+            search: None,
+            arms: vec![gd, sgd],
+            jobs: 1,
+            threads_per_run: 1,
+            stem: "study".into(),
+        };
+        let (steps, table) = report.at_common_steps();
+        assert_eq!(steps, vec![1000, 2000, 3000]);
+        // gd at step 2000: accuracies 0.72 and 0.74.
+        assert!((table[0][1].0.mean - 0.73).abs() < 1e-12);
+        assert!((table[1][2].0.mean - 0.78).abs() < 1e-12);
+        assert!((table[1][2].1.mean - 0.25).abs() < 1e-12);
+        assert!(
+            report
+                .markdown()
+                .contains("| step 1000 | step 2000 | step 3000 |")
+        );
     }
 }
