@@ -6,7 +6,7 @@ EXAMPLES := $(or $(CARGO_TARGET_DIR),target)/release/examples
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 DEMO_OUT ?= demo-out
 
-.PHONY: all build test check-boundary test-mpi test-learner check-features check-gpu lint demo data bench clean
+.PHONY: all build test check-boundary test-mpi test-learner check-features check-gpu lint demo data bench bench-venv clean
 
 all: build
 
@@ -106,6 +106,14 @@ demo: data build
 
 bench: build
 	$(BIN) bench --json bench-results.json
+
+## The Python environment of `covnoise bench --against pytorch|backpack`
+## (PyPI's torch, whose Linux wheel pulls ~5 GB of CUDA libraries it does
+## not use on the CPU, BackPACK and numpy), in bench/.venv. Optional, never
+## part of the tests.
+bench-venv:
+	python3 -m venv bench/.venv
+	bench/.venv/bin/pip install torch==2.9.0 backpack-for-pytorch==1.7.1 numpy
 
 clean:
 	$(CARGO) clean

@@ -7,7 +7,7 @@
 #
 #   bench/conv_reference.sh MODEL BATCHES [COVNOISE_FLAGS...]
 #   e.g. bench/conv_reference.sh lenet5 128,1024 --chunk 128
-#   BIN=target/release/covnoise PY=/work/.venv-torch/bin/python THREADS=2
+#   BIN=target/release/covnoise PY=bench/.venv/bin/python THREADS=2
 #   ROUNDS=2 WARMUP=2 STEPS=10     environment overrides
 set -euo pipefail
 
@@ -15,7 +15,7 @@ MODEL=$1
 BATCHES=$2
 shift 2
 BIN=${BIN:-target/release/covnoise}
-PY=${PY:-/work/.venv-torch/bin/python}
+PY=${PY:-bench/.venv/bin/python}
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-2}
 WARMUP=${WARMUP:-2}

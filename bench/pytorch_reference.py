@@ -31,21 +31,25 @@ batch statistics):
 At start it prints `params MODEL N`, the number of trainable parameters (sum
 of p.numel(); batch-norm running statistics are buffers, not counted).
 
-Optional and not part of CI. Install PyTorch in a venv outside the repo
-(only the CPU is used; PyPI's Linux wheel also pulls ~5 GB of CUDA libraries,
-the CPU-only wheel from https://download.pytorch.org/whl/cpu avoids them):
+With --backpack it times, round-robin on the same batch, PyTorch's plain
+step and BackPACK's exact (SumGradSquared) and Monte-Carlo (DiagGGNMC)
+diagonal-Fisher noise steps (see bench_backpack): what a PyTorch user has
+in place of covnoise's diag-exact and diag-mc-fisher variants.
 
-    python3 -m venv /work/.venv-torch
-    /work/.venv-torch/bin/pip install torch numpy
+Optional and not part of CI. `make bench-venv` installs PyTorch, BackPACK
+and numpy from PyPI in bench/.venv (only the CPU is used; PyPI's Linux
+wheel also pulls ~5 GB of CUDA libraries). `covnoise bench --against
+pytorch|backpack` runs this script with the bench's own settings and prints
+the ratios; by hand, on a quiet machine, with the same thread count as the
+Rust run:
 
-Run, on a quiet machine, with the same thread count as the Rust run:
-
-    /work/.venv-torch/bin/python bench/pytorch_reference.py --threads 2 --json torch-2t.json
-    /work/.venv-torch/bin/python bench/pytorch_reference.py --threads 1 --json torch-1t.json
-    /work/.venv-torch/bin/python bench/pytorch_reference.py --threads 2 --products
-    /work/.venv-torch/bin/python bench/pytorch_reference.py --model resnet20 --threads 2 \\
+    bench/.venv/bin/python bench/pytorch_reference.py --model lenet5 --threads 2 --backpack
+    bench/.venv/bin/python bench/pytorch_reference.py --threads 2 --json torch-2t.json
+    bench/.venv/bin/python bench/pytorch_reference.py --threads 1 --json torch-1t.json
+    bench/.venv/bin/python bench/pytorch_reference.py --threads 2 --products
+    bench/.venv/bin/python bench/pytorch_reference.py --model resnet20 --threads 2 \\
         --batch-sizes 128 --json torch-resnet20-2t.json
-    /work/.venv-torch/bin/python bench/pytorch_reference.py --model vgg16 --classes 100 --count-only
+    bench/.venv/bin/python bench/pytorch_reference.py --model vgg16 --classes 100 --count-only
 """
 
 import argparse
@@ -222,6 +226,79 @@ def bench_batch(name, b, classes, hidden, warmup, steps):
             "p90_ms": percentile(times, 0.9), "steps": len(times)}
 
 
+def bench_backpack(name, b, classes, hidden, warmup, steps, small_batch):
+    """PyTorch's plain step and BackPACK's noisy steps, round-robin on the
+    same batch (one model each, the same initial weights):
+
+      pytorch-plain        as bench_batch;
+      backpack-diag-exact  the loss backward inside backpack(SumGradSquared()),
+                           then diagonal-Fisher noise added to each gradient,
+                           std sqrt(c F), c = 1/small_batch, F = B * the
+                           sum of squared per-example gradients of the mean
+                           loss (= (1/B) sum_i g_i^2), then the SGD step:
+                           covnoise's diag-exact variant;
+      backpack-diag-mc     the same with backpack(DiagGGNMC()) (one sampled
+                           label per example, BackPACK's Monte-Carlo
+                           Fisher/GGN diagonal): covnoise's diag-mc-fisher.
+    """
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNMC, SumGradSquared
+
+    c = 1.0 / small_batch
+    x = torch.rand(b, *input_shape(name)) * 3.0 - 1.5
+    y = torch.randint(0, classes, (b,))
+
+    def make(extended):
+        torch.manual_seed(b)
+        model = build(name, classes, hidden)
+        model.train()
+        loss_fn = nn.CrossEntropyLoss()
+        if extended:
+            model, loss_fn = extend(model), extend(loss_fn)
+        return model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def plain(model, loss_fn, opt):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    def exact(model, loss_fn, opt):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        with backpack(SumGradSquared()):
+            loss.backward()
+        for p in model.parameters():
+            p.grad.add_(torch.randn_like(p) * (c * b * p.sum_grad_squared).sqrt())
+        opt.step()
+
+    def mc(model, loss_fn, opt):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        with backpack(DiagGGNMC()):
+            loss.backward()
+        for p in model.parameters():
+            p.grad.add_(torch.randn_like(p) * (c * p.diag_ggn_mc).sqrt())
+        opt.step()
+
+    runs = {"pytorch-plain": (plain, make(False)),
+            "backpack-diag-exact": (exact, make(True)),
+            "backpack-diag-mc": (mc, make(True))}
+    times = {k: [] for k in runs}
+    for i in range(warmup + steps):
+        for k, (step, state) in runs.items():
+            t0 = time.perf_counter()
+            step(*state)
+            if i >= warmup:
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for k, ts in times.items():
+        ts.sort()
+        out.append({"model": name, "batch_size": b, "variant": k,
+                    "median_ms": percentile(ts, 0.5), "p10_ms": percentile(ts, 0.1),
+                    "p90_ms": percentile(ts, 0.9), "steps": len(ts)})
+    return out
+
+
 def mlp_products(b, hidden, classes, warmup, steps):
     """The matrix products of a plain MLP step alone, as covnoise bench's
     matmul-products variant: per layer the forward product, the weight
@@ -287,10 +364,23 @@ def main():
     p.add_argument("--products", action="store_true",
                    help="mlp only: also time the step's matrix products alone, "
                         "with torch.mm (MKL) and numpy.matmul (OpenBLAS)")
+    p.add_argument("--backpack", action="store_true",
+                   help="also time BackPACK's exact (SumGradSquared) and Monte-Carlo "
+                        "(DiagGGNMC) diagonal-Fisher noise steps, round-robin with the "
+                        "plain step (models without batch norm: mlp, lenet5; needs "
+                        "pip install backpack-for-pytorch)")
+    p.add_argument("--small-batch", type=int, default=128,
+                   help="B_S of the noise scale c = 1/B_S of the BackPACK steps "
+                        "(default: 128, as covnoise bench)")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     a = p.parse_args()
     if a.products and a.model != "mlp":
         p.error("--products applies to the mlp only")
+    if a.backpack and a.model not in ("mlp", "lenet5"):
+        p.error("--backpack applies to models without batch norm (mlp, lenet5): "
+                "per-example gradients are undefined under batch statistics")
+    if a.small_batch < 1:
+        p.error("--small-batch must be at least 1")
     if a.steps < 1:
         p.error("--steps must be at least 1")
     if a.classes < 1:
@@ -301,10 +391,26 @@ def main():
     print(f"params {a.model} {params}", flush=True)
     if a.count_only:
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    backpack_version = None
+    if a.backpack:
+        try:
+            import backpack  # noqa: F401
+        except ImportError:
+            sys.exit("error: --backpack needs BackPACK: pip install backpack-for-pytorch")
+        from importlib.metadata import version
+        backpack_version = version("backpack-for-pytorch")
+        # BackPACK's hooks on a first layer whose input takes no gradient.
+        import warnings
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+          + (f", backpack {backpack_version}" if backpack_version else ""))
     results = []
     for b in a.batch_sizes:
-        rows = [bench_batch(a.model, b, a.classes, a.hidden, a.warmup, a.steps)]
+        if a.backpack:
+            rows = bench_backpack(a.model, b, a.classes, a.hidden, a.warmup, a.steps,
+                                  a.small_batch)
+        else:
+            rows = [bench_batch(a.model, b, a.classes, a.hidden, a.warmup, a.steps)]
         if a.products:
             rows += mlp_products(b, a.hidden, a.classes, a.warmup, a.steps)
         for r in rows:
@@ -314,6 +420,7 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"torch_version": torch.__version__,
+                       "backpack_version": backpack_version,
                        "threads": torch.get_num_threads(), "model": a.model,
                        "classes": a.classes, "params": params,
                        "results": results}, f, indent=2)

@@ -639,6 +639,32 @@ fn cases() -> Vec<Case> {
         other(&["bench", "--device", "gpu"], 1, "gpu"),
         other(&["bench", "--hidden", "2000000000000"], 1, "2^40"),
         other(&["bench", "--hidden", "0"], 1, "hidden"),
+        // --against: refused before covnoise's own rounds are timed.
+        other(
+            &[
+                "bench",
+                "--model",
+                "resnet20",
+                "--batch-sizes",
+                "32",
+                "--against",
+                "backpack",
+            ],
+            1,
+            "batch norm",
+        ),
+        other(
+            &[
+                "bench",
+                "--against",
+                "pytorch",
+                "--python",
+                "/nonexistent/python",
+            ],
+            1,
+            "/nonexistent/python does not exist",
+        ),
+        other(&["bench", "--against", "tensorflow"], 2, "tensorflow"),
         // quadratic.
         other(&["quadratic", "--dim", "0"], 1, "dim"),
         other(&["quadratic", "--dim", "5000"], 1, "dim"),

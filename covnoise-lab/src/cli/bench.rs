@@ -1,8 +1,9 @@
 //! `covnoise bench`: time one training step per noise variant.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
+use covnoise_lab::bench::reference::{self, Against, ReferenceConfig};
 use covnoise_lab::bench::{BenchConfig, run_bench, standard_variants};
 
 /// Settings of `covnoise bench`.
@@ -55,6 +56,26 @@ pub struct BenchArgs {
     /// library sets).
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pub variants: Vec<String>,
+    /// Also time an outside reference in the same run, after covnoise's
+    /// rounds, with the same model, batch sizes, threads and rounds, and
+    /// print the ratios: `pytorch` (PyTorch's plain step) or `backpack`
+    /// (PyTorch's plain step and BackPACK's exact and Monte-Carlo
+    /// diagonal-Fisher noise steps; models without batch norm). Runs
+    /// bench/pytorch_reference.py with --python.
+    #[arg(long, value_enum, value_name = "LIBRARY")]
+    pub against: Option<Against>,
+    /// The Python interpreter of --against, with torch (and
+    /// backpack-for-pytorch) installed [default: bench/.venv/bin/python,
+    /// which `make bench-venv` makes].
+    #[arg(long, value_name = "PATH")]
+    pub python: Option<PathBuf>,
+    /// The reference script of --against.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "bench/pytorch_reference.py"
+    )]
+    pub reference_script: PathBuf,
     /// Write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     pub json: Option<PathBuf>,
@@ -111,6 +132,24 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("warning: {warning}");
     }
     super::set_threads(args.threads)?;
+    let reference_config = args.against.map(|against| ReferenceConfig {
+        against,
+        python: args
+            .python
+            .clone()
+            .unwrap_or_else(reference::default_python),
+        script: args.reference_script.clone(),
+        model: args.model,
+        batch_sizes: args.batch_sizes.clone(),
+        hidden: args.hidden.clone(),
+        threads: rayon::current_num_threads(),
+        warmup: args.warmup,
+        steps: args.steps,
+        small_batch: args.small_batch,
+    });
+    if let Some(r) = &reference_config {
+        reference::check(r)?;
+    }
     if cfg!(debug_assertions) {
         eprintln!("warning: this is a debug build; time a release build (cargo build --release)");
     }
@@ -125,6 +164,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         args.warmup
     );
     let results = run_bench(&config, &variants, |line| println!("{line}"))?;
+    let reference_run = match &reference_config {
+        Some(r) => {
+            println!(
+                "reference: {} {} (same model, batch sizes, threads and rounds)",
+                r.python.display(),
+                r.script.display()
+            );
+            let run = reference::run(r, |line| println!("  {line}"))?;
+            for (b, mine, theirs, ratio) in reference::comparisons(&results, &run.results) {
+                println!("batch {b:>5}  {mine} / {theirs}  x{ratio:.3}");
+            }
+            Some(run)
+        }
+        None => None,
+    };
     if let Some(path) = &json {
         let doc = serde_json::json!({
             "model": args.model,
@@ -135,6 +189,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "warmup": args.warmup,
             "git_commit": env!("COVNOISE_GIT_COMMIT"),
             "results": results,
+            "against": args.against,
+            "reference": reference_run,
         });
         covnoise_lab::train::run_dir::write_atomic(
             path,
@@ -167,6 +223,12 @@ fn ignored(args: &BenchArgs, variants: &[covnoise_lab::bench::Variant]) -> Vec<S
             "--micro-batches is ignored: no timed variant splits its batches into micro-batches"
                 .into(),
         );
+    }
+    if args.against.is_none()
+        && (args.python.is_some()
+            || args.reference_script != Path::new("bench/pytorch_reference.py"))
+    {
+        out.push("--python and --reference-script are ignored without --against".into());
     }
     let noisy = timed.iter().any(|v| !v.noise.is_none());
     if !noisy && args.small_batch != 128 {

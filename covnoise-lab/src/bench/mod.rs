@@ -5,6 +5,8 @@
 //! Variants are interleaved round-robin (one step of each per round), so
 //! that drift in machine load affects all of them alike.
 
+pub mod reference;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
