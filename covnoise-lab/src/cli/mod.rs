@@ -22,7 +22,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Train an MLP on Fashion-MNIST, with or without structured noise.
+    /// Train a model (the MLP, LeNet-5, VGG, ResNet or a sequential description) on Fashion-MNIST or CIFAR, with or without structured noise.
     Train(Box<train::TrainArgs>),
     /// Test loss and accuracy of a run's saved model (a checkpoint).
     Eval(eval::EvalArgs),
