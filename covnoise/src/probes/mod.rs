@@ -9,8 +9,11 @@
 //! output gets a zero "probe" leaf added, and after backward the probe's
 //! gradient is the gradient of the objective with respect to the layer's
 //! output, one row per example (BackPACK's quantity, without storing
-//! per-example weight gradients). Each layer kind's [`ExactRule`] turns that
-//! into per-example parameter gradients; the driver in
+//! per-example weight gradients). A convolution on covnoise's fast CPU
+//! kernel needs no probe: its own backward step hands over that gradient
+//! and the sums of its squared per-example gradients
+//! ([`crate::kernels::ConvSink`]). Each layer kind's [`ExactRule`] turns
+//! the output gradient into per-example parameter gradients; the driver in
 //! [`crate::moments::exact`] squares and sums them. One file per rule:
 //!
 //! | call | layer | input | rule |
