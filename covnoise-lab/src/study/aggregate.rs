@@ -540,7 +540,7 @@ impl StudyReport {
     /// Test accuracy and loss of each arm (mean and std over its completed
     /// seeds) at the optimizer steps where every completed run of every arm
     /// was evaluated (e.g. 1,000, 2,000 and 3,000 when full-batch arms stop
-    /// at 3,000 and SGD runs on), at most [`MAX_COMMON_STEPS`] of them
+    /// at 3,000 and SGD runs on), at most `MAX_COMMON_STEPS` (6) of them
     /// (evenly picked, the last kept); empty when there is no such step.
     pub fn at_common_steps(&self) -> (Vec<u64>, Vec<Vec<(Spread, Spread)>>) {
         let evaluated = |r: &SeedResult| -> Vec<u64> {
