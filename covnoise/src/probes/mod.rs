@@ -286,60 +286,23 @@ impl Probes {
     ) -> Result<Vec<ProbedLayer>> {
         let mut out = Vec::new();
         for layer in self.layers {
-            match layer {
+            let (rule, output_grad) = match layer {
                 Recorded::Probed { rule, probe } => {
-                    let name = || {
-                        rule.params()
-                            .first()
-                            .map_or_else(|| "?".to_string(), |p| table.name_of(*p))
-                    };
-                    let output_grad = probe.grad(grads).ok_or_else(|| {
-                        CovnoiseError::Unsupported(format!(
-                            "the probe of the {} layer of parameter {} received no gradient: the model must live on an autodiff device (device.autodiff()) and its probed layers must reach the loss",
-                            rule.layer(),
-                            name()
-                        ))
-                    })?;
-                    let rows = output_grad.dims()[0];
-                    if rows != examples {
-                        return Err(CovnoiseError::Unsupported(format!(
-                            "the probed {} layer of parameter {} saw {rows} rows for a batch of {examples} examples: keep the example as the first dimension ([B, T, in] for tokens, not [B*T, in]), so that each example's gradient sums its positions",
-                            rule.layer(),
-                            name()
-                        )));
-                    }
-                    out.push(ProbedLayer { rule, output_grad });
+                    let g = probe.grad(grads);
+                    (rule, g)
                 }
                 Recorded::Sunk { rule, sink, like } => {
-                    // No output gradient: the convolution's backward step did
-                    // not run, because none of its operands takes a gradient
-                    // (a frozen first layer, say). Only an error where one of
+                    let g = sink.output_grad(&like).map(|g| g.flatten::<2>(1, 3));
+                    // An empty sink: the convolution's backward step did not
+                    // run, because none of its operands takes a gradient (a
+                    // frozen first layer, say). Only an error where one of
                     // its parameters is to be estimated.
-                    let output_grad = match sink.output_grad(&like) {
-                        Some(g) => g.flatten::<2>(1, 3),
-                        None if rule.params().iter().all(|p| table.index_of(*p).is_none()) => {
-                            continue;
-                        }
-                        None => {
-                            return Err(CovnoiseError::Unsupported(format!(
-                                "the {} layer of parameter {} received no gradient: the model must live on an autodiff device (device.autodiff()) and its probed layers must reach the loss",
-                                rule.layer(),
-                                rule.params()
-                                    .first()
-                                    .map_or_else(|| "?".to_string(), |p| table.name_of(*p))
-                            )));
-                        }
-                    };
-                    let rows = output_grad.dims()[0];
-                    if rows != examples {
-                        return Err(CovnoiseError::Shape(format!(
-                            "the {} layer saw {rows} examples for a batch of {examples}",
-                            rule.layer()
-                        )));
+                    if g.is_none() && rule.params().iter().all(|p| table.index_of(*p).is_none()) {
+                        continue;
                     }
-                    out.push(ProbedLayer { rule, output_grad });
+                    (rule, g)
                 }
-                Recorded::Seen { .. } => {}
+                Recorded::Seen { .. } => continue,
                 Recorded::Unsupported { params, what } => {
                     return Err(CovnoiseError::Refused {
                         problem: format!(
@@ -351,7 +314,28 @@ impl Probes {
                         remedy: Remedy::MicrobatchEstimator,
                     });
                 }
+            };
+            let name = || {
+                rule.params()
+                    .first()
+                    .map_or_else(|| "?".to_string(), |p| table.name_of(*p))
+            };
+            let output_grad = output_grad.ok_or_else(|| {
+                CovnoiseError::Unsupported(format!(
+                    "the probed {} layer of parameter {} received no gradient: the model must live on an autodiff device (device.autodiff()) and its probed layers must reach the loss",
+                    rule.layer(),
+                    name()
+                ))
+            })?;
+            let rows = output_grad.dims()[0];
+            if rows != examples {
+                return Err(CovnoiseError::Unsupported(format!(
+                    "the probed {} layer of parameter {} saw {rows} rows for a batch of {examples} examples: keep the example as the first dimension ([B, T, in] for tokens, not [B*T, in]), so that each example's gradient sums its positions",
+                    rule.layer(),
+                    name()
+                )));
             }
+            out.push(ProbedLayer { rule, output_grad });
         }
         Ok(out)
     }
