@@ -295,22 +295,21 @@ pub fn conv2d_recording(
 /// `layer.forward(x)` for a burn `Conv2d`, through [`conv2d`]: the same
 /// padding (burn's `Same` may be asymmetric), stride, dilation and groups.
 pub fn conv2d_layer(layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
-    conv2d_layer_recording(layer, x, None)
-}
-
-/// [`conv2d_layer`] through [`conv2d_recording`].
-pub fn conv2d_layer_recording(layer: &Conv2d, x: Tensor<4>, sink: Option<ConvSink>) -> Tensor<4> {
-    let [_, _, h, w] = x.dims();
-    let padding = padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride);
-    let options =
-        ConvOptions::new_with_padding(layer.stride, padding, layer.dilation, layer.groups);
-    conv2d_recording(
+    let options = layer_options(layer, &x);
+    conv2d(
         x,
         layer.weight.val(),
         layer.bias.as_ref().map(|b| b.val()),
         options,
-        sink,
     )
+}
+
+/// The options of burn's `conv2d` that `layer` applies to images `x`
+/// `[B, C, H, W]` (its padding as explicit pairs).
+pub(crate) fn layer_options(layer: &Conv2d, x: &Tensor<4>) -> ConvOptions<2> {
+    let [_, _, h, w] = x.dims();
+    let padding = padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride);
+    ConvOptions::new_with_padding(layer.stride, padding, layer.dilation, layer.groups)
 }
 
 /// The zero padding burn's `Conv2d` applies for `config` to an input of

@@ -9,12 +9,12 @@ use burn::nn::PaddingConfig1d;
 use burn::nn::conv::{Conv1d, Conv2d};
 use burn::tensor::Tensor;
 use burn::tensor::module::unfold4d;
-use burn::tensor::ops::{ConvOptions, PadMode, UnfoldOptions};
+use burn::tensor::ops::{PadMode, UnfoldOptions};
 
 use super::Probes;
 use super::rule::ExactRule;
 use crate::error::{CovnoiseError, Result};
-use crate::kernels::{self, ConvSink, padding_pairs, same_padding};
+use crate::kernels::{self, ConvSink, same_padding};
 use crate::tensor_util::from_vec;
 
 /// What a probed convolution records: its input before padding and its
@@ -165,11 +165,9 @@ impl Probes {
             self.note_grouped("Conv2d", layer.groups, &layer.weight.id, &layer.bias);
             return kernels::conv2d_layer(layer, x);
         }
-        let [_, _, h, w] = x.dims();
         let input = x.clone().detach();
-        let padding = padding_pairs(&layer.padding, [h, w], layer.kernel_size, layer.stride);
-        let options =
-            ConvOptions::new_with_padding(layer.stride, padding, layer.dilation, layer.groups);
+        let options = kernels::layer_options(layer, &x);
+        let padding = options.padding;
         let mut weight = layer.weight.val();
         let bias = layer.bias.as_ref().map(|b| b.val());
         // On the fast kernel the backward step hands over the output
