@@ -262,24 +262,21 @@ def bench_backpack(name, b, classes, hidden, warmup, steps, small_batch):
         loss_fn(model(x), y).backward()
         opt.step()
 
-    def exact(model, loss_fn, opt):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        with backpack(SumGradSquared()):
-            loss.backward()
-        for p in model.parameters():
-            p.grad.add_(torch.randn_like(p) * (c * b * p.sum_grad_squared).sqrt())
-        opt.step()
+    def noisy(extension, diag_fisher):
+        """A noisy step: the backward pass inside backpack(extension), then
+        noise of variance c * diag_fisher(p) added to each gradient."""
+        def step(model, loss_fn, opt):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            with backpack(extension):
+                loss.backward()
+            for p in model.parameters():
+                p.grad.add_(torch.randn_like(p) * (c * diag_fisher(p)).sqrt())
+            opt.step()
+        return step
 
-    def mc(model, loss_fn, opt):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        with backpack(DiagGGNMC()):
-            loss.backward()
-        for p in model.parameters():
-            p.grad.add_(torch.randn_like(p) * (c * p.diag_ggn_mc).sqrt())
-        opt.step()
-
+    exact = noisy(SumGradSquared(), lambda p: b * p.sum_grad_squared)
+    mc = noisy(DiagGGNMC(), lambda p: p.diag_ggn_mc)
     runs = {"pytorch-plain": (plain, make(False)),
             "backpack-diag-exact": (exact, make(True)),
             "backpack-diag-mc": (mc, make(True))}
