@@ -118,10 +118,25 @@ fn plan(batch: usize, tasks_per_thread: usize) -> (usize, Parallelism) {
     }
 }
 
+/// [`plan`] for a weight gradient: with [`PerExample::Groups`], tasks of
+/// whole groups where there are at least as many groups as threads, so
+/// that each group's sum runs in example order on one thread and does not
+/// depend on how many other groups the batch holds (one process's shard of
+/// a global batch, or all of it, give the same group sums bit for bit).
+fn weight_grad_plan(batch: usize, per_example: PerExample) -> (usize, Parallelism) {
+    let (per_task, par) = plan(batch, 1);
+    match per_example {
+        PerExample::Groups(b) if batch / b >= rayon::current_num_threads().max(1) => {
+            (per_task.div_ceil(b) * b, par)
+        }
+        _ => (per_task, par),
+    }
+}
+
 /// `dst (m x n, row stride dst_rs) (+)= lhs (m x k) rhs (k x n)` with
 /// arbitrary element strides `[row, column]` for the operands.
 #[allow(clippy::too_many_arguments)]
-fn matmul(
+pub(super) fn matmul(
     [m, n, k]: [usize; 3],
     dst: &mut [f32],
     dst_rs: usize,
@@ -338,9 +353,23 @@ pub fn forward(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -
     out
 }
 
+/// What a weight-gradient product forms of the per-example gradients on
+/// the way to the batch's ([`weight_grad`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PerExample {
+    /// Nothing: only the batch gradient.
+    #[default]
+    Nothing,
+    /// The sums over the examples of their squares ([`GradSquares`]).
+    Squares,
+    /// The sums over consecutive groups of this many examples (micro-batch
+    /// gradients, [`GradGroups`]); the batch must be a whole number of
+    /// groups.
+    Groups(usize),
+}
+
 /// The weight and bias gradients of a convolution ([`weight_grad`]), and
-/// when asked for, the sums over the examples of their squared per-example
-/// gradients.
+/// what was asked of the per-example gradients.
 #[derive(Debug, Clone)]
 pub struct WeightGrads {
     /// The weight gradient `[c_out, c_in, kh, kw]`.
@@ -350,6 +379,9 @@ pub struct WeightGrads {
     /// `Σ_n G_n²` and `Σ_n b_n²` of the per-example gradients, in the same
     /// layouts, when they were asked for.
     pub squares: Option<GradSquares>,
+    /// The gradients of consecutive groups of examples, when they were
+    /// asked for.
+    pub groups: Option<GradGroups>,
 }
 
 /// Sums over the examples of the squared per-example weight and bias
@@ -362,72 +394,126 @@ pub struct GradSquares {
     pub bias: Vec<f32>,
 }
 
-/// One task's running sums over its examples: the gradient (in a kernel
-/// path's own layout) and the bias gradient, and, when squares are asked
-/// for, their squared per-example counterparts and one example's gradient.
+/// Sums of the per-example weight and bias gradients of one convolution
+/// over consecutive groups of examples: group g holds examples `g b ..
+/// (g + 1) b`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GradGroups {
+    /// Number of groups G.
+    pub groups: usize,
+    /// `[G, c_out, c_in, kh, kw]`.
+    pub weight: Vec<f32>,
+    /// `[G, c_out]` (empty without bias).
+    pub bias: Vec<f32>,
+}
+
+/// One task's running sums over its examples `first..end`: the gradient
+/// (in a kernel path's own layout) and the bias gradient; with
+/// [`PerExample::Squares`], their squared per-example counterparts and one
+/// example's gradient; with [`PerExample::Groups`], one gradient and bias
+/// gradient per group the task's examples touch (the batch gradient is
+/// then their sum, formed when the tasks are reduced).
 struct TaskSums {
+    mode: PerExample,
+    len: usize,
     acc: Vec<f32>,
     acc_bias: Vec<f64>,
     sq: Vec<f64>,
     sq_bias: Vec<f64>,
     example: Vec<f32>,
+    first_group: usize,
+    grp: Vec<f32>,
+    grp_bias: Vec<f64>,
 }
 
 impl TaskSums {
-    fn new(len: usize, c_out: usize, with_bias: bool, squares: bool) -> Self {
+    fn new(
+        len: usize,
+        c_out: usize,
+        with_bias: bool,
+        mode: PerExample,
+        examples: std::ops::Range<usize>,
+    ) -> Self {
+        let c_bias = if with_bias { c_out } else { 0 };
+        let squares = mode == PerExample::Squares;
         let if_sq = |n: usize| if squares { n } else { 0 };
+        let (first_group, touched) = match mode {
+            PerExample::Groups(b) if !examples.is_empty() => {
+                let first = examples.start / b;
+                (first, (examples.end - 1) / b + 1 - first)
+            }
+            _ => (0, 0),
+        };
+        let grouped = matches!(mode, PerExample::Groups(_));
         Self {
-            acc: vec![0.0; len],
-            acc_bias: vec![0.0; if with_bias { c_out } else { 0 }],
+            mode,
+            len,
+            acc: vec![0.0; if grouped { 0 } else { len }],
+            acc_bias: vec![0.0; c_bias],
             sq: vec![0.0; if_sq(len)],
-            sq_bias: vec![0.0; if with_bias { if_sq(c_out) } else { 0 }],
+            sq_bias: vec![0.0; if_sq(c_bias)],
             example: vec![0.0; if_sq(len)],
+            first_group,
+            grp: vec![0.0; touched * len],
+            grp_bias: vec![0.0; touched * c_bias],
         }
     }
 
-    fn squares(&self) -> bool {
-        !self.example.is_empty()
-    }
-
-    /// Adds the example gradient just written to `example` to the sums.
-    fn fold_example(&mut self) {
-        for ((a, q), &v) in self.acc.iter_mut().zip(&mut self.sq).zip(&self.example) {
-            *a += v;
-            *q += (v as f64) * (v as f64);
+    /// Where example `n`'s gradient goes, and whether the product adds to
+    /// what is there (the batch's or its group's running sum) or overwrites
+    /// it (the one-example buffer of [`PerExample::Squares`]).
+    fn target(&mut self, n: usize) -> (&mut [f32], bool) {
+        match self.mode {
+            PerExample::Nothing => (&mut self.acc, true),
+            PerExample::Squares => (&mut self.example, false),
+            PerExample::Groups(b) => {
+                let g = n / b - self.first_group;
+                (&mut self.grp[g * self.len..][..self.len], true)
+            }
         }
     }
 
-    /// Adds one example's bias gradient from its output gradient `dy_n`
-    /// `[c_out, positions]`.
-    fn add_bias(&mut self, dy_n: &[f32], positions: usize) {
-        let squares = self.squares();
-        for (c, row) in dy_n
-            .chunks_exact(positions)
-            .enumerate()
-            .take(self.acc_bias.len())
-        {
+    /// Ends example `n`: its output gradient `dy_n` `[c_out, positions]`
+    /// gives its bias gradient, and with [`PerExample::Squares`] its
+    /// gradient, just written to the one-example buffer, joins the sums.
+    fn finish_example(&mut self, n: usize, dy_n: &[f32], positions: usize) {
+        if self.mode == PerExample::Squares {
+            for ((a, q), &v) in self.acc.iter_mut().zip(&mut self.sq).zip(&self.example) {
+                *a += v;
+                *q += (v as f64) * (v as f64);
+            }
+        }
+        let c_bias = self.acc_bias.len();
+        for (c, row) in dy_n.chunks_exact(positions).enumerate().take(c_bias) {
             let b = row.iter().map(|&v| v as f64).sum::<f64>();
             self.acc_bias[c] += b;
-            if squares {
-                self.sq_bias[c] += b * b;
+            match self.mode {
+                PerExample::Nothing => {}
+                PerExample::Squares => self.sq_bias[c] += b * b,
+                PerExample::Groups(size) => {
+                    self.grp_bias[(n / size - self.first_group) * c_bias + c] += b;
+                }
             }
         }
     }
 }
 
-/// Runs `task` on the first example of each task (`per_task` examples
-/// each), in parallel when the examples are spread over threads.
+/// Runs `task` on the examples of each task (`per_task` examples each), in
+/// parallel when the examples are spread over threads.
 fn run_tasks(
     batch: usize,
     per_task: usize,
     par: Parallelism,
-    task: impl Fn(usize) -> TaskSums + Sync + Send,
+    task: impl Fn(std::ops::Range<usize>) -> TaskSums + Sync + Send,
 ) -> Vec<TaskSums> {
-    let firsts: Vec<usize> = (0..batch).step_by(per_task).collect();
+    let ranges: Vec<_> = (0..batch)
+        .step_by(per_task)
+        .map(|first| first..(first + per_task).min(batch))
+        .collect();
     if matches!(par, Parallelism::None) {
-        firsts.into_par_iter().map(task).collect()
+        ranges.into_par_iter().map(task).collect()
     } else {
-        firsts.into_iter().map(task).collect()
+        ranges.into_iter().map(task).collect()
     }
 }
 
@@ -435,57 +521,102 @@ fn run_tasks(
 /// layout of element `i` of the `[c_out, c_in, kh, kw]` weight.
 fn reduce_tasks(parts: &[TaskSums], numel: usize, at: impl Fn(usize) -> usize) -> WeightGrads {
     let c_out = parts.first().map_or(0, |p| p.acc_bias.len());
-    let mut weight = output_buffer(numel);
-    for (i, d) in weight.iter_mut().enumerate() {
-        *d = parts.iter().map(|p| p.acc[at(i)]).sum();
-    }
+    let mode = parts.first().map_or(PerExample::Nothing, |p| p.mode);
     let bias_sum =
         |f: fn(&TaskSums) -> &Vec<f64>, c: usize| parts.iter().map(|p| f(p)[c]).sum::<f64>() as f32;
     let bias = (0..c_out).map(|c| bias_sum(|p| &p.acc_bias, c)).collect();
-    let squares = parts
-        .first()
-        .is_some_and(TaskSums::squares)
-        .then(|| GradSquares {
-            weight: (0..numel)
-                .map(|i| parts.iter().map(|p| p.sq[at(i)]).sum::<f64>() as f32)
-                .collect(),
-            bias: (0..c_out).map(|c| bias_sum(|p| &p.sq_bias, c)).collect(),
-        });
+    let squares = (mode == PerExample::Squares).then(|| GradSquares {
+        weight: (0..numel)
+            .map(|i| parts.iter().map(|p| p.sq[at(i)]).sum::<f64>() as f32)
+            .collect(),
+        bias: (0..c_out).map(|c| bias_sum(|p| &p.sq_bias, c)).collect(),
+    });
+    let mut weight = output_buffer(numel);
+    let groups = if let PerExample::Groups(_) = mode {
+        // A group split between two tasks is the sum of their parts.
+        let count = parts
+            .iter()
+            .map(|p| p.first_group + p.grp.len() / p.len.max(1))
+            .max()
+            .unwrap_or(0);
+        let mut g = GradGroups {
+            groups: count,
+            weight: vec![0.0; count * numel],
+            bias: vec![0.0; count * c_out],
+        };
+        for p in parts {
+            let touched = p.grp.len() / p.len.max(1);
+            for t in 0..touched {
+                let dst = &mut g.weight[(p.first_group + t) * numel..][..numel];
+                let src = &p.grp[t * p.len..][..p.len];
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d += src[at(i)];
+                }
+                let dst = &mut g.bias[(p.first_group + t) * c_out..][..c_out];
+                for (d, &v) in dst.iter_mut().zip(&p.grp_bias[t * c_out..][..c_out]) {
+                    *d += v as f32;
+                }
+            }
+        }
+        for (i, d) in weight.iter_mut().enumerate() {
+            *d = (0..count)
+                .map(|k| g.weight[k * numel + i] as f64)
+                .sum::<f64>() as f32;
+        }
+        Some(g)
+    } else {
+        for (i, d) in weight.iter_mut().enumerate() {
+            *d = parts.iter().map(|p| p.acc[at(i)]).sum();
+        }
+        None
+    };
     WeightGrads {
         weight,
         bias,
         squares,
+        groups,
     }
 }
 
 /// The weight gradient `[c_out, c_in, kh, kw]` and, when `with_bias`, the
 /// bias gradient `[c_out]` of the convolution, from its input `x` and the
-/// output gradient `dy` `[B, c_out, H', W']`; with `squares`, also the sums
-/// over the examples of their squared per-example gradients, from the same
-/// products: each example's gradient is formed on its own (as the batch
-/// gradient's summands already are), added to the batch gradient and its
-/// square to the sums, so the squares cost one pass over a weight-sized
-/// buffer per example and no per-example tensor is kept.
+/// output gradient `dy` `[B, c_out, H', W']`, and what `per_example` asks
+/// of the per-example gradients, from the same products: each example's
+/// gradient is formed on its own (as the batch gradient's summands already
+/// are). With [`PerExample::Squares`] it is added to the batch gradient and
+/// its square to the sums, so the squares cost one pass over a
+/// weight-sized buffer per example; with [`PerExample::Groups`] it is added
+/// to its group's sum instead of the batch's, which costs nothing beyond
+/// one weight-sized sum per group. No per-example tensor is kept.
 pub fn weight_grad(
     s: &ConvShape,
     x: &[f32],
     dy: &[f32],
     with_bias: bool,
-    squares: bool,
+    per_example: PerExample,
 ) -> WeightGrads {
     let (k, p, per_in, per_out) = (s.rows(), s.positions(), s.input_len(), s.output_len());
     assert_eq!(x.len(), s.batch * per_in);
     assert_eq!(dy.len(), s.batch * per_out);
+    if let PerExample::Groups(b) = per_example {
+        assert!(b > 0 && s.batch.is_multiple_of(b), "whole groups");
+    }
     if s.uses_taps() {
-        return weight_grad_taps(s, x, dy, with_bias, squares);
+        return weight_grad_taps(s, x, dy, with_bias, per_example);
     }
     // One accumulator per task, so few tasks: one per thread.
-    let (per_task, par) = plan(s.batch, 1);
-    let task = |first: usize| {
-        let mut sums = TaskSums::new(s.c_out * k, s.c_out, with_bias, squares);
+    let (per_task, par) = weight_grad_plan(s.batch, per_example);
+    let task = |examples: std::ops::Range<usize>| {
+        let mut sums = TaskSums::new(
+            s.c_out * k,
+            s.c_out,
+            with_bias,
+            per_example,
+            examples.clone(),
+        );
         let scratch = if s.is_pointwise() { 0 } else { k * p };
         with_scratch(scratch, |col| {
-            for n in first..(first + per_task).min(s.batch) {
+            for n in examples {
                 let x_n = &x[n * per_in..][..per_in];
                 let dy_n = &dy[n * per_out..][..per_out];
                 let col: &[f32] = if s.is_pointwise() {
@@ -500,15 +631,9 @@ pub fn weight_grad(
                 // across rows.
                 let (col_st, dyt_st) = ([p, 1], [1, p]);
                 let mnk = [k, s.c_out, p];
-                if squares {
-                    let g = &mut sums.example;
-                    matmul(mnk, g, s.c_out, false, col, col_st, dy_n, dyt_st, par);
-                    sums.fold_example();
-                } else {
-                    let acc = &mut sums.acc;
-                    matmul(mnk, acc, s.c_out, true, col, col_st, dy_n, dyt_st, par);
-                }
-                sums.add_bias(dy_n, p);
+                let (dst, add) = sums.target(n);
+                matmul(mnk, dst, s.c_out, add, col, col_st, dy_n, dyt_st, par);
+                sums.finish_example(n, dy_n, p);
             }
         });
         sums
@@ -647,14 +772,14 @@ fn forward_taps(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
 /// unfolding, on [`forward_taps`]' grid: with the output gradient laid on
 /// `Ho` rows of `Wp` columns (zeros in the discarded ones), tap `(i, j)`'s
 /// gradient is `xpad_shifted dYpadᵀ`, `[C_in, C_out]`, accumulated per task
-/// as `[kh kw, C_in, C_out]` (with `squares`, formed per example first, as
-/// in [`weight_grad`]).
+/// as `[kh kw, C_in, C_out]` (per example or per group as `per_example`
+/// asks, as in [`weight_grad`]).
 fn weight_grad_taps(
     s: &ConvShape,
     x: &[f32],
     dy: &[f32],
     with_bias: bool,
-    squares: bool,
+    per_example: PerExample,
 ) -> WeightGrads {
     let [ho, wo] = s.output_size().expect("a valid convolution shape");
     let [kh, kw] = s.kernel;
@@ -662,35 +787,29 @@ fn weight_grad_taps(
     let (hp, wp, pad_len) = padded(s);
     let q = ho * wp;
     let (per_in, per_out) = (s.input_len(), s.output_len());
-    let (per_task, par) = plan(s.batch, 1);
+    let (per_task, par) = weight_grad_plan(s.batch, per_example);
     let block = s.c_in * s.c_out;
-    let task = |first: usize| {
-        let mut sums = TaskSums::new(taps * block, s.c_out, with_bias, squares);
+    let task = |examples: std::ops::Range<usize>| {
+        let len = taps * block;
+        let mut sums = TaskSums::new(len, s.c_out, with_bias, per_example, examples.clone());
         with_scratch(pad_len + s.c_out * q, |scratch| {
             let (xpad, dypad) = scratch.split_at_mut(pad_len);
-            for n in first..(first + per_task).min(s.batch) {
+            for n in examples {
                 pad_input(s, &x[n * per_in..][..per_in], xpad);
                 let dy_n = &dy[n * per_out..][..per_out];
                 for (dst, src) in dypad.chunks_exact_mut(wp).zip(dy_n.chunks_exact(wo)) {
                     copy_run(&mut dst[..wo], src);
                     zero_run(&mut dst[wo..]);
                 }
-                let target = if squares {
-                    &mut sums.example
-                } else {
-                    &mut sums.acc
-                };
+                let (target, add) = sums.target(n);
                 for (tap, acc) in target.chunks_exact_mut(block).enumerate() {
                     let (i, j) = (tap / kw, tap % kw);
                     let (x_st, dyt_st) = ([hp * wp, 1], [1, q]);
                     let x_tap = &xpad[i * wp + j..];
                     let mnk = [s.c_in, s.c_out, q];
-                    matmul(mnk, acc, s.c_out, !squares, x_tap, x_st, dypad, dyt_st, par);
+                    matmul(mnk, acc, s.c_out, add, x_tap, x_st, dypad, dyt_st, par);
                 }
-                if squares {
-                    sums.fold_example();
-                }
-                sums.add_bias(dy_n, ho * wo);
+                sums.finish_example(n, dy_n, ho * wo);
             }
         });
         sums

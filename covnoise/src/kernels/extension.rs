@@ -17,6 +17,7 @@ use burn::tensor::{DType, TensorData};
 use super::ConvSink;
 use super::conv::{self, ConvShape};
 use super::norm::{self, NormShape};
+use super::outer;
 
 /// Fast convolution and batch normalization for the flex backend, with
 /// and without autodiff.
@@ -55,6 +56,15 @@ pub trait FastKernels: Backend {
     /// `sink` (which must hold one), as a tensor of this backend without
     /// autodiff graph; `like` (any tensor of the backend) routes the call.
     fn fast_sunk_output_grad(like: FloatTensor<Self>, sink: ConvSink) -> FloatTensor<Self>;
+
+    /// `a_gᵀ d_g` for the consecutive groups of `rows` rows of `a` `[R, i]`
+    /// and `d` `[R, o]`, `[R / rows, i o]`, without autodiff graph (see
+    /// [`super::group_outer`]).
+    fn fast_group_outer(
+        a: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        rows: usize,
+    ) -> FloatTensor<Self>;
 
     /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive
     /// groups of examples, scaled by `gamma` and shifted by `beta` (`[C]`):
@@ -193,6 +203,13 @@ impl FastKernels for Flex {
         sink.flex_output_grad()
     }
 
+    fn fast_group_outer(a: FlexTensor, d: FlexTensor, rows: usize) -> FlexTensor {
+        let (a, d) = (contiguous(a), contiguous(d));
+        let (r, i, o) = (a.shape()[0], a.shape()[1], d.shape()[1]);
+        let out = outer::group_outer(values(&a), values(&d), rows, i, o);
+        flex(out, vec![r / rows, i * o])
+    }
+
     fn fast_batch_norm(
         x: FlexTensor,
         gamma: FlexTensor,
@@ -240,9 +257,12 @@ impl ConvState {
             grads.register::<Flex>(id, flex(dx, vec![s.batch, s.c_in, s.height, s.width]));
         }
         if id_w.is_some() || id_b.is_some() || self.sink.is_some() {
-            let squares = self.sink.is_some();
-            let with_bias = id_b.is_some() || (self.has_bias && squares);
-            let g = conv::weight_grad(&s, values(&self.x), values(&dy), with_bias, squares);
+            let mode = self
+                .sink
+                .as_ref()
+                .map_or(conv::PerExample::Nothing, ConvSink::mode);
+            let with_bias = id_b.is_some() || (self.has_bias && self.sink.is_some());
+            let g = conv::weight_grad(&s, values(&self.x), values(&dy), with_bias, mode);
             if let Some(id) = id_w {
                 let [kh, kw] = s.kernel;
                 grads.register::<Flex>(id, flex(g.weight, vec![s.c_out, s.c_in, kh, kw]));
@@ -251,7 +271,7 @@ impl ConvState {
                 grads.register::<Flex>(id, flex(g.bias, vec![s.c_out]));
             }
             if let Some(sink) = self.sink {
-                sink.put(g.squares, dy);
+                sink.put(g.squares, g.groups, dy);
             }
         }
     }
@@ -413,6 +433,16 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
 
     fn fast_sunk_output_grad(_like: FloatTensor<Self>, sink: ConvSink) -> FloatTensor<Self> {
         Self::from_inner(sink.flex_output_grad())
+    }
+
+    fn fast_group_outer(
+        a: FloatTensor<Self>,
+        d: FloatTensor<Self>,
+        rows: usize,
+    ) -> FloatTensor<Self> {
+        // Not differentiable: the products of the inner tensors.
+        let (a, d) = (a.primitive().clone(), d.primitive().clone());
+        Self::from_inner(<Flex as FastKernels>::fast_group_outer(a, d, rows))
     }
 
     fn fast_batch_norm(

@@ -34,6 +34,7 @@
 mod conv;
 mod extension;
 mod norm;
+mod outer;
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,7 +47,7 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, Device, Tensor};
 
 use conv::ConvShape;
-pub use conv::GradSquares;
+pub use conv::{GradGroups, GradSquares, PerExample};
 pub use extension::FastKernels;
 
 /// Where the backward step of a fast convolution leaves what the probes
@@ -54,25 +55,59 @@ pub use extension::FastKernels;
 /// objective with respect to the convolution's output (so that the probes
 /// need no probe tensor of their own for it), and the sums over the
 /// examples of the squared per-example weight and bias gradients
-/// ([`GradSquares`]), formed from the same per-example products as the
-/// weight gradient itself. Shared by clones: the probes keep one, the
-/// backward step fills another. Empty until a backward pass through a fast
-/// convolution (on `Autodiff<Flex>`) fills it; a convolution that runs
-/// burn's op, or whose operands take no gradient, leaves it empty.
-#[derive(Debug, Clone, Default)]
+/// ([`GradSquares`]) or, for a sink made by [`ConvSink::grouped`], their
+/// sums over consecutive groups of examples ([`GradGroups`]), formed from
+/// the same per-example products as the weight gradient itself. Shared by
+/// clones: the probes keep one, the backward step fills another. Empty
+/// until a backward pass through a fast convolution (on `Autodiff<Flex>`)
+/// fills it; a convolution that runs burn's op, or whose operands take no
+/// gradient, leaves it empty.
+#[derive(Debug, Clone)]
 pub struct ConvSink(Arc<Mutex<SinkContents>>);
 
-/// What a [`ConvSink`] holds.
+impl Default for ConvSink {
+    fn default() -> Self {
+        Self::with_mode(PerExample::Squares)
+    }
+}
+
+/// What a [`ConvSink`] asks for and holds.
 #[derive(Debug, Default)]
 struct SinkContents {
+    mode: PerExample,
     squares: Option<GradSquares>,
+    groups: Option<GradGroups>,
     output_grad: Option<burn::backend::flex::FlexTensor>,
 }
 
 impl ConvSink {
-    /// An empty sink.
+    /// An empty sink that asks for the sums of squares.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty sink that asks for the gradients of consecutive groups of
+    /// `group_size` examples (micro-batch gradients) instead of squares.
+    pub fn grouped(group_size: usize) -> Self {
+        Self::with_mode(PerExample::Groups(group_size.max(1)))
+    }
+
+    fn with_mode(mode: PerExample) -> Self {
+        Self(Arc::new(Mutex::new(SinkContents {
+            mode,
+            ..Default::default()
+        })))
+    }
+
+    /// What the backward step forms of the per-example gradients.
+    pub(crate) fn mode(&self) -> PerExample {
+        self.lock().mode
+    }
+
+    /// The group gradients the backward step left, if it ran and they were
+    /// asked for.
+    pub fn groups(&self) -> Option<GradGroups> {
+        self.lock().groups.clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SinkContents> {
@@ -102,10 +137,12 @@ impl ConvSink {
     pub(crate) fn put(
         &self,
         squares: Option<GradSquares>,
+        groups: Option<GradGroups>,
         output_grad: burn::backend::flex::FlexTensor,
     ) {
         let mut contents = self.lock();
         contents.squares = squares;
+        contents.groups = groups;
         contents.output_grad = Some(output_grad);
     }
 
@@ -212,6 +249,32 @@ pub fn is_flex(device: &Device) -> bool {
 /// took 1.6 times as long on the per-example products).
 pub const MIN_POSITIONS: usize = 64;
 
+/// The products `a_gᵀ d_g` of consecutive groups of `rows` rows of `a`
+/// `[R, i]` and `d` `[R, o]` (R a multiple of `rows`), `[R / rows, i o]`:
+/// a Linear layer's weight gradients per micro-batch, on the fast kernel
+/// (one gemm per group, the groups spread over the threads). None where
+/// the kernel does not run (disabled on this thread, another backend than
+/// flex, not `f32`, shapes that do not split into groups): the caller then
+/// uses burn's batched matmul.
+pub fn group_outer(a: &Tensor<2>, d: &Tensor<2>, rows: usize) -> Option<Tensor<2>> {
+    let ([r, i], [r_d, o]) = (a.dims(), d.dims());
+    let ok = enabled()
+        && a.dtype() == DType::F32
+        && d.dtype() == DType::F32
+        && rows > 0
+        && r == r_d
+        && r.is_multiple_of(rows)
+        && r * i * o > 0
+        && is_flex(&a.device());
+    ok.then(|| {
+        Tensor::from_dispatch(<Dispatch as FastKernels>::fast_group_outer(
+            a.clone().into_dispatch(),
+            d.clone().into_dispatch(),
+            rows,
+        ))
+    })
+}
+
 /// Whether [`conv2d`] runs the fast kernel for these operands (else burn's
 /// op): enabled on this thread, flex, `f32`, groups 1, dilation 1, and at
 /// least [`MIN_POSITIONS`] output positions.
@@ -263,9 +326,9 @@ pub fn conv2d(
 }
 
 /// [`conv2d`], whose backward step (where the fast kernel runs, on
-/// `Autodiff<Flex>`) also leaves in `sink` its output gradient and the sums
-/// over the examples of the squared per-example weight and bias gradients
-/// of the objective it differentiates (see [`ConvSink`]). Where burn's op
+/// `Autodiff<Flex>`) also leaves in `sink` its output gradient and what the
+/// sink asks of the per-example weight and bias gradients of the objective
+/// it differentiates (see [`ConvSink`]). Where burn's op
 /// runs instead, `sink` stays empty.
 pub fn conv2d_recording(
     x: Tensor<4>,
