@@ -29,7 +29,7 @@
 //! r = 1e-2 keeps both near 1 % for the nets here (measured in the tests).
 
 use burn::module::Module;
-use burn::tensor::Tensor;
+use burn::tensor::{Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::collective::all_reduce_packed;
@@ -162,6 +162,13 @@ pub(crate) struct PenaltyGradient {
 /// (the mean of the micro-batch gradients is the batch gradient) and move
 /// the model's buffers once, as a plain step would; otherwise the buffers
 /// are left as they were.
+///
+/// Where the rules cover every parameter ([`StepContext::rules_cover_params`])
+/// the micro-batch gradients at theta come from one pass over the whole
+/// batch ([`PassRequest::group_size`]; with sampled labels a second, on a
+/// frozen copy, for the group gradients only), and only the passes at the
+/// moved parameters, which differ per micro-batch, run one by one.
+/// Otherwise each micro-batch has passes of its own.
 pub(crate) fn penalty_gradient<M, B, F>(
     model: &M,
     batch: &B,
@@ -183,87 +190,11 @@ where
     // A whole-batch batch norm normalizes a micro-batch differently from
     // the batch: its passes cannot make the batch's gradient.
     let want_data = want_data && ctx.coupling != Coupling::WholeBatch;
-    let chunk = ctx.pass_chunk();
-    // Sums over this process's micro-batches, accumulated as each one is
-    // done so that one micro-batch's gradients are alive at a time.
-    let mut acc = Sums::default();
-    let mut micro = |j: usize| -> Result<()> {
-        let part = batch.slice(j * b, b);
-        let data = moments::backward_pass(
-            model,
-            ctx.table,
-            &part,
-            forward,
-            PassRequest {
-                chunk,
-                ..Default::default()
-            },
-        )?;
-        // The passes that are not the step's own leave the buffers where
-        // the data pass put them.
-        let (norm_sq, hvp) = moments::keeping_buffers(model, || {
-            let labels = match reg.kind {
-                PenaltyKind::GradNorm => None,
-                PenaltyKind::FisherTrace => {
-                    let logits = data.logits.as_ref().ok_or_else(|| {
-                        CovnoiseError::Unsupported(
-                            "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification".into(),
-                        )
-                    })?;
-                    let offset = ctx.collective.rank() * local + j * b;
-                    let sampled =
-                        moments::sample_labels(logits, ctx, stream::PENALTY_LABELS, offset)?;
-                    Some(crate::model::labels_tensor(&sampled, &logits.device()))
-                }
-            };
-            let request = PassRequest {
-                labels: labels.clone(),
-                chunk,
-                ..Default::default()
-            };
-            let g = match &labels {
-                None => data.grads.clone(),
-                Some(_) => {
-                    moments::backward_pass(model, ctx.table, &part, forward, request.clone())?.grads
-                }
-            };
-            let norm_sq = squared_norm(&g);
-            if !norm_sq.is_finite() {
-                return Err(CovnoiseError::NonFiniteGradient { step: ctx.step });
-            }
-            if norm_sq == 0.0 {
-                // A zero gradient has a zero product with any Hessian.
-                return Ok((norm_sq, None));
-            }
-            let eps = reg.fd_radius / norm_sq.sqrt();
-            let moved = crate::params::shifted(model, &g, eps as f32)?;
-            let at_moved = moments::backward_pass(&moved, ctx.table, &part, forward, request)?;
-            let hvp: Vec<Tensor<1>> = at_moved
-                .grads
-                .into_iter()
-                .zip(g)
-                .map(|(moved, here)| (moved - here) / eps as f32)
-                .collect();
-            Ok((norm_sq, Some(hvp)))
-        })?;
-        acc.norm_sq += norm_sq;
-        acc.loss_sum += data.loss_sum;
-        acc.correct = data.correct.map(|c| c + acc.correct.unwrap_or(0));
-        acc.device = data.grads.first().map(|g| g.device());
-        if let Some(h) = hvp {
-            acc.hvp = Some(add(acc.hvp.take(), h));
-        }
-        if want_data {
-            acc.data = Some(add(acc.data.take(), data.grads));
-        }
-        Ok(())
-    };
-    let shares = vec![1.0 / local_m as f64; local_m];
-    if want_data {
-        moments::parts_with_one_buffer_update(model, &shares, &mut micro)?;
+    let acc = if ctx.rules_cover_params && ctx.coupling == Coupling::Independent {
+        sums_from_one_pass(model, batch, forward, reg, want_data, ctx, b)?
     } else {
-        moments::keeping_buffers(model, || (0..local_m).try_for_each(&mut micro))?;
-    }
+        sums_per_micro_batch(model, batch, forward, reg, want_data, ctx, b)?
+    };
     let mut hvp = match acc.hvp {
         Some(h) => h,
         None => {
@@ -280,20 +211,17 @@ where
     let m = reg.micro_batches as f64;
     let factor = (2.0 * reg.strength / m) as f32;
     let grads = hvp.into_iter().map(|h| h * factor).collect();
-    let data = match acc.data {
-        Some(sum) => {
-            // The mean over this process's micro-batches is its shard's
-            // mean gradient, which reduce_step averages over processes.
-            let mean = sum.into_iter().map(|g| g / local_m as f32).collect();
-            Some(moments::reduce_step(
-                mean,
-                acc.loss_sum,
-                acc.correct,
-                local,
-                None,
-                ctx,
-            )?)
-        }
+    let data = match acc.data_mean {
+        // The mean over this process's micro-batches is its shard's mean
+        // gradient, which reduce_step averages over processes.
+        Some(mean) => Some(moments::reduce_step(
+            mean,
+            acc.loss_sum,
+            acc.correct,
+            local,
+            None,
+            ctx,
+        )?),
         None => None,
     };
     Ok(PenaltyGradient {
@@ -301,6 +229,217 @@ where
         value: scalars[0] / m,
         data,
     })
+}
+
+/// The labels the Fisher-trace penalty differentiates against, for the
+/// examples `first..` of this process's shard of `local` examples, whose
+/// logits are `logits` (None for the gradient-norm penalty: the batch's own
+/// labels). They depend only on each example's place in the global batch.
+fn penalty_labels(
+    reg: &Regularizer,
+    logits: Option<&Tensor<2>>,
+    first: usize,
+    local: usize,
+    ctx: &StepContext,
+) -> Result<Option<Tensor<1, Int>>> {
+    match reg.kind {
+        PenaltyKind::GradNorm => Ok(None),
+        PenaltyKind::FisherTrace => {
+            let logits = logits.ok_or_else(|| {
+                CovnoiseError::Unsupported(
+                    "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification".into(),
+                )
+            })?;
+            let offset = ctx.collective.rank() * local + first;
+            let sampled = moments::sample_labels(logits, ctx, stream::PENALTY_LABELS, offset)?;
+            Ok(Some(crate::model::labels_tensor(
+                &sampled,
+                &logits.device(),
+            )))
+        }
+    }
+}
+
+/// `||g||^2` of one micro-batch's gradient `g` (at theta, on `labels`) and
+/// `H g` by the forward difference at `theta + eps g` (None for a zero
+/// gradient, whose product with any Hessian is zero).
+fn norm_and_hvp<M, B, F>(
+    model: &M,
+    part: &B,
+    forward: &F,
+    reg: &Regularizer,
+    g: Vec<Tensor<1>>,
+    labels: Option<Tensor<1, Int>>,
+    ctx: &StepContext,
+) -> Result<(f64, Option<Vec<Tensor<1>>>)>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    let norm_sq = squared_norm(&g);
+    if !norm_sq.is_finite() {
+        return Err(CovnoiseError::NonFiniteGradient { step: ctx.step });
+    }
+    if norm_sq == 0.0 {
+        return Ok((norm_sq, None));
+    }
+    let eps = reg.fd_radius / norm_sq.sqrt();
+    let moved = crate::params::shifted(model, &g, eps as f32)?;
+    let request = PassRequest {
+        labels,
+        chunk: ctx.pass_chunk(),
+        ..Default::default()
+    };
+    let at_moved = moments::backward_pass(&moved, ctx.table, part, forward, request)?;
+    let hvp = at_moved
+        .grads
+        .into_iter()
+        .zip(g)
+        .map(|(moved, here)| (moved - here) / eps as f32)
+        .collect();
+    Ok((norm_sq, Some(hvp)))
+}
+
+/// The penalty's sums with the micro-batch gradients at theta from one
+/// pass over the whole shard (see [`penalty_gradient`]).
+fn sums_from_one_pass<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    reg: &Regularizer,
+    want_data: bool,
+    ctx: &StepContext,
+    b: usize,
+) -> Result<Sums>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    let local_m = batch.len() / b;
+    let chunk = moments::whole_groups(ctx.pass_chunk(), b);
+    let data_request = PassRequest {
+        group_size: (reg.kind == PenaltyKind::GradNorm).then_some(b),
+        chunk,
+        ..Default::default()
+    };
+    // The data pass is the step's own when it makes the step's gradient.
+    let data_pass = || moments::backward_pass(model, ctx.table, batch, forward, data_request);
+    let mut data = if want_data {
+        data_pass()?
+    } else {
+        moments::keeping_buffers(model, data_pass)?
+    };
+    let mut acc = Sums {
+        loss_sum: data.loss_sum,
+        correct: data.correct,
+        device: data.grads.first().map(|g| g.device()),
+        ..Sums::default()
+    };
+    moments::keeping_buffers(model, || {
+        let labels = penalty_labels(reg, data.logits.as_ref(), 0, batch.len(), ctx)?;
+        let groups = match &labels {
+            None => data.group_grads.take(),
+            Some(labels) => {
+                let request = PassRequest {
+                    labels: Some(labels.clone()),
+                    group_size: Some(b),
+                    skip_param_grads: true,
+                    chunk,
+                    ..Default::default()
+                };
+                moments::backward_pass(model, ctx.table, batch, forward, request)?.group_grads
+            }
+        }
+        .expect("a pass that asked for group gradients has them");
+        for j in 0..local_m {
+            let g = groups.group(j);
+            let part_labels = labels.clone().map(|l| l.narrow(0, j * b, b));
+            let part = batch.slice(j * b, b);
+            let (norm_sq, hvp) = norm_and_hvp(model, &part, forward, reg, g, part_labels, ctx)?;
+            acc.norm_sq += norm_sq;
+            if let Some(h) = hvp {
+                acc.hvp = Some(add(acc.hvp.take(), h));
+            }
+        }
+        Ok(())
+    })?;
+    acc.data_mean = want_data.then_some(data.grads);
+    Ok(acc)
+}
+
+/// The penalty's sums with passes of its own for each micro-batch (see
+/// [`penalty_gradient`]).
+fn sums_per_micro_batch<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    reg: &Regularizer,
+    want_data: bool,
+    ctx: &StepContext,
+    b: usize,
+) -> Result<Sums>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    let local_m = batch.len() / b;
+    let chunk = ctx.pass_chunk();
+    // Sums over this process's micro-batches, accumulated as each one is
+    // done so that one micro-batch's gradients are alive at a time.
+    let mut acc = Sums::default();
+    let mut data_sum: Option<Vec<Tensor<1>>> = None;
+    let mut micro = |j: usize| -> Result<()> {
+        let part = batch.slice(j * b, b);
+        let data = moments::backward_pass(
+            model,
+            ctx.table,
+            &part,
+            forward,
+            PassRequest {
+                chunk,
+                ..Default::default()
+            },
+        )?;
+        // The passes that are not the step's own leave the buffers where
+        // the data pass put them.
+        let (norm_sq, hvp) = moments::keeping_buffers(model, || {
+            let labels = penalty_labels(reg, data.logits.as_ref(), j * b, batch.len(), ctx)?;
+            let g = match &labels {
+                None => data.grads.clone(),
+                Some(labels) => {
+                    let request = PassRequest {
+                        labels: Some(labels.clone()),
+                        chunk,
+                        ..Default::default()
+                    };
+                    moments::backward_pass(model, ctx.table, &part, forward, request)?.grads
+                }
+            };
+            norm_and_hvp(model, &part, forward, reg, g, labels, ctx)
+        })?;
+        acc.norm_sq += norm_sq;
+        acc.loss_sum += data.loss_sum;
+        acc.correct = data.correct.map(|c| c + acc.correct.unwrap_or(0));
+        acc.device = data.grads.first().map(|g| g.device());
+        if let Some(h) = hvp {
+            acc.hvp = Some(add(acc.hvp.take(), h));
+        }
+        if want_data {
+            data_sum = Some(add(data_sum.take(), data.grads));
+        }
+        Ok(())
+    };
+    let shares = vec![1.0 / local_m as f64; local_m];
+    if want_data {
+        moments::parts_with_one_buffer_update(model, &shares, &mut micro)?;
+    } else {
+        moments::keeping_buffers(model, || (0..local_m).try_for_each(&mut micro))?;
+    }
+    acc.data_mean = data_sum.map(|sum| sum.into_iter().map(|g| g / local_m as f32).collect());
+    Ok(acc)
 }
 
 /// ||g||^2 over all parameters, with one host read.
@@ -326,6 +465,7 @@ struct Sums {
     loss_sum: f64,
     correct: Option<usize>,
     hvp: Option<Vec<Tensor<1>>>,
-    data: Option<Vec<Tensor<1>>>,
+    /// The shard's mean gradient with the data labels, when asked for.
+    data_mean: Option<Vec<Tensor<1>>>,
     device: Option<burn::tensor::Device>,
 }

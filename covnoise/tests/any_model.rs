@@ -138,6 +138,7 @@ fn ctx(table: &ParamTable) -> StepContext<'_> {
         table,
         coupling: Coupling::Independent,
         chunk: None,
+        rules_cover_params: false,
     }
 }
 
@@ -294,6 +295,83 @@ fn tied_weights_add_their_uses_before_the_square() {
         head: LinearConfig::new(5, 3).init(&d),
     };
     assert_exact_matches_brute_force(&model, &features(7, 5, 3, 5), &tied_forward);
+}
+
+/// Micro-batch gradients from one pass over the batch
+/// ([`moments::PassRequest::group_size`]: each rule's group shortcut or its
+/// per-example gradients summed per group) against the means over each
+/// group of single-example gradients, parameter by parameter. Tolerance as
+/// for the exact estimate (float32 sums over a few examples and
+/// positions); a gradient in the wrong group, a missed use of a tied
+/// weight or a mis-scaled group is off by tens of percent.
+fn assert_groups_match_brute_force<M, B, F>(model: &M, batch: &B, forward: &F, group_size: usize)
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    let table = ParamTable::of(model);
+    let pass = moments::backward_pass(
+        model,
+        &table,
+        batch,
+        forward,
+        moments::PassRequest {
+            group_size: Some(group_size),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let groups = pass.group_grads.expect("group gradients were asked for");
+    let per = per_example(model, batch, forward);
+    let mut start = 0;
+    assert_eq!(groups.groups(), batch.len() / group_size);
+    let rows: Vec<Vec<Tensor<1>>> = (0..groups.groups()).map(|g| groups.group(g)).collect();
+    for (k, e) in table.entries().iter().enumerate() {
+        for (g, members) in per.chunks(group_size).enumerate() {
+            let reference: Vec<f64> = (start..start + e.numel())
+                .map(|j| members.iter().map(|x| x[j]).sum::<f64>() / group_size as f64)
+                .collect();
+            let row = rows[g][k].clone();
+            assert_eq!(row.dims(), [e.numel()], "{}", e.name);
+            let diff: Vec<f64> = flat(&[row])
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| a - b)
+                .collect();
+            let rel = norm(&diff) / norm(&reference).max(1e-30);
+            assert!(rel <= 1e-4, "{}, group {g}: relative error {rel}", e.name);
+        }
+        start += e.numel();
+    }
+}
+
+#[test]
+fn group_gradients_of_models_unlike_ours_match_single_example_passes() {
+    // Embedding, LayerNorm, Conv1d, per-token Linear and GroupNorm, with
+    // repeated tokens: their per-example paths, summed per group.
+    assert_groups_match_brute_force(&TokenNet::new(1), &sequences(6, 7, 2), &token_forward, 2);
+    // A Linear layer on [B, T, in]: the batched group product over T
+    // positions per example.
+    let d = device();
+    d.seed(20);
+    let linear = |i, o| LinearConfig::new(i, o).init(&d);
+    let attention = Attention {
+        embed: EmbeddingConfig::new(VOCAB, WIDTH).init(&d),
+        query: linear(WIDTH, WIDTH),
+        key: LinearConfig::new(WIDTH, WIDTH).with_bias(false).init(&d),
+        value: linear(WIDTH, WIDTH),
+        out: linear(WIDTH, WIDTH),
+        head: linear(WIDTH, CLASSES),
+    };
+    assert_groups_match_brute_force(&attention, &sequences(6, 6, 21), &attention_forward, 3);
+    // A tied weight: its two uses' group gradients add.
+    d.seed(4);
+    let tied = Tied {
+        shared: LinearConfig::new(5, 5).init(&d),
+        head: LinearConfig::new(5, 3).init(&d),
+    };
+    assert_groups_match_brute_force(&tied, &features(8, 5, 3, 5), &tied_forward, 4);
 }
 
 /// A per-token Linear fed tokens flattened into rows, `[B*T, in]`.

@@ -351,6 +351,7 @@ fn monte_carlo_fisher_from_the_kernel_matches_single_example_passes() {
                 table: &table,
                 coupling: Coupling::Independent,
                 chunk: None,
+                rules_cover_params: false,
             };
             let out = moments::estimate(
                 &model,
@@ -440,4 +441,146 @@ fn a_frozen_first_convolution_is_skipped_and_the_rest_is_exact() {
     let sums = diag_sums(&model, &batch, &frozen_forward);
     let err = rel_err(&sums, &reference);
     assert!(err <= 1e-4, "off by {err}");
+}
+
+/// Group means of single-example gradients, `[groups][numel]`: the
+/// reference micro-batch gradients.
+fn brute_force_groups<M: Module, F: Forward<M, Batch<4>>>(
+    model: &M,
+    batch: &Batch<4>,
+    forward: &F,
+    group_size: usize,
+) -> Vec<Vec<f64>> {
+    let per = per_example(model, batch, forward);
+    per.chunks(group_size)
+        .map(|group| {
+            (0..group[0].len())
+                .map(|j| group.iter().map(|g| g[j]).sum::<f64>() / group_size as f64)
+                .collect()
+        })
+        .collect()
+}
+
+/// The group gradients of one pass ([`PassRequest::group_size`]), row by
+/// row, `[groups][numel]` in table order.
+fn pass_groups<M: Module, F: Forward<M, Batch<4>>>(
+    model: &M,
+    batch: &Batch<4>,
+    forward: &F,
+    group_size: usize,
+    chunk: Option<usize>,
+) -> Vec<Vec<f64>> {
+    let table = ParamTable::of(model);
+    let pass = backward_pass(
+        model,
+        &table,
+        batch,
+        forward,
+        PassRequest {
+            group_size: Some(group_size),
+            chunk,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let groups = pass.group_grads.expect("group gradients were asked for");
+    assert_eq!(groups.groups(), batch.len() / group_size);
+    (0..groups.groups())
+        .map(|g| flat(&groups.group(g)))
+        .collect()
+}
+
+/// Micro-batch gradients from one pass over the whole batch (the fast
+/// kernel adding each example's gradient to its group's sum; the Linear
+/// head's batched group product) against the means of single-example
+/// gradients over each group, on every kernel path, with the fast kernels
+/// off (the rule's chunked per-example path), with groups of 3 and 4 out
+/// of 12 (a group of 4 straddles the two threads' halves of the batch) and
+/// in chunks of two groups. Tolerance as above (float32 sums of a few
+/// terms, about 1e-6); a gradient added to the wrong group, or a group
+/// counted twice where two tasks share it, is off by tens of percent.
+#[test]
+fn group_gradients_from_one_pass_match_single_example_passes() {
+    let device = device();
+    for (k, g) in GEOMETRIES.iter().enumerate() {
+        let model = g.model(&device);
+        let batch = g.batch(12, 60 + k as u64, &device);
+        for group_size in [3, 4] {
+            let reference = brute_force_groups(&model, &batch, &forward, group_size);
+            for (label, fast, chunk) in [
+                ("fast kernels", true, None),
+                ("fast kernels, chunked", true, Some(2 * group_size)),
+                ("rule path", false, None),
+            ] {
+                let got = kernels::with_enabled(fast, || {
+                    pass_groups(&model, &batch, &forward, group_size, chunk)
+                });
+                assert_eq!(got.len(), reference.len());
+                for (j, (a, b)) in got.iter().zip(&reference).enumerate() {
+                    let err = rel_err(a, b);
+                    assert!(
+                        err <= 1e-4,
+                        "{}, {label}, groups of {group_size}, group {j}: off by {err}",
+                        g.path
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The micro-batch estimator from one pass (rules covering every
+/// parameter) equals the estimator with one pass per micro-batch: the same
+/// step gradient and the same centered second moment, to float32 rounding
+/// of sums over a dozen examples (1e-4 relative; a mis-scaled group or a
+/// moment about the wrong mean is off by O(1)).
+#[test]
+fn the_micro_batch_estimator_from_one_pass_equals_one_pass_per_micro_batch() {
+    let device = device();
+    for (k, g) in GEOMETRIES.iter().enumerate() {
+        let model = g.model(&device);
+        let batch = g.batch(12, 80 + k as u64, &device);
+        let table = ParamTable::of(&model);
+        let run = |rules_cover_params: bool, kind: MomentKind| {
+            let ctx = StepContext {
+                seed: 3,
+                step: 0,
+                collective: &SingleProcess,
+                table: &table,
+                coupling: Coupling::Independent,
+                chunk: None,
+                rules_cover_params,
+            };
+            moments::estimate(
+                &model,
+                &batch,
+                &forward,
+                Estimator::microbatch(4),
+                kind,
+                &ctx,
+            )
+            .unwrap()
+        };
+        let (one, each) = (run(true, MomentKind::Diag), run(false, MomentKind::Diag));
+        let err = rel_err(&flat(&one.grads), &flat(&each.grads));
+        assert!(err <= 1e-4, "{}: step gradients differ by {err}", g.path);
+        assert!((one.loss - each.loss).abs() <= 1e-5 * each.loss.abs());
+        let (Some(SecondMoment::Diag(a)), Some(SecondMoment::Diag(b))) = (one.moment, each.moment)
+        else {
+            panic!("diagonals")
+        };
+        let err = rel_err(&flat(&a), &flat(&b));
+        assert!(err <= 1e-4, "{}: moments differ by {err}", g.path);
+        let (Some(SecondMoment::Trace(a)), Some(SecondMoment::Trace(b))) = (
+            run(true, MomentKind::Trace).moment,
+            run(false, MomentKind::Trace).moment,
+        ) else {
+            panic!("traces")
+        };
+        assert!(
+            (a - b).abs() <= 1e-4 * b.abs(),
+            "{}: traces {a} and {b}",
+            g.path
+        );
+    }
 }

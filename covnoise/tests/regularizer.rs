@@ -490,3 +490,66 @@ fn chunked_passes_give_the_same_penalized_step_and_the_loss_stays_the_data_loss(
         );
     }
 }
+
+/// The MLP with its layers called plain, not through the probes: no
+/// parameter has a rule, so the penalties and the micro-batch estimator run
+/// one pass per micro-batch.
+fn unprobed_forward(m: &Mlp, b: &Labeled, _: &mut Probes) -> Objective {
+    let h = activation::tanh(m.a.forward(b.x.clone()));
+    Objective::Classification {
+        logits: m.b.forward(h),
+        labels: b.labels.clone(),
+    }
+}
+
+/// Where the rules cover every parameter, the penalties' micro-batch
+/// gradients at theta (data labels, and sampled labels for the
+/// Fisher-trace penalty) come from one pass over the whole batch; without
+/// rules, from one pass per micro-batch. The two give the same step, the
+/// same penalty value and the same data loss, also with micro-batch noise
+/// on top (the same seed draws the same noise), to float32 rounding of
+/// the passes (1e-4 relative, as above; the forward difference divides
+/// rounding of about 1e-7 by r = 1e-2, 1e-5). A micro-batch gradient
+/// taken from the wrong group, or sampled labels not the per-micro-batch
+/// path's, moves the penalty by O(1).
+#[test]
+fn penalties_from_one_pass_equal_one_pass_per_micro_batch() {
+    let n = 12;
+    let (model, batch) = mlp_and_batch(n, 7);
+    for config in [
+        NoiseConfig::none(),
+        NoiseConfig::diag_fisher(4).with_estimator(covnoise::moments::Estimator::microbatch(3)),
+    ] {
+        for reg in [
+            Regularizer::grad_norm(0.5, 4),
+            Regularizer::fisher_trace(0.5, 3),
+        ] {
+            let run = |probed: bool| {
+                let mut stage = NoiseStage::new(config.clone(), n, 6)
+                    .unwrap()
+                    .with_regularizer(reg)
+                    .unwrap();
+                let mut out = Vec::new();
+                for _ in 0..2 {
+                    out.push(if probed {
+                        step_grads(&mut stage, &model, &batch, mlp_forward)
+                    } else {
+                        step_grads(&mut stage, &model, &batch, unprobed_forward)
+                    });
+                }
+                out
+            };
+            for ((a, la, pa), (b, lb, pb)) in run(true).into_iter().zip(run(false)) {
+                let diff: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+                let rel = norm(&diff) / norm(&b);
+                assert!(rel <= 1e-4, "{reg:?}: steps differ by {rel}");
+                assert!((la - lb).abs() <= 1e-5 * lb.abs(), "losses {la} and {lb}");
+                let (pa, pb) = (pa.unwrap(), pb.unwrap());
+                assert!(
+                    (pa - pb).abs() <= 1e-4 * pb.abs(),
+                    "penalties {pa} and {pb}"
+                );
+            }
+        }
+    }
+}

@@ -2,7 +2,9 @@
 //! a user writes it in their own crate: a bilinear layer `y_k = x1ᵀ W_k x2`
 //! with its own [`ExactRule`], routed through [`Probes::layer`]. Its exact
 //! and Monte-Carlo estimates are checked against single-example backward
-//! passes; a deliberately wrong rule for it is refused at validation,
+//! passes, and its micro-batch gradients from one pass (the driver summing
+//! its per-example gradients per micro-batch) against one pass per
+//! micro-batch; a deliberately wrong rule for it is refused at validation,
 //! naming the layer.
 
 use burn::module::{Module, Param, ParamId};
@@ -177,6 +179,7 @@ fn ctx(table: &ParamTable, step: u64) -> StepContext<'_> {
         table,
         coupling: Coupling::Independent,
         chunk: None,
+        rules_cover_params: false,
     }
 }
 
@@ -286,6 +289,47 @@ fn a_user_rule_gives_exact_and_monte_carlo_estimates_equal_to_single_example_pas
         let reference = brute_force_diag(&model, &batch, Some(&labels));
         assert_per_parameter(&table, &mc, &reference, &format!("mc-fisher, step {step}"));
     }
+}
+
+/// The micro-batch estimator from one pass (the user rule offers no
+/// `group_sums`, so the driver sums its `per_example` rows per micro-batch)
+/// equals the estimator with one pass per micro-batch, to float32 rounding
+/// (1e-4 relative; a row summed into the wrong micro-batch is off by O(1)).
+#[test]
+fn a_user_rule_gives_micro_batch_gradients_from_one_pass() {
+    let model = Net::new(3);
+    let batch = data(12, 4);
+    let table = ParamTable::of(&model);
+    let run = |rules_cover_params: bool| {
+        let ctx = StepContext {
+            rules_cover_params,
+            ..ctx(&table, 0)
+        };
+        let out = moments::estimate(
+            &model,
+            &batch,
+            &right,
+            Estimator::microbatch(3),
+            MomentKind::Diag,
+            &ctx,
+        )
+        .unwrap();
+        let Some(SecondMoment::Diag(d)) = out.moment else {
+            panic!("a diagonal")
+        };
+        (flat(&out.grads), flat(&d))
+    };
+    let ((g1, m1), (g2, m2)) = (run(true), run(false));
+    let rel = |a: &[f64], b: &[f64]| {
+        let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+        norm(&diff) / norm(b)
+    };
+    assert!(
+        rel(&g1, &g2) <= 1e-4,
+        "step gradients differ by {}",
+        rel(&g1, &g2)
+    );
+    assert!(rel(&m1, &m2) <= 1e-4, "moments differ by {}", rel(&m1, &m2));
 }
 
 #[test]

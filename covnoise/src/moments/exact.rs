@@ -14,6 +14,11 @@
 //!   per-example gradients (and a rule's intermediates, such as unfolded
 //!   inputs) of one chunk are all that is held: about `CHUNK_BYTES` (64 MiB)
 //!   per parameter, or one example's worth when that is larger.
+//! - [`group_sums`]: the gradients of consecutive groups of examples
+//!   (micro-batch gradients) from the same rules, summed (not squared) over
+//!   a tied parameter's uses; a rule's batched shortcut
+//!   ([`ExactRule::group_sums`]) where it has one, per-example gradients in
+//!   chunks otherwise.
 //! - [`check_rules_cover_gradients`]: the per-example gradients must add up
 //!   to the backward pass's gradient, which refuses a wrong rule (naming the
 //!   layer) and a parameter also used outside the probed layers.
@@ -178,6 +183,119 @@ pub(crate) fn square_sums_chunked(
         start += len;
     }
     sums.ok_or_else(|| CovnoiseError::Shape("empty batch".into()))
+}
+
+/// The sums over consecutive groups of `group_size` examples of their
+/// per-example gradients (of the differentiated objective, as the probes
+/// give them), per parameter `[B / group_size, numel]` in table order. Every parameter of `table` must be covered
+/// by a probed layer; a tied parameter's uses add up. Exact wherever the
+/// rules are: examples of different groups must not interact (no batch
+/// normalization), which the callers check.
+pub fn group_sums(
+    layers: &[ProbedLayer],
+    table: &ParamTable,
+    group_size: usize,
+) -> Result<Vec<Tensor<2>>> {
+    let uses = uses_by_param(layers, table)?;
+    let mut out = Vec::with_capacity(table.len());
+    for (entry, uses) in table.entries().iter().zip(&uses) {
+        let numel = entry.numel();
+        let examples = examples_of(&uses[0]);
+        if group_size == 0 || !examples.is_multiple_of(group_size) {
+            return Err(CovnoiseError::Shape(format!(
+                "parameter {}: {examples} examples do not split into groups of {group_size}",
+                entry.name
+            )));
+        }
+        let groups = examples / group_size;
+        let mut total: Option<Tensor<2>> = None;
+        for &(rule, k, grad) in uses {
+            if grad.dims()[0] != examples {
+                return Err(CovnoiseError::Shape(format!(
+                    "parameter {}: it is used by probed layers that saw {examples} and {} examples",
+                    entry.name,
+                    grad.dims()[0]
+                )));
+            }
+            let g = match rule.group_sums(k, grad, group_size) {
+                Some(g) => g,
+                None => group_sums_chunked(rule, k, grad, numel, group_size, CHUNK_BYTES)?,
+            };
+            if g.dims() != [groups, numel] {
+                return Err(CovnoiseError::Shape(format!(
+                    "parameter {}: the {} layer's rule gives group gradients of shape {:?} for {groups} groups of a parameter of {numel} values",
+                    entry.name,
+                    rule.layer(),
+                    g.dims()
+                )));
+            }
+            total = Some(match total {
+                None => g,
+                Some(t) => t + g,
+            });
+        }
+        out.push(total.expect("every parameter has a use"));
+    }
+    Ok(out)
+}
+
+/// One use's group sums from its per-example gradients: whole groups per
+/// call while a group's gradients fit in `chunk_bytes`, otherwise each
+/// group in chunks of at least one example.
+fn group_sums_chunked(
+    rule: &dyn ExactRule,
+    k: usize,
+    grad: &Tensor<2>,
+    numel: usize,
+    group_size: usize,
+    chunk_bytes: usize,
+) -> Result<Tensor<2>> {
+    let examples = grad.dims()[0];
+    let groups = examples / group_size;
+    let chunk = (chunk_bytes / rule.bytes_per_example(k, numel).max(1)).max(1);
+    let checked = |g: Tensor<2>, len: usize| -> Result<Tensor<2>> {
+        if g.dims() != [len, numel] {
+            return Err(CovnoiseError::Shape(format!(
+                "the {} layer's rule gives per-example gradients of shape {:?} for {len} examples of a parameter of {numel} values",
+                rule.layer(),
+                g.dims()
+            )));
+        }
+        Ok(g)
+    };
+    let mut rows = Vec::new();
+    if chunk >= group_size {
+        let per_call = (chunk / group_size).min(groups);
+        let mut g0 = 0;
+        while g0 < groups {
+            let count = per_call.min(groups - g0);
+            let len = count * group_size;
+            let g = checked(rule.per_example(k, grad, g0 * group_size, len)?, len)?;
+            rows.push(
+                g.reshape([count, group_size, numel])
+                    .sum_dim(1)
+                    .reshape([count, numel]),
+            );
+            g0 += count;
+        }
+    } else {
+        for g0 in 0..groups {
+            let mut sum: Option<Tensor<2>> = None;
+            let mut start = g0 * group_size;
+            let end = start + group_size;
+            while start < end {
+                let len = chunk.min(end - start);
+                let g = checked(rule.per_example(k, grad, start, len)?, len)?.sum_dim(0);
+                sum = Some(match sum {
+                    None => g,
+                    Some(s) => s + g,
+                });
+                start += len;
+            }
+            rows.push(sum.expect("a group has examples"));
+        }
+    }
+    Ok(Tensor::cat(rows, 0))
 }
 
 /// A shape error about a parameter, with the parameter's name.

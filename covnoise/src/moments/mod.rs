@@ -133,6 +133,15 @@ pub struct StepContext<'a> {
     /// Run forward and backward passes over at most this many examples at a
     /// time, accumulating (see [`PassRequest::chunk`]); None: whole batches.
     pub chunk: Option<usize>,
+    /// Every parameter of [`StepContext::table`] is covered by exact
+    /// per-example rules that were checked to add up to the backward pass's
+    /// gradient, and the examples are independent
+    /// ([`NoiseStage::validate_model`](crate::noise::NoiseStage::validate_model)
+    /// sets it). The micro-batch estimator and the penalties then form all
+    /// micro-batch gradients from one pass over the whole batch
+    /// ([`PassRequest::group_size`]) instead of one pass per micro-batch;
+    /// false: one pass each (any model).
+    pub rules_cover_params: bool,
 }
 
 impl StepContext<'_> {
@@ -186,12 +195,108 @@ pub struct PassRequest<'a> {
     pub moments: Option<MomentKind>,
     /// Skip the parameter gradients (only per-example factors are wanted).
     pub skip_param_grads: bool,
+    /// Also form the gradients of consecutive groups of this many examples
+    /// (micro-batch gradients, each of its group's mean objective) from the
+    /// probed layers' rules ([`exact::group_sums`]) into
+    /// [`Pass::group_grads`]. The pass's gradient is then their mean (the
+    /// batch's), and the backward pass runs on a frozen copy of the model,
+    /// whose only weight products are the rules' group products. The batch, and [`PassRequest::chunk`] when
+    /// set, must be whole numbers of groups, and every parameter must be
+    /// covered by a rule; exact only where examples of different groups do
+    /// not interact (no batch normalization).
+    pub group_size: Option<usize>,
     /// Split the batch into passes over at most this many examples and
     /// accumulate: the same gradients, loss, predictions and factors up to
     /// float rounding, with the activations of one chunk alive at a time.
     /// Only for examples that may be split there (see
     /// [`StepContext::pass_chunk`]).
     pub chunk: Option<usize>,
+}
+
+/// The gradients of consecutive groups of examples (micro-batches) from one
+/// pass ([`PassRequest::group_size`]): per parameter, in table order, the
+/// rules' group sums `[groups, numel]`, and the factor that turns a row
+/// into its group's mean gradient. The factor is kept apart because
+/// rewriting `groups x numel` values only to scale them cost as much as the
+/// group products themselves; the methods apply it to what they return.
+#[derive(Debug, Clone)]
+pub struct GroupGrads {
+    /// Group sums per parameter, `[groups, numel]`, table order.
+    pub sums: Vec<Tensor<2>>,
+    /// Turns a row of [`GroupGrads::sums`] into its group's mean gradient.
+    pub scale: f32,
+}
+
+impl GroupGrads {
+    /// Number of groups.
+    pub fn groups(&self) -> usize {
+        self.sums.first().map_or(0, |t| t.dims()[0])
+    }
+
+    /// Group `j`'s mean gradient, flat, in table order.
+    pub fn group(&self, j: usize) -> Vec<Tensor<1>> {
+        self.sums
+            .iter()
+            .map(|t| {
+                let numel = t.dims()[1];
+                t.clone().narrow(0, j, 1).reshape([numel]) * self.scale
+            })
+            .collect()
+    }
+
+    /// The mean of the groups' mean gradients (the batch's, for equal
+    /// groups), flat, in table order.
+    pub fn mean(&self) -> Vec<Tensor<1>> {
+        self.sums
+            .iter()
+            .map(|t| {
+                let numel = t.dims()[1];
+                t.clone().mean_dim(0).reshape([numel]) * self.scale
+            })
+            .collect()
+    }
+
+    /// `sum_j (g_j - mean)^2` per parameter over the groups' mean gradients
+    /// `g_j`, flat, in table order: `scale^2 sum_j (s_j - mean / scale)^2`
+    /// over the rows `s_j`, one flat row at a time (on flex a broadcast
+    /// subtraction and a sum over the first dimension of `[groups, numel]`
+    /// ran 6 times slower).
+    pub fn centered_squares(&self, mean: &[Tensor<1>]) -> Vec<Tensor<1>> {
+        let s = self.scale;
+        self.sums
+            .iter()
+            .zip(mean)
+            .map(|(t, m)| {
+                let [rows, numel] = t.dims();
+                let m = m.clone() / s;
+                (0..rows)
+                    .map(|j| (t.clone().narrow(0, j, 1).reshape([numel]) - m.clone()).square())
+                    .reduce(|acc, sq| acc + sq)
+                    .expect("at least one group")
+                    * (s * s)
+            })
+            .collect()
+    }
+
+    /// These groups followed by `other`'s (the next chunk of a batch).
+    fn then(self, other: GroupGrads) -> GroupGrads {
+        let ratio = other.scale / self.scale;
+        let sums = self
+            .sums
+            .into_iter()
+            .zip(other.sums)
+            .map(|(a, b)| {
+                // Chunks of equal size share their scale; a shorter last
+                // chunk's rows are brought to the first chunk's.
+                let b = if ratio == 1.0 { b } else { b * ratio };
+                Tensor::cat(vec![a, b], 0)
+            })
+            .collect();
+        GroupGrads {
+            sums,
+            scale: self.scale,
+        }
+    }
 }
 
 /// The result of one forward + backward pass over `n` examples.
@@ -214,6 +319,9 @@ pub struct Pass {
     /// Sums over the examples of their squared per-example gradients, when
     /// [`PassRequest::moments`] asked for them (not divided by the examples).
     pub moment_sums: Option<SecondMoment>,
+    /// The groups' gradients, when [`PassRequest::group_size`] asked for
+    /// them.
+    pub group_grads: Option<GroupGrads>,
     /// Number of examples.
     pub examples: usize,
 }
@@ -241,6 +349,15 @@ where
             "example weights do not match the batch size".into(),
         ));
     }
+    if let Some(b) = request.group_size {
+        let whole = |m: usize| b > 0 && m.is_multiple_of(b);
+        if !whole(n) || request.chunk.is_some_and(|c| c < n && !whole(c)) {
+            return Err(CovnoiseError::Shape(format!(
+                "a pass over {n} examples (chunks of {:?}) cannot form the gradients of groups of {b}",
+                request.chunk
+            )));
+        }
+    }
     if let Some(chunk) = request
         .chunk
         .filter(|&c| c >= 1 && c < n && !request.probes)
@@ -248,20 +365,20 @@ where
         return chunked_pass(model, table, batch, forward, request, chunk);
     }
     // Without parameter gradients the backward pass only needs to reach the
-    // probes: a frozen copy (shared tensors) skips the weight products.
+    // probes: a frozen copy (shared tensors) skips the weight products. A
+    // pass for group gradients takes its parameter gradients from them
+    // (their mean is the batch's), so it skips them too.
     let frozen;
-    let model = if request.skip_param_grads {
+    let frozen_pass = request.skip_param_grads || request.group_size.is_some();
+    let model = if frozen_pass {
         frozen = model.clone().no_grad();
         &frozen
     } else {
         model
     };
-    let mut probes = if request.probes || request.moments.is_some() {
-        if request.skip_param_grads {
-            Probes::on_frozen()
-        } else {
-            Probes::on()
-        }
+    let record = request.probes || request.moments.is_some() || request.group_size.is_some();
+    let mut probes = if record {
+        Probes::recording(frozen_pass, request.group_size)
     } else {
         Probes::off()
     };
@@ -314,7 +431,7 @@ where
         Objective::Losses(_) => (None, None),
     };
     let mut gradients = value.backward();
-    let recorded = if request.probes || request.moments.is_some() {
+    let recorded = if record {
         probes.into_layers(&gradients, n, table)?
     } else {
         Vec::new()
@@ -325,9 +442,20 @@ where
         Some(kind) => Some(exact::moment_sums(&recorded, table, n as f32, kind)?),
         None => None,
     };
+    // The probe gradients are of the mean over the n examples: n / b
+    // times a group's sum is its mean gradient.
+    let group_grads = match request.group_size {
+        Some(b) => Some(GroupGrads {
+            sums: exact::group_sums(&recorded, table, b)?,
+            scale: (n / b) as f32,
+        }),
+        None => None,
+    };
     let layers = if request.probes { recorded } else { Vec::new() };
     let grads = if request.skip_param_grads {
         Vec::new()
+    } else if let Some(groups) = &group_grads {
+        groups.mean()
     } else {
         let mut params = GradientsParams::from_module(&mut gradients, model);
         table.flatten(&mut params, &device.inner())?
@@ -339,6 +467,7 @@ where
         logits,
         layers,
         moment_sums,
+        group_grads,
         examples: n,
     })
 }
@@ -484,6 +613,10 @@ fn combine_passes(a: Pass, b: Pass) -> Result<Pass> {
         },
         layers: Vec::new(),
         moment_sums,
+        group_grads: match (a.group_grads, b.group_grads) {
+            (Some(x), Some(y)) => Some(x.then(y)),
+            _ => None,
+        },
         examples: a.examples + b.examples,
     })
 }
@@ -835,8 +968,16 @@ fn labels_from_model(
 
 /// The micro-batch estimator: M micro-batch gradients g_j (this process
 /// holds M/K of them), mean g, and `b/(M-1) sum_j (g_j - g)^2`. The step's
-/// gradient is the mean of the micro-batch gradients, so the step costs the
-/// FLOPs of one plain step plus the centered sum.
+/// gradient is the mean of the micro-batch gradients.
+///
+/// Where the rules cover every parameter ([`StepContext::rules_cover_params`])
+/// one pass over the whole batch forms them all ([`PassRequest::group_size`]):
+/// the step costs a plain step whose weight products are the groups'
+/// (a fast convolution adds each example's gradient to its group's sum
+/// instead of the batch's; a Linear layer runs one product per group),
+/// plus the centered sum over the groups. Otherwise (batch
+/// normalization, layers without rules) it runs one pass per micro-batch,
+/// the FLOPs of one plain step in M smaller products.
 ///
 /// The centered sum is formed around the global mean after a first
 /// all-reduce (rather than from raw sums of squares), which avoids the
@@ -857,6 +998,37 @@ where
     let world = ctx.collective.world_size();
     let local_m = micro_batches / world;
     let b = batch.len() / local_m;
+    let factor = b as f64 / (micro_batches as f64 - 1.0);
+    if ctx.rules_cover_params && ctx.coupling == Coupling::Independent {
+        let mut pass = backward_pass(
+            model,
+            ctx.table,
+            batch,
+            forward,
+            PassRequest {
+                group_size: Some(b),
+                chunk: whole_groups(ctx.pass_chunk(), b),
+                ..Default::default()
+            },
+        )?;
+        let groups = pass
+            .group_grads
+            .take()
+            .expect("a pass that asked for group gradients has them");
+        // The batch gradient is the mean of the local groups' gradients;
+        // after the reduce, the mean over all M.
+        let mut reduced = reduce_step(
+            pass.grads,
+            pass.loss_sum,
+            pass.correct,
+            batch.len(),
+            None,
+            ctx,
+        )?;
+        let centered = groups.centered_squares(&reduced.grads);
+        reduced.moment = Some(centered_moment(centered, factor, kind, ctx)?);
+        return Ok(reduced);
+    }
     let passes = parts_with_one_buffer_update(model, &vec![1.0 / local_m as f64; local_m], |j| {
         backward_pass(
             model,
@@ -888,7 +1060,6 @@ where
     let mut reduced = reduce_step(sum, loss_sum, correct, batch.len(), None, ctx)?;
     scale_all(&mut reduced.grads, world as f64 / micro_batches as f64);
     let mean = &reduced.grads;
-    let factor = b as f64 / (micro_batches as f64 - 1.0);
     let mut centered: Option<Vec<Tensor<1>>> = None;
     for g in micro_grads {
         let squares = g
@@ -900,8 +1071,26 @@ where
             Some(c) => c.into_iter().zip(squares).map(|(c, sq)| c + sq).collect(),
         });
     }
-    let mut centered = centered.expect("at least one micro-batch");
-    let moment = match kind {
+    let centered = centered.expect("at least one micro-batch");
+    reduced.moment = Some(centered_moment(centered, factor, kind, ctx)?);
+    Ok(reduced)
+}
+
+/// A pass chunk of whole groups of `b` examples: `chunk` rounded down to a
+/// multiple of `b`, at least one group.
+pub(crate) fn whole_groups(chunk: Option<usize>, b: usize) -> Option<usize> {
+    chunk.map(|c| (c / b).max(1) * b)
+}
+
+/// The micro-batch moment from this process's centered sums
+/// `sum_j (g_j - g)^2`: summed over the processes and scaled by `factor`.
+fn centered_moment(
+    mut centered: Vec<Tensor<1>>,
+    factor: f64,
+    kind: MomentKind,
+    ctx: &StepContext,
+) -> Result<SecondMoment> {
+    Ok(match kind {
         MomentKind::Diag => {
             all_reduce_packed(ctx.collective, &mut centered, &mut [])?;
             scale_all(&mut centered, factor);
@@ -915,7 +1104,5 @@ where
             all_reduce_packed(ctx.collective, &mut [], &mut t)?;
             SecondMoment::Trace(t[0] * factor)
         }
-    };
-    reduced.moment = Some(moment);
-    Ok(reduced)
+    })
 }

@@ -100,6 +100,8 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
 struct CheckedModel {
     ids: Vec<ParamId>,
     coupling: Coupling,
+    /// See [`StepContext::rules_cover_params`].
+    rules_cover_params: bool,
 }
 
 impl<C: Collective> std::fmt::Debug for NoiseStage<C> {
@@ -356,9 +358,20 @@ impl<C: Collective> NoiseStage<C> {
         if self.c > 0.0 {
             self.check_structure(model, &table, &probes, coupling, batch, &forward)?;
         }
+        // Micro-batch gradients from one pass need rules for every
+        // parameter; without them (or with batch norm) each micro-batch
+        // takes a pass of its own, which works for any model.
+        let micro_batched = (self.c > 0.0
+            && self.config.structure.moment().is_some()
+            && matches!(self.config.estimator, Estimator::Microbatch { .. }))
+            || self.regularizer.is_some_and(|r| r.is_active());
+        let rules_cover_params = micro_batched
+            && coupling == Coupling::Independent
+            && check_rules(model, &table, &probes, batch, &forward).is_ok();
         self.checked = Some(CheckedModel {
             ids: table.entries().iter().map(|e| e.id).collect(),
             coupling,
+            rules_cover_params,
         });
         Ok(coupling)
     }
@@ -429,43 +442,7 @@ impl<C: Collective> NoiseStage<C> {
         if matches!(self.config.estimator, Estimator::Microbatch { .. }) {
             return Ok(());
         }
-        if let Some((param, what)) = observed.unsupported().first() {
-            return Err(CovnoiseError::Refused {
-                problem: format!(
-                    "parameter {} belongs to {what}, which has no per-example gradient rule",
-                    table.name_of(*param)
-                ),
-                remedy: Remedy::MicrobatchEstimator,
-            });
-        }
-        let covered = observed.covered_params();
-        if let Some(e) = table.entries().iter().find(|e| !covered.contains(&e.id)) {
-            return Err(CovnoiseError::Refused {
-                problem: format!(
-                    "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover layers routed through Probes (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, and any layer with an ExactRule of its own, via Probes::layer)",
-                    e.name, e.shape
-                ),
-                remedy: Remedy::MicrobatchEstimator,
-            });
-        }
-        // The probe gradients of two examples must add up to the
-        // parameters' gradients. The sums differ by float32 rounding
-        // (about 1e-6 relative); a use outside the probed layers
-        // misses a whole term, so 1e-3 separates the two.
-        let sample = batch.slice(0, batch.len().min(2));
-        let pass = moments::keeping_buffers(model, || {
-            moments::backward_pass(
-                model,
-                table,
-                &sample,
-                forward,
-                PassRequest {
-                    probes: true,
-                    ..Default::default()
-                },
-            )
-        })?;
-        moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
+        check_rules(model, table, observed, batch, forward)
     }
 
     /// Whether the configuration has a noise window (epochs without noise).
@@ -527,10 +504,14 @@ impl<C: Collective> NoiseStage<C> {
         }
         let table = self.table(model)?;
         let ids: Vec<ParamId> = table.entries().iter().map(|e| e.id).collect();
-        let coupling = match &self.checked {
-            Some(checked) if checked.ids == ids => checked.coupling,
-            _ => self.validate_model(model, batch, &forward)?,
-        };
+        if self.checked.as_ref().is_none_or(|c| c.ids != ids) {
+            self.validate_model(model, batch, &forward)?;
+        }
+        let checked = self
+            .checked
+            .as_ref()
+            .expect("validate_model records the model");
+        let (coupling, rules_cover_params) = (checked.coupling, checked.rules_cover_params);
         let ctx = StepContext {
             seed: self.seed,
             step,
@@ -538,6 +519,7 @@ impl<C: Collective> NoiseStage<C> {
             table: &table,
             coupling,
             chunk: self.chunk,
+            rules_cover_params,
         };
         let active = self.active_in(epoch);
         let stale = !self.estimate_ids.is_empty() && self.estimate_ids != ids;
@@ -766,6 +748,62 @@ fn check_finite(g: &StepGradient, step: u64) -> Result<()> {
         return Err(CovnoiseError::NonFiniteGradient { step });
     }
     Ok(())
+}
+
+/// Checks that every parameter of `table` has an exact per-example rule in
+/// the forward pass `observed` saw, and that on two examples of `batch` the
+/// rules' per-example gradients add up to the backward pass's gradient (a
+/// parameter without a rule, or used outside its probed layer, is refused by
+/// name). The model's buffers are left as they were.
+fn check_rules<M, B, F>(
+    model: &M,
+    table: &ParamTable,
+    observed: &Probes,
+    batch: &B,
+    forward: &F,
+) -> Result<()>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    if let Some((param, what)) = observed.unsupported().first() {
+        return Err(CovnoiseError::Refused {
+            problem: format!(
+                "parameter {} belongs to {what}, which has no per-example gradient rule",
+                table.name_of(*param)
+            ),
+            remedy: Remedy::MicrobatchEstimator,
+        });
+    }
+    let covered = observed.covered_params();
+    if let Some(e) = table.entries().iter().find(|e| !covered.contains(&e.id)) {
+        return Err(CovnoiseError::Refused {
+            problem: format!(
+                "parameter {} (shape {:?}) has no per-example gradient rule: the exact and mc-fisher estimators cover layers routed through Probes (Linear, Conv1d, Conv2d, Embedding, LayerNorm, GroupNorm, and any layer with an ExactRule of its own, via Probes::layer)",
+                e.name, e.shape
+            ),
+            remedy: Remedy::MicrobatchEstimator,
+        });
+    }
+    // The probe gradients of two examples must add up to the
+    // parameters' gradients. The sums differ by float32 rounding
+    // (about 1e-6 relative); a use outside the probed layers
+    // misses a whole term, so 1e-3 separates the two.
+    let sample = batch.slice(0, batch.len().min(2));
+    let pass = moments::keeping_buffers(model, || {
+        moments::backward_pass(
+            model,
+            table,
+            &sample,
+            forward,
+            PassRequest {
+                probes: true,
+                ..Default::default()
+            },
+        )
+    })?;
+    moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
 }
 
 #[cfg(test)]

@@ -41,9 +41,10 @@ pub struct ConvRule {
     pub kind: &'static str,
     /// Where the fast convolution's backward step leaves the output
     /// gradient and the sums of the squared per-example gradients it formed
-    /// anyway (see [`kernels::conv2d_recording`]); None where burn's op
-    /// runs (a probe then takes the output gradient, and the sums come from
-    /// [`ExactRule::per_example`] chunk by chunk).
+    /// anyway, or their sums per micro-batch (see
+    /// [`kernels::conv2d_recording`], [`Probes::on_grouped`]); None where
+    /// burn's op runs (a probe then takes the output gradient, and the sums
+    /// come from [`ExactRule::per_example`] chunk by chunk).
     pub sink: Option<ConvSink>,
 }
 
@@ -142,6 +143,24 @@ impl ExactRule for ConvRule {
         (n > 0).then(|| from_vec(values, [n], &output_grad.device()))
     }
 
+    /// The group sums the fast kernel's backward step formed, when it ran
+    /// for groups of this size (a pass recorded by
+    /// [`Probes::on_grouped`]).
+    fn group_sums(
+        &self,
+        index: usize,
+        output_grad: &Tensor<2>,
+        group_size: usize,
+    ) -> Option<Tensor<2>> {
+        let sums = self.sink.as_ref()?.groups()?;
+        if sums.groups * group_size != self.input.dims()[0] {
+            return None;
+        }
+        let values = if index == 0 { sums.weight } else { sums.bias };
+        let n = values.len() / sums.groups.max(1);
+        (n > 0).then(|| from_vec(values, [sums.groups, n], &output_grad.device()))
+    }
+
     fn bytes_per_example(&self, index: usize, numel: usize) -> usize {
         if index != 0 {
             return 4 * numel.max(1);
@@ -179,7 +198,7 @@ impl Probes {
             // The backward step must run to fill the sink.
             weight = weight.require_grad();
         }
-        let sink = fast.then(ConvSink::new);
+        let sink = fast.then(|| self.new_sink());
         let z = kernels::conv2d_recording(x, weight, bias, options, sink.clone());
         let [_, _, ho, wo] = z.dims();
         let rule = || ConvRule {

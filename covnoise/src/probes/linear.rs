@@ -2,7 +2,9 @@
 //! weight gradient is `a_iᵀ δ_i` (`[in, T] x [T, out]`, its T positions
 //! summed), its bias gradient `Σ_t δ_it`. With one position per example the
 //! sum of squares is one product, `(a²)ᵀ(δ²)` (BackPACK's shortcut), and the
-//! trace `Σ_i ‖a_i‖² ‖δ_i‖²` costs O(B (in + out)).
+//! trace `Σ_i ‖a_i‖² ‖δ_i‖²` costs O(B (in + out)). The gradients of
+//! groups of consecutive examples (micro-batches) are one batched product
+//! `a_gᵀ δ_g`, the multiply-adds of the batch gradient.
 
 use burn::module::ParamId;
 use burn::nn::Linear;
@@ -82,6 +84,37 @@ impl ExactRule for LinearRule {
             a2.transpose().matmul(d2).reshape([i * o])
         } else {
             d2.sum_dim(0).reshape([o])
+        })
+    }
+
+    fn group_sums(
+        &self,
+        index: usize,
+        output_grad: &Tensor<2>,
+        group_size: usize,
+    ) -> Option<Tensor<2>> {
+        let [b, t, i] = self.input.dims();
+        if group_size == 0 || !b.is_multiple_of(group_size) {
+            return None;
+        }
+        // A group's rows (its examples' positions) are consecutive: one
+        // product per group, batched.
+        let (groups, rows) = (b / group_size, group_size * t);
+        let o = output_grad.dims()[1] / t.max(1);
+        let d = output_grad.clone().reshape([groups, rows, o]);
+        Some(if index == 0 {
+            let flat_d = d.clone().reshape([b * t, o]);
+            let flat_a = self.input.clone().reshape([b * t, i]);
+            match crate::kernels::group_outer(&flat_a, &flat_d, rows) {
+                Some(g) => g,
+                None => flat_a
+                    .reshape([groups, rows, i])
+                    .swap_dims(1, 2)
+                    .matmul(d)
+                    .reshape([groups, i * o]),
+            }
+        } else {
+            d.sum_dim(1).reshape([groups, o])
         })
     }
 

@@ -11,8 +11,8 @@
 //! output, one row per example (BackPACK's quantity, without storing
 //! per-example weight gradients). A convolution on covnoise's fast CPU
 //! kernel needs no probe: its own backward step hands over that gradient
-//! and the sums of its squared per-example gradients
-//! ([`crate::kernels::ConvSink`]). Each layer kind's [`ExactRule`] turns
+//! and the sums of its squared per-example gradients, or their sums per
+//! micro-batch ([`crate::kernels::ConvSink`]). Each layer kind's [`ExactRule`] turns
 //! the output gradient into per-example parameter gradients; the driver in
 //! [`crate::moments::exact`] squares and sums them. One file per rule:
 //!
@@ -129,6 +129,9 @@ pub struct Probes {
     /// Recording a pass over a frozen copy of the model (see
     /// [`Probes::on_frozen`]).
     frozen: bool,
+    /// Examples per group when the pass is for group gradients (see
+    /// [`Probes::on_grouped`]).
+    group_size: Option<usize>,
     layers: Vec<Recorded>,
     norms: Vec<NormGroups>,
 }
@@ -141,10 +144,7 @@ impl Probes {
 
     /// Probes that record every probe-aware layer of the next forward pass.
     pub fn on() -> Self {
-        Self {
-            mode: Mode::On,
-            ..Self::default()
-        }
+        Self::recording(false, None)
     }
 
     /// Probes that record, as [`Probes::on`], a forward pass of a frozen
@@ -155,10 +155,36 @@ impl Probes {
     /// [`crate::kernels::ConvSink`]) instead of leaving them to the
     /// rule's slower per-example path. The copy's gradient is not read.
     pub fn on_frozen() -> Self {
+        Self::recording(true, None)
+    }
+
+    /// Probes that record, as [`Probes::on`], a pass whose rules are asked
+    /// for the gradients of consecutive groups of `group_size` examples
+    /// ([`ExactRule::group_sums`]: micro-batch gradients) rather than for
+    /// squares: a fast convolution's backward step then adds each
+    /// example's gradient to its group's sum (see
+    /// [`crate::kernels::ConvSink::grouped`]).
+    pub fn on_grouped(group_size: usize) -> Self {
+        Self::recording(false, Some(group_size))
+    }
+
+    /// Recording probes: over a frozen copy of the model or not (see
+    /// [`Probes::on_frozen`]), for squares or for group gradients (see
+    /// [`Probes::on_grouped`]).
+    pub(crate) fn recording(frozen: bool, group_size: Option<usize>) -> Self {
         Self {
             mode: Mode::On,
-            frozen: true,
+            frozen,
+            group_size,
             ..Self::default()
+        }
+    }
+
+    /// The sink a fast convolution of this pass leaves its results in.
+    fn new_sink(&self) -> ConvSink {
+        match self.group_size {
+            Some(b) => ConvSink::grouped(b),
+            None => ConvSink::new(),
         }
     }
 

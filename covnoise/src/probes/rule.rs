@@ -126,6 +126,27 @@ pub trait ExactRule: std::fmt::Debug + Send {
         None
     }
 
+    /// The gradients of consecutive groups of `group_size` examples for
+    /// parameter `index`, `[B / group_size, numel]`: row g is the sum of
+    /// [`ExactRule::per_example`]'s rows `g group_size .. (g + 1)
+    /// group_size`, where a shortcut forms them without per-example
+    /// gradients (a Linear layer: one batched product `a_gᵀ δ_g` over the
+    /// groups, the same multiply-adds as its batch gradient), or where the
+    /// backward pass already did (a convolution on the fast kernels, whose
+    /// backward step adds each example's gradient to its group's sum).
+    /// `None` (the default): the driver sums [`ExactRule::per_example`]
+    /// chunk by chunk. These are micro-batch gradients from one pass over
+    /// the whole batch (the micro-batch estimator and the penalties).
+    fn group_sums(
+        &self,
+        index: usize,
+        output_grad: &Tensor<2>,
+        group_size: usize,
+    ) -> Option<Tensor<2>> {
+        let _ = (index, output_grad, group_size);
+        None
+    }
+
     /// `Σ_i ‖g_i‖²` for parameter `index`, where that is cheaper than the
     /// diagonal; by default the sum of [`ExactRule::square_sums`].
     fn trace(&self, index: usize, output_grad: &Tensor<2>) -> Option<f64> {
