@@ -148,10 +148,11 @@ fn step_losses(path: &Path) -> Vec<f64> {
 }
 
 /// Trains with `extra` flags on one process (the plain trainer) and on two
-/// MPI processes; the per-step losses must agree within 1e-5 relative, the
+/// MPI processes; the per-step losses must agree within `tolerance`
+/// relative (1e-5 but for the Fisher-trace penalty, see its test), the
 /// two replicas must end identical, and each step must make
 /// `all_reduces_per_step` all-reduce calls (everything packed).
-fn two_processes_match_one(extra: &[&str], all_reduces_per_step: u64) {
+fn two_processes_match_one(extra: &[&str], all_reduces_per_step: u64, tolerance: f64) {
     let _job = JOBS.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let data = data_dir(tmp.path());
@@ -189,7 +190,7 @@ fn two_processes_match_one(extra: &[&str], all_reduces_per_step: u64) {
         .fold(0.0, f64::max);
     eprintln!("{extra:?}: worst relative loss difference over 16 steps {worst:.2e}");
     assert!(
-        worst < 1e-5,
+        worst < tolerance,
         "losses differ by {worst:e}: {one:?} vs {two:?}"
     );
 
@@ -223,7 +224,7 @@ fn two_processes_match_one(extra: &[&str], all_reduces_per_step: u64) {
 
 #[test]
 fn two_processes_match_one_without_noise() {
-    two_processes_match_one(&[], 1);
+    two_processes_match_one(&[], 1, 1e-5);
 }
 
 #[test]
@@ -239,6 +240,7 @@ fn two_processes_match_one_with_exact_diag_noise() {
             "32",
         ],
         1,
+        1e-5,
     );
 }
 
@@ -258,6 +260,7 @@ fn two_processes_match_one_with_microbatch_diag_noise() {
             "32",
         ],
         2,
+        1e-5,
     );
 }
 
@@ -278,11 +281,19 @@ fn two_processes_match_one_with_grad_norm_penalty() {
             "5",
         ],
         2,
+        1e-5,
     );
 }
 
 /// Labels for the Fisher-trace penalty are drawn for the global batch, so
-/// sharding does not change them.
+/// sharding does not change them. The tolerance is 1e-4: the micro-batch
+/// gradients come from one pass over each process's shard (256 examples
+/// on one process, 128 on each of two), whose products round differently,
+/// and the forward difference divides that float32 rounding by eps
+/// (about 1e-7 / r = 1e-5 of the Hessian-vector product per step, see
+/// `covnoise::regularizer`); over 16 steps of training the one- and
+/// two-process losses drift apart by about 1.2e-5. Labels drawn for the
+/// wrong examples (a sharding bug) put them 0.33 apart.
 #[test]
 fn two_processes_match_one_with_fisher_trace_penalty() {
     two_processes_match_one(
@@ -295,6 +306,7 @@ fn two_processes_match_one_with_fisher_trace_penalty() {
             "4",
         ],
         2,
+        1e-4,
     );
 }
 
