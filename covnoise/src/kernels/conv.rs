@@ -354,7 +354,7 @@ pub fn forward(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -
 }
 
 /// What a weight-gradient product forms of the per-example gradients on
-/// the way to the batch's ([`weight_grad`]).
+/// the way to the batch's (a fast convolution's weight-gradient step).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PerExample {
     /// Nothing: only the batch gradient.
