@@ -7,7 +7,10 @@
 //!   global batch.
 //! - `microbatch` estimates the *centered* per-example covariance
 //!   `diag(Sigma)` by `b/(M-1) sum_j (g_j - g)^2` over M micro-batches of b
-//!   examples (unbiased when micro-batches are independent draws).
+//!   examples (unbiased when micro-batches are independent draws). The
+//!   g_j come from one pass over the batch where the exact rules cover
+//!   every parameter ([`StepContext::rules_cover_params`],
+//!   [`PassRequest::group_size`]), else from one pass each.
 //! - Every estimate is per example (not divided by B), so the noise scale c
 //!   alone carries the batch-size dependence.
 //! - Gradients and estimates are flat rank-1 tensors in the order of the
