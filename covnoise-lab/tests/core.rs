@@ -112,7 +112,6 @@ fn ctx_with(step: u64, table: &ParamTable, coupling: Coupling) -> StepContext<'_
         table,
         coupling,
         chunk: None,
-        rules_cover_params: false,
     }
 }
 

@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use crate::collective::all_reduce_packed;
 use crate::error::{CovnoiseError, Result, check_non_negative, check_positive};
 use crate::model::{Coupling, Examples, Forward};
-use crate::moments::{self, PassRequest, StepContext, StepGradient};
+use crate::moments::{self, MicroBatchPasses, PassRequest, StepContext, StepGradient};
 use crate::rng::stream;
 use crate::tensor_util::scalar;
 
@@ -163,7 +163,7 @@ pub(crate) struct PenaltyGradient {
 /// the model's buffers once, as a plain step would; otherwise the buffers
 /// are left as they were.
 ///
-/// Where the rules cover every parameter ([`StepContext::rules_cover_params`])
+/// With [`MicroBatchPasses::OneThroughRules`] (and independent examples)
 /// the micro-batch gradients at theta come from one pass over the whole
 /// batch ([`PassRequest::group_size`]; with sampled labels a second, on a
 /// frozen copy, for the group gradients only), and only the passes at the
@@ -175,6 +175,7 @@ pub(crate) fn penalty_gradient<M, B, F>(
     forward: &F,
     reg: &Regularizer,
     want_data: bool,
+    passes: MicroBatchPasses,
     ctx: &StepContext,
 ) -> Result<PenaltyGradient>
 where
@@ -190,11 +191,12 @@ where
     // A whole-batch batch norm normalizes a micro-batch differently from
     // the batch: its passes cannot make the batch's gradient.
     let want_data = want_data && ctx.coupling != Coupling::WholeBatch;
-    let acc = if ctx.rules_cover_params && ctx.coupling == Coupling::Independent {
-        sums_from_one_pass(model, batch, forward, reg, want_data, ctx, b)?
-    } else {
-        sums_per_micro_batch(model, batch, forward, reg, want_data, ctx, b)?
-    };
+    let acc =
+        if passes == MicroBatchPasses::OneThroughRules && ctx.coupling == Coupling::Independent {
+            sums_from_one_pass(model, batch, forward, reg, want_data, ctx, b)?
+        } else {
+            sums_per_micro_batch(model, batch, forward, reg, want_data, ctx, b)?
+        };
     let mut hvp = match acc.hvp {
         Some(h) => h,
         None => {

@@ -138,7 +138,6 @@ fn ctx(table: &ParamTable) -> StepContext<'_> {
         table,
         coupling: Coupling::Independent,
         chunk: None,
-        rules_cover_params: false,
     }
 }
 

@@ -15,7 +15,8 @@ use covnoise::collective::SingleProcess;
 use covnoise::kernels::{self, ConvSink};
 use covnoise::model::{Batch, Coupling, Examples, Forward, Objective, Probes, labels_tensor};
 use covnoise::moments::{
-    self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext, backward_pass,
+    self, Estimator, MicroBatchPasses, MomentKind, PassRequest, SecondMoment, StepContext,
+    backward_pass,
 };
 use covnoise::params::ParamTable;
 use covnoise::tensor_util::to_vec;
@@ -351,7 +352,6 @@ fn monte_carlo_fisher_from_the_kernel_matches_single_example_passes() {
                 table: &table,
                 coupling: Coupling::Independent,
                 chunk: None,
-                rules_cover_params: false,
             };
             let out = moments::estimate(
                 &model,
@@ -541,7 +541,7 @@ fn the_micro_batch_estimator_from_one_pass_equals_one_pass_per_micro_batch() {
         let model = g.model(&device);
         let batch = g.batch(12, 80 + k as u64, &device);
         let table = ParamTable::of(&model);
-        let run = |rules_cover_params: bool, kind: MomentKind| {
+        let run = |passes: MicroBatchPasses, kind: MomentKind| {
             let ctx = StepContext {
                 seed: 3,
                 step: 0,
@@ -549,19 +549,26 @@ fn the_micro_batch_estimator_from_one_pass_equals_one_pass_per_micro_batch() {
                 table: &table,
                 coupling: Coupling::Independent,
                 chunk: None,
-                rules_cover_params,
             };
-            moments::estimate(
+            moments::estimate_with(
                 &model,
                 &batch,
                 &forward,
                 Estimator::microbatch(4),
                 kind,
+                passes,
                 &ctx,
             )
             .unwrap()
         };
-        let (one, each) = (run(true, MomentKind::Diag), run(false, MomentKind::Diag));
+        let (one_pass, each_pass) = (
+            MicroBatchPasses::OneThroughRules,
+            MicroBatchPasses::PerMicroBatch,
+        );
+        let (one, each) = (
+            run(one_pass, MomentKind::Diag),
+            run(each_pass, MomentKind::Diag),
+        );
         let err = rel_err(&flat(&one.grads), &flat(&each.grads));
         assert!(err <= 1e-4, "{}: step gradients differ by {err}", g.path);
         assert!((one.loss - each.loss).abs() <= 1e-5 * each.loss.abs());
@@ -572,8 +579,8 @@ fn the_micro_batch_estimator_from_one_pass_equals_one_pass_per_micro_batch() {
         let err = rel_err(&flat(&a), &flat(&b));
         assert!(err <= 1e-4, "{}: moments differ by {err}", g.path);
         let (Some(SecondMoment::Trace(a)), Some(SecondMoment::Trace(b))) = (
-            run(true, MomentKind::Trace).moment,
-            run(false, MomentKind::Trace).moment,
+            run(one_pass, MomentKind::Trace).moment,
+            run(each_pass, MomentKind::Trace).moment,
         ) else {
             panic!("traces")
         };

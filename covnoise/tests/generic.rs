@@ -119,7 +119,6 @@ fn ctx<'a>(step: u64, table: &'a ParamTable) -> StepContext<'a> {
         table,
         coupling: covnoise::model::Coupling::Independent,
         chunk: None,
-        rules_cover_params: false,
     }
 }
 

@@ -13,7 +13,9 @@ use burn::tensor::{Device, Distribution, Tensor, activation};
 use covnoise::CovnoiseError;
 use covnoise::collective::SingleProcess;
 use covnoise::model::{Batch, Coupling, Examples, Objective, Probes, labels_tensor};
-use covnoise::moments::{self, Estimator, MomentKind, PassRequest, SecondMoment, StepContext};
+use covnoise::moments::{
+    self, Estimator, MicroBatchPasses, MomentKind, PassRequest, SecondMoment, StepContext,
+};
 use covnoise::noise::{NoiseConfig, NoiseStage};
 use covnoise::params::ParamTable;
 use covnoise::probes::ExactRule;
@@ -179,7 +181,6 @@ fn ctx(table: &ParamTable, step: u64) -> StepContext<'_> {
         table,
         coupling: Coupling::Independent,
         chunk: None,
-        rules_cover_params: false,
     }
 }
 
@@ -300,18 +301,15 @@ fn a_user_rule_gives_micro_batch_gradients_from_one_pass() {
     let model = Net::new(3);
     let batch = data(12, 4);
     let table = ParamTable::of(&model);
-    let run = |rules_cover_params: bool| {
-        let ctx = StepContext {
-            rules_cover_params,
-            ..ctx(&table, 0)
-        };
-        let out = moments::estimate(
+    let run = |passes: MicroBatchPasses| {
+        let out = moments::estimate_with(
             &model,
             &batch,
             &right,
             Estimator::microbatch(3),
             MomentKind::Diag,
-            &ctx,
+            passes,
+            &ctx(&table, 0),
         )
         .unwrap();
         let Some(SecondMoment::Diag(d)) = out.moment else {
@@ -319,7 +317,10 @@ fn a_user_rule_gives_micro_batch_gradients_from_one_pass() {
         };
         (flat(&out.grads), flat(&d))
     };
-    let ((g1, m1), (g2, m2)) = (run(true), run(false));
+    let ((g1, m1), (g2, m2)) = (
+        run(MicroBatchPasses::OneThroughRules),
+        run(MicroBatchPasses::PerMicroBatch),
+    );
     let rel = |a: &[f64], b: &[f64]| {
         let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
         norm(&diff) / norm(b)

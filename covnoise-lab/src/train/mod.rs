@@ -931,7 +931,6 @@ impl<'a> Trainer<'a> {
             table: &table,
             coupling: self.network.coupling(),
             chunk: Some(self.settings.chunk.map_or(eval, |c| c.min(eval))),
-            rules_cover_params: false,
         };
         let forward = |m: &Network, b: &Batch<4>, p: &mut covnoise::model::Probes| {
             m.objective(b.x.clone(), b.labels.clone(), p)

@@ -9,7 +9,7 @@
 //!   `diag(Sigma)` by `b/(M-1) sum_j (g_j - g)^2` over M micro-batches of b
 //!   examples (unbiased when micro-batches are independent draws). The
 //!   g_j come from one pass over the batch where the exact rules cover
-//!   every parameter ([`StepContext::rules_cover_params`],
+//!   every parameter ([`MicroBatchPasses::OneThroughRules`],
 //!   [`PassRequest::group_size`]), else from one pass each.
 //! - Every estimate is per example (not divided by B), so the noise scale c
 //!   alone carries the batch-size dependence.
@@ -120,6 +120,22 @@ impl SecondMoment {
     }
 }
 
+/// How the micro-batch estimator (and a penalty's micro-batches) form the
+/// micro-batch gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MicroBatchPasses {
+    /// One forward and backward pass per micro-batch: any model.
+    #[default]
+    PerMicroBatch,
+    /// All of them from one pass over the batch, through the layers' exact
+    /// rules ([`PassRequest::group_size`]): every parameter must be covered
+    /// by a rule whose per-example gradients add up (a parameter without
+    /// one is refused by name; [`NoiseStage::validate_model`](crate::noise::NoiseStage::validate_model)
+    /// checks both and picks this where they hold). Where examples are not
+    /// independent (batch norm), one pass per micro-batch runs instead.
+    OneThroughRules,
+}
+
 /// Where a step stands: the seed and step that key its randomness, the
 /// process group its batch is spread over, and the model's parameters.
 pub struct StepContext<'a> {
@@ -136,15 +152,6 @@ pub struct StepContext<'a> {
     /// Run forward and backward passes over at most this many examples at a
     /// time, accumulating (see [`PassRequest::chunk`]); None: whole batches.
     pub chunk: Option<usize>,
-    /// Every parameter of [`StepContext::table`] is covered by exact
-    /// per-example rules that were checked to add up to the backward pass's
-    /// gradient, and the examples are independent
-    /// ([`NoiseStage::validate_model`](crate::noise::NoiseStage::validate_model)
-    /// sets it). The micro-batch estimator and the penalties then form all
-    /// micro-batch gradients from one pass over the whole batch
-    /// ([`PassRequest::group_size`]) instead of one pass per micro-batch;
-    /// false: one pass each (any model).
-    pub rules_cover_params: bool,
 }
 
 impl StepContext<'_> {
@@ -757,13 +764,41 @@ pub(crate) fn reduce_step(
 }
 
 /// The mean gradient and a fresh estimate of diag(S) (or its trace) by
-/// `estimator`, over the whole process group.
+/// `estimator`, over the whole process group; the micro-batch estimator
+/// makes one pass per micro-batch (see [`estimate_with`]).
 pub fn estimate<M, B, F>(
     model: &M,
     batch: &B,
     forward: &F,
     estimator: Estimator,
     kind: MomentKind,
+    ctx: &StepContext,
+) -> Result<StepGradient>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    estimate_with(
+        model,
+        batch,
+        forward,
+        estimator,
+        kind,
+        MicroBatchPasses::PerMicroBatch,
+        ctx,
+    )
+}
+
+/// [`estimate`], with the micro-batch estimator's gradients formed as
+/// `passes` says (the other estimators ignore it).
+pub fn estimate_with<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    estimator: Estimator,
+    kind: MomentKind,
+    passes: MicroBatchPasses,
     ctx: &StepContext,
 ) -> Result<StepGradient>
 where
@@ -830,7 +865,7 @@ where
             )
         }
         Estimator::Microbatch { micro_batches } => {
-            microbatch(model, batch, forward, micro_batches, kind, ctx)
+            microbatch(model, batch, forward, micro_batches, kind, passes, ctx)
         }
     }
 }
@@ -973,7 +1008,7 @@ fn labels_from_model(
 /// holds M/K of them), mean g, and `b/(M-1) sum_j (g_j - g)^2`. The step's
 /// gradient is the mean of the micro-batch gradients.
 ///
-/// Where the rules cover every parameter ([`StepContext::rules_cover_params`])
+/// With [`MicroBatchPasses::OneThroughRules`] (and independent examples)
 /// one pass over the whole batch forms them all ([`PassRequest::group_size`]):
 /// the step costs a plain step whose weight products are the groups'
 /// (a fast convolution adds each example's gradient to its group's sum
@@ -991,6 +1026,7 @@ fn microbatch<M, B, F>(
     forward: &F,
     micro_batches: usize,
     kind: MomentKind,
+    passes: MicroBatchPasses,
     ctx: &StepContext,
 ) -> Result<StepGradient>
 where
@@ -1002,7 +1038,7 @@ where
     let local_m = micro_batches / world;
     let b = batch.len() / local_m;
     let factor = b as f64 / (micro_batches as f64 - 1.0);
-    if ctx.rules_cover_params && ctx.coupling == Coupling::Independent {
+    if passes == MicroBatchPasses::OneThroughRules && ctx.coupling == Coupling::Independent {
         let mut pass = backward_pass(
             model,
             ctx.table,

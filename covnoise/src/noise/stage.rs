@@ -11,8 +11,8 @@ use crate::collective::{Collective, SingleProcess};
 use crate::error::{CovnoiseError, Remedy, Result, check_positive};
 use crate::model::{Coupling, Examples, Forward, Objective, Probes};
 use crate::moments::{
-    self, Estimator, MomentKind, PassRequest, SecondMoment, Smoother, SmootherState, StepContext,
-    StepGradient,
+    self, Estimator, MicroBatchPasses, MomentKind, PassRequest, SecondMoment, Smoother,
+    SmootherState, StepContext, StepGradient,
 };
 use crate::params::ParamTable;
 use crate::regularizer::{self, Regularizer};
@@ -100,8 +100,8 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
 struct CheckedModel {
     ids: Vec<ParamId>,
     coupling: Coupling,
-    /// See [`StepContext::rules_cover_params`].
-    rules_cover_params: bool,
+    /// How micro-batch gradients are formed for this model.
+    passes: MicroBatchPasses,
 }
 
 impl<C: Collective> std::fmt::Debug for NoiseStage<C> {
@@ -365,13 +365,18 @@ impl<C: Collective> NoiseStage<C> {
             && self.config.structure.moment().is_some()
             && matches!(self.config.estimator, Estimator::Microbatch { .. }))
             || self.regularizer.is_some_and(|r| r.is_active());
-        let rules_cover_params = micro_batched
+        let passes = if micro_batched
             && coupling == Coupling::Independent
-            && check_rules(model, &table, &probes, batch, &forward).is_ok();
+            && check_rules(model, &table, &probes, batch, &forward).is_ok()
+        {
+            MicroBatchPasses::OneThroughRules
+        } else {
+            MicroBatchPasses::PerMicroBatch
+        };
         self.checked = Some(CheckedModel {
             ids: table.entries().iter().map(|e| e.id).collect(),
             coupling,
-            rules_cover_params,
+            passes,
         });
         Ok(coupling)
     }
@@ -511,7 +516,7 @@ impl<C: Collective> NoiseStage<C> {
             .checked
             .as_ref()
             .expect("validate_model records the model");
-        let (coupling, rules_cover_params) = (checked.coupling, checked.rules_cover_params);
+        let (coupling, passes) = (checked.coupling, checked.passes);
         let ctx = StepContext {
             seed: self.seed,
             step,
@@ -519,7 +524,6 @@ impl<C: Collective> NoiseStage<C> {
             table: &table,
             coupling,
             chunk: self.chunk,
-            rules_cover_params,
         };
         let active = self.active_in(epoch);
         let stale = !self.estimate_ids.is_empty() && self.estimate_ids != ids;
@@ -530,8 +534,9 @@ impl<C: Collective> NoiseStage<C> {
         let plain_step = !active || structure.plain_gradient(estimate_due);
         let (penalty, data) = match self.regularizer.filter(Regularizer::is_active) {
             Some(reg) => {
-                let p =
-                    regularizer::penalty_gradient(model, batch, &forward, &reg, plain_step, &ctx)?;
+                let p = regularizer::penalty_gradient(
+                    model, batch, &forward, &reg, plain_step, passes, &ctx,
+                )?;
                 (Some((p.grads, p.value)), p.data)
             }
             None => (None, None),
@@ -545,6 +550,7 @@ impl<C: Collective> NoiseStage<C> {
             ctx: &ctx,
             data,
             estimator: self.config.estimator,
+            passes,
             smoother: &mut self.smoother,
             estimate_ids: &mut self.estimate_ids,
             noise_std: &mut self.noise_std,
@@ -619,6 +625,8 @@ struct Engine<'s, 'c, M, B, F> {
     /// The plain gradient a regularizer's passes already made, if any.
     data: Option<StepGradient>,
     estimator: Estimator,
+    /// How the micro-batch estimator forms its micro-batch gradients.
+    passes: MicroBatchPasses,
     smoother: &'s mut Smoother,
     estimate_ids: &'s mut Vec<ParamId>,
     noise_std: &'s mut Option<NoiseStd>,
@@ -667,12 +675,13 @@ where
     fn estimated(&mut self, kind: MomentKind) -> Result<StepGradient> {
         let step = self.ctx.step;
         let mut g = if self.estimate_due {
-            moments::estimate(
+            moments::estimate_with(
                 self.model,
                 self.batch,
                 self.forward,
                 self.estimator,
                 kind,
+                self.passes,
                 self.ctx,
             )?
         } else {
