@@ -1,7 +1,8 @@
 //! The fast flex kernels (`covnoise::kernels`) against burn's own ops:
 //! convolution forward and its input, weight and bias gradients; batch
 //! normalization's output, its input, scale and shift gradients and the
-//! running statistics; and 20 training steps of LeNet-5 and ResNet-20.
+//! running statistics; max pooling's output and input gradient; and 20
+//! training steps of LeNet-5 and ResNet-20.
 //!
 //! The shapes are drawn afresh each run from the grid (seed
 //! printed; `COVNOISE_TEST_SEED=N` repeats a run), and every buffer the
@@ -18,7 +19,7 @@
 
 use burn::backend::Dispatch;
 use burn::module::Param;
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, TensorData};
 use covnoise::kernels::{self, FastKernels};
 use covnoise::model::{Batch, GhostBatchNorm, labels_tensor};
@@ -678,5 +679,73 @@ fn batch_norm_far_from_zero_matches_a_float64_reference() {
     .zip(&expected)
     {
         assert_close(name, a, e, 1e-5);
+    }
+}
+
+/// Max pooling's output and input gradient on the fast kernel against
+/// burn's op, on a random grid of shapes, windows, strides (overlapping
+/// windows included) and paddings, with a third of the inputs exactly 0
+/// (what a ReLU before the pooling leaves), so that windows hold ties: the
+/// kernel must take burn's first maximum. The outputs are copies of inputs
+/// and must be equal exactly; each input gradient sums the same output
+/// gradients (overlapping windows), so it may differ in rounding only.
+/// Shapes the kernel does not cover (asymmetric padding, dilation, ceil
+/// mode) run burn's op and agree trivially.
+#[test]
+fn max_pooling_and_its_gradient_equal_burns_on_a_random_grid_of_shapes() {
+    let seed = run_seed();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9001);
+    let dev = Device::flex().autodiff();
+    for _ in 0..24 {
+        let k = pick(&mut rng, &[2usize, 3]);
+        let stride = pick(&mut rng, &[1usize, 2, 3]);
+        let padding = pick(&mut rng, &[0usize, 1]).min(k / 2);
+        let shape = [
+            pick(&mut rng, &[1usize, 3, 16]),
+            pick(&mut rng, &[1usize, 6]),
+            pick(&mut rng, &[5usize, 8, 13]),
+            pick(&mut rng, &[4usize, 7, 10]),
+        ];
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                if rng.random_range(0..3) == 0 {
+                    0.0
+                } else {
+                    rng.random_range(-1.0f32..1.0)
+                }
+            })
+            .collect();
+        let options = MaxPoolOptions::new([k, k])
+            .with_stride([stride, stride])
+            .with_padding([padding, padding]);
+        let run = |fast: bool| {
+            kernels::with_enabled(fast, || {
+                let x = Tensor::<4>::from_data(TensorData::new(values.clone(), shape), &dev)
+                    .require_grad();
+                let y = kernels::max_pool2d(x.clone(), options.clone());
+                // A gradient that differs per output, so that one routed
+                // to the wrong position shows.
+                let weights = Tensor::<4>::from_data(
+                    TensorData::new(
+                        (0..y.dims().iter().product::<usize>())
+                            .map(|i| 1.0 + (i % 7) as f32)
+                            .collect::<Vec<f32>>(),
+                        y.dims(),
+                    ),
+                    &dev,
+                );
+                let grads = (y.clone() * weights).sum().backward();
+                let dx = x.grad(&grads).expect("x takes a gradient");
+                (
+                    to_vec(&y.detach().inner().reshape([-1])).unwrap(),
+                    to_vec(&dx.reshape([-1])).unwrap(),
+                )
+            })
+        };
+        let ((y_fast, dx_fast), (y_burn, dx_burn)) = (run(true), run(false));
+        let what = format!("{shape:?}, kernel {k}, stride {stride}, padding {padding}");
+        assert_eq!(y_fast, y_burn, "outputs, {what}");
+        assert_close(&format!("input gradient, {what}"), &dx_fast, &dx_burn, 1e-6);
     }
 }

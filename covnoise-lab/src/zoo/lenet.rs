@@ -7,7 +7,6 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::tensor::module::max_pool2d;
 use burn::tensor::ops::MaxPoolOptions;
 use burn::tensor::{Device, Tensor, activation};
 
@@ -29,9 +28,9 @@ pub struct LeNet5 {
     pub fc3: Linear,
 }
 
-/// 2x2 max pooling with stride 2.
+/// 2x2 max pooling with stride 2 (covnoise's fast kernel on flex).
 pub(crate) fn max_pool2(x: Tensor<4>) -> Tensor<4> {
-    max_pool2d(x, MaxPoolOptions::new([2, 2]).with_stride([2, 2]))
+    covnoise::kernels::max_pool2d(x, MaxPoolOptions::new([2, 2]).with_stride([2, 2]))
 }
 
 impl LeNet5 {

@@ -23,13 +23,14 @@ use std::fmt;
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::tensor::module::{avg_pool2d, max_pool2d};
+use burn::tensor::module::avg_pool2d;
 use burn::tensor::ops::{AvgPoolOptions, MaxPoolOptions};
 use burn::tensor::{Device, Tensor, activation};
 use serde::{Deserialize, Serialize};
 
 use super::init::{SeededInit, WeightInit};
 use covnoise::error::{CovnoiseError, Result};
+use covnoise::kernels;
 use covnoise::model::Probes;
 
 /// One item of a sequential description.
@@ -338,7 +339,7 @@ impl Sequential {
                     conv += 1;
                     Value::Image(probes.conv2d(&self.convs[conv - 1], x))
                 }
-                (LayerSpec::MaxPool(k), Value::Image(x)) => Value::Image(max_pool2d(
+                (LayerSpec::MaxPool(k), Value::Image(x)) => Value::Image(kernels::max_pool2d(
                     x,
                     MaxPoolOptions::new([k, k]).with_stride([k, k]),
                 )),

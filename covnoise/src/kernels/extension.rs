@@ -18,6 +18,7 @@ use super::ConvSink;
 use super::conv::{self, ConvShape};
 use super::norm::{self, NormShape};
 use super::outer;
+use super::pool::{self, PoolShape};
 
 /// Fast convolution and batch normalization for the flex backend, with
 /// and without autodiff.
@@ -64,6 +65,16 @@ pub trait FastKernels: Backend {
         a: FloatTensor<Self>,
         d: FloatTensor<Self>,
         rows: usize,
+    ) -> FloatTensor<Self>;
+
+    /// Max pooling of `x` `[B, C, H, W]` over `kernel` windows moved by
+    /// `stride`, with symmetric `padding`, dilation 1, floor mode,
+    /// differentiable in `x` (see [`super::max_pool2d`]).
+    fn fast_max_pool2d(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
     ) -> FloatTensor<Self>;
 
     /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive
@@ -201,6 +212,16 @@ impl FastKernels for Flex {
 
     fn fast_sunk_output_grad(_like: FlexTensor, sink: ConvSink) -> FlexTensor {
         sink.flex_output_grad()
+    }
+
+    fn fast_max_pool2d(
+        x: FlexTensor,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FlexTensor {
+        let s = pool_shape(&x, kernel, stride, padding);
+        flex_max_pool2d(&contiguous(x), &s).0
     }
 
     fn fast_group_outer(a: FlexTensor, d: FlexTensor, rows: usize) -> FlexTensor {
@@ -341,6 +362,59 @@ impl Backward<Flex, 3> for NormBackward {
     }
 }
 
+/// The pooling's geometry from its input's shape.
+fn pool_shape(
+    x: &FlexTensor,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: [usize; 2],
+) -> PoolShape {
+    let [b, c, height, width] = dims4(x);
+    PoolShape {
+        planes: b * c,
+        height,
+        width,
+        kernel,
+        stride,
+        padding,
+    }
+}
+
+/// The pooled output of a contiguous `x` and the positions it took.
+fn flex_max_pool2d(x: &FlexTensor, s: &PoolShape) -> (FlexTensor, Vec<u32>) {
+    let [b, c, _, _] = dims4(x);
+    let [ho, wo] = s.output_size().expect("max_pool2d checks the shape");
+    let (y, arg) = pool::forward(s, values(x));
+    (flex(y, vec![b, c, ho, wo]), arg)
+}
+
+/// The backward step of max pooling: it keeps only the position each
+/// output took.
+#[derive(Debug)]
+struct PoolBackward;
+
+/// The kept values of [`PoolBackward`].
+#[derive(Debug, Clone)]
+struct PoolState {
+    arg: Vec<u32>,
+    shape: PoolShape,
+}
+
+impl Backward<Flex, 1> for PoolBackward {
+    type State = PoolState;
+
+    fn backward(self, ops: Ops<PoolState, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let st = ops.state;
+        if let Some(p) = px {
+            let dx = pool::backward(&st.shape, values(&dy), &st.arg);
+            let [b, c] = [dy.shape()[0], dy.shape()[1]];
+            grads.register::<Flex>(p.id, flex(dx, vec![b, c, st.shape.height, st.shape.width]));
+        }
+    }
+}
+
 type AutodiffFlex<C> = Autodiff<Flex, C>;
 
 /// The convolution on `Autodiff<Flex>`: the flex kernel forward, and a
@@ -433,6 +507,25 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
 
     fn fast_sunk_output_grad(_like: FloatTensor<Self>, sink: ConvSink) -> FloatTensor<Self> {
         Self::from_inner(sink.flex_output_grad())
+    }
+
+    fn fast_max_pool2d(
+        x: FloatTensor<Self>,
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+    ) -> FloatTensor<Self> {
+        let s = pool_shape(x.primitive(), kernel, stride, padding);
+        let xp = contiguous(x.primitive().clone());
+        let (y, arg) = flex_max_pool2d(&xp, &s);
+        match PoolBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(PoolState { arg, shape: s }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
     }
 
     fn fast_group_outer(

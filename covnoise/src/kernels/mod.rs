@@ -14,7 +14,11 @@
 //! ([`conv2d_recording`]) it also sums the squares of those
 //! per-example gradients ([`ConvSink`]): the exact and Monte-Carlo
 //! Fisher estimators' conv factors at the cost of one pass over a
-//! weight-sized buffer per example, with no per-example tensor kept.
+//! weight-sized buffer per example, with no per-example tensor kept; or,
+//! asked for micro-batch gradients, it adds each example's gradient to its
+//! micro-batch's sum instead of the batch's. [`group_outer`] runs a Linear
+//! layer's per-micro-batch products, and [`max_pool2d`] is max pooling
+//! without burn's 3-d detour.
 //!
 //! Reach: the kernels run for `f32` tensors on `Device::flex()` and
 //! `Device::flex().autodiff()`, for convolutions with groups 1, dilation 1
@@ -35,6 +39,7 @@ mod conv;
 mod extension;
 mod norm;
 mod outer;
+mod pool;
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,7 +48,7 @@ use std::sync::{Arc, Mutex};
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
-use burn::tensor::ops::ConvOptions;
+use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
 use burn::tensor::{DType, Device, Tensor};
 
 use conv::ConvShape;
@@ -248,6 +253,43 @@ pub fn is_flex(device: &Device) -> bool {
 /// multiplies over the whole batch at once, is faster (VGG-11 at batch 16
 /// took 1.6 times as long on the per-example products).
 pub const MIN_POSITIONS: usize = 64;
+
+/// `burn::tensor::module::max_pool2d(x, options)` for `x` `[B, C, H, W]`,
+/// on covnoise's fast kernel where it applies (enabled on this thread,
+/// flex, `f32`, dilation 1, floor mode, the same padding on both sides of
+/// a dimension and at most half the window), burn's op otherwise. The
+/// same values and gradient: each output takes the first maximum of its
+/// window in row-major order (a NaN wins), and its gradient goes there.
+pub fn max_pool2d(x: Tensor<4>, options: MaxPoolOptions<2>) -> Tensor<4> {
+    let [(pt, pb), (pl, pr)] = options.padding;
+    let [b, c, h, w] = x.dims();
+    let shape = pool::PoolShape {
+        planes: b * c,
+        height: h,
+        width: w,
+        kernel: options.kernel_size,
+        stride: options.stride,
+        padding: [pt, pl],
+    };
+    let fast = enabled()
+        && x.dtype() == DType::F32
+        && options.dilation == [1, 1]
+        && !options.ceil_mode
+        && pt == pb
+        && pl == pr
+        && b * c * h * w > 0
+        && shape.output_size().is_some()
+        && is_flex(&x.device());
+    if !fast {
+        return burn::tensor::module::max_pool2d(x, options);
+    }
+    Tensor::from_dispatch(<Dispatch as FastKernels>::fast_max_pool2d(
+        x.into_dispatch(),
+        options.kernel_size,
+        options.stride,
+        [pt, pl],
+    ))
+}
 
 /// The products `a_gᵀ d_g` of consecutive groups of `rows` rows of `a`
 /// `[R, i]` and `d` `[R, o]` (R a multiple of `rows`), `[R / rows, i o]`:
