@@ -308,7 +308,12 @@ impl<C: Collective> NoiseStage<C> {
     /// forward and backward pass over two examples checks that every
     /// parameter's per-example gradients add up to its gradient (a parameter
     /// without a rule, or used outside its probed layer, is refused by
-    /// name). The model's buffers (running statistics) are left as they were.
+    /// name). For the micro-batch estimator and the penalties the same check
+    /// decides, without refusing, how their micro-batch gradients are formed:
+    /// from one pass through the rules where they cover every parameter and
+    /// no batch norm couples examples, else one pass per micro-batch
+    /// ([`MicroBatchPasses`]). The model's buffers (running statistics) are
+    /// left as they were.
     ///
     /// [`NoiseStage::gradient`] runs this on its first batch when it has not
     /// been run for the model.
