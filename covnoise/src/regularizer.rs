@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::collective::all_reduce_packed;
 use crate::error::{CovnoiseError, Result, check_non_negative, check_positive};
-use crate::model::{Coupling, Examples, Forward};
+use crate::model::{Coupling, Examples, Forward, Objective, Probes};
 use crate::moments::{self, MicroBatchPasses, PassRequest, StepContext, StepGradient};
 use crate::rng::stream;
 use crate::tensor_util::scalar;
@@ -303,6 +303,43 @@ where
     Ok((norm_sq, Some(hvp)))
 }
 
+/// The logits of `batch` from a forward pass alone, over chunks of at most
+/// `chunk` examples, on a frozen copy of the model (no autodiff graph):
+/// the Fisher-trace penalty's pass at theta with the data labels, when
+/// only its logits (for the sampled labels) are used because the step's
+/// gradient comes from elsewhere. The model's buffers are left as they
+/// were.
+fn logits_only<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    chunk: Option<usize>,
+) -> Result<Tensor<2>>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    let frozen = model.clone().no_grad();
+    let n = batch.len();
+    let step = chunk.filter(|&c| c >= 1).unwrap_or(n).max(1);
+    moments::keeping_buffers(model, || {
+        let mut parts = Vec::new();
+        for start in (0..n).step_by(step) {
+            let part = batch.slice(start, step.min(n - start));
+            match forward(&frozen, &part, &mut Probes::off()) {
+                Objective::Classification { logits, .. } => parts.push(logits.detach().inner()),
+                Objective::Losses(_) => {
+                    return Err(CovnoiseError::Unsupported(
+                        "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification".into(),
+                    ));
+                }
+            }
+        }
+        Ok(Tensor::cat(parts, 0))
+    })
+}
+
 /// The penalty's sums with the micro-batch gradients at theta from one
 /// pass over the whole shard (see [`penalty_gradient`]).
 fn sums_from_one_pass<M, B, F>(
@@ -326,23 +363,33 @@ where
         chunk,
         ..Default::default()
     };
-    // The data pass is the step's own when it makes the step's gradient.
+    // The data pass is the step's own when it makes the step's gradient;
+    // otherwise the Fisher-trace penalty needs only its logits.
     let data_pass = || moments::backward_pass(model, ctx.table, batch, forward, data_request);
-    let mut data = if want_data {
-        data_pass()?
+    let (mut data, logits) = if reg.kind == PenaltyKind::FisherTrace && !want_data {
+        (None, Some(logits_only(model, batch, forward, chunk)?))
     } else {
-        moments::keeping_buffers(model, data_pass)?
+        let data = if want_data {
+            data_pass()?
+        } else {
+            moments::keeping_buffers(model, data_pass)?
+        };
+        let logits = data.logits.clone();
+        (Some(data), logits)
     };
     let mut acc = Sums {
-        loss_sum: data.loss_sum,
-        correct: data.correct,
-        device: data.grads.first().map(|g| g.device()),
+        loss_sum: data.as_ref().map_or(0.0, |d| d.loss_sum),
+        correct: data.as_ref().and_then(|d| d.correct),
+        device: logits.as_ref().map(|l| l.device()).or_else(|| {
+            data.as_ref()
+                .and_then(|d| d.grads.first().map(|g| g.device()))
+        }),
         ..Sums::default()
     };
     moments::keeping_buffers(model, || {
-        let labels = penalty_labels(reg, data.logits.as_ref(), 0, batch.len(), ctx)?;
+        let labels = penalty_labels(reg, logits.as_ref(), 0, batch.len(), ctx)?;
         let groups = match &labels {
-            None => data.group_grads.take(),
+            None => data.as_mut().and_then(|d| d.group_grads.take()),
             Some(labels) => {
                 let request = PassRequest {
                     labels: Some(labels.clone()),
@@ -367,7 +414,7 @@ where
         }
         Ok(())
     })?;
-    acc.data_mean = want_data.then_some(data.grads);
+    acc.data_mean = data.filter(|_| want_data).map(|d| d.grads);
     Ok(acc)
 }
 
@@ -395,23 +442,27 @@ where
     let mut data_sum: Option<Vec<Tensor<1>>> = None;
     let mut micro = |j: usize| -> Result<()> {
         let part = batch.slice(j * b, b);
-        let data = moments::backward_pass(
-            model,
-            ctx.table,
-            &part,
-            forward,
-            PassRequest {
+        // Without the step's gradient to make, the Fisher-trace penalty's
+        // data pass is a forward pass for its logits.
+        let (data, logits) = if reg.kind == PenaltyKind::FisherTrace && !want_data {
+            (None, Some(logits_only(model, &part, forward, chunk)?))
+        } else {
+            let request = PassRequest {
                 chunk,
                 ..Default::default()
-            },
-        )?;
+            };
+            let data = moments::backward_pass(model, ctx.table, &part, forward, request)?;
+            let logits = data.logits.clone();
+            (Some(data), logits)
+        };
         // The passes that are not the step's own leave the buffers where
         // the data pass put them.
         let (norm_sq, hvp) = moments::keeping_buffers(model, || {
-            let labels = penalty_labels(reg, data.logits.as_ref(), j * b, batch.len(), ctx)?;
-            let g = match &labels {
-                None => data.grads.clone(),
-                Some(labels) => {
+            let labels = penalty_labels(reg, logits.as_ref(), j * b, batch.len(), ctx)?;
+            let g = match (&labels, &data) {
+                (None, Some(data)) => data.grads.clone(),
+                (None, None) => unreachable!("the gradient-norm penalty always runs its data pass"),
+                (Some(labels), _) => {
                     let request = PassRequest {
                         labels: Some(labels.clone()),
                         chunk,
@@ -423,14 +474,19 @@ where
             norm_and_hvp(model, &part, forward, reg, g, labels, ctx)
         })?;
         acc.norm_sq += norm_sq;
-        acc.loss_sum += data.loss_sum;
-        acc.correct = data.correct.map(|c| c + acc.correct.unwrap_or(0));
-        acc.device = data.grads.first().map(|g| g.device());
+        acc.device = logits.as_ref().map(|l| l.device()).or(acc.device.take());
+        if let Some(data) = data {
+            acc.loss_sum += data.loss_sum;
+            acc.correct = data.correct.map(|c| c + acc.correct.unwrap_or(0));
+            if acc.device.is_none() {
+                acc.device = data.grads.first().map(|g| g.device());
+            }
+            if want_data {
+                data_sum = Some(add(data_sum.take(), data.grads));
+            }
+        }
         if let Some(h) = hvp {
             acc.hvp = Some(add(acc.hvp.take(), h));
-        }
-        if want_data {
-            data_sum = Some(add(data_sum.take(), data.grads));
         }
         Ok(())
     };

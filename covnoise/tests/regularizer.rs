@@ -553,3 +553,43 @@ fn penalties_from_one_pass_equal_one_pass_per_micro_batch() {
         }
     }
 }
+
+/// When a noise estimator makes the step's gradient, the Fisher-trace
+/// penalty's pass at theta with the data labels is only needed for its
+/// logits (the labels it samples), and runs as a forward pass alone. The
+/// penalty must be the one it is when its passes also make the step's
+/// gradient: the same labels, so the same value, to float32 rounding (a
+/// forward pass alone and one followed by backward compute the same
+/// logits; 1e-5 relative). Labels drawn from other logits, or for other
+/// examples, change the value by O(1); checked on the one-pass path
+/// (probed MLP) and on one pass per micro-batch (unprobed).
+#[test]
+fn fisher_trace_penalty_is_the_same_when_noise_makes_the_step_gradient() {
+    let n = 12;
+    let (model, batch) = mlp_and_batch(n, 9);
+    let reg = Regularizer::fisher_trace(0.5, 3);
+    let penalty = |config: NoiseConfig, probed: bool| {
+        let mut stage = NoiseStage::new(config, n, 4)
+            .unwrap()
+            .with_regularizer(reg)
+            .unwrap();
+        let (_, _, p) = if probed {
+            step_grads(&mut stage, &model, &batch, mlp_forward)
+        } else {
+            step_grads(&mut stage, &model, &batch, unprobed_forward)
+        };
+        p.unwrap()
+    };
+    let noisy =
+        NoiseConfig::diag_fisher(4).with_estimator(covnoise::moments::Estimator::microbatch(3));
+    for probed in [true, false] {
+        let (with_data, logits_only) = (
+            penalty(NoiseConfig::none(), probed),
+            penalty(noisy.clone(), probed),
+        );
+        assert!(
+            (with_data - logits_only).abs() <= 1e-5 * with_data.abs(),
+            "probed {probed}: {with_data} with the data pass, {logits_only} from logits alone"
+        );
+    }
+}
