@@ -236,12 +236,12 @@ fn attention_forward(m: &Attention, b: &Sequences, p: &mut Probes) -> Objective 
     }
 }
 
-#[test]
-fn exact_estimate_of_self_attention_matches_single_example_passes() {
+/// The attention model of the tests, initialized from seed 20.
+fn attention_model() -> Attention {
     let d = device();
     d.seed(20);
     let linear = |i, o| LinearConfig::new(i, o).init(&d);
-    let model = Attention {
+    Attention {
         embed: EmbeddingConfig::new(VOCAB, WIDTH).init(&d),
         query: linear(WIDTH, WIDTH),
         // A key bias adds the same score to every key of a query, which the
@@ -251,8 +251,12 @@ fn exact_estimate_of_self_attention_matches_single_example_passes() {
         value: linear(WIDTH, WIDTH),
         out: linear(WIDTH, WIDTH),
         head: linear(WIDTH, CLASSES),
-    };
-    assert_exact_matches_brute_force(&model, &sequences(5, 6, 21), &attention_forward);
+    }
+}
+
+#[test]
+fn exact_estimate_of_self_attention_matches_single_example_passes() {
+    assert_exact_matches_brute_force(&attention_model(), &sequences(5, 6, 21), &attention_forward);
 }
 
 /// The same Linear layer applied twice (weight tying): example i's gradient
@@ -352,19 +356,14 @@ fn group_gradients_of_models_unlike_ours_match_single_example_passes() {
     assert_groups_match_brute_force(&TokenNet::new(1), &sequences(6, 7, 2), &token_forward, 2);
     // A Linear layer on [B, T, in]: the batched group product over T
     // positions per example.
-    let d = device();
-    d.seed(20);
-    let linear = |i, o| LinearConfig::new(i, o).init(&d);
-    let attention = Attention {
-        embed: EmbeddingConfig::new(VOCAB, WIDTH).init(&d),
-        query: linear(WIDTH, WIDTH),
-        key: LinearConfig::new(WIDTH, WIDTH).with_bias(false).init(&d),
-        value: linear(WIDTH, WIDTH),
-        out: linear(WIDTH, WIDTH),
-        head: linear(WIDTH, CLASSES),
-    };
-    assert_groups_match_brute_force(&attention, &sequences(6, 6, 21), &attention_forward, 3);
+    assert_groups_match_brute_force(
+        &attention_model(),
+        &sequences(6, 6, 21),
+        &attention_forward,
+        3,
+    );
     // A tied weight: its two uses' group gradients add.
+    let d = device();
     d.seed(4);
     let tied = Tied {
         shared: LinearConfig::new(5, 5).init(&d),
