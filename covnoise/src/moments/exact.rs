@@ -67,6 +67,19 @@ fn examples_of(u: &Use) -> usize {
     u.2.dims()[0]
 }
 
+/// The examples every use of a parameter saw; an error where its layers
+/// saw different numbers.
+fn common_examples(uses: &[Use]) -> Result<usize> {
+    let examples = examples_of(&uses[0]);
+    if let Some(u) = uses.iter().find(|u| examples_of(u) != examples) {
+        return Err(CovnoiseError::Shape(format!(
+            "it is used by probed layers that saw {examples} and {} examples",
+            examples_of(u)
+        )));
+    }
+    Ok(examples)
+}
+
 /// The layer kinds of `uses`, for messages.
 fn kinds(uses: &[Use]) -> String {
     let mut k: Vec<String> = uses.iter().map(|u| u.0.layer()).collect();
@@ -161,13 +174,7 @@ pub(crate) fn square_sums_chunked(
     numel: usize,
     chunk_bytes: usize,
 ) -> Result<Tensor<1>> {
-    let examples = examples_of(&uses[0]);
-    if let Some(u) = uses.iter().find(|u| examples_of(u) != examples) {
-        return Err(CovnoiseError::Shape(format!(
-            "it is used by probed layers that saw {examples} and {} examples",
-            examples_of(u)
-        )));
-    }
+    let examples = common_examples(uses)?;
     let per_example: usize = uses.iter().map(|u| u.0.bytes_per_example(u.1, numel)).sum();
     let chunk = (chunk_bytes / per_example.max(1)).clamp(1, examples.max(1));
     let mut sums: Option<Tensor<1>> = None;
@@ -200,7 +207,7 @@ pub fn group_sums(
     let mut out = Vec::with_capacity(table.len());
     for (entry, uses) in table.entries().iter().zip(&uses) {
         let numel = entry.numel();
-        let examples = examples_of(&uses[0]);
+        let examples = common_examples(uses).map_err(|e| name_shape_error(e, &entry.name))?;
         if group_size == 0 || !examples.is_multiple_of(group_size) {
             return Err(CovnoiseError::Shape(format!(
                 "parameter {}: {examples} examples do not split into groups of {group_size}",
@@ -209,17 +216,12 @@ pub fn group_sums(
         }
         let groups = examples / group_size;
         let mut total: Option<Tensor<2>> = None;
-        for &(rule, k, grad) in uses {
-            if grad.dims()[0] != examples {
-                return Err(CovnoiseError::Shape(format!(
-                    "parameter {}: it is used by probed layers that saw {examples} and {} examples",
-                    entry.name,
-                    grad.dims()[0]
-                )));
-            }
+        for use_ in uses {
+            let (rule, k, grad) = *use_;
             let g = match rule.group_sums(k, grad, group_size) {
                 Some(g) => g,
-                None => group_sums_chunked(rule, k, grad, numel, group_size, CHUNK_BYTES)?,
+                None => group_sums_chunked(use_, numel, group_size, CHUNK_BYTES)
+                    .map_err(|e| name_shape_error(e, &entry.name))?,
             };
             if g.dims() != [groups, numel] {
                 return Err(CovnoiseError::Shape(format!(
@@ -243,25 +245,18 @@ pub fn group_sums(
 /// call while a group's gradients fit in `chunk_bytes`, otherwise each
 /// group in chunks of at least one example.
 fn group_sums_chunked(
-    rule: &dyn ExactRule,
-    k: usize,
-    grad: &Tensor<2>,
+    use_: &Use,
     numel: usize,
     group_size: usize,
     chunk_bytes: usize,
 ) -> Result<Tensor<2>> {
+    let (rule, k, grad) = *use_;
     let examples = grad.dims()[0];
     let groups = examples / group_size;
     let chunk = (chunk_bytes / rule.bytes_per_example(k, numel).max(1)).max(1);
-    let checked = |g: Tensor<2>, len: usize| -> Result<Tensor<2>> {
-        if g.dims() != [len, numel] {
-            return Err(CovnoiseError::Shape(format!(
-                "the {} layer's rule gives per-example gradients of shape {:?} for {len} examples of a parameter of {numel} values",
-                rule.layer(),
-                g.dims()
-            )));
-        }
-        Ok(g)
+    // The per-example gradients of this one use, shape-checked.
+    let rows_of = |start: usize, len: usize| {
+        summed_per_example(std::slice::from_ref(use_), start, len, numel)
     };
     let mut rows = Vec::new();
     if chunk >= group_size {
@@ -270,7 +265,7 @@ fn group_sums_chunked(
         while g0 < groups {
             let count = per_call.min(groups - g0);
             let len = count * group_size;
-            let g = checked(rule.per_example(k, grad, g0 * group_size, len)?, len)?;
+            let g = rows_of(g0 * group_size, len)?;
             rows.push(
                 g.reshape([count, group_size, numel])
                     .sum_dim(1)
@@ -285,7 +280,7 @@ fn group_sums_chunked(
             let end = start + group_size;
             while start < end {
                 let len = chunk.min(end - start);
-                let g = checked(rule.per_example(k, grad, start, len)?, len)?.sum_dim(0);
+                let g = rows_of(start, len)?.sum_dim(0);
                 sum = Some(match sum {
                     None => g,
                     Some(s) => s + g,
