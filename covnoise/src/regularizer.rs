@@ -303,12 +303,43 @@ where
     Ok((norm_sq, Some(hvp)))
 }
 
+/// The penalty's pass at theta with the data labels over `batch`, as
+/// `request` asks, and its logits. Without the step's gradient to make
+/// (`want_data` false), the Fisher-trace penalty uses only the logits (its
+/// labels are drawn from them), so the pass is a forward pass alone
+/// ([`logits_only`]) and no pass is returned.
+fn data_pass<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    reg: &Regularizer,
+    want_data: bool,
+    request: PassRequest,
+    ctx: &StepContext,
+) -> Result<(Option<moments::Pass>, Option<Tensor<2>>)>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    if reg.kind == PenaltyKind::FisherTrace && !want_data {
+        return Ok((
+            None,
+            Some(logits_only(model, batch, forward, request.chunk)?),
+        ));
+    }
+    let pass = moments::backward_pass(model, ctx.table, batch, forward, request)?;
+    let logits = pass.logits.clone();
+    Ok((Some(pass), logits))
+}
+
 /// The logits of `batch` from a forward pass alone, over chunks of at most
 /// `chunk` examples, on a frozen copy of the model (no autodiff graph):
 /// the Fisher-trace penalty's pass at theta with the data labels, when
 /// only its logits (for the sampled labels) are used because the step's
-/// gradient comes from elsewhere. The model's buffers are left as they
-/// were.
+/// gradient comes from elsewhere. It runs only inside the callers'
+/// `keeping_buffers`, which put back what a forward pass in training mode
+/// moves.
 fn logits_only<M, B, F>(
     model: &M,
     batch: &B,
@@ -323,21 +354,19 @@ where
     let frozen = model.clone().no_grad();
     let n = batch.len();
     let step = chunk.filter(|&c| c >= 1).unwrap_or(n).max(1);
-    moments::keeping_buffers(model, || {
-        let mut parts = Vec::new();
-        for start in (0..n).step_by(step) {
-            let part = batch.slice(start, step.min(n - start));
-            match forward(&frozen, &part, &mut Probes::off()) {
-                Objective::Classification { logits, .. } => parts.push(logits.detach().inner()),
-                Objective::Losses(_) => {
-                    return Err(CovnoiseError::Unsupported(
-                        "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification".into(),
-                    ));
-                }
+    let mut parts = Vec::new();
+    for start in (0..n).step_by(step) {
+        let part = batch.slice(start, step.min(n - start));
+        match forward(&frozen, &part, &mut Probes::off()) {
+            Objective::Classification { logits, .. } => parts.push(logits.detach().inner()),
+            Objective::Losses(_) => {
+                return Err(CovnoiseError::Unsupported(
+                    "the Fisher-trace penalty samples labels from the model's predictions, so the forward pass must return Objective::Classification".into(),
+                ));
             }
         }
-        Ok(Tensor::cat(parts, 0))
-    })
+    }
+    Ok(Tensor::cat(parts, 0))
 }
 
 /// The penalty's sums with the micro-batch gradients at theta from one
@@ -364,18 +393,12 @@ where
         ..Default::default()
     };
     // The data pass is the step's own when it makes the step's gradient;
-    // otherwise the Fisher-trace penalty needs only its logits.
-    let data_pass = || moments::backward_pass(model, ctx.table, batch, forward, data_request);
-    let (mut data, logits) = if reg.kind == PenaltyKind::FisherTrace && !want_data {
-        (None, Some(logits_only(model, batch, forward, chunk)?))
+    // otherwise it leaves the buffers as they were.
+    let run = || data_pass(model, batch, forward, reg, want_data, data_request, ctx);
+    let (mut data, logits) = if want_data {
+        run()?
     } else {
-        let data = if want_data {
-            data_pass()?
-        } else {
-            moments::keeping_buffers(model, data_pass)?
-        };
-        let logits = data.logits.clone();
-        (Some(data), logits)
+        moments::keeping_buffers(model, run)?
     };
     let mut acc = Sums {
         loss_sum: data.as_ref().map_or(0.0, |d| d.loss_sum),
@@ -442,19 +465,11 @@ where
     let mut data_sum: Option<Vec<Tensor<1>>> = None;
     let mut micro = |j: usize| -> Result<()> {
         let part = batch.slice(j * b, b);
-        // Without the step's gradient to make, the Fisher-trace penalty's
-        // data pass is a forward pass for its logits.
-        let (data, logits) = if reg.kind == PenaltyKind::FisherTrace && !want_data {
-            (None, Some(logits_only(model, &part, forward, chunk)?))
-        } else {
-            let request = PassRequest {
-                chunk,
-                ..Default::default()
-            };
-            let data = moments::backward_pass(model, ctx.table, &part, forward, request)?;
-            let logits = data.logits.clone();
-            (Some(data), logits)
+        let request = PassRequest {
+            chunk,
+            ..Default::default()
         };
+        let (data, logits) = data_pass(model, &part, forward, reg, want_data, request, ctx)?;
         // The passes that are not the step's own leave the buffers where
         // the data pass put them.
         let (norm_sq, hvp) = moments::keeping_buffers(model, || {
