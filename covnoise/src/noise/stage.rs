@@ -360,9 +360,8 @@ impl<C: Collective> NoiseStage<C> {
             let world = self.collective.world_size();
             reg.check_batch(batch.len() * world, world, coupling)?;
         }
-        if self.c > 0.0 {
-            self.check_structure(model, &table, &probes, coupling, batch, &forward)?;
-        }
+        let rules_checked = self.c > 0.0
+            && self.check_structure(model, &table, &probes, coupling, batch, &forward)?;
         // Micro-batch gradients from one pass need rules for every
         // parameter; without them (or with batch norm) each micro-batch
         // takes a pass of its own, which works for any model.
@@ -372,7 +371,7 @@ impl<C: Collective> NoiseStage<C> {
             || self.regularizer.is_some_and(|r| r.is_active());
         let passes = if micro_batched
             && coupling == Coupling::Independent
-            && check_rules(model, &table, &probes, batch, &forward).is_ok()
+            && (rules_checked || check_rules(model, &table, &probes, batch, &forward).is_ok())
         {
             MicroBatchPasses::OneThroughRules
         } else {
@@ -387,7 +386,9 @@ impl<C: Collective> NoiseStage<C> {
     }
 
     /// The structure and estimator checks of [`NoiseStage::validate_model`]
-    /// for a stage that adds noise.
+    /// for a stage that adds noise; true where they included
+    /// [`check_rules`] (the exact and mc-fisher estimators), which then
+    /// passed.
     fn check_structure<M, B, F>(
         &self,
         model: &M,
@@ -396,7 +397,7 @@ impl<C: Collective> NoiseStage<C> {
         coupling: Coupling,
         batch: &B,
         forward: &F,
-    ) -> Result<()>
+    ) -> Result<bool>
     where
         M: Module,
         B: Examples,
@@ -420,7 +421,7 @@ impl<C: Collective> NoiseStage<C> {
             });
         }
         if structure.moment().is_none() {
-            return Ok(());
+            return Ok(false);
         }
         moments::validate(
             self.config.estimator,
@@ -450,9 +451,9 @@ impl<C: Collective> NoiseStage<C> {
             (e, _) => e,
         })?;
         if matches!(self.config.estimator, Estimator::Microbatch { .. }) {
-            return Ok(());
+            return Ok(false);
         }
-        check_rules(model, table, observed, batch, forward)
+        check_rules(model, table, observed, batch, forward).map(|()| true)
     }
 
     /// Whether the configuration has a noise window (epochs without noise).
