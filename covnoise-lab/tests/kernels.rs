@@ -129,9 +129,10 @@ fn fast_conv2d(
             b.into_dispatch(),
             stride,
             padding,
+            1,
             None,
         ),
-        None => <Dispatch as FastKernels>::fast_conv2d(x, w, stride, padding, None),
+        None => <Dispatch as FastKernels>::fast_conv2d(x, w, stride, padding, 1, None),
     })
 }
 

@@ -100,6 +100,60 @@ impl ConvShape {
     }
 }
 
+/// A convolution's weights and biases, one per consecutive group of
+/// examples: `weight` holds G weights `[c_out, c_in, kh, kw]` one after the
+/// other (`[G c_out, c_in, kh, kw]`) and `bias` G biases, and examples `j
+/// B/G .. (j + 1) B/G` meet the j-th. G = 1 is the ordinary convolution;
+/// more groups let one pass run each micro-batch of a batch at parameters
+/// of its own (a regularizer's finite differences).
+#[derive(Clone, Copy)]
+struct GroupedWeights<'a> {
+    weight: &'a [f32],
+    bias: Option<&'a [f32]>,
+    /// Examples per group.
+    per_group: usize,
+    /// Values of one weight, `c_out c_in kh kw`.
+    len: usize,
+    c_out: usize,
+}
+
+impl<'a> GroupedWeights<'a> {
+    /// The groups of `weight` and `bias` for a batch of shape `s`; panics
+    /// where they do not come in whole weights that divide the batch.
+    fn new(s: &ConvShape, weight: &'a [f32], bias: Option<&'a [f32]>) -> Self {
+        let len = s.c_out * s.rows();
+        assert!(
+            len > 0 && weight.len().is_multiple_of(len),
+            "the weight holds whole [c_out, c_in, kh, kw] weights"
+        );
+        let groups = weight.len() / len;
+        assert!(
+            groups >= 1 && s.batch.is_multiple_of(groups),
+            "{groups} weight groups cannot split a batch of {}",
+            s.batch
+        );
+        if let Some(b) = bias {
+            assert_eq!(b.len(), groups * s.c_out, "one bias per weight");
+        }
+        Self {
+            weight,
+            bias,
+            per_group: (s.batch / groups).max(1),
+            len,
+            c_out: s.c_out,
+        }
+    }
+
+    /// The weight and bias that example `n` meets.
+    fn of(&self, n: usize) -> (&'a [f32], Option<&'a [f32]>) {
+        let g = n / self.per_group;
+        (
+            &self.weight[g * self.len..][..self.len],
+            self.bias.map(|b| &b[g * self.c_out..][..self.c_out]),
+        )
+    }
+}
+
 /// Fewest input channels for [`forward_taps`]; below it (the first layers
 /// of LeNet-5 and ResNet, 1 and 3 channels) im2col's single product with
 /// `C_in kh kw` terms is faster than kh kw products of `C_in` terms.
@@ -298,13 +352,15 @@ fn col2im_add(s: &ConvShape, dcol: &[f32], dx: &mut [f32]) {
 }
 
 /// The convolution `x` `[B, c_in, H, W]` * `weight` `[c_out, c_in, kh, kw]`
-/// plus `bias` `[c_out]`, as a new `[B, c_out, H', W']` buffer.
+/// plus `bias` `[c_out]`, as a new `[B, c_out, H', W']` buffer. `weight`
+/// and `bias` may hold G weights and biases for G consecutive groups of
+/// examples (`[G c_out, ...]`, see [`GroupedWeights`]).
 pub fn forward(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (k, p, per_in, per_out) = (s.rows(), s.positions(), s.input_len(), s.output_len());
     assert_eq!(x.len(), s.batch * per_in);
-    assert_eq!(weight.len(), s.c_out * k);
+    let groups = GroupedWeights::new(s, weight, bias);
     if s.uses_taps() {
-        return forward_taps(s, x, weight, bias);
+        return forward_taps(s, x, groups);
     }
     let mut out = output_buffer(s.batch * per_out);
     let (per_task, par) = plan(s.batch, 4);
@@ -312,7 +368,9 @@ pub fn forward(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -
         let scratch = if s.is_pointwise() { 0 } else { k * p };
         with_scratch(scratch, |col| {
             for (e, out_n) in out.chunks_exact_mut(per_out).enumerate() {
-                let x_n = &x[(t * per_task + e) * per_in..][..per_in];
+                let n = t * per_task + e;
+                let x_n = &x[n * per_in..][..per_in];
+                let (weight, bias) = groups.of(n);
                 let col: &[f32] = if s.is_pointwise() {
                     x_n
                 } else {
@@ -668,13 +726,17 @@ fn as_forward(s: &ConvShape, weight: &[f32]) -> Option<(ConvShape, Vec<f32>)> {
     };
     debug_assert_eq!(transposed.output_size(), Some([s.height, s.width]));
     let taps = kh * kw;
+    let len = s.c_out * s.c_in * taps;
     let mut flipped = vec![0.0f32; weight.len()];
-    for co in 0..s.c_out {
-        for c in 0..s.c_in {
-            let src = &weight[(co * s.c_in + c) * taps..][..taps];
-            let dst = &mut flipped[(c * s.c_out + co) * taps..][..taps];
-            for (d, v) in dst.iter_mut().zip(src.iter().rev()) {
-                *d = *v;
+    // Each group's weight is flipped on its own (see [`GroupedWeights`]).
+    for (src_g, dst_g) in weight.chunks_exact(len).zip(flipped.chunks_exact_mut(len)) {
+        for co in 0..s.c_out {
+            for c in 0..s.c_in {
+                let src = &src_g[(co * s.c_in + c) * taps..][..taps];
+                let dst = &mut dst_g[(c * s.c_out + co) * taps..][..taps];
+                for (d, v) in dst.iter_mut().zip(src.iter().rev()) {
+                    *d = *v;
+                }
             }
         }
     }
@@ -719,7 +781,7 @@ fn padded(s: &ConvShape) -> (usize, usize, usize) {
 /// kh kw products `W[:, :, i, j] xpad_shifted` on that grid, whose columns
 /// `ow >= Wo` are discarded. Per example this touches the input about
 /// 1.1 times instead of writing kh kw copies of it.
-fn forward_taps(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+fn forward_taps(s: &ConvShape, x: &[f32], groups: GroupedWeights) -> Vec<f32> {
     let [ho, wo] = s.output_size().expect("a valid convolution shape");
     let [kh, kw] = s.kernel;
     let taps = kh * kw;
@@ -732,7 +794,9 @@ fn forward_taps(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
         with_scratch(pad_len + s.c_out * q, |scratch| {
             let (xpad, ypad) = scratch.split_at_mut(pad_len);
             for (e, out_n) in out.chunks_exact_mut(per_out).enumerate() {
-                pad_input(s, &x[(t * per_task + e) * per_in..][..per_in], xpad);
+                let n = t * per_task + e;
+                let (weight, bias) = groups.of(n);
+                pad_input(s, &x[n * per_in..][..per_in], xpad);
                 for tap in 0..taps {
                     let (i, j) = (tap / kw, tap % kw);
                     let w_st = [s.c_in * taps, taps];
@@ -822,10 +886,11 @@ fn weight_grad_taps(
 }
 
 /// The input gradient `[B, c_in, H, W]` of the convolution, from its weight
-/// and the output gradient `dy` `[B, c_out, H', W']`.
+/// (or one weight per group of examples, as in [`forward`]) and the output
+/// gradient `dy` `[B, c_out, H', W']`.
 pub fn input_grad(s: &ConvShape, weight: &[f32], dy: &[f32]) -> Vec<f32> {
     let (k, p, per_in, per_out) = (s.rows(), s.positions(), s.input_len(), s.output_len());
-    assert_eq!(weight.len(), s.c_out * k);
+    let groups = GroupedWeights::new(s, weight, None);
     assert_eq!(dy.len(), s.batch * per_out);
     if let Some((transposed, flipped)) = as_forward(s, weight) {
         return forward(&transposed, dy, &flipped, None);
@@ -838,7 +903,9 @@ pub fn input_grad(s: &ConvShape, weight: &[f32], dy: &[f32]) -> Vec<f32> {
         let scratch = if s.is_pointwise() { 0 } else { k * p };
         with_scratch(scratch, |dcol| {
             for (e, dx_n) in dx.chunks_exact_mut(per_in).enumerate() {
-                let dy_n = &dy[(t * per_task + e) * per_out..][..per_out];
+                let n = t * per_task + e;
+                let dy_n = &dy[n * per_out..][..per_out];
+                let (weight, _) = groups.of(n);
                 if s.is_pointwise() {
                     matmul(
                         [k, p, s.c_out],

@@ -19,6 +19,7 @@ use super::conv::{self, ConvShape};
 use super::norm::{self, NormShape};
 use super::outer;
 use super::pool::{self, PoolShape};
+use super::shifted::{self, ShiftedShape};
 
 /// Fast convolution and batch normalization for the flex backend, with
 /// and without autodiff.
@@ -30,26 +31,32 @@ use super::pool::{self, PoolShape};
 #[backend_extension(Flex, Autodiff)]
 pub trait FastKernels: Backend {
     /// `x` `[B, C_in, H, W]` convolved with `weight` `[C_out, C_in, kh,
-    /// kw]`, groups 1, dilation 1, `f32`, no bias. With a `sink`, the
-    /// backward step (on `Autodiff<Flex>`) also leaves there its output
-    /// gradient and the sums over the examples of the squared per-example
-    /// weight and bias gradients of the objective it differentiates.
+    /// kw]`, groups 1, dilation 1, `f32`, no bias. With `example_groups`
+    /// G above 1, `weight` is `[G C_out, C_in, kh, kw]`: G weights, the
+    /// j-th for the j-th of G consecutive groups of examples (then without
+    /// a sink). With a `sink`, the backward step (on `Autodiff<Flex>`) also
+    /// leaves there its output gradient and the sums over the examples of
+    /// the squared per-example weight and bias gradients of the objective
+    /// it differentiates.
     fn fast_conv2d(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        example_groups: usize,
         sink: Option<ConvSink>,
     ) -> FloatTensor<Self>;
 
-    /// [`FastKernels::fast_conv2d`] plus `bias` `[C_out]` (a method of its
-    /// own: the extension macro routes tensors, not optional tensors).
+    /// [`FastKernels::fast_conv2d`] plus `bias` `[C_out]` (`[G C_out]`
+    /// with G example groups; a method of its own: the extension macro
+    /// routes tensors, not optional tensors).
     fn fast_conv2d_bias(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
         bias: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        example_groups: usize,
         sink: Option<ConvSink>,
     ) -> FloatTensor<Self>;
 
@@ -65,6 +72,17 @@ pub trait FastKernels: Backend {
         a: FloatTensor<Self>,
         d: FloatTensor<Self>,
         rows: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `x_j (W + f_j S_j)` for the G consecutive groups of rows of `x`
+    /// `[R, i]`, `weight` `[i, o]`, the constant `shift` `[G, i, o]` and
+    /// the groups' `factors`: `[R, o]`, differentiable in `x` and `weight`
+    /// (whose gradient is `xᵀ dy`; see [`super::linear_per_group`]).
+    fn fast_linear_shifted(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        factors: Vec<f32>,
     ) -> FloatTensor<Self>;
 
     /// Max pooling of `x` `[B, C, H, W]` over `kernel` windows moved by
@@ -111,16 +129,25 @@ fn dims4(t: &FlexTensor) -> [usize; 4] {
     [shape[0], shape[1], shape[2], shape[3]]
 }
 
-/// The convolution's geometry from its operands' shapes.
+/// The convolution's geometry from its operands' shapes, the weight
+/// holding one weight per group of `example_groups` consecutive groups of
+/// examples.
 fn conv_shape(
     x: &FlexTensor,
     weight: &FlexTensor,
     stride: [usize; 2],
     padding: [(usize, usize); 2],
+    example_groups: usize,
 ) -> ConvShape {
     let [batch, c_in, height, width] = dims4(x);
-    let [c_out, c_in_w, kh, kw] = dims4(weight);
+    let [rows, c_in_w, kh, kw] = dims4(weight);
     assert_eq!(c_in, c_in_w, "input channels of x and weight (groups 1)");
+    let g = example_groups;
+    assert!(
+        g >= 1 && rows.is_multiple_of(g) && batch.is_multiple_of(g),
+        "{g} example groups for a weight of {rows} rows and a batch of {batch}"
+    );
+    let c_out = rows / g;
     let shape = ConvShape {
         batch,
         c_in,
@@ -191,10 +218,11 @@ impl FastKernels for Flex {
         weight: FlexTensor,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        example_groups: usize,
         _sink: Option<ConvSink>,
     ) -> FlexTensor {
         // Without autodiff there is no backward step to fill the sink.
-        let s = conv_shape(&x, &weight, stride, padding);
+        let s = conv_shape(&x, &weight, stride, padding, example_groups);
         flex_conv2d(x, weight, None, &s)
     }
 
@@ -204,9 +232,10 @@ impl FastKernels for Flex {
         bias: FlexTensor,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        example_groups: usize,
         _sink: Option<ConvSink>,
     ) -> FlexTensor {
-        let s = conv_shape(&x, &weight, stride, padding);
+        let s = conv_shape(&x, &weight, stride, padding, example_groups);
         flex_conv2d(x, weight, Some(bias), &s)
     }
 
@@ -222,6 +251,18 @@ impl FastKernels for Flex {
     ) -> FlexTensor {
         let s = pool_shape(&x, kernel, stride, padding);
         flex_max_pool2d(&contiguous(x), &s).0
+    }
+
+    fn fast_linear_shifted(
+        x: FlexTensor,
+        weight: FlexTensor,
+        shift: FlexTensor,
+        factors: Vec<f32>,
+    ) -> FlexTensor {
+        let s = shifted_shape(&x, &weight, &shift);
+        let (x, weight, shift) = (contiguous(x), contiguous(weight), contiguous(shift));
+        let y = shifted::forward(&s, values(&x), values(&weight), values(&shift), &factors);
+        flex(y, vec![s.groups * s.rows, s.o])
     }
 
     fn fast_group_outer(a: FlexTensor, d: FlexTensor, rows: usize) -> FlexTensor {
@@ -258,6 +299,8 @@ struct ConvState {
     x: FlexTensor,
     weight: FlexTensor,
     shape: ConvShape,
+    /// Consecutive groups of examples with a weight each (1: one weight).
+    example_groups: usize,
     has_bias: bool,
     sink: Option<ConvSink>,
 }
@@ -276,6 +319,27 @@ impl ConvState {
         if let Some(id) = id_x {
             let dx = conv::input_grad(&s, values(&self.weight), values(&dy));
             grads.register::<Flex>(id, flex(dx, vec![s.batch, s.c_in, s.height, s.width]));
+        }
+        if self.example_groups > 1 {
+            // One weight per group of examples: each takes its group's
+            // gradient, the sums of the grouped weight-gradient products.
+            let (g, b) = (self.example_groups, s.batch / self.example_groups);
+            if id_w.is_some() || id_b.is_some() {
+                let mode = conv::PerExample::Groups(b);
+                let grads_g =
+                    conv::weight_grad(&s, values(&self.x), values(&dy), id_b.is_some(), mode)
+                        .groups
+                        .expect("group sums were asked for");
+                if let Some(id) = id_w {
+                    let [kh, kw] = s.kernel;
+                    let shape = vec![g * s.c_out, s.c_in, kh, kw];
+                    grads.register::<Flex>(id, flex(grads_g.weight, shape));
+                }
+                if let Some(id) = id_b {
+                    grads.register::<Flex>(id, flex(grads_g.bias, vec![g * s.c_out]));
+                }
+            }
+            return;
         }
         if id_w.is_some() || id_b.is_some() || self.sink.is_some() {
             let mode = self
@@ -362,6 +426,64 @@ impl Backward<Flex, 3> for NormBackward {
     }
 }
 
+/// The shifted product's shape from its operands' shapes.
+fn shifted_shape(x: &FlexTensor, weight: &FlexTensor, shift: &FlexTensor) -> ShiftedShape {
+    let (xs, ws, ss) = (x.shape(), weight.shape(), shift.shape());
+    assert!(
+        xs.num_dims() == 2 && ws.num_dims() == 2 && ss.num_dims() == 3,
+        "x [R, i], weight [i, o], shift [G, i, o]"
+    );
+    let (r, i, o, g) = (xs[0], ws[0], ws[1], ss[0]);
+    assert!(
+        xs[1] == i && ss[1] == i && ss[2] == o && g >= 1 && r.is_multiple_of(g),
+        "x {:?}, weight {:?} and shift {:?} do not make G groups of rows",
+        xs.to_vec(),
+        ws.to_vec(),
+        ss.to_vec()
+    );
+    ShiftedShape {
+        rows: r / g,
+        groups: g,
+        i,
+        o,
+    }
+}
+
+/// The backward step of the shifted Linear product: it keeps the input,
+/// the weight and the shifts.
+#[derive(Debug)]
+struct ShiftedBackward;
+
+/// The kept operands of [`ShiftedBackward`].
+#[derive(Debug, Clone)]
+struct ShiftedState {
+    x: FlexTensor,
+    weight: FlexTensor,
+    shift: FlexTensor,
+    factors: Vec<f32>,
+    shape: ShiftedShape,
+}
+
+impl Backward<Flex, 2> for ShiftedBackward {
+    type State = ShiftedState;
+
+    fn backward(self, ops: Ops<ShiftedState, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px, pw] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let st = ops.state;
+        let s = st.shape;
+        if let Some(p) = px {
+            let (w, shift) = (values(&st.weight), values(&st.shift));
+            let dx = shifted::input_grad(&s, w, shift, &st.factors, values(&dy));
+            grads.register::<Flex>(p.id, flex(dx, vec![s.groups * s.rows, s.i]));
+        }
+        if let Some(p) = pw {
+            let dw = shifted::weight_grad(values(&st.x), values(&dy), s.groups * s.rows, s.i, s.o);
+            grads.register::<Flex>(p.id, flex(dw, vec![s.i, s.o]));
+        }
+    }
+}
+
 /// The pooling's geometry from its input's shape.
 fn pool_shape(
     x: &FlexTensor,
@@ -425,14 +547,22 @@ fn autodiff_conv2d<C: CheckpointStrategy>(
     bias: Option<FloatTensor<AutodiffFlex<C>>>,
     stride: [usize; 2],
     padding: [(usize, usize); 2],
+    example_groups: usize,
     sink: Option<ConvSink>,
 ) -> FloatTensor<AutodiffFlex<C>> {
-    let s = conv_shape(x.primitive(), weight.primitive(), stride, padding);
+    let s = conv_shape(
+        x.primitive(),
+        weight.primitive(),
+        stride,
+        padding,
+        example_groups,
+    );
     let has_bias = bias.is_some();
     let state = |x: &FlexTensor, w: &FlexTensor| ConvState {
         x: contiguous(x.clone()),
         weight: contiguous(w.clone()),
         shape: s,
+        example_groups,
         has_bias,
         sink: sink.clone(),
     };
@@ -489,9 +619,10 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         weight: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        example_groups: usize,
         sink: Option<ConvSink>,
     ) -> FloatTensor<Self> {
-        autodiff_conv2d::<C>(x, weight, None, stride, padding, sink)
+        autodiff_conv2d::<C>(x, weight, None, stride, padding, example_groups, sink)
     }
 
     fn fast_conv2d_bias(
@@ -500,9 +631,10 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         bias: FloatTensor<Self>,
         stride: [usize; 2],
         padding: [(usize, usize); 2],
+        example_groups: usize,
         sink: Option<ConvSink>,
     ) -> FloatTensor<Self> {
-        autodiff_conv2d::<C>(x, weight, Some(bias), stride, padding, sink)
+        autodiff_conv2d::<C>(x, weight, Some(bias), stride, padding, example_groups, sink)
     }
 
     fn fast_sunk_output_grad(_like: FloatTensor<Self>, sink: ConvSink) -> FloatTensor<Self> {
@@ -524,6 +656,38 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish(PoolState { arg, shape: s }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fast_linear_shifted(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        shift: FloatTensor<Self>,
+        factors: Vec<f32>,
+    ) -> FloatTensor<Self> {
+        let s = shifted_shape(x.primitive(), weight.primitive(), shift.primitive());
+        let st = ShiftedState {
+            x: contiguous(x.primitive().clone()),
+            weight: contiguous(weight.primitive().clone()),
+            shift: contiguous(shift.primitive().clone()),
+            factors,
+            shape: s,
+        };
+        let y = shifted::forward(
+            &s,
+            values(&st.x),
+            values(&st.weight),
+            values(&st.shift),
+            &st.factors,
+        );
+        let y = flex(y, vec![s.groups * s.rows, s.o]);
+        match ShiftedBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(st, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

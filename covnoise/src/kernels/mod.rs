@@ -40,6 +40,7 @@ mod extension;
 mod norm;
 mod outer;
 mod pool;
+mod shifted;
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -317,6 +318,47 @@ pub fn group_outer(a: &Tensor<2>, d: &Tensor<2>, rows: usize) -> Option<Tensor<2
     })
 }
 
+/// `x_j (W + f_j S_j)` for the G consecutive groups of rows of `x` `[R,
+/// i]` (R a multiple of G), `weight` `[i, o]`, the constants `shift` `[G,
+/// i, o]` and the groups' `factors` f_j: `[R, o]`, a Linear layer's product with each group of rows at its
+/// own weight (a penalty's moved parameters, one set per micro-batch;
+/// [`crate::probes::GroupShifts`]). Differentiable in `x` and `weight`; the
+/// weight's gradient is the batch's single product `xᵀ dy`. On the fast
+/// kernel (one product per group, each group's weight formed just before
+/// it; see the module `shifted`) where it runs (enabled, flex, `f32`);
+/// elsewhere burn's ops, `x W` plus one batched product with the shifts.
+pub fn linear_per_group(
+    x: Tensor<2>,
+    weight: Tensor<2>,
+    shift: Tensor<3>,
+    factors: &[f32],
+) -> Tensor<2> {
+    let ([r, i], [i_w, o], [g, i_s, o_s]) = (x.dims(), weight.dims(), shift.dims());
+    assert!(
+        i == i_w && i == i_s && o == o_s && g >= 1 && r.is_multiple_of(g) && factors.len() == g,
+        "x [{r}, {i}], weight [{i_w}, {o}] and shift [{g}, {i_s}, {o_s}] do not make {g} groups of rows"
+    );
+    let fast = enabled()
+        && [x.dtype(), weight.dtype(), shift.dtype()] == [DType::F32; 3]
+        && r * i * o > 0
+        && is_flex(&x.device())
+        && is_flex(&weight.device());
+    if !fast {
+        let column = Tensor::<3>::from_data(
+            burn::tensor::TensorData::new(factors.to_vec(), [g, 1, 1]),
+            &shift.device(),
+        );
+        let extra = x.clone().reshape([g, r / g, i]).matmul(shift * column);
+        return x.matmul(weight) + extra.reshape([r, o]);
+    }
+    Tensor::from_dispatch(<Dispatch as FastKernels>::fast_linear_shifted(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        shift.into_dispatch(),
+        factors.to_vec(),
+    ))
+}
+
 /// Whether [`conv2d`] runs the fast kernel for these operands (else burn's
 /// op): enabled on this thread, flex, `f32`, groups 1, dilation 1, and at
 /// least [`MIN_POSITIONS`] output positions.
@@ -391,9 +433,68 @@ pub fn conv2d_recording(
             b.into_dispatch(),
             stride,
             padding,
+            1,
             sink,
         ),
-        None => <Dispatch as FastKernels>::fast_conv2d(x, weight, stride, padding, sink),
+        None => <Dispatch as FastKernels>::fast_conv2d(x, weight, stride, padding, 1, sink),
+    })
+}
+
+/// A convolution whose batch comes in G consecutive groups of examples,
+/// each convolved with a weight and bias of its own: `x` `[B, C_in, H, W]`
+/// (B a multiple of G), `weight` `[G, C_out, C_in / groups, kh, kw]`,
+/// `bias` `[G, C_out]`; examples `j B/G .. (j + 1) B/G` meet `weight[j]`
+/// and `bias[j]`, with burn's `options`. Differentiable in all three: each
+/// group's weight takes its own group's gradient. This is how one pass
+/// runs each micro-batch at parameters of its own (a penalty's finite
+/// differences, [`crate::probes::GroupShifts`]). On the fast kernels where
+/// [`conv2d_is_fast`] holds for one group's operands (one product per
+/// example, the weight chosen by the example's group); elsewhere burn's op
+/// once per group.
+pub fn conv2d_per_group(
+    x: Tensor<4>,
+    weight: Tensor<5>,
+    bias: Option<Tensor<2>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    let [g, c_out, c_in, kh, kw] = weight.dims();
+    let batch = x.dims()[0];
+    assert!(
+        g >= 1 && batch.is_multiple_of(g),
+        "{g} weight groups cannot split a batch of {batch}"
+    );
+    let per = batch / g;
+    let one = |w: &Tensor<5>, j: usize| w.clone().narrow(0, j, 1).reshape([c_out, c_in, kh, kw]);
+    let one_bias = |b: &Tensor<2>, j: usize| b.clone().narrow(0, j, 1).reshape([c_out]);
+    let first = one(&weight, 0);
+    let first_bias = bias.as_ref().map(|b| one_bias(b, 0));
+    let head = x.clone().narrow(0, 0, per);
+    if g == 1 || !conv2d_is_fast(&head, &first, first_bias.as_ref(), &options) {
+        let outs = (0..g)
+            .map(|j| {
+                burn::tensor::module::conv2d(
+                    x.clone().narrow(0, j * per, per),
+                    one(&weight, j),
+                    bias.as_ref().map(|b| one_bias(b, j)),
+                    options.clone(),
+                )
+            })
+            .collect();
+        return Tensor::cat(outs, 0);
+    }
+    let weight = weight.reshape([g * c_out, c_in, kh, kw]).into_dispatch();
+    let (x, stride, padding) = (x.into_dispatch(), options.stride, options.padding);
+    Tensor::from_dispatch(match bias {
+        Some(b) => <Dispatch as FastKernels>::fast_conv2d_bias(
+            x,
+            weight,
+            b.reshape([g * c_out]).into_dispatch(),
+            stride,
+            padding,
+            g,
+            None,
+        ),
+        None => <Dispatch as FastKernels>::fast_conv2d(x, weight, stride, padding, g, None),
     })
 }
 
