@@ -207,11 +207,18 @@ fn two_processes_match_one(extra: &[&str], all_reduces_per_step: u64, tolerance:
     assert_eq!(config["meta"]["world-size"].as_integer(), Some(2));
 
     // The final model's Fisher trace: each rank took half of the examples.
+    // It is of the two runs' final models, which differ as the losses do,
+    // and moves about 2.6 times as much (1e-4 where the losses agree to
+    // 1e-5, measured 1.3e-3 where they drift 4.9e-4): ten times the losses'
+    // tolerance.
     let (t1, t2) = (
         single["fisher_trace"].as_f64().unwrap(),
         mpi["fisher_trace"].as_f64().unwrap(),
     );
-    assert!((t1 - t2).abs() <= 1e-4 * t1, "Fisher trace {t1} vs {t2}");
+    assert!(
+        (t1 - t2).abs() <= 10.0 * tolerance * t1,
+        "Fisher trace {t1} vs {t2}"
+    );
 
     // 16 steps, plus one per epoch's test evaluation, the replica check,
     // the final training-set evaluation and the Fisher trace.
@@ -286,14 +293,17 @@ fn two_processes_match_one_with_grad_norm_penalty() {
 }
 
 /// Labels for the Fisher-trace penalty are drawn for the global batch, so
-/// sharding does not change them. The tolerance is 1e-4: the micro-batch
-/// gradients come from one pass over each process's shard (256 examples
-/// on one process, 128 on each of two), whose products round differently,
-/// and the forward difference divides that float32 rounding by eps
-/// (about 1e-7 / r = 1e-5 of the Hessian-vector product per step, see
-/// `covnoise::regularizer`); over 16 steps of training the one- and
-/// two-process losses drift apart by about 1.2e-5. Labels drawn for the
-/// wrong examples (a sharding bug) put them 0.33 apart.
+/// sharding does not change them. The tolerance is 2e-3: the micro-batch
+/// gradients, and the passes at the moved parameters, come from one pass
+/// over each process's shard (256 examples on one process, 128 on each of
+/// two), whose products round differently, and the forward difference
+/// divides that float32 rounding by eps (about 1e-7 / r = 1e-5 of the
+/// Hessian-vector product per step, see `covnoise::regularizer`); over 16
+/// steps of training the one- and two-process losses drift apart by about
+/// 4.9e-4 (1.2e-5 while the moved passes ran one per micro-batch, the same
+/// passes on one process as on two). Labels drawn for the wrong examples
+/// (a sharding bug) put them 0.33 apart, and a Hessian-vector product 10 %
+/// off on two processes 0.15.
 #[test]
 fn two_processes_match_one_with_fisher_trace_penalty() {
     two_processes_match_one(
@@ -306,7 +316,7 @@ fn two_processes_match_one_with_fisher_trace_penalty() {
             "4",
         ],
         2,
-        1e-4,
+        2e-3,
     );
 }
 

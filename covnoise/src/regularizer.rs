@@ -36,6 +36,7 @@ use crate::collective::all_reduce_packed;
 use crate::error::{CovnoiseError, Result, check_non_negative, check_positive};
 use crate::model::{Coupling, Examples, Forward, Objective, Probes};
 use crate::moments::{self, MicroBatchPasses, PassRequest, StepContext, StepGradient};
+use crate::probes::GroupShifts;
 use crate::rng::stream;
 use crate::tensor_util::scalar;
 
@@ -167,7 +168,9 @@ pub(crate) struct PenaltyGradient {
 /// the micro-batch gradients at theta come from one pass over the whole
 /// batch ([`PassRequest::group_size`]; with sampled labels a second, on a
 /// frozen copy, for the group gradients only), and only the passes at the
-/// moved parameters, which differ per micro-batch, run one by one.
+/// moved parameters, which differ per micro-batch, run one by one; with
+/// [`MicroBatchPasses::OneThroughRulesAndShifts`] those run as one pass
+/// too, each micro-batch at its own parameters ([`PassRequest::shifts`]).
 /// Otherwise each micro-batch has passes of its own.
 pub(crate) fn penalty_gradient<M, B, F>(
     model: &M,
@@ -191,12 +194,12 @@ where
     // A whole-batch batch norm normalizes a micro-batch differently from
     // the batch: its passes cannot make the batch's gradient.
     let want_data = want_data && ctx.coupling != Coupling::WholeBatch;
-    let acc =
-        if passes == MicroBatchPasses::OneThroughRules && ctx.coupling == Coupling::Independent {
-            sums_from_one_pass(model, batch, forward, reg, want_data, ctx, b)?
-        } else {
-            sums_per_micro_batch(model, batch, forward, reg, want_data, ctx, b)?
-        };
+    let acc = if passes.one_pass() && ctx.coupling == Coupling::Independent {
+        let shifted = passes == MicroBatchPasses::OneThroughRulesAndShifts;
+        sums_from_one_pass(model, batch, forward, reg, want_data, shifted, ctx, b)?
+    } else {
+        sums_per_micro_batch(model, batch, forward, reg, want_data, ctx, b)?
+    };
     let mut hvp = match acc.hvp {
         Some(h) => h,
         None => {
@@ -303,6 +306,106 @@ where
     Ok((norm_sq, Some(hvp)))
 }
 
+/// `sum_m ||g_m||^2` over the micro-batch gradients `groups` (at theta, on
+/// `labels`) and `sum_m H_m g_m` by the forward differences at
+/// `theta + eps_m g_m`, `eps_m = r / ||g_m||`, all micro-batches in one
+/// pass: micro-batch m runs at its own parameters ([`PassRequest::shifts`])
+/// and its loss is weighted by `1 / eps_m`, so that the pass's gradient is
+/// `sum_m grad L_m(theta + eps_m g_m) / eps_m`, from which
+/// `sum_m g_m / eps_m` is taken. A micro-batch with a zero gradient adds
+/// nothing (its product with any Hessian is zero): weight and shift 0.
+/// None for the products where every micro-batch's gradient is zero.
+#[allow(clippy::too_many_arguments)]
+fn norms_and_hvp_shifted<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    reg: &Regularizer,
+    groups: &moments::GroupGrads,
+    labels: Option<Tensor<1, Int>>,
+    chunk: Option<usize>,
+    ctx: &StepContext,
+) -> Result<(f64, Option<Vec<Tensor<1>>>)>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    let g = groups.groups();
+    let scale = groups.scale as f64;
+    // ||g_m||^2 for every m with one host read.
+    let per_group = groups
+        .sums
+        .iter()
+        .map(|t| t.clone().square().sum_dim(1))
+        .reduce(|a, c| a + c)
+        .ok_or_else(|| CovnoiseError::Shape("no parameters to penalize".into()))?;
+    let device = per_group.device();
+    let norms: Vec<f64> = crate::tensor_util::to_vec(&per_group.reshape([g]))?
+        .into_iter()
+        .map(|v| v as f64 * scale * scale)
+        .collect();
+    if norms.iter().any(|v| !v.is_finite()) {
+        return Err(CovnoiseError::NonFiniteGradient { step: ctx.step });
+    }
+    let norm_sq: f64 = norms.iter().sum();
+    if norms.iter().all(|&v| v == 0.0) {
+        return Ok((norm_sq, None));
+    }
+    let eps: Vec<f64> = norms
+        .iter()
+        .map(|&v| {
+            if v > 0.0 {
+                reg.fd_radius / v.sqrt()
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let b = batch.len() / g;
+    // Loss weights: the pass differentiates (1/n) sum_i w_i l_i, and
+    // micro-batch m's share of it must be grad L_m / eps_m = (1/b) sum
+    // grad l_i / eps_m, so w_i = (n / b) / eps_m = g / eps_m.
+    let weights: Vec<f32> = eps
+        .iter()
+        .flat_map(|&e| {
+            let w = if e > 0.0 { g as f64 / e } else { 0.0 };
+            std::iter::repeat_n(w as f32, b)
+        })
+        .collect();
+    // Row m of a sum times scale is g_m: the shifts are the rows scaled by
+    // eps_m scale (applied by the layers, not written out), and
+    // sum_m g_m / eps_m one product of the rows with the weights
+    // scale / eps_m (zero-gradient rows weighted 0).
+    let to_shift = eps.iter().map(|&e| (e * scale) as f32).collect();
+    let quotients: Vec<f32> = eps
+        .iter()
+        .map(|&e| if e > 0.0 { (scale / e) as f32 } else { 0.0 })
+        .collect();
+    let to_quotient = crate::tensor_util::from_vec(quotients, [1, g], &device);
+    let shifts =
+        GroupShifts::from_table(ctx.table, b, groups.sums.clone())?.with_factors(to_shift)?;
+    let request = PassRequest {
+        weights: Some(&weights),
+        labels,
+        shifts: Some(shifts),
+        chunk,
+        ..Default::default()
+    };
+    let moved = moments::backward_pass(model, ctx.table, batch, forward, request)?;
+    let hvp = moved
+        .grads
+        .into_iter()
+        .zip(&groups.sums)
+        .map(|(at_moved, t)| {
+            let numel = t.dims()[1];
+            let here = to_quotient.clone().matmul(t.clone()).reshape([numel]);
+            at_moved - here
+        })
+        .collect();
+    Ok((norm_sq, Some(hvp)))
+}
+
 /// The penalty's pass at theta with the data labels over `batch`, as
 /// `request` asks, and its logits. Without the step's gradient to make
 /// (`want_data` false), the Fisher-trace penalty uses only the logits (its
@@ -370,13 +473,16 @@ where
 }
 
 /// The penalty's sums with the micro-batch gradients at theta from one
-/// pass over the whole shard (see [`penalty_gradient`]).
+/// pass over the whole shard, and with `shifted` the passes at the moved
+/// parameters too (see [`penalty_gradient`]).
+#[allow(clippy::too_many_arguments)]
 fn sums_from_one_pass<M, B, F>(
     model: &M,
     batch: &B,
     forward: &F,
     reg: &Regularizer,
     want_data: bool,
+    shifted: bool,
     ctx: &StepContext,
     b: usize,
 ) -> Result<Sums>
@@ -425,6 +531,13 @@ where
             }
         }
         .expect("a pass that asked for group gradients has them");
+        if shifted {
+            let (norm_sq, hvp) =
+                norms_and_hvp_shifted(model, batch, forward, reg, &groups, labels, chunk, ctx)?;
+            acc.norm_sq = norm_sq;
+            acc.hvp = hvp;
+            return Ok(());
+        }
         for j in 0..local_m {
             let g = groups.group(j);
             let part_labels = labels.clone().map(|l| l.narrow(0, j * b, b));

@@ -714,3 +714,56 @@ fn the_temperature_rule_carries_its_learning_rates() {
         .scale();
     assert!((c - (0.25 / 128.0 - 1.0 / 4096.0)).abs() < 1e-15);
 }
+
+/// Passes in which each micro-batch runs at parameters of its own (the
+/// penalties' moved passes: an embedding table, layer and group norms'
+/// scales and shifts, a Conv1d, per-token Linear layers, attention and a
+/// tied weight, each group at its own values) against one plain pass per
+/// micro-batch on a moved copy of the model (tolerance as in
+/// `common::shifted_pass_against_per_group_passes`).
+#[test]
+fn shifted_passes_of_models_unlike_ours_match_one_pass_per_micro_batch() {
+    let batch = sequences(8, 6, 31);
+    let check = |label: &str, (whole, chunked): (f64, f64)| {
+        assert!(
+            whole <= 1e-4 && chunked <= 1e-4,
+            "{label}: relative errors {whole} and {chunked}"
+        );
+    };
+    check(
+        "token model",
+        common::shifted_pass_against_per_group_passes(
+            &TokenNet::new(4),
+            &batch,
+            &token_forward,
+            2,
+            1,
+        ),
+    );
+    check(
+        "attention",
+        common::shifted_pass_against_per_group_passes(
+            &attention_model(),
+            &batch,
+            &attention_forward,
+            2,
+            2,
+        ),
+    );
+    let d = device();
+    d.seed(6);
+    let tied = Tied {
+        shared: LinearConfig::new(5, 5).init(&d),
+        head: LinearConfig::new(5, 3).init(&d),
+    };
+    check(
+        "tied",
+        common::shifted_pass_against_per_group_passes(
+            &tied,
+            &features(8, 5, 3, 5),
+            &tied_forward,
+            4,
+            3,
+        ),
+    );
+}

@@ -591,3 +591,60 @@ fn the_micro_batch_estimator_from_one_pass_equals_one_pass_per_micro_batch() {
         );
     }
 }
+
+/// A 1x1 convolution before a geometry's net, so that the geometry's
+/// convolution passes its input gradient back to a parameter.
+#[derive(Module, Debug)]
+struct Preceded {
+    pre: Conv2d,
+    net: ConvNet,
+}
+
+fn preceded_forward(m: &Preceded, b: &Batch<4>, p: &mut Probes) -> Objective {
+    let x = activation::tanh(p.conv2d(&m.pre, b.x.clone()));
+    forward(
+        &m.net,
+        &Batch {
+            x,
+            labels: b.labels.clone(),
+        },
+        p,
+    )
+}
+
+/// A pass in which each micro-batch runs at parameters of its own (the
+/// penalties' moved passes; on the fast kernel a weight per group of
+/// examples in the forward product and in the input gradient, with burn's
+/// op once per group where the kernel is off) against one plain pass per
+/// micro-batch on a moved copy of the model, on every kernel path, the
+/// convolution's input gradient reaching a 1x1 convolution before it (see
+/// `common::shifted_pass_against_per_group_passes` for the tolerance:
+/// float32 sums in other orders, about 1e-6; a group at the wrong
+/// parameters is off by about 10 %).
+#[test]
+fn shifted_passes_match_one_pass_per_micro_batch_on_every_kernel_path() {
+    let device = device();
+    for (i, g) in GEOMETRIES.iter().enumerate() {
+        let model = Preceded {
+            pre: Conv2dConfig::new([g.c_in, g.c_in], [1, 1]).init(&device),
+            net: g.model(&device),
+        };
+        let batch = g.batch(12, 40 + i as u64, &device);
+        for fast in [true, false] {
+            let (whole, chunked) = kernels::with_enabled(fast, || {
+                common::shifted_pass_against_per_group_passes(
+                    &model,
+                    &batch,
+                    &preceded_forward,
+                    3,
+                    7,
+                )
+            });
+            assert!(
+                whole <= 1e-4 && chunked <= 1e-4,
+                "{} (fast {fast}): relative errors {whole} and {chunked}",
+                g.path
+            );
+        }
+    }
+}

@@ -355,3 +355,52 @@ fn a_wrong_user_rule_is_refused_at_validation_naming_the_layer() {
         .validate_model(&model, &batch, wrong)
         .unwrap();
 }
+
+fn right_unprobed(m: &Net, b: &Batch, _: &mut Probes) -> Objective {
+    right(m, b, &mut Probes::off())
+}
+
+/// The user's layer computes its output itself, so it cannot run each
+/// micro-batch at parameters of its own: a pass at shifted parameters
+/// through it is refused, naming the layer, instead of silently running
+/// that layer at theta. The penalties then keep one pass per micro-batch
+/// at the moved parameters (their micro-batch gradients at theta still
+/// come from one pass through the rules), and give the step that one pass
+/// per micro-batch for everything gives, to float32 rounding (1e-4
+/// relative: the forward differences divide rounding of about 1e-7 by
+/// r = 1e-2). Had the stage run the shifted pass, the step would fail.
+#[test]
+fn a_user_layer_refuses_shifted_passes_and_penalties_keep_their_moved_passes() {
+    use covnoise::probes::GroupShifts;
+    use covnoise::regularizer::Regularizer;
+    let model = Net::new(5);
+    let batch = data(12, 6);
+    let table = ParamTable::of(&model);
+    let host = Device::flex();
+    let rows = table
+        .entries()
+        .iter()
+        .map(|e| Tensor::<2>::random([3, e.numel()], Distribution::Normal(0.0, 0.1), &host))
+        .collect();
+    let request = PassRequest {
+        shifts: Some(GroupShifts::from_table(&table, 4, rows).unwrap()),
+        ..Default::default()
+    };
+    let err = moments::backward_pass(&model, &table, &batch, &right, request).unwrap_err();
+    assert!(err.to_string().contains("Bilinear"), "{err}");
+    let step = |probed: bool| {
+        let mut stage = NoiseStage::new(NoiseConfig::none(), 12, 4)
+            .unwrap()
+            .with_regularizer(Regularizer::grad_norm(0.5, 3))
+            .unwrap();
+        let mut g = if probed {
+            stage.gradient(&model, &batch, right).unwrap()
+        } else {
+            stage.gradient(&model, &batch, right_unprobed).unwrap()
+        };
+        flat(&table.flatten(&mut g.grads, &Device::flex()).unwrap())
+    };
+    let (a, b) = (step(true), step(false));
+    let rel = common::rel_distance(&a, &b);
+    assert!(rel <= 1e-4, "steps differ by {rel}");
+}

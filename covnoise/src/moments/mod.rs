@@ -32,7 +32,7 @@ use crate::model::{
     Coupling, Examples, Forward, Objective, Probes, count_correct, cross_entropy_per_example,
 };
 use crate::params::ParamTable;
-use crate::probes::ProbedLayer;
+use crate::probes::{GroupShifts, ProbedLayer};
 use crate::rng::{keyed_rng, stream};
 use crate::tensor_util::{scalar, to_vec};
 
@@ -134,6 +134,21 @@ pub enum MicroBatchPasses {
     /// checks both and picks this where they hold). Where examples are not
     /// independent (batch norm), one pass per micro-batch runs instead.
     OneThroughRules,
+    /// As [`MicroBatchPasses::OneThroughRules`], and the penalties' passes
+    /// at the moved parameters `theta + eps_m g_m`, which differ per
+    /// micro-batch, run as one pass too ([`PassRequest::shifts`]): every
+    /// parameter must also be in one of covnoise's own probed layers, which
+    /// run each group of examples at its own parameters (not in a layer
+    /// with a user's rule, nor a batch norm: see
+    /// [`Probes::unmovable_params`]).
+    OneThroughRulesAndShifts,
+}
+
+impl MicroBatchPasses {
+    /// Whether the micro-batch gradients at theta come from one pass.
+    pub fn one_pass(self) -> bool {
+        self != MicroBatchPasses::PerMicroBatch
+    }
 }
 
 /// Where a step stands: the seed and step that key its randomness, the
@@ -215,6 +230,17 @@ pub struct PassRequest<'a> {
     /// covered by a rule; exact only where examples of different groups do
     /// not interact (no batch normalization).
     pub group_size: Option<usize>,
+    /// Run each of the batch's consecutive groups of examples at parameters
+    /// of its own, `theta + s_j` ([`Probes::shifted`]): the gradient is then
+    /// the sum over the groups of each group's share of the objective's
+    /// gradient at its own parameters (a penalty's finite differences for
+    /// all micro-batches in one pass). The batch, and
+    /// [`PassRequest::chunk`] when set, must be whole numbers of the shifts'
+    /// groups; a layer that cannot move its parameters
+    /// ([`Probes::unshifted_layers`]) is refused. Records nothing: not with
+    /// [`PassRequest::probes`], [`PassRequest::moments`] or
+    /// [`PassRequest::group_size`].
+    pub shifts: Option<GroupShifts>,
     /// Split the batch into passes over at most this many examples and
     /// accumulate: the same gradients, loss, predictions and factors up to
     /// float rounding, with the activations of one chunk alive at a time.
@@ -368,6 +394,22 @@ where
             )));
         }
     }
+    if let Some(shifts) = &request.shifts {
+        let b = shifts.group_size();
+        let whole = |m: usize| m.is_multiple_of(b);
+        if n != shifts.groups() * b || request.chunk.is_some_and(|c| c < n && !whole(c)) {
+            return Err(CovnoiseError::Shape(format!(
+                "a pass over {n} examples (chunks of {:?}) cannot run {} groups of {b} at shifted parameters",
+                request.chunk,
+                shifts.groups()
+            )));
+        }
+        if request.probes || request.moments.is_some() || request.group_size.is_some() {
+            return Err(CovnoiseError::Unsupported(
+                "a pass at shifted parameters records no layers".into(),
+            ));
+        }
+    }
     if let Some(chunk) = request
         .chunk
         .filter(|&c| c >= 1 && c < n && !request.probes)
@@ -387,12 +429,17 @@ where
         model
     };
     let record = request.probes || request.moments.is_some() || request.group_size.is_some();
-    let mut probes = if record {
-        Probes::recording(frozen_pass, request.group_size)
-    } else {
-        Probes::off()
+    let mut probes = match &request.shifts {
+        Some(shifts) => Probes::shifted(shifts.clone()),
+        None if record => Probes::recording(frozen_pass, request.group_size),
+        None => Probes::off(),
     };
     let objective = forward(model, batch, &mut probes);
+    if let Some(layer) = probes.unshifted_layers().first() {
+        return Err(CovnoiseError::Unsupported(format!(
+            "a pass at shifted parameters met a {layer} layer that computes its output at the unshifted parameters (a user's rule or a batch norm); such a model runs one pass per micro-batch"
+        )));
+    }
     if objective.len() != n {
         return Err(CovnoiseError::Shape(format!(
             "the forward pass returned {} losses for a batch of {n}",
@@ -511,6 +558,10 @@ where
         let part = PassRequest {
             weights: request.weights.map(|w| &w[start..start + len]),
             labels: request.labels.clone().map(|l| l.narrow(0, start, len)),
+            shifts: request.shifts.as_ref().map(|s| {
+                let b = s.group_size();
+                s.narrow(start / b, len / b)
+            }),
             chunk: None,
             ..request.clone()
         };
@@ -1038,7 +1089,7 @@ where
     let local_m = micro_batches / world;
     let b = batch.len() / local_m;
     let factor = b as f64 / (micro_batches as f64 - 1.0);
-    if passes == MicroBatchPasses::OneThroughRules && ctx.coupling == Coupling::Independent {
+    if passes.one_pass() && ctx.coupling == Coupling::Independent {
         let mut pass = backward_pass(
             model,
             ctx.table,

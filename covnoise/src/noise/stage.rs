@@ -369,11 +369,22 @@ impl<C: Collective> NoiseStage<C> {
             && self.config.structure.moment().is_some()
             && matches!(self.config.estimator, Estimator::Microbatch { .. }))
             || self.regularizer.is_some_and(|r| r.is_active());
+        // The penalties' passes at moved parameters also run as one pass
+        // where every parameter sits in one of covnoise's own layers, which
+        // run each micro-batch at its own parameters.
+        let movable = || {
+            let ids: Vec<_> = table.entries().iter().map(|e| e.id).collect();
+            !probes.unmovable_params().iter().any(|p| ids.contains(p))
+        };
         let passes = if micro_batched
             && coupling == Coupling::Independent
             && (rules_checked || check_rules(model, &table, &probes, batch, &forward).is_ok())
         {
-            MicroBatchPasses::OneThroughRules
+            if self.regularizer.is_some_and(|r| r.is_active()) && movable() {
+                MicroBatchPasses::OneThroughRulesAndShifts
+            } else {
+                MicroBatchPasses::OneThroughRules
+            }
         } else {
             MicroBatchPasses::PerMicroBatch
         };

@@ -86,29 +86,36 @@ impl Probes {
         if self.is_off() {
             return layer.forward(x);
         }
+        if let Some(shifts) = self.group_shifts() {
+            return shifts.layer_norm(layer, x);
+        }
         let dims = x.dims();
         let features = dims[D - 1];
         let b = dims[0];
         let input = x.clone().detach();
         let z = layer.forward(x);
-        self.layer(z, || {
-            // The layer itself with unit scale and no shift gives the
-            // normalized input with the layer's own epsilon (a private field).
-            let mut unit = layer.clone();
-            let device = input.device().inner();
-            unit.gamma = burn::module::Param::from_tensor(Tensor::ones([features], &device));
-            unit.beta = None;
-            let normalized = unit.forward(input.inner());
-            let n = normalized.dims()[1..].iter().product();
-            AffineRule {
-                gamma: Some(layer.gamma.id),
-                beta: layer.beta.as_ref().map(|b| b.id),
-                normalized: normalized.reshape([b, n]),
-                features,
-                axis: FeatureAxis::Last,
-                kind: "LayerNorm",
-            }
-        })
+        self.layer_with(
+            z,
+            || {
+                // The layer itself with unit scale and no shift gives the
+                // normalized input with the layer's own epsilon (a private field).
+                let mut unit = layer.clone();
+                let device = input.device().inner();
+                unit.gamma = burn::module::Param::from_tensor(Tensor::ones([features], &device));
+                unit.beta = None;
+                let normalized = unit.forward(input.inner());
+                let n = normalized.dims()[1..].iter().product();
+                AffineRule {
+                    gamma: Some(layer.gamma.id),
+                    beta: layer.beta.as_ref().map(|b| b.id),
+                    normalized: normalized.reshape([b, n]),
+                    features,
+                    axis: FeatureAxis::Last,
+                    kind: "LayerNorm",
+                }
+            },
+            true,
+        )
     }
 
     /// `layer.forward(x)` for `x` of shape `[B, C, ...]` (C channels in
@@ -118,26 +125,33 @@ impl Probes {
         if self.is_off() || (layer.gamma.is_none() && layer.beta.is_none()) {
             return layer.forward(x);
         }
+        if let Some(shifts) = self.group_shifts() {
+            return shifts.group_norm(layer, x);
+        }
         let dims = x.dims();
         let (b, c) = (dims[0], dims[1]);
         let input = x.clone().detach();
         let z = layer.forward(x);
-        self.layer(z, || {
-            let device = input.device().inner();
-            let unit = GroupNormConfig::new(layer.num_groups, layer.num_channels)
-                .with_epsilon(layer.epsilon)
-                .with_affine(false)
-                .init(&device);
-            let normalized = unit.forward(input.inner());
-            let n = normalized.dims()[1..].iter().product();
-            AffineRule {
-                gamma: layer.gamma.as_ref().map(|g| g.id),
-                beta: layer.beta.as_ref().map(|b| b.id),
-                normalized: normalized.reshape([b, n]),
-                features: c,
-                axis: FeatureAxis::Channel,
-                kind: "GroupNorm",
-            }
-        })
+        self.layer_with(
+            z,
+            || {
+                let device = input.device().inner();
+                let unit = GroupNormConfig::new(layer.num_groups, layer.num_channels)
+                    .with_epsilon(layer.epsilon)
+                    .with_affine(false)
+                    .init(&device);
+                let normalized = unit.forward(input.inner());
+                let n = normalized.dims()[1..].iter().product();
+                AffineRule {
+                    gamma: layer.gamma.as_ref().map(|g| g.id),
+                    beta: layer.beta.as_ref().map(|b| b.id),
+                    normalized: normalized.reshape([b, n]),
+                    features: c,
+                    axis: FeatureAxis::Channel,
+                    kind: "GroupNorm",
+                }
+            },
+            true,
+        )
     }
 }

@@ -16,11 +16,21 @@ impl Probes {
         layer: &GhostBatchNorm,
         x: Tensor<D>,
     ) -> Tensor<D> {
-        if self.mode != Mode::Off {
-            self.norms.push(NormGroups {
-                gamma: layer.gamma.id,
-                group: layer.group,
-            });
+        let params = [layer.gamma.id, layer.beta.id];
+        match self.mode {
+            Mode::Off => {}
+            // It normalizes and scales in one op: it cannot run groups of
+            // examples at parameters of their own.
+            Mode::Shifted => self.note_unshifted(|| "BatchNorm".into(), &params),
+            Mode::Observe | Mode::On => {
+                if self.mode == Mode::Observe {
+                    self.unmovable.extend(params);
+                }
+                self.norms.push(NormGroups {
+                    gamma: layer.gamma.id,
+                    group: layer.group,
+                });
+            }
         }
         let dims = x.dims();
         let rest: usize = dims[2..].iter().product();

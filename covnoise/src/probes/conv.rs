@@ -180,6 +180,9 @@ impl Probes {
     /// elsewhere. A grouped convolution has no exact rule: it is noted as
     /// such (see [`Probes::without_rule`]) and runs plain.
     pub fn conv2d(&mut self, layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+        if let Some(shifts) = self.group_shifts() {
+            return shifts.conv2d(layer, x);
+        }
         if self.is_off() || layer.groups != 1 {
             self.note_grouped("Conv2d", layer.groups, &layer.weight.id, &layer.bias);
             return kernels::conv2d_layer(layer, x);
@@ -218,13 +221,16 @@ impl Probes {
                 self.record_sunk(rule(), sink.clone());
                 z
             }
-            None => self.layer(z, rule),
+            None => self.layer_with(z, rule, true),
         }
     }
 
     /// `layer.forward(x)` for sequences `x` of shape `[B, C, L]`, recording
     /// the layer when the probes are on (as a Conv2d of height 1).
     pub fn conv1d(&mut self, layer: &Conv1d, x: Tensor<3>) -> Tensor<3> {
+        if let Some(shifts) = self.group_shifts() {
+            return shifts.conv1d(layer, x);
+        }
         if self.is_off() || layer.groups != 1 {
             self.note_grouped("Conv1d", layer.groups, &layer.weight.id, &layer.bias);
             return layer.forward(x);
@@ -238,18 +244,22 @@ impl Probes {
             PaddingConfig1d::Same => same_padding(l, layer.kernel_size, layer.stride),
             PaddingConfig1d::Explicit(left, right) => (left, right),
         };
-        self.layer(z, || ConvRule {
-            weight: layer.weight.id,
-            bias: layer.bias.as_ref().map(|b| b.id),
-            input: input.inner().reshape([b, c, 1, l]),
-            kernel: [1, layer.kernel_size],
-            stride: [1, layer.stride],
-            dilation: [1, layer.dilation],
-            padding: [(0, 0), (left, right)],
-            output_size: [1, lo],
-            kind: "Conv1d",
-            sink: None,
-        })
+        self.layer_with(
+            z,
+            || ConvRule {
+                weight: layer.weight.id,
+                bias: layer.bias.as_ref().map(|b| b.id),
+                input: input.inner().reshape([b, c, 1, l]),
+                kernel: [1, layer.kernel_size],
+                stride: [1, layer.stride],
+                dilation: [1, layer.dilation],
+                padding: [(0, 0), (left, right)],
+                output_size: [1, lo],
+                kind: "Conv1d",
+                sink: None,
+            },
+            true,
+        )
     }
 
     /// Notes a grouped convolution (no exact rule) unless the probes are off.

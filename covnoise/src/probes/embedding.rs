@@ -71,13 +71,20 @@ impl Probes {
         if self.is_off() {
             return layer.forward(tokens);
         }
+        if let Some(shifts) = self.group_shifts() {
+            return shifts.embedding(layer, tokens);
+        }
         let [vocabulary, _] = layer.weight.dims();
         let recorded = tokens.clone();
         let z = layer.forward(tokens);
-        self.layer(z, || EmbeddingRule {
-            weight: layer.weight.id,
-            tokens: recorded.inner(),
-            vocabulary,
-        })
+        self.layer_with(
+            z,
+            || EmbeddingRule {
+                weight: layer.weight.id,
+                tokens: recorded.inner(),
+                vocabulary,
+            },
+            true,
+        )
     }
 }

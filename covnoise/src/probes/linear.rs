@@ -150,14 +150,21 @@ impl Probes {
         if self.is_off() {
             return layer.forward(x);
         }
+        if let Some(shifts) = self.group_shifts() {
+            return shifts.linear(layer, x);
+        }
         let dims = x.dims();
         let (b, positions) = (dims[0], dims[1..D - 1].iter().product());
         let input = x.clone().detach();
         let z = layer.forward(x);
-        self.layer(z, || LinearRule {
-            weight: layer.weight.id,
-            bias: layer.bias.as_ref().map(|b| b.id),
-            input: input.inner().reshape([b, positions, dims[D - 1]]),
-        })
+        self.layer_with(
+            z,
+            || LinearRule {
+                weight: layer.weight.id,
+                bias: layer.bias.as_ref().map(|b| b.id),
+                input: input.inner().reshape([b, positions, dims[D - 1]]),
+            },
+            true,
+        )
     }
 }

@@ -46,12 +46,14 @@ mod conv;
 mod embedding;
 mod linear;
 mod rule;
+mod shift;
 
 pub use affine::{AffineRule, FeatureAxis};
 pub use conv::ConvRule;
 pub use embedding::EmbeddingRule;
 pub use linear::LinearRule;
 pub use rule::{ExactRule, ProbedLayer};
+pub use shift::GroupShifts;
 
 use burn::module::ParamId;
 use burn::tensor::{Gradients, Tensor};
@@ -71,6 +73,9 @@ enum Mode {
     Observe,
     /// Record each layer's rule and probe for the estimators.
     On,
+    /// Run each group of examples at parameters of its own (see
+    /// [`Probes::shifted`]), recording nothing.
+    Shifted,
 }
 
 /// A batch normalization seen in a forward pass: its scale's parameter (when
@@ -134,6 +139,13 @@ pub struct Probes {
     group_size: Option<usize>,
     layers: Vec<Recorded>,
     norms: Vec<NormGroups>,
+    /// Each group's parameter shifts, in a shifted pass.
+    shifts: Option<GroupShifts>,
+    /// Layers of a shifted pass that ran at theta although they hold a
+    /// moved parameter.
+    unshifted: Vec<String>,
+    /// Parameters seen (observing) in layers that cannot be moved.
+    unmovable: Vec<ParamId>,
 }
 
 impl Probes {
@@ -214,15 +226,46 @@ impl Probes {
     /// rule's layer and parameters are noted; when they are on, a zero probe
     /// leaf is added to the output, and after backward its gradient is the
     /// `output_grad` the rule receives.
+    ///
+    /// Such a layer computes its output itself, so it cannot run groups of
+    /// examples at parameters of their own ([`Probes::shifted`]): a
+    /// shifted pass through it that moves one of its parameters is
+    /// refused ([`Probes::unshifted_layers`]), and the penalties then run
+    /// one pass per micro-batch at the moved parameters instead.
     pub fn layer<const D: usize, R, F>(&mut self, output: Tensor<D>, rule: F) -> Tensor<D>
+    where
+        R: ExactRule + 'static,
+        F: FnOnce() -> R,
+    {
+        self.layer_with(output, rule, false)
+    }
+
+    /// [`Probes::layer`] for a layer that runs shifted passes itself
+    /// (`movable`: covnoise's own layers) or not.
+    fn layer_with<const D: usize, R, F>(
+        &mut self,
+        output: Tensor<D>,
+        rule: F,
+        movable: bool,
+    ) -> Tensor<D>
     where
         R: ExactRule + 'static,
         F: FnOnce() -> R,
     {
         match self.mode {
             Mode::Off => output,
+            Mode::Shifted => {
+                if !movable {
+                    let rule = rule();
+                    self.note_unshifted(|| rule.layer(), &rule.params());
+                }
+                output
+            }
             Mode::Observe => {
                 let rule = rule();
+                if !movable {
+                    self.unmovable.extend(rule.params());
+                }
                 self.layers.push(Recorded::Seen {
                     layer: rule.layer(),
                     params: rule.params(),
@@ -294,7 +337,9 @@ impl Probes {
                 {
                     Some(rule.layer())
                 }
-                Recorded::Seen { layer, params } if params.contains(&param) => Some(layer.clone()),
+                Recorded::Seen { layer, params, .. } if params.contains(&param) => {
+                    Some(layer.clone())
+                }
                 _ => None,
             })
             .collect()
@@ -364,6 +409,14 @@ impl Probes {
             out.push(ProbedLayer { rule, output_grad });
         }
         Ok(out)
+    }
+
+    /// The parameters of the layers seen (observing) that cannot run
+    /// groups of examples at parameters of their own: layers with a user's
+    /// rule ([`Probes::layer`]) and batch norms. A shifted pass
+    /// ([`Probes::shifted`]) is exact where none of them is moved.
+    pub fn unmovable_params(&self) -> &[ParamId] {
+        &self.unmovable
     }
 
     /// Layers seen without a per-example rule (grouped convolutions), with

@@ -136,3 +136,102 @@ where
         })
         .collect()
 }
+
+/// Relative distance `||a - b|| / ||b||`.
+pub fn rel_distance(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "vectors of one length");
+    let diff: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    norm(&diff) / norm(b).max(f64::MIN_POSITIVE)
+}
+
+/// A pass in which each of the batch's consecutive groups of `group_size`
+/// examples runs at its own parameters (`PassRequest::shifts`, random
+/// rows of about 0.1 per value scaled by a factor per group, 0.5, 1,
+/// 1.5, ...; uneven loss weights), whole and in
+/// chunks of two groups, against the reference: one plain pass per group
+/// over that group's examples on a copy of the model moved by the group's
+/// shift (`covnoise::params::shifted`, no probes), its gradient weighted
+/// by the group's share of the batch, summed. Returns the relative
+/// distance of the gradients (whole pass, chunked pass) and checks the
+/// loss sums to 1e-5. Both sides compute the same float32 sums in other
+/// orders and products (about 1e-6 relative over a few examples); a group
+/// run at another group's parameters, or at theta, differs by the shifts'
+/// effect (about 10 %).
+pub fn shifted_pass_against_per_group_passes<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    group_size: usize,
+    seed: u64,
+) -> (f64, f64)
+where
+    M: burn::module::Module,
+    B: covnoise::model::Examples,
+    F: covnoise::model::Forward<M, B>,
+{
+    use burn::tensor::{Device, Distribution, Tensor};
+    use covnoise::moments::{PassRequest, backward_pass};
+    use covnoise::probes::GroupShifts;
+    let table = covnoise::params::ParamTable::of(model);
+    let n = batch.len();
+    let groups = n / group_size;
+    assert!(groups >= 2 && groups * group_size == n, "whole groups");
+    // The shifts live without autodiff, as the penalties' do.
+    let host = Device::flex();
+    host.seed(seed);
+    let rows: Vec<Tensor<2>> = table
+        .entries()
+        .iter()
+        .map(|e| Tensor::random([groups, e.numel()], Distribution::Normal(0.0, 0.1), &host))
+        .collect();
+    let weights: Vec<f32> = (0..n).map(|i| 0.5 + 0.25 * (i % 3) as f32).collect();
+    let factors: Vec<f32> = (0..groups).map(|j| 0.5 + 0.5 * j as f32).collect();
+    let shifts = GroupShifts::from_table(&table, group_size, rows.clone())
+        .unwrap()
+        .with_factors(factors.clone())
+        .unwrap();
+    let run = |chunk: Option<usize>| {
+        let request = PassRequest {
+            weights: Some(&weights),
+            shifts: Some(shifts.clone()),
+            chunk,
+            ..Default::default()
+        };
+        backward_pass(model, &table, batch, forward, request).unwrap()
+    };
+    let (whole, chunked) = (run(None), run(Some(2 * group_size)));
+    let mut reference = vec![0.0; whole.grads.iter().map(|g| g.dims()[0]).sum()];
+    let mut loss_sum = 0.0;
+    for (j, &factor) in factors.iter().enumerate() {
+        let row: Vec<Tensor<1>> = rows
+            .iter()
+            .map(|r| {
+                let numel = r.dims()[1];
+                r.clone().narrow(0, j, 1).reshape([numel])
+            })
+            .collect();
+        let moved = covnoise::params::shifted(model, &row, factor).unwrap();
+        let (start, b) = (j * group_size, group_size);
+        let request = PassRequest {
+            weights: Some(&weights[start..start + b]),
+            ..Default::default()
+        };
+        let pass = backward_pass(&moved, &table, &batch.slice(start, b), forward, request).unwrap();
+        loss_sum += pass.loss_sum;
+        let share = b as f64 / n as f64;
+        for (r, v) in reference.iter_mut().zip(flat(&pass.grads)) {
+            *r += share * v;
+        }
+    }
+    for pass in [&whole, &chunked] {
+        assert!(
+            (pass.loss_sum - loss_sum).abs() <= 1e-5 * loss_sum.abs(),
+            "loss sums {} and {loss_sum}",
+            pass.loss_sum
+        );
+    }
+    (
+        rel_distance(&flat(&whole.grads), &reference),
+        rel_distance(&flat(&chunked.grads), &reference),
+    )
+}
