@@ -194,7 +194,14 @@ where
     // A whole-batch batch norm normalizes a micro-batch differently from
     // the batch: its passes cannot make the batch's gradient.
     let want_data = want_data && ctx.coupling != Coupling::WholeBatch;
-    let acc = if passes.one_pass() && ctx.coupling == Coupling::Independent {
+    // With batch norm over the whole batch each micro-batch's passes
+    // normalize it alone; a pass over the batch does so too when it stands
+    // for one pass per micro-batch.
+    let one_pass = match ctx.coupling {
+        Coupling::WholeBatch => true,
+        c => c.keeps_whole(b),
+    };
+    let acc = if passes.one_pass() && one_pass {
         let shifted = passes == MicroBatchPasses::OneThroughRulesAndShifts;
         sums_from_one_pass(model, batch, forward, reg, want_data, shifted, ctx, b)?
     } else {
@@ -410,7 +417,10 @@ where
 /// `request` asks, and its logits. Without the step's gradient to make
 /// (`want_data` false), the Fisher-trace penalty uses only the logits (its
 /// labels are drawn from them), so the pass is a forward pass alone
-/// ([`logits_only`]) and no pass is returned.
+/// ([`logits_only`]) and no pass is returned; over a batch standing for
+/// its micro-batches of `groups` examples (one pass for all), a batch norm
+/// over the whole batch then normalizes each micro-batch alone.
+#[allow(clippy::too_many_arguments)]
 fn data_pass<M, B, F>(
     model: &M,
     batch: &B,
@@ -418,6 +428,7 @@ fn data_pass<M, B, F>(
     reg: &Regularizer,
     want_data: bool,
     request: PassRequest,
+    groups: Option<usize>,
     ctx: &StepContext,
 ) -> Result<(Option<moments::Pass>, Option<Tensor<2>>)>
 where
@@ -428,7 +439,7 @@ where
     if reg.kind == PenaltyKind::FisherTrace && !want_data {
         return Ok((
             None,
-            Some(logits_only(model, batch, forward, request.chunk)?),
+            Some(logits_only(model, batch, forward, request.chunk, groups)?),
         ));
     }
     let pass = moments::backward_pass(model, ctx.table, batch, forward, request)?;
@@ -437,7 +448,9 @@ where
 }
 
 /// The logits of `batch` from a forward pass alone, over chunks of at most
-/// `chunk` examples, on a frozen copy of the model (no autodiff graph):
+/// `chunk` examples, on a frozen copy of the model (no autodiff graph), a
+/// batch norm over the whole batch normalizing each group of `groups`
+/// examples alone where given (the penalty's micro-batches):
 /// the Fisher-trace penalty's pass at theta with the data labels, when
 /// only its logits (for the sampled labels) are used because the step's
 /// gradient comes from elsewhere. It runs only inside the callers'
@@ -448,6 +461,7 @@ fn logits_only<M, B, F>(
     batch: &B,
     forward: &F,
     chunk: Option<usize>,
+    groups: Option<usize>,
 ) -> Result<Tensor<2>>
 where
     M: Module,
@@ -460,7 +474,8 @@ where
     let mut parts = Vec::new();
     for start in (0..n).step_by(step) {
         let part = batch.slice(start, step.min(n - start));
-        match forward(&frozen, &part, &mut Probes::off()) {
+        let mut probes = groups.map_or_else(Probes::off, Probes::off_in_groups);
+        match forward(&frozen, &part, &mut probes) {
             Objective::Classification { logits, .. } => parts.push(logits.detach().inner()),
             Objective::Losses(_) => {
                 return Err(CovnoiseError::Unsupported(
@@ -500,7 +515,18 @@ where
     };
     // The data pass is the step's own when it makes the step's gradient;
     // otherwise it leaves the buffers as they were.
-    let run = || data_pass(model, batch, forward, reg, want_data, data_request, ctx);
+    let run = || {
+        data_pass(
+            model,
+            batch,
+            forward,
+            reg,
+            want_data,
+            data_request,
+            Some(b),
+            ctx,
+        )
+    };
     let (mut data, logits) = if want_data {
         run()?
     } else {
@@ -582,7 +608,7 @@ where
             chunk,
             ..Default::default()
         };
-        let (data, logits) = data_pass(model, &part, forward, reg, want_data, request, ctx)?;
+        let (data, logits) = data_pass(model, &part, forward, reg, want_data, request, None, ctx)?;
         // The passes that are not the step's own leave the buffers where
         // the data pass put them.
         let (norm_sq, hvp) = moments::keeping_buffers(model, || {

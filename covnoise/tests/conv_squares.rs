@@ -648,3 +648,111 @@ fn shifted_passes_match_one_pass_per_micro_batch_on_every_kernel_path() {
         }
     }
 }
+
+/// A convolution, ghost batch norm over groups of 2, ReLU and a Linear
+/// head: on images the batch norm runs on the fast kernel, whose backward
+/// step leaves its scale's and shift's sums per ghost batch.
+#[derive(Module, Debug)]
+struct GhostNet {
+    conv: Conv2d,
+    bn: covnoise::model::GhostBatchNorm,
+    head: Linear,
+}
+
+fn ghost_net(device: &Device, group: usize) -> GhostNet {
+    let mut bn = covnoise::model::GhostBatchNorm::new(4, group, device);
+    // Scale and shift away from 1 and 0, so that the ReLU does not keep
+    // exactly the positive x̂ and the rules' errors cannot hide.
+    let values = |base: f32| {
+        let v: Vec<f32> = (0..4).map(|i| base + 0.2 * i as f32).collect();
+        burn::module::Param::from_tensor(Tensor::from_data(
+            burn::tensor::TensorData::new(v, [4]),
+            device,
+        ))
+    };
+    bn.gamma = values(0.7);
+    bn.beta = values(-0.2);
+    GhostNet {
+        conv: Conv2dConfig::new([2, 4], [3, 3]).init(device),
+        bn,
+        head: LinearConfig::new(4 * 6 * 6, CLASSES).init(device),
+    }
+}
+
+fn ghost_forward(m: &GhostNet, b: &Batch<4>, p: &mut Probes) -> Objective {
+    let z = p.conv2d(&m.conv, b.x.clone());
+    let h = activation::relu(p.batch_norm(&m.bn, z));
+    let n = h.dims()[0];
+    Objective::Classification {
+        logits: p.linear(&m.head, h.reshape([n, 4 * 6 * 6])),
+        labels: b.labels.clone(),
+    }
+}
+
+/// With ghost batch norm (groups of 2) and batch norm over the whole batch
+/// (which a pass standing for one pass per micro-batch applies to each
+/// micro-batch alone), on the fast kernels (its sums per normalization
+/// group from the kernel's backward step) and on burn's ops (x̂
+/// recorded): the gradients of micro-batches of 2 and 4 from one pass,
+/// whole and chunked, against one plain pass per micro-batch; and a pass
+/// with each micro-batch at parameters of its own against one pass per
+/// micro-batch at its moved parameters. 1e-4 relative (float32 sums in
+/// other orders, about 1e-6; a ghost batch's sums in the wrong micro-batch,
+/// or the shift's sum taken for the scale's, is off by tens of percent).
+#[test]
+fn ghost_batch_norm_on_images_gives_micro_batch_gradients_from_one_pass() {
+    let device = device();
+    let mut rng = ChaCha8Rng::seed_from_u64(61);
+    let labels: Vec<u8> = (0..16)
+        .map(|_| rng.random_range(0..CLASSES as u8))
+        .collect();
+    let x: Vec<f32> = (0..16 * 2 * 8 * 8)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let batch = Batch {
+        x: Tensor::from_data(burn::tensor::TensorData::new(x, [16, 2, 8, 8]), &device),
+        labels: labels_tensor(&labels, &device),
+    };
+    for (fast, group) in [(true, 2), (false, 2), (true, 0), (false, 0)] {
+        let model = ghost_net(&device, group);
+        let table = ParamTable::of(&model);
+        kernels::with_enabled(fast, || {
+            for b in [2, 4] {
+                for chunk in [None, Some(8)] {
+                    let request = PassRequest {
+                        group_size: Some(b),
+                        chunk,
+                        ..Default::default()
+                    };
+                    let groups = backward_pass(&model, &table, &batch, &ghost_forward, request)
+                        .unwrap()
+                        .group_grads
+                        .unwrap();
+                    for j in 0..16 / b {
+                        let part = batch.slice(j * b, b);
+                        let reference = backward_pass(
+                            &model,
+                            &table,
+                            &part,
+                            &ghost_forward,
+                            PassRequest::default(),
+                        )
+                        .unwrap();
+                        let rel =
+                            common::rel_distance(&flat(&groups.group(j)), &flat(&reference.grads));
+                        assert!(
+                            rel <= 1e-4,
+                            "fast {fast}, norm group {group}, b {b}, chunk {chunk:?}, group {j}: {rel}"
+                        );
+                    }
+                }
+            }
+            let (whole, chunked) =
+                common::shifted_pass_against_per_group_passes(&model, &batch, &ghost_forward, 4, 9);
+            assert!(
+                whole <= 1e-4 && chunked <= 1e-4,
+                "fast {fast}, norm group {group}: shifted passes off by {whole} and {chunked}"
+            );
+        });
+    }
+}

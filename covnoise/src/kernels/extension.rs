@@ -14,12 +14,12 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, backend_extension};
 use burn::tensor::{DType, TensorData};
 
-use super::ConvSink;
 use super::conv::{self, ConvShape};
 use super::norm::{self, NormShape};
 use super::outer;
 use super::pool::{self, PoolShape};
 use super::shifted::{self, ShiftedShape};
+use super::{ConvSink, NormSink};
 
 /// Fast convolution and batch normalization for the flex backend, with
 /// and without autodiff.
@@ -96,15 +96,19 @@ pub trait FastKernels: Backend {
     ) -> FloatTensor<Self>;
 
     /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive
-    /// groups of examples, scaled by `gamma` and shifted by `beta` (`[C]`):
+    /// groups of examples, scaled by `gamma` and shifted by `beta` (`[C]`,
+    /// or `[groups C]`: a scale and shift per group):
     /// the output, and the batch mean and biased variance per group and
-    /// channel `[groups, C]` (not differentiable).
+    /// channel `[groups, C]` (not differentiable). With a `sink`, the
+    /// backward step (on `Autodiff<Flex>`) also leaves there the scale's and
+    /// shift's gradients per normalization group.
     fn fast_batch_norm(
         x: FloatTensor<Self>,
         gamma: FloatTensor<Self>,
         beta: FloatTensor<Self>,
         groups: usize,
         eps: f64,
+        sink: Option<NormSink>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
 }
 
@@ -278,6 +282,7 @@ impl FastKernels for Flex {
         beta: FlexTensor,
         groups: usize,
         eps: f64,
+        _sink: Option<NormSink>,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let s = norm_shape(&x, groups);
         let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
@@ -396,6 +401,7 @@ struct NormState {
     mean_lo: FlexTensor,
     inv_std: FlexTensor,
     shape: NormShape,
+    sink: Option<NormSink>,
 }
 
 impl Backward<Flex, 3> for NormBackward {
@@ -405,7 +411,7 @@ impl Backward<Flex, 3> for NormBackward {
         let [px, pgamma, pbeta] = ops.parents;
         let dy = contiguous(grads.consume::<Flex>(&ops.node));
         let st = ops.state;
-        let (dx, dgamma, dbeta) = norm::backward(
+        let g = norm::backward(
             &st.shape,
             values(&st.x),
             values(&dy),
@@ -415,13 +421,30 @@ impl Backward<Flex, 3> for NormBackward {
         );
         let c = st.shape.channels;
         if let Some(p) = px {
-            grads.register::<Flex>(p.id, flex(dx, st.x.shape().to_vec()));
+            grads.register::<Flex>(p.id, flex(g.dx, st.x.shape().to_vec()));
         }
+        // A scale and shift given per normalization group take each group's
+        // own sums.
+        let per_group = values(&st.gamma).len() != c;
+        let gc = st.shape.groups * c;
         if let Some(p) = pgamma {
-            grads.register::<Flex>(p.id, flex(dgamma, vec![c]));
+            let dgamma = if per_group {
+                flex(g.group_dgamma.clone(), vec![gc])
+            } else {
+                flex(g.dgamma, vec![c])
+            };
+            grads.register::<Flex>(p.id, dgamma);
         }
         if let Some(p) = pbeta {
-            grads.register::<Flex>(p.id, flex(dbeta, vec![c]));
+            let dbeta = if per_group {
+                flex(g.group_dbeta.clone(), vec![gc])
+            } else {
+                flex(g.dbeta, vec![c])
+            };
+            grads.register::<Flex>(p.id, dbeta);
+        }
+        if let Some(sink) = st.sink {
+            sink.put(st.shape.groups, g.group_dgamma, g.group_dbeta);
         }
     }
 }
@@ -708,6 +731,7 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         beta: FloatTensor<Self>,
         groups: usize,
         eps: f64,
+        sink: Option<NormSink>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         let s = norm_shape(x.primitive(), groups);
         let xp = contiguous(x.primitive().clone());
@@ -724,6 +748,7 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
                     mean_lo,
                     inv_std,
                     shape: s,
+                    sink,
                 },
                 y,
             ),

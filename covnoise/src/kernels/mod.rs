@@ -163,6 +163,46 @@ impl ConvSink {
     }
 }
 
+/// Where a fast batch normalization's backward step leaves the scale's and
+/// shift's gradients summed over each normalization group's examples
+/// alone, `Σ dy x̂` and `Σ dy` per group and channel (the sums its input
+/// gradient needs anyway): with ghost batch norm, the gradients of
+/// micro-batches made of whole ghost batches, from one pass. Shared by
+/// clones; empty until the backward step runs.
+#[derive(Debug, Clone, Default)]
+pub struct NormSink(Arc<Mutex<Option<NormGroupGrads>>>);
+
+/// The per-group gradients a [`NormSink`] holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NormGroupGrads {
+    /// Normalization groups.
+    pub groups: usize,
+    /// `Σ dy x̂` per group and channel, `[groups, C]`.
+    pub gamma: Vec<f32>,
+    /// `Σ dy` per group and channel, `[groups, C]`.
+    pub beta: Vec<f32>,
+}
+
+impl NormSink {
+    /// An empty sink.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The per-group gradients the backward step left, if it ran.
+    pub fn groups(&self) -> Option<NormGroupGrads> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn put(&self, groups: usize, gamma: Vec<f32>, beta: Vec<f32>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(NormGroupGrads {
+            groups,
+            gamma,
+            beta,
+        });
+    }
+}
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
 static POISON: AtomicBool = AtomicBool::new(false);
 
@@ -572,20 +612,44 @@ pub fn batch_norm(
     groups: usize,
     eps: f64,
 ) -> Option<BatchNormOutput> {
+    batch_norm_recording(x, gamma, beta, groups, eps, None)
+}
+
+/// Whether [`batch_norm`] runs its kernel for these operands (a scale and
+/// shift `[C]`, or `[groups C]`, one per normalization group).
+pub fn batch_norm_applies(
+    x: &Tensor<4>,
+    gamma: &Tensor<1>,
+    beta: &Tensor<1>,
+    groups: usize,
+) -> bool {
     let [b, c, h, w] = x.dims();
-    let applies = enabled()
+    enabled()
         && groups >= 1
         && b.is_multiple_of(groups)
         && (b / groups) * h * w >= 2
         && h * w >= 2
         && c > 0
-        && gamma.dims() == [c]
-        && beta.dims() == [c]
+        && (gamma.dims() == [c] || gamma.dims() == [groups * c])
+        && beta.dims() == gamma.dims()
         && [x.dtype(), gamma.dtype(), beta.dtype()] == [DType::F32; 3]
         && is_flex(&x.device())
         && is_flex(&gamma.device())
-        && is_flex(&beta.device());
-    if !applies {
+        && is_flex(&beta.device())
+}
+
+/// [`batch_norm`], whose backward step (on `Autodiff<Flex>`) also leaves in
+/// `sink` the scale's and shift's gradients per normalization group (see
+/// [`NormSink`]).
+pub fn batch_norm_recording(
+    x: Tensor<4>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    groups: usize,
+    eps: f64,
+    sink: Option<NormSink>,
+) -> Option<BatchNormOutput> {
+    if !batch_norm_applies(&x, &gamma, &beta, groups) {
         return None;
     }
     let (output, mean, var) = <Dispatch as FastKernels>::fast_batch_norm(
@@ -594,6 +658,7 @@ pub fn batch_norm(
         beta.into_dispatch(),
         groups,
         eps,
+        sink,
     );
     Some(BatchNormOutput {
         output: Tensor::from_dispatch(output),

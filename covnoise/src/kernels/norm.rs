@@ -118,13 +118,27 @@ fn lane_sum2(len: usize, f: impl Fn(usize) -> (f64, f64)) -> (f64, f64) {
     (a.iter().sum(), b.iter().sum())
 }
 
+/// Where group `i / C`'s channel `i % C` finds its scale and shift: one
+/// `[C]` for all groups, or one per group, `[groups, C]`.
+fn affine_index(s: &NormShape, len: usize) -> impl Fn(usize) -> usize {
+    let (c, gc) = (s.channels, s.groups * s.channels);
+    assert!(
+        len == c || len == gc,
+        "a scale and shift of {len} values for {c} channels in {} groups",
+        s.groups
+    );
+    move |i| if len == gc { i } else { i % c }
+}
+
 /// Normalizes `x` `[B, C, S]` per group and channel and scales by `gamma`,
-/// shifts by `beta` (`[C]` each).
+/// shifts by `beta` (`[C]` each, or `[groups, C]`: a scale and shift per
+/// normalization group).
 pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) -> NormForward {
     let (c, sp, per) = (s.channels, s.spatial, s.example_len());
     assert!(s.groups >= 1 && s.batch.is_multiple_of(s.groups));
     assert_eq!(x.len(), s.batch * per);
-    assert_eq!((gamma.len(), beta.len()), (c, c));
+    assert_eq!(gamma.len(), beta.len(), "as many shifts as scales");
+    let at = affine_index(s, gamma.len());
     // The shift: the first value of each group's channel, so that the sums
     // are of deviations of the order of the spread, not of the mean.
     let shift = |g: usize, ch: usize| x[g * s.group_size() * per + ch * sp] as f64;
@@ -160,7 +174,7 @@ pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) 
             for ch in 0..c {
                 let i = g * c + ch;
                 let (m, lo) = (mean[i], mean_lo[i]);
-                let (a, b) = (gamma[ch] * inv_std[i], beta[ch]);
+                let (a, b) = (gamma[at(i)] * inv_std[i], beta[at(i)]);
                 let (y, x) = (&mut y[ch * sp..][..sp], &x[ch * sp..][..sp]);
                 for (y, &x) in y.iter_mut().zip(x) {
                     *y = ((x - m) - lo) * a + b;
@@ -176,10 +190,27 @@ pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) 
     }
 }
 
+/// The gradients [`backward`] forms.
+#[derive(Debug, Clone)]
+pub struct NormGrads {
+    /// With respect to the input, `[B, C, S]`.
+    pub dx: Vec<f32>,
+    /// With respect to the scale, `[C]`.
+    pub dgamma: Vec<f32>,
+    /// With respect to the shift, `[C]`.
+    pub dbeta: Vec<f32>,
+    /// The scale's gradient summed over each normalization group's
+    /// examples alone, `Σ dy x̂` per group and channel, `[groups, C]`.
+    pub group_dgamma: Vec<f32>,
+    /// The shift's likewise, `Σ dy`, `[groups, C]`.
+    pub group_dbeta: Vec<f32>,
+}
+
 /// Gradients of the batch-norm output `dy` `[B, C, S]` with respect to the
-/// input, the scale and the shift, from the forward pass's input and its
-/// per-group `mean` (with its residual `mean_lo`) and `inv_std`: `(dx,
-/// dgamma, dbeta)`.
+/// input, the scale and the shift (also per normalization group, which is
+/// the gradient of a scale and shift given per group), from the
+/// forward pass's input and its per-group `mean` (with its residual
+/// `mean_lo`) and `inv_std`.
 pub fn backward(
     s: &NormShape,
     x: &[f32],
@@ -187,12 +218,13 @@ pub fn backward(
     gamma: &[f32],
     [mean, mean_lo]: [&[f32]; 2],
     inv_std: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> NormGrads {
     let (c, sp, per) = (s.channels, s.spatial, s.example_len());
     assert_eq!(x.len(), s.batch * per);
     assert_eq!(dy.len(), s.batch * per);
     let gc = s.groups * c;
-    assert_eq!((gamma.len(), mean.len(), inv_std.len()), (c, gc, gc));
+    assert_eq!((mean.len(), inv_std.len()), (gc, gc));
+    let at = affine_index(s, gamma.len());
     // Per group and channel: Σ dy and Σ dy (x - mean).
     let (sum_dy, sum_dy_xc) = group_sums(s, |n, ch| {
         let i = (n / s.group_size()) * c + ch;
@@ -216,7 +248,7 @@ pub fn backward(
     let coefficients: Vec<(f32, f32, f32)> = (0..gc)
         .map(|i| {
             let is = inv_std[i] as f64;
-            let a = gamma[i % c] as f64 * is;
+            let a = gamma[at(i)] as f64 * is;
             let mean_dy = sum_dy[i] / count;
             let mean_dy_xhat = sum_dy_xc[i] * is / count;
             (a as f32, mean_dy as f32, (-a * is * mean_dy_xhat) as f32)
@@ -239,5 +271,13 @@ pub fn backward(
                 }
             }
         });
-    (dx, dgamma, dbeta)
+    NormGrads {
+        dx,
+        dgamma,
+        dbeta,
+        group_dgamma: (0..gc)
+            .map(|i| (sum_dy_xc[i] * inv_std[i] as f64) as f32)
+            .collect(),
+        group_dbeta: sum_dy.iter().map(|&v| v as f32).collect(),
+    }
 }

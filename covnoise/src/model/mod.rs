@@ -165,6 +165,19 @@ impl Coupling {
     }
 }
 
+impl Coupling {
+    /// Whether consecutive groups of `size` examples do not interact with
+    /// each other (each is made of whole groups of examples that do), so
+    /// that one pass over the batch gives each group's gradient exactly.
+    pub fn keeps_whole(self, size: usize) -> bool {
+        match self {
+            Coupling::Independent => size > 0,
+            Coupling::Groups(g) => size > 0 && size.is_multiple_of(g),
+            Coupling::WholeBatch => false,
+        }
+    }
+}
+
 /// Least common multiple.
 fn lcm(a: usize, b: usize) -> usize {
     fn gcd(a: usize, b: usize) -> usize {

@@ -11,7 +11,7 @@
 use burn::module::{Module, Param, RunningState};
 use burn::tensor::{Device, Tensor};
 
-use crate::kernels;
+use crate::kernels::{self, NormSink};
 
 /// Batch-norm epsilon and running-average momentum, PyTorch's defaults.
 const BN_EPS: f64 = 1e-5;
@@ -59,13 +59,98 @@ impl GhostBatchNorm {
     /// Training on flex runs [`crate::kernels::batch_norm`] (the same
     /// result in two passes each way), elsewhere burn's ops.
     pub fn forward_images(&self, z: Tensor<4>) -> Tensor<4> {
+        self.images_with(z, self.gamma.val(), self.beta.val(), None)
+            .0
+    }
+
+    /// [`GhostBatchNorm::forward_images`] on the fast kernel, whose
+    /// backward step leaves the scale's and shift's gradients per
+    /// normalization group in `sink`; None (nothing run) where the kernel
+    /// does not (then [`GhostBatchNorm::normalized_images`] serves).
+    pub(crate) fn forward_images_sunk(&self, z: Tensor<4>, sink: NormSink) -> Option<Tensor<4>> {
+        if !z.is_autodiff() {
+            return None;
+        }
+        let b = z.dims()[0];
+        let group = if self.group == 0 { b } else { self.group };
+        let fast = b.is_multiple_of(group)
+            && kernels::batch_norm_applies(&z, &self.gamma.val(), &self.beta.val(), b / group);
+        fast.then(|| {
+            self.images_with(z, self.gamma.val(), self.beta.val(), Some(sink))
+                .0
+        })
+    }
+
+    /// The normalized images alone, `x̂` (scale 1, shift 0), with the same
+    /// statistics and running-statistics update as
+    /// [`GhostBatchNorm::forward_images`]; the caller applies the scale and
+    /// shift (per example group, for the probes).
+    pub(crate) fn normalized_images(&self, z: Tensor<4>) -> Tensor<4> {
+        let c = z.dims()[1];
+        let device = z.device();
+        self.images_with(
+            z,
+            Tensor::ones([c], &device),
+            Tensor::zeros([c], &device),
+            None,
+        )
+        .0
+    }
+
+    /// [`GhostBatchNorm::forward_images`] in training mode with a scale and
+    /// shift per consecutive group of examples, `gamma` and `beta` `[G,
+    /// C]`, each group made of whole normalization groups: on the fast
+    /// kernel, each normalization group with its example group's scale and
+    /// shift (the same statistics and running update as
+    /// [`GhostBatchNorm::forward_images`]). None (nothing run) where the
+    /// kernel does not run or the groups split a normalization group.
+    pub(crate) fn forward_images_per_group(
+        &self,
+        z: Tensor<4>,
+        gamma: Tensor<2>,
+        beta: Tensor<2>,
+    ) -> Option<Tensor<4>> {
+        let [b, c, _, _] = z.dims();
+        let [g, _] = gamma.dims();
+        let group = if self.group == 0 { b } else { self.group };
+        if !z.is_autodiff() || g == 0 || !b.is_multiple_of(group) {
+            return None;
+        }
+        let norm_groups = b / group;
+        if !norm_groups.is_multiple_of(g) {
+            return None;
+        }
+        let k = norm_groups / g;
+        let spread = |t: Tensor<2>| {
+            t.unsqueeze_dim::<3>(1)
+                .expand([g, k, c])
+                .reshape([norm_groups * c])
+        };
+        let (gamma, beta) = (spread(gamma), spread(beta));
+        if !kernels::batch_norm_applies(&z, &gamma, &beta, norm_groups) {
+            return None;
+        }
+        Some(self.images_with(z, gamma, beta, None).0)
+    }
+
+    /// [`GhostBatchNorm::forward_images`] with scale `gamma` and shift
+    /// `beta` `[C]` (or one per normalization group, `[groups C]`, on the
+    /// fast kernel only), the fast kernel's backward step filling `sink`;
+    /// and whether the fast kernel ran.
+    fn images_with(
+        &self,
+        z: Tensor<4>,
+        gamma_c: Tensor<1>,
+        beta_c: Tensor<1>,
+        sink: Option<NormSink>,
+    ) -> (Tensor<4>, bool) {
         let [b, c, h, w] = z.dims();
-        let gamma = self.gamma.val().reshape([1, c, 1, 1]);
-        let beta = self.beta.val().reshape([1, c, 1, 1]);
+        let affine = |t: &Tensor<1>| t.clone().reshape([1, c, 1, 1]);
         if !z.is_autodiff() {
             let mean = self.running_mean.value_sync().reshape([1, c, 1, 1]);
             let var = self.running_var.value_sync().reshape([1, c, 1, 1]);
-            return (z - mean) / (var + BN_EPS).sqrt() * gamma + beta;
+            let normalized = (z - mean) / (var + BN_EPS).sqrt();
+            return (normalized * affine(&gamma_c) + affine(&beta_c), false);
         }
         let group = if self.group == 0 { b } else { self.group };
         let n = group * h * w;
@@ -77,21 +162,26 @@ impl GhostBatchNorm {
         );
         let groups = b / group;
         let unbias = n as f64 / (n as f64 - 1.0);
-        if let Some(fast) =
-            kernels::batch_norm(z.clone(), self.gamma.val(), self.beta.val(), groups, BN_EPS)
-        {
+        if let Some(fast) = kernels::batch_norm_recording(
+            z.clone(),
+            gamma_c.clone(),
+            beta_c.clone(),
+            groups,
+            BN_EPS,
+            sink,
+        ) {
             self.update_running(fast.mean.inner(), fast.var.inner() * unbias);
-            return fast.output;
+            return (fast.output, true);
         }
         let zr = z.reshape([groups, group, c, h * w]);
         let mean = zr.clone().mean_dim(1).mean_dim(3);
         let centered = zr - mean.clone();
         let var = centered.clone().square().mean_dim(1).mean_dim(3);
         let normalized = centered / (var.clone() + BN_EPS).sqrt();
-        let out = normalized.reshape([b, c, h, w]) * gamma + beta;
+        let out = normalized.reshape([b, c, h, w]) * affine(&gamma_c) + affine(&beta_c);
         let per_group = |t: Tensor<4>| t.detach().inner().reshape([groups, c]);
         self.update_running(per_group(mean), per_group(var) * unbias);
-        out
+        (out, false)
     }
 
     /// Moves the running statistics towards the batch's: `mean` and the

@@ -324,20 +324,69 @@ pub fn check_rules_cover_gradients(
             .reshape([numel]);
         // The probe gradients are of the mean objective already: their sum
         // over examples is the batch gradient itself.
-        let diff = scalar((sum.clone() - g.clone()).square().sum()).sqrt();
-        let scale = scalar(sum.square().sum())
-            .sqrt()
-            .max(scalar(g.clone().square().sum()).sqrt());
-        if diff > tolerance * scale + 1e-30 {
-            return Err(CovnoiseError::Refused {
-                problem: format!(
-                    "parameter {}: the per-example gradients of its {} rule add up to {diff:.3e} away from its gradient of norm {scale:.3e}: the rule is wrong, or the parameter is also used outside the layers routed through Probes",
-                    entry.name,
-                    kinds(uses),
-                ),
-                remedy: Remedy::RouteThroughProbes,
-            });
-        }
+        check_sum(
+            &entry.name,
+            uses,
+            sum,
+            g,
+            tolerance,
+            "per-example gradients",
+        )?;
+    }
+    Ok(())
+}
+
+/// As [`check_rules_cover_gradients`] for a pass over whole groups of
+/// examples that interact (ghost batch normalization): the rules' group
+/// sums over the pass's examples as one group ([`ExactRule::group_sums`],
+/// which a batch norm's rule gives over whole normalization groups only)
+/// must add up to the gradient of every parameter. Where they do, the
+/// gradients of micro-batches made of whole groups come from one pass.
+pub fn check_group_sums_cover_gradients(
+    layers: &[ProbedLayer],
+    table: &ParamTable,
+    grads: &[Tensor<1>],
+    tolerance: f64,
+) -> Result<()> {
+    let examples = layers.first().map_or(0, |l| l.output_grad.dims()[0]);
+    let sums = group_sums(layers, table, examples)?;
+    let uses = uses_by_param(layers, table)?;
+    for (((entry, uses), g), sum) in table.entries().iter().zip(&uses).zip(grads).zip(sums) {
+        let sum = sum.reshape([entry.numel()]);
+        check_sum(
+            &entry.name,
+            uses,
+            sum,
+            g,
+            tolerance,
+            "gradients over whole groups",
+        )?;
+    }
+    Ok(())
+}
+
+/// Refuses parameter `name` when its rules' sum `sum` is more than
+/// `tolerance` (relative) away from its gradient `g`.
+fn check_sum(
+    name: &str,
+    uses: &[Use],
+    sum: Tensor<1>,
+    g: &Tensor<1>,
+    tolerance: f64,
+    what: &str,
+) -> Result<()> {
+    let diff = scalar((sum.clone() - g.clone()).square().sum()).sqrt();
+    let scale = scalar(sum.square().sum())
+        .sqrt()
+        .max(scalar(g.clone().square().sum()).sqrt());
+    if diff > tolerance * scale + 1e-30 {
+        return Err(CovnoiseError::Refused {
+            problem: format!(
+                "parameter {name}: the {what} of its {} rule add up to {diff:.3e} away from its gradient of norm {scale:.3e}: the rule is wrong, or the parameter is also used outside the layers routed through Probes",
+                kinds(uses),
+            ),
+            remedy: Remedy::RouteThroughProbes,
+        });
     }
     Ok(())
 }

@@ -131,8 +131,11 @@ pub enum MicroBatchPasses {
     /// rules ([`PassRequest::group_size`]): every parameter must be covered
     /// by a rule whose per-example gradients add up (a parameter without
     /// one is refused by name; [`NoiseStage::validate_model`](crate::noise::NoiseStage::validate_model)
-    /// checks both and picks this where they hold). Where examples are not
-    /// independent (batch norm), one pass per micro-batch runs instead.
+    /// checks both and picks this where they hold). With ghost batch norm
+    /// the micro-batches are whole ghost batches and the rules' sums over
+    /// them are exact (a batch norm's rule gives only those); with batch
+    /// norm over the whole batch the micro-batch estimator runs one pass
+    /// per micro-batch.
     OneThroughRules,
     /// As [`MicroBatchPasses::OneThroughRules`], and the penalties' passes
     /// at the moved parameters `theta + eps_m g_m`, which differ per
@@ -227,8 +230,10 @@ pub struct PassRequest<'a> {
     /// batch's), and the backward pass runs on a frozen copy of the model,
     /// whose only weight products are the rules' group products. The batch, and [`PassRequest::chunk`] when
     /// set, must be whole numbers of groups, and every parameter must be
-    /// covered by a rule; exact only where examples of different groups do
-    /// not interact (no batch normalization).
+    /// covered by a rule; exact where examples of different groups do not
+    /// interact (ghost batch norm over batches the groups keep whole). A
+    /// batch norm over the whole batch normalizes each group alone, as one
+    /// pass per group would.
     pub group_size: Option<usize>,
     /// Run each of the batch's consecutive groups of examples at parameters
     /// of its own, `theta + s_j` ([`Probes::shifted`]): the gradient is then
@@ -1089,7 +1094,7 @@ where
     let local_m = micro_batches / world;
     let b = batch.len() / local_m;
     let factor = b as f64 / (micro_batches as f64 - 1.0);
-    if passes.one_pass() && ctx.coupling == Coupling::Independent {
+    if passes.one_pass() && ctx.coupling.keeps_whole(b) {
         let mut pass = backward_pass(
             model,
             ctx.table,

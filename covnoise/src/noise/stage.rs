@@ -311,8 +311,10 @@ impl<C: Collective> NoiseStage<C> {
     /// name). For the micro-batch estimator and the penalties the same check
     /// decides, without refusing, how their micro-batch gradients are formed:
     /// from one pass through the rules where they cover every parameter and
-    /// no batch norm couples examples, else one pass per micro-batch
-    /// ([`MicroBatchPasses`]). The model's buffers (running statistics) are
+    /// add up (with ghost batch norm, their sums over a whole ghost batch;
+    /// with batch norm over the whole batch, for the penalties only, each
+    /// micro-batch normalized alone as its own pass would), else one pass
+    /// per micro-batch ([`MicroBatchPasses`]). The model's buffers (running statistics) are
     /// left as they were.
     ///
     /// [`NoiseStage::gradient`] runs this on its first batch when it has not
@@ -376,10 +378,32 @@ impl<C: Collective> NoiseStage<C> {
             let ids: Vec<_> = table.entries().iter().map(|e| e.id).collect();
             !probes.unmovable_params().iter().any(|p| ids.contains(p))
         };
-        let passes = if micro_batched
-            && coupling == Coupling::Independent
-            && (rules_checked || check_rules(model, &table, &probes, batch, &forward).is_ok())
-        {
+        let rules_add_up = || match coupling {
+            Coupling::Independent => {
+                rules_checked || check_rules(model, &table, &probes, batch, &forward).is_ok()
+            }
+            // Examples interact within ghost batches, which the
+            // micro-batches keep whole: the rules' group sums over a ghost
+            // batch must add up.
+            Coupling::Groups(g) => {
+                check_group_rules(model, &table, &probes, batch, &forward, g).is_ok()
+            }
+            // Batch norm over the whole batch: only the penalties' passes,
+            // each micro-batch normalized alone, stand for one pass per
+            // micro-batch (the micro-batch estimator needs ghost batches).
+            Coupling::WholeBatch => {
+                self.regularizer.is_some_and(|r| r.is_active()) && {
+                    let world = self.collective.world_size();
+                    let local_m = self
+                        .regularizer
+                        .map_or(1, |r| r.micro_batches / world)
+                        .max(1);
+                    let b = batch.len() / local_m;
+                    check_group_rules(model, &table, &probes, batch, &forward, b).is_ok()
+                }
+            }
+        };
+        let passes = if micro_batched && rules_add_up() {
             if self.regularizer.is_some_and(|r| r.is_active()) && movable() {
                 MicroBatchPasses::OneThroughRulesAndShifts
             } else {
@@ -793,6 +817,30 @@ where
     B: Examples,
     F: Forward<M, B>,
 {
+    check_coverage(table, observed)?;
+    // The probe gradients of two examples must add up to the
+    // parameters' gradients. The sums differ by float32 rounding
+    // (about 1e-6 relative); a use outside the probed layers
+    // misses a whole term, so 1e-3 separates the two.
+    let sample = batch.slice(0, batch.len().min(2));
+    let pass = moments::keeping_buffers(model, || {
+        moments::backward_pass(
+            model,
+            table,
+            &sample,
+            forward,
+            PassRequest {
+                probes: true,
+                ..Default::default()
+            },
+        )
+    })?;
+    moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
+}
+
+/// Every table parameter is covered by a rule seen in the `observed`
+/// pass, and none belongs to a layer without one.
+fn check_coverage(table: &ParamTable, observed: &Probes) -> Result<()> {
     if let Some((param, what)) = observed.unsupported().first() {
         return Err(CovnoiseError::Refused {
             problem: format!(
@@ -812,11 +860,35 @@ where
             remedy: Remedy::MicrobatchEstimator,
         });
     }
-    // The probe gradients of two examples must add up to the
-    // parameters' gradients. The sums differ by float32 rounding
-    // (about 1e-6 relative); a use outside the probed layers
-    // misses a whole term, so 1e-3 separates the two.
-    let sample = batch.slice(0, batch.len().min(2));
+    Ok(())
+}
+
+/// For a model whose examples interact within consecutive groups of `g`
+/// (ghost batch normalization): the rules cover every parameter, and
+/// their gradients over one whole group (a batch norm's rule gives no
+/// per-example gradients, only these) add up to the parameters' gradients
+/// on the batch's first group, to the same 1e-3 as [`check_rules`].
+fn check_group_rules<M, B, F>(
+    model: &M,
+    table: &ParamTable,
+    observed: &Probes,
+    batch: &B,
+    forward: &F,
+    g: usize,
+) -> Result<()>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    check_coverage(table, observed)?;
+    if g == 0 || batch.len() < g {
+        return Err(CovnoiseError::Shape(format!(
+            "a batch of {} examples holds no whole group of {g}",
+            batch.len()
+        )));
+    }
+    let sample = batch.slice(0, g);
     let pass = moments::keeping_buffers(model, || {
         moments::backward_pass(
             model,
@@ -829,7 +901,7 @@ where
             },
         )
     })?;
-    moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
+    moments::exact::check_group_sums_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@
 //! | [`Probes::embedding`] | `Embedding` | tokens `[B, T]` | [`EmbeddingRule`] |
 //! | [`Probes::layer_norm`] | `LayerNorm` | `[B, ..., d]` | [`AffineRule`] |
 //! | [`Probes::group_norm`] | `GroupNorm` | `[B, C, ...]` | [`AffineRule`] |
-//! | [`Probes::batch_norm`] | [`GhostBatchNorm`](crate::model::GhostBatchNorm) | `[B, C, ...]` | none: it declares its groups |
+//! | [`Probes::batch_norm`] | [`GhostBatchNorm`](crate::model::GhostBatchNorm) | `[B, C, ...]` | [`BatchNormRule`]: gradients of micro-batches of whole normalization groups only, no per-example ones; it also declares its groups |
 //! | [`Probes::layer`] | a user's own layer | any `[B, ...]` | the user's [`ExactRule`] |
 //!
 //! When the probes are off, each call is the plain layer. The model's struct
@@ -49,6 +49,7 @@ mod rule;
 mod shift;
 
 pub use affine::{AffineRule, FeatureAxis};
+pub use batch_norm::{BatchNormRule, BatchNormSource};
 pub use conv::ConvRule;
 pub use embedding::EmbeddingRule;
 pub use linear::LinearRule;
@@ -110,6 +111,17 @@ enum Recorded {
         /// the sink where the gradient lives).
         like: Tensor<4>,
     },
+    /// A batch norm on the fast kernel, whose backward step leaves its
+    /// per-group sums in the rule's sink; its output gradient is not kept
+    /// (the layer hands on a placeholder `[examples, 1]`).
+    NormSunk {
+        /// What the layer recorded.
+        rule: Box<dyn ExactRule>,
+        /// Examples in the pass.
+        examples: usize,
+        /// Where the placeholder lives.
+        device: burn::tensor::Device,
+    },
     /// A layer seen in an observing pass: its kind and the parameters its
     /// rule covers.
     Seen {
@@ -146,6 +158,11 @@ pub struct Probes {
     unshifted: Vec<String>,
     /// Parameters seen (observing) in layers that cannot be moved.
     unmovable: Vec<ParamId>,
+    /// In a pass over groups of examples that stand for one pass per group
+    /// (group gradients, shifted passes): a batch norm over the whole batch
+    /// normalizes each group of this many examples alone, as its own pass
+    /// would.
+    norm_group: Option<usize>,
 }
 
 impl Probes {
@@ -188,6 +205,17 @@ impl Probes {
             mode: Mode::On,
             frozen,
             group_size,
+            norm_group: group_size,
+            ..Self::default()
+        }
+    }
+
+    /// Probes that record nothing, for a forward pass over consecutive
+    /// groups of `group_size` examples standing for one pass per group: a
+    /// batch norm over the whole batch normalizes each group alone.
+    pub(crate) fn off_in_groups(group_size: usize) -> Self {
+        Self {
+            norm_group: Some(group_size),
             ..Self::default()
         }
     }
@@ -319,7 +347,9 @@ impl Probes {
         self.layers
             .iter()
             .flat_map(|l| match l {
-                Recorded::Probed { rule, .. } | Recorded::Sunk { rule, .. } => rule.params(),
+                Recorded::Probed { rule, .. }
+                | Recorded::Sunk { rule, .. }
+                | Recorded::NormSunk { rule, .. } => rule.params(),
                 Recorded::Seen { params, .. } => params.clone(),
                 Recorded::Unsupported { .. } => Vec::new(),
             })
@@ -332,7 +362,9 @@ impl Probes {
         self.layers
             .iter()
             .filter_map(|l| match l {
-                Recorded::Probed { rule, .. } | Recorded::Sunk { rule, .. }
+                Recorded::Probed { rule, .. }
+                | Recorded::Sunk { rule, .. }
+                | Recorded::NormSunk { rule, .. }
                     if rule.params().contains(&param) =>
                 {
                     Some(rule.layer())
@@ -373,6 +405,11 @@ impl Probes {
                     }
                     (rule, g)
                 }
+                Recorded::NormSunk {
+                    rule,
+                    examples,
+                    device,
+                } => (rule, Some(Tensor::<2>::zeros([examples, 1], &device))),
                 Recorded::Seen { .. } => continue,
                 Recorded::Unsupported { params, what } => {
                     return Err(CovnoiseError::Refused {

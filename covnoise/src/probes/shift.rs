@@ -170,6 +170,13 @@ impl GroupShifts {
         Some(value.unsqueeze_dim::<E>(0) + shift)
     }
 
+    /// The groups' values of a parameter `[n]`, `[G, n]`: moved where it is,
+    /// repeated where not.
+    pub(super) fn per_group_values(&self, p: &Param<Tensor<1>>) -> Tensor<2> {
+        self.moved::<1, 2>(p.id, p.val())
+            .unwrap_or_else(|| self.repeated(p.val()))
+    }
+
     /// `theta` repeated for each group, `[G, dims]`, for a layer whose
     /// other parameter is moved.
     fn repeated<const D: usize, const E: usize>(&self, value: Tensor<D>) -> Tensor<E> {
@@ -332,7 +339,7 @@ impl GroupShifts {
     /// A normalization's affine part `x̂ gamma + beta` on the normalized
     /// input `normalized` `[B, ...]`, each group with its own gamma and
     /// beta (`[features]`), the features on `axis` (1 or the last).
-    fn affine<const D: usize>(
+    pub(super) fn affine<const D: usize>(
         &self,
         normalized: Tensor<D>,
         gamma: Option<&Param<Tensor<1>>>,
@@ -367,11 +374,13 @@ impl Probes {
     /// Probes for a pass in which group j of the batch's consecutive groups
     /// meets the parameters `theta + s_j` of `shifts` (see the module
     /// documentation): covnoise's probed layers run each group at its own
-    /// parameters, and nothing is recorded. The batch must be `shifts`'
-    /// groups times its group size.
+    /// parameters (a batch norm over the whole batch normalizes each group
+    /// alone, as one pass per group would), and nothing is recorded. The
+    /// batch must be `shifts`' groups times its group size.
     pub fn shifted(shifts: GroupShifts) -> Self {
         Self {
             mode: super::Mode::Shifted,
+            norm_group: Some(shifts.group_size()),
             shifts: Some(shifts),
             ..Self::default()
         }
