@@ -981,3 +981,46 @@ fn penalties_on_a_ghost_batch_norm_model_from_one_pass_equal_one_pass_per_micro_
         assert!(common::rel_distance(&sa, &sb) <= 1e-5, "running statistics");
     }
 }
+
+/// `with_one_pass_micro_batches(false)` makes the penalties run passes of
+/// their own per micro-batch on a model that allows one pass: more forward
+/// passes (the moved passes alone are 4, one per micro-batch), the same
+/// step to 1e-4 (float32 rounding, as above).
+#[test]
+fn passes_per_micro_batch_can_be_asked_for() {
+    use covnoise::regularizer::Regularizer;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let batch = features(16, 5, 3, 27);
+    let calls = AtomicUsize::new(0);
+    let counted = |m: &Normed<GhostBatchNorm>, b: &(Tensor<2>, Tensor<1, Int>), p: &mut Probes| {
+        calls.fetch_add(1, Ordering::Relaxed);
+        ghost_forward(m, b, p)
+    };
+    let run = |one_pass: bool| {
+        let model = ghost_net_jittered(4, 28);
+        let table = ParamTable::of(&model);
+        let mut stage = stage(NoiseConfig::none(), 16)
+            .with_regularizer(Regularizer::grad_norm(0.5, 4))
+            .unwrap()
+            .with_one_pass_micro_batches(one_pass);
+        stage.validate_model(&model, &batch, counted).unwrap();
+        calls.store(0, Ordering::Relaxed);
+        let mut g = stage.gradient(&model, &batch, counted).unwrap();
+        let passes = calls.load(Ordering::Relaxed);
+        (
+            flat(&table.flatten(&mut g.grads, &Device::flex()).unwrap()),
+            passes,
+        )
+    };
+    let ((a, one), (b, each)) = (run(true), run(false));
+    assert_eq!(
+        one, 2,
+        "one pass for the data, one for the moved parameters"
+    );
+    assert!(
+        each >= 8,
+        "{each} forward passes with passes per micro-batch"
+    );
+    let rel = common::rel_distance(&a, &b);
+    assert!(rel <= 1e-4, "steps differ by {rel}");
+}

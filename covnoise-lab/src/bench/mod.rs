@@ -207,6 +207,10 @@ pub struct BenchConfig {
     pub hidden: Vec<usize>,
     /// Passes over at most this many examples, accumulated (every variant).
     pub chunk: Option<usize>,
+    /// Micro-batch gradients (micro-batch estimator, penalties) from one
+    /// pass over the batch where the model allows it (true), or from
+    /// passes of their own per micro-batch (false).
+    pub one_pass: bool,
     /// The device (without autodiff; the bench adds it).
     pub device: Device,
     /// Untimed rounds first.
@@ -462,7 +466,8 @@ fn step_state(
     let model = Network::new(&network, 0, device)?;
     let mut stage = NoiseStage::new(variant.noise.clone(), b, 0)?
         .with_coupling(network.coupling())
-        .with_chunk(config.chunk);
+        .with_chunk(config.chunk)
+        .with_one_pass_micro_batches(config.one_pass);
     if let Some(reg) = variant.regularizer {
         stage = stage.with_regularizer(reg)?;
     }
@@ -582,6 +587,7 @@ mod tests {
             batch_sizes: vec![3],
             hidden: vec![512, 512],
             chunk: None,
+            one_pass: true,
             device: Device::flex(),
             warmup: 0,
             steps: 1,

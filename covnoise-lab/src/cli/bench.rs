@@ -27,6 +27,11 @@ pub struct BenchArgs {
     /// Run each pass over at most N examples, accumulated (every variant).
     #[arg(long, value_name = "N")]
     pub chunk: Option<usize>,
+    /// How the micro-batch and penalty variants form micro-batch gradients:
+    /// `one` (one pass over the batch where the model allows it) or `each`
+    /// (passes of their own per micro-batch).
+    #[arg(long, value_name = "HOW", default_value = "one", value_parser = ["one", "each"])]
+    pub micro_batch_passes: String,
     /// Hidden widths of the MLP (input 784, 10 classes).
     #[arg(long, value_delimiter = ',', default_value = "512,512")]
     pub hidden: Vec<usize>,
@@ -120,6 +125,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let config = BenchConfig {
         model: args.model,
         chunk: args.chunk,
+        one_pass: args.micro_batch_passes == "one",
         device: covnoise_lab::device::parse_device(&args.device)?,
         batch_sizes: args.batch_sizes.clone(),
         hidden: args.hidden.clone(),
@@ -154,12 +160,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("warning: this is a debug build; time a release build (cargo build --release)");
     }
     println!(
-        "model {}  device {}  threads {}  hidden {:?}  chunk {}  {} timed steps after {} warm-up rounds",
+        "model {}  device {}  threads {}  hidden {:?}  chunk {}  micro-batch passes {}  {} timed steps after {} warm-up rounds",
         args.model,
         args.device,
         rayon::current_num_threads(),
         args.hidden,
         args.chunk.map_or("none".to_string(), |c| c.to_string()),
+        args.micro_batch_passes,
         args.steps,
         args.warmup
     );
@@ -184,6 +191,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             "model": args.model,
             "device": args.device,
             "chunk": args.chunk,
+            "micro_batch_passes": args.micro_batch_passes,
             "threads": rayon::current_num_threads(),
             "hidden": args.hidden,
             "warmup": args.warmup,

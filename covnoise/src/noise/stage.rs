@@ -83,6 +83,8 @@ pub struct NoiseStage<C: Collective = SingleProcess> {
     /// The model last checked by [`NoiseStage::validate_model`].
     checked: Option<CheckedModel>,
     chunk: Option<usize>,
+    /// Whether micro-batch gradients may come from one pass over the batch.
+    one_pass: bool,
     collective: C,
     /// The noise's standard deviations for the current estimate: they
     /// change only when the estimate does, so the steps between refreshes
@@ -163,6 +165,7 @@ impl NoiseStage {
             declared: None,
             checked: None,
             chunk: None,
+            one_pass: true,
             collective: SingleProcess,
             noise_std: None,
             regularizer: None,
@@ -183,6 +186,7 @@ impl NoiseStage {
             declared: self.declared,
             checked: None,
             chunk: self.chunk,
+            one_pass: self.one_pass,
             collective,
             noise_std: self.noise_std,
             regularizer: self.regularizer,
@@ -201,6 +205,20 @@ impl<C: Collective> NoiseStage<C> {
     /// user's own type).
     pub fn with_coupling(mut self, coupling: Coupling) -> Self {
         self.declared = Some(coupling);
+        self.checked = None;
+        self
+    }
+
+    /// Whether the micro-batch estimator and the penalties may form their
+    /// micro-batch gradients from one pass over the batch where the model
+    /// allows it (true, the default; see [`MicroBatchPasses`]) or must run
+    /// passes of their own per micro-batch (false). One pass saves the
+    /// overhead of many small passes; passes per micro-batch hold one
+    /// micro-batch's activations at a time, and on a CPU large micro-batches
+    /// of a conv net with big activations can run faster that way
+    /// (RESULTS.md section 18: ResNet-20 at batch 1024).
+    pub fn with_one_pass_micro_batches(mut self, on: bool) -> Self {
+        self.one_pass = on;
         self.checked = None;
         self
     }
@@ -403,7 +421,7 @@ impl<C: Collective> NoiseStage<C> {
                 }
             }
         };
-        let passes = if micro_batched && rules_add_up() {
+        let passes = if self.one_pass && micro_batched && rules_add_up() {
             if self.regularizer.is_some_and(|r| r.is_active()) && movable() {
                 MicroBatchPasses::OneThroughRulesAndShifts
             } else {
