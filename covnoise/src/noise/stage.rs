@@ -840,20 +840,35 @@ where
     // parameters' gradients. The sums differ by float32 rounding
     // (about 1e-6 relative); a use outside the probed layers
     // misses a whole term, so 1e-3 separates the two.
-    let sample = batch.slice(0, batch.len().min(2));
-    let pass = moments::keeping_buffers(model, || {
+    let pass = probed_pass(model, table, &batch.slice(0, batch.len().min(2)), forward)?;
+    moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
+}
+
+/// A pass over `sample` that returns its probed layers, leaving the
+/// model's buffers as they were (the rules' checks).
+fn probed_pass<M, B, F>(
+    model: &M,
+    table: &ParamTable,
+    sample: &B,
+    forward: &F,
+) -> Result<moments::Pass>
+where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    moments::keeping_buffers(model, || {
         moments::backward_pass(
             model,
             table,
-            &sample,
+            sample,
             forward,
             PassRequest {
                 probes: true,
                 ..Default::default()
             },
         )
-    })?;
-    moments::exact::check_rules_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
+    })
 }
 
 /// Every table parameter is covered by a rule seen in the `observed`
@@ -906,19 +921,7 @@ where
             batch.len()
         )));
     }
-    let sample = batch.slice(0, g);
-    let pass = moments::keeping_buffers(model, || {
-        moments::backward_pass(
-            model,
-            table,
-            &sample,
-            forward,
-            PassRequest {
-                probes: true,
-                ..Default::default()
-            },
-        )
-    })?;
+    let pass = probed_pass(model, table, &batch.slice(0, g), forward)?;
     moments::exact::check_group_sums_cover_gradients(&pass.layers, table, &pass.grads, 1e-3)
 }
 

@@ -170,6 +170,13 @@ impl GroupShifts {
         Some(value.unsqueeze_dim::<E>(0) + shift)
     }
 
+    /// A layer's bias moved for each group, `[G, out]`, or None where the
+    /// layer has none or it is not moved.
+    fn moved_bias(&self, bias: &Option<Param<Tensor<1>>>) -> Option<Tensor<2>> {
+        bias.as_ref()
+            .and_then(|b| self.moved::<1, 2>(b.id, b.val()))
+    }
+
     /// The groups' values of a parameter `[n]`, `[G, n]`: moved where it is,
     /// repeated where not.
     pub(super) fn per_group_values(&self, p: &Param<Tensor<1>>) -> Tensor<2> {
@@ -203,10 +210,7 @@ impl GroupShifts {
     /// ([`kernels::linear_per_group`]); the biases broadcast per group.
     pub(super) fn linear<const D: usize>(&self, layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         let w = self.unscaled(layer.weight.id);
-        let bias = layer
-            .bias
-            .as_ref()
-            .and_then(|b| self.moved::<1, 2>(b.id, b.val()));
+        let bias = self.moved_bias(&layer.bias);
         if w.is_none() && bias.is_none() {
             return layer.forward(x);
         }
@@ -237,10 +241,7 @@ impl GroupShifts {
     /// and bias.
     pub(super) fn conv2d(&self, layer: &Conv2d, x: Tensor<4>) -> Tensor<4> {
         let w = self.moved::<4, 5>(layer.weight.id, layer.weight.val());
-        let bias = layer
-            .bias
-            .as_ref()
-            .and_then(|b| self.moved::<1, 2>(b.id, b.val()));
+        let bias = self.moved_bias(&layer.bias);
         if w.is_none() && bias.is_none() {
             return kernels::conv2d_layer(layer, x);
         }
@@ -254,10 +255,7 @@ impl GroupShifts {
     /// A `Conv1d` layer on `[B, C, L]`, as a convolution of height 1.
     pub(super) fn conv1d(&self, layer: &Conv1d, x: Tensor<3>) -> Tensor<3> {
         let w = self.moved::<3, 4>(layer.weight.id, layer.weight.val());
-        let bias = layer
-            .bias
-            .as_ref()
-            .and_then(|b| self.moved::<1, 2>(b.id, b.val()));
+        let bias = self.moved_bias(&layer.bias);
         if w.is_none() && bias.is_none() {
             return layer.forward(x);
         }
