@@ -756,3 +756,58 @@ fn ghost_batch_norm_on_images_gives_micro_batch_gradients_from_one_pass() {
         });
     }
 }
+
+/// Ghost batch norm straight on the input images, then a convolution: in
+/// the one-pass group pass (a frozen copy of the model) nothing before the
+/// batch norm takes a gradient, and its kernel's backward step must still
+/// run to leave its sums. Against one plain pass per micro-batch, 1e-4 as
+/// above.
+#[derive(Module, Debug)]
+struct NormFirst {
+    bn: covnoise::model::GhostBatchNorm,
+    net: ConvNet,
+}
+
+fn norm_first_forward(m: &NormFirst, b: &Batch<4>, p: &mut Probes) -> Objective {
+    let x = p.batch_norm(&m.bn, b.x.clone());
+    forward(
+        &m.net,
+        &Batch {
+            x,
+            labels: b.labels.clone(),
+        },
+        p,
+    )
+}
+
+#[test]
+fn a_batch_norm_on_the_inputs_gives_its_micro_batch_gradients_from_one_pass() {
+    let device = device();
+    let g = &GEOMETRIES[0];
+    let model = NormFirst {
+        bn: covnoise::model::GhostBatchNorm::new(g.c_in, 2, &device),
+        net: g.model(&device),
+    };
+    let table = ParamTable::of(&model);
+    let batch = g.batch(8, 71, &device);
+    let request = PassRequest {
+        group_size: Some(4),
+        ..Default::default()
+    };
+    let groups = backward_pass(&model, &table, &batch, &norm_first_forward, request)
+        .unwrap()
+        .group_grads
+        .unwrap();
+    for j in 0..2 {
+        let reference = backward_pass(
+            &model,
+            &table,
+            &batch.slice(j * 4, 4),
+            &norm_first_forward,
+            PassRequest::default(),
+        )
+        .unwrap();
+        let rel = common::rel_distance(&flat(&groups.group(j)), &flat(&reference.grads));
+        assert!(rel <= 1e-4, "group {j}: {rel}");
+    }
+}

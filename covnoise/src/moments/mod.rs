@@ -241,8 +241,11 @@ pub struct PassRequest<'a> {
     /// gradient at its own parameters (a penalty's finite differences for
     /// all micro-batches in one pass). The batch, and
     /// [`PassRequest::chunk`] when set, must be whole numbers of the shifts'
-    /// groups; a layer that cannot move its parameters
-    /// ([`Probes::unshifted_layers`]) is refused. Records nothing: not with
+    /// groups; a probed layer that cannot move its parameters
+    /// ([`Probes::unshifted_layers`]) is refused. A moved parameter used
+    /// outside covnoise's probed layers would run at theta unseen: the
+    /// stage runs such passes only after its dry run has checked that every
+    /// parameter is used inside them ([`NoiseStage::validate_model`](crate::noise::NoiseStage::validate_model)). Records nothing: not with
     /// [`PassRequest::probes`], [`PassRequest::moments`] or
     /// [`PassRequest::group_size`].
     pub shifts: Option<GroupShifts>,

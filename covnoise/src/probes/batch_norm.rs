@@ -9,7 +9,7 @@
 //! for every other layer of such a model, so micro-batch gradients come
 //! from one pass over the batch there too.
 
-use burn::module::ParamId;
+use burn::module::{Param, ParamId};
 use burn::tensor::Tensor;
 
 use super::rule::ExactRule;
@@ -209,7 +209,21 @@ impl Probes {
                 // the normalization, which hands over x̂ for the rule.
                 let sink = NormSink::new();
                 let device = images.device().inner();
-                if let Some(y) = layer.forward_images_sunk(images.clone(), sink.clone()) {
+                // On a frozen copy nothing before the layer may take a
+                // gradient (a batch norm on the inputs): a tracked copy of
+                // the scale makes its backward step run and fill the sink;
+                // the copy's own gradient is not read.
+                let tracked;
+                let sunk_layer = if self.frozen && !layer.gamma.is_require_grad() {
+                    tracked = GhostBatchNorm {
+                        gamma: Param::from_tensor(layer.gamma.val()),
+                        ..layer.clone()
+                    };
+                    &tracked
+                } else {
+                    layer
+                };
+                if let Some(y) = sunk_layer.forward_images_sunk(images.clone(), sink.clone()) {
                     self.layers.push(Recorded::NormSunk {
                         rule: Box::new(rule(BatchNormSource::Sink(sink))),
                         examples: b,

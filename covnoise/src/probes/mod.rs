@@ -330,6 +330,10 @@ impl Probes {
     /// parameter, instead of leaving it out. Nothing is noted when the
     /// probes are off.
     pub fn without_rule(&mut self, params: Vec<ParamId>, what: String) {
+        if self.mode == Mode::Shifted {
+            // It ran at theta: wrong where one of its parameters is moved.
+            self.note_unshifted(|| what.clone(), &params);
+        }
         if self.mode != Mode::Off {
             self.layers.push(Recorded::Unsupported { params, what });
         }
