@@ -392,6 +392,161 @@ fn group_gradients_of_models_unlike_ours_match_single_example_passes() {
         head: LinearConfig::new(5, 3).init(&d),
     };
     assert_groups_match_brute_force(&tied, &features(8, 5, 3, 5), &tied_forward, 4);
+    drop(_seeded);
+    // Linear layers on features, the first on the data: the grouped
+    // product's rows.
+    assert_groups_match_brute_force(&deep_model(6), &features(12, 6, 3, 7), &deep_forward, 3);
+}
+
+/// A ReLU net of three Linear layers with biases on features: the
+/// micro-batch pass runs each on the grouped product, the first on the
+/// data (a frozen copy's weight tracked only for its backward step).
+#[derive(Module, Debug)]
+struct Deep {
+    layers: Vec<Linear>,
+}
+
+fn deep_forward(m: &Deep, b: &(Tensor<2>, Tensor<1, Int>), p: &mut Probes) -> Objective {
+    let mut h = b.0.clone();
+    let last = m.layers.len() - 1;
+    for (k, layer) in m.layers.iter().enumerate() {
+        h = p.linear(layer, h);
+        if k < last {
+            h = activation::relu(h);
+        }
+    }
+    Objective::Classification {
+        logits: h,
+        labels: b.1.clone(),
+    }
+}
+
+fn deep_model(seed: u64) -> Deep {
+    let _seeded = seed_device(seed);
+    let d = device();
+    Deep {
+        layers: vec![
+            LinearConfig::new(6, 9).init(&d),
+            LinearConfig::new(9, 7).init(&d),
+            LinearConfig::new(7, 3).init(&d),
+        ],
+    }
+}
+
+/// The summarized micro-batch gradients of one pass
+/// ([`moments::PassRequest::group_summary`]: on the grouped Linear
+/// product, each group's product folded into a running mean and centered
+/// sum in its backward step; for a tied weight, and with the fast kernels
+/// off, from the groups' rows) against the groups' means of single-example
+/// gradients: the mean of the group gradients and their centered sum of
+/// squares `Σ_g (g_g - ḡ)²`, in f64, whole and in chunks of two groups
+/// (merged pairwise). Tolerance 1e-4 relative (float32 sums over a few
+/// examples, as above); a group folded twice, a merge without its cross
+/// term or a centered sum about the wrong mean is off by O(1).
+fn assert_group_summary_matches_brute_force<M, B, F>(
+    model: &M,
+    batch: &B,
+    forward: &F,
+    group_size: usize,
+) where
+    M: Module,
+    B: Examples,
+    F: Forward<M, B>,
+{
+    let table = ParamTable::of(model);
+    let per = per_example(model, batch, forward);
+    let groups = batch.len() / group_size;
+    let d = per[0].len();
+    let means: Vec<Vec<f64>> = per
+        .chunks(group_size)
+        .map(|members| {
+            (0..d)
+                .map(|j| members.iter().map(|x| x[j]).sum::<f64>() / group_size as f64)
+                .collect()
+        })
+        .collect();
+    let mean: Vec<f64> = (0..d)
+        .map(|j| means.iter().map(|g| g[j]).sum::<f64>() / groups as f64)
+        .collect();
+    let centered: Vec<f64> = (0..d)
+        .map(|j| means.iter().map(|g| (g[j] - mean[j]).powi(2)).sum())
+        .collect();
+    for fast in [true, false] {
+        for chunk in [None, Some(2 * group_size)] {
+            let pass = covnoise::kernels::with_enabled(fast, || {
+                moments::backward_pass(
+                    model,
+                    &table,
+                    batch,
+                    forward,
+                    moments::PassRequest {
+                        group_size: Some(group_size),
+                        group_summary: true,
+                        chunk,
+                        ..Default::default()
+                    },
+                )
+            })
+            .unwrap();
+            assert!(pass.group_grads.is_none(), "rows were not asked for");
+            let summary = pass.group_summary.expect("a summary was asked for");
+            assert_eq!(summary.groups, groups);
+            let label = format!("fast kernels {fast}, chunk {chunk:?}");
+            let rel = common::rel_distance(&flat(&summary.mean), &mean);
+            assert!(rel <= 1e-4, "{label}: mean off by {rel}");
+            let rel = common::rel_distance(&flat(&pass.grads), &mean);
+            assert!(rel <= 1e-4, "{label}: pass gradient off by {rel}");
+            let rel = common::rel_distance(&flat(&summary.centered), &centered);
+            assert!(rel <= 1e-4, "{label}: centered sum off by {rel}");
+        }
+    }
+}
+
+#[test]
+fn summarized_group_gradients_match_single_example_passes() {
+    let deep = deep_model(31);
+    assert_group_summary_matches_brute_force(&deep, &features(16, 6, 3, 32), &deep_forward, 2);
+    // Groups of one example: the centered sum is the examples' own.
+    assert_group_summary_matches_brute_force(&deep, &features(8, 6, 3, 33), &deep_forward, 1);
+    // A tied weight (its uses add per group before the square), a Linear
+    // on [B, T, in] (no grouped product: T positions per example).
+    let _seeded = seed_device(34);
+    let d = device();
+    let tied = Tied {
+        shared: LinearConfig::new(5, 5).init(&d),
+        head: LinearConfig::new(5, 3).init(&d),
+    };
+    drop(_seeded);
+    assert_group_summary_matches_brute_force(&tied, &features(12, 5, 3, 35), &tied_forward, 3);
+    assert_group_summary_matches_brute_force(
+        &attention_model(),
+        &sequences(8, 6, 36),
+        &attention_forward,
+        2,
+    );
+}
+
+/// A pass that records group gradients on a model that takes gradients
+/// (a user's [`Probes::on_grouped`]): the grouped Linear product's backward
+/// step gives the weights the sum of the groups' products as their
+/// gradient, which must equal the plain pass's (float32 sums in another
+/// order, 1e-5 relative; a group left out of the sum is off by about
+/// 1/groups).
+#[test]
+fn the_grouped_linear_product_gives_the_batch_weight_gradient() {
+    use burn::optim::GradientsParams;
+    let model = deep_model(37);
+    let table = ParamTable::of(&model);
+    let batch = features(12, 6, 3, 38);
+    let grads = |mut probes: Probes| {
+        let objective = deep_forward(&model, &batch, &mut probes);
+        let mut g = GradientsParams::from_grads(objective.losses().mean().backward(), &model);
+        flat(&table.flatten(&mut g, &Device::flex()).unwrap())
+    };
+    let plain = grads(Probes::off());
+    let grouped = grads(Probes::on_grouped(4));
+    let rel = common::rel_distance(&grouped, &plain);
+    assert!(rel <= 1e-5, "weight gradients differ by {rel}");
 }
 
 /// A per-token Linear fed tokens flattened into rows, `[B*T, in]`.

@@ -14,12 +14,12 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, AutodiffBackend, Backend, backend_extension};
 use burn::tensor::{DType, TensorData};
 
-use super::conv::{self, ConvShape};
+use super::conv::{self, ConvShape, GradGroups};
 use super::norm::{self, NormShape};
 use super::outer;
 use super::pool::{self, PoolShape};
 use super::shifted::{self, ShiftedShape};
-use super::{ConvSink, NormSink};
+use super::{ConvSink, GroupMomentSums, NormSink};
 
 /// Fast convolution and batch normalization for the flex backend, with
 /// and without autodiff.
@@ -84,6 +84,24 @@ pub trait FastKernels: Backend {
         shift: FloatTensor<Self>,
         factors: Vec<f32>,
     ) -> FloatTensor<Self>;
+
+    /// `x w` for `x` `[R, i]` and `weight` `[i, o]`, differentiable in
+    /// both. On `Autodiff<Flex>` the backward step forms the products
+    /// `x_gᵀ dy_g` of the consecutive groups of `rows` rows, leaves them
+    /// (or their sum and centered sum of squares) and the output gradient
+    /// `[R, o, 1, 1]` in `sink`, and with `weight_grad` registers their
+    /// sum as the weight's gradient (see [`super::linear_grouped`]).
+    fn fast_linear_grouped(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rows: usize,
+        weight_grad: bool,
+        sink: ConvSink,
+    ) -> FloatTensor<Self>;
+
+    /// `Σ_j (t_j - m)²` `[n]` over the rows `t_j` of `t` `[G, n]`, for `m`
+    /// `[n]`, without autodiff graph (see [`super::centered_square_sum`]).
+    fn fast_centered_squares(t: FloatTensor<Self>, m: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// Max pooling of `x` `[B, C, H, W]` over `kernel` windows moved by
     /// `stride`, with symmetric `padding`, dilation 1, floor mode,
@@ -267,6 +285,28 @@ impl FastKernels for Flex {
         let (x, weight, shift) = (contiguous(x), contiguous(weight), contiguous(shift));
         let y = shifted::forward(&s, values(&x), values(&weight), values(&shift), &factors);
         flex(y, vec![s.groups * s.rows, s.o])
+    }
+
+    fn fast_linear_grouped(
+        x: FlexTensor,
+        weight: FlexTensor,
+        _rows: usize,
+        _weight_grad: bool,
+        _sink: ConvSink,
+    ) -> FlexTensor {
+        // Without autodiff there is no backward step to fill the sink.
+        let (x, weight) = (contiguous(x), contiguous(weight));
+        let (r, i, o) = linear_dims(&x, &weight);
+        flex(
+            outer::product(values(&x), values(&weight), r, i, o),
+            vec![r, o],
+        )
+    }
+
+    fn fast_centered_squares(t: FlexTensor, m: FlexTensor) -> FlexTensor {
+        let (t, m) = (contiguous(t), contiguous(m));
+        let n = m.shape()[0];
+        flex(outer::centered_square_sum(values(&t), values(&m)), vec![n])
     }
 
     fn fast_group_outer(a: FlexTensor, d: FlexTensor, rows: usize) -> FlexTensor {
@@ -507,6 +547,91 @@ impl Backward<Flex, 2> for ShiftedBackward {
     }
 }
 
+/// `[r, i, o]` of a Linear product's `x` `[r, i]` and `weight` `[i, o]`.
+fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> (usize, usize, usize) {
+    let (xs, ws) = (x.shape(), weight.shape());
+    assert!(
+        xs.num_dims() == 2 && ws.num_dims() == 2 && xs[1] == ws[0],
+        "x [R, i] and weight [i, o], not {:?} and {:?}",
+        xs.to_vec(),
+        ws.to_vec()
+    );
+    (xs[0], ws[0], ws[1])
+}
+
+/// The backward step of the grouped Linear product: the input gradient
+/// `dy Wᵀ`, and the weight gradient as the sum of the groups' products,
+/// which it leaves in the sink with the output gradient.
+#[derive(Debug)]
+struct GroupedLinearBackward;
+
+/// The kept operands of [`GroupedLinearBackward`].
+#[derive(Debug, Clone)]
+struct GroupedLinearState {
+    x: FlexTensor,
+    weight: FlexTensor,
+    rows: usize,
+    /// Whether the weight's gradient is registered.
+    weight_grad: bool,
+    sink: ConvSink,
+}
+
+impl Backward<Flex, 2> for GroupedLinearBackward {
+    type State = GroupedLinearState;
+
+    fn backward(
+        self,
+        ops: Ops<GroupedLinearState, 2>,
+        grads: &mut Gradients,
+        _: &mut Checkpointer,
+    ) {
+        let [px, pw] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let st = ops.state;
+        let (r, i, o) = linear_dims(&st.x, &st.weight);
+        if let Some(p) = px {
+            let dx = outer::product_transposed(values(&dy), values(&st.weight), r, i, o);
+            grads.register::<Flex>(p.id, flex(dx, vec![r, i]));
+        }
+        // The groups' products are formed whether or not the weight takes
+        // a gradient: the sink asked for them.
+        let (x, groups) = (values(&st.x), r / st.rows);
+        let dy_sunk = dy.reshape(vec![r, o, 1, 1].into());
+        let register = |grads: &mut Gradients, sum: Vec<f32>| {
+            if let (Some(p), true) = (&pw, st.weight_grad) {
+                grads.register::<Flex>(p.id, flex(sum, vec![i, o]));
+            }
+        };
+        if st.sink.wants_summary() {
+            let (sum, centered) = outer::group_outer_moments(x, values(&dy), st.rows, i, o);
+            register(grads, sum.clone());
+            let moments = GroupMomentSums {
+                groups,
+                sum,
+                centered,
+            };
+            st.sink.put_moments(moments, dy_sunk);
+        } else if st.weight_grad && pw.is_some() {
+            let (each, sum) = outer::group_outer_summed(x, values(&dy), st.rows, i, o);
+            register(grads, sum);
+            let sums = GradGroups {
+                groups,
+                weight: each,
+                bias: Vec::new(),
+            };
+            st.sink.put(None, Some(sums), dy_sunk);
+        } else {
+            let each = outer::group_outer(x, values(&dy), st.rows, i, o);
+            let sums = GradGroups {
+                groups,
+                weight: each,
+                bias: Vec::new(),
+            };
+            st.sink.put(None, Some(sums), dy_sunk);
+        }
+    }
+}
+
 /// The pooling's geometry from its input's shape.
 fn pool_shape(
     x: &FlexTensor,
@@ -713,6 +838,49 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
             OpsKind::Tracked(prep) => prep.finish(st, y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
+    }
+
+    fn fast_linear_grouped(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rows: usize,
+        weight_grad: bool,
+        sink: ConvSink,
+    ) -> FloatTensor<Self> {
+        let xp = contiguous(x.primitive().clone());
+        let wp = contiguous(weight.primitive().clone());
+        let (r, i, o) = linear_dims(&xp, &wp);
+        assert!(
+            rows > 0 && r.is_multiple_of(rows),
+            "{r} rows do not make groups of {rows}"
+        );
+        let y = flex(
+            outer::product(values(&xp), values(&wp), r, i, o),
+            vec![r, o],
+        );
+        match GroupedLinearBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(
+                GroupedLinearState {
+                    x: xp,
+                    weight: wp,
+                    rows,
+                    weight_grad,
+                    sink,
+                },
+                y,
+            ),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fast_centered_squares(t: FloatTensor<Self>, m: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Not differentiable: the sums of the inner tensors.
+        let (t, m) = (t.primitive().clone(), m.primitive().clone());
+        Self::from_inner(<Flex as FastKernels>::fast_centered_squares(t, m))
     }
 
     fn fast_group_outer(

@@ -17,8 +17,10 @@
 //! weight-sized buffer per example, with no per-example tensor kept; or,
 //! asked for micro-batch gradients, it adds each example's gradient to its
 //! micro-batch's sum instead of the batch's. [`group_outer`] runs a Linear
-//! layer's per-micro-batch products, and [`max_pool2d`] is max pooling
-//! without burn's 3-d detour.
+//! layer's per-micro-batch products, [`linear_grouped`] is a Linear
+//! product whose backward step forms them and takes the batch's weight
+//! gradient as their sum (micro-batch gradients from the batch gradient's
+//! products), and [`max_pool2d`] is max pooling without burn's 3-d detour.
 //!
 //! Reach: the kernels run for `f32` tensors on `Device::flex()` and
 //! `Device::flex().autodiff()`, for convolutions with groups 1, dilation 1
@@ -56,8 +58,9 @@ use conv::ConvShape;
 pub use conv::{GradGroups, GradSquares, PerExample};
 pub use extension::FastKernels;
 
-/// Where the backward step of a fast convolution leaves what the probes
-/// need of it ([`conv2d_recording`]): the gradient of the differentiated
+/// Where the backward step of a fast convolution (or of the grouped Linear
+/// product, [`linear_grouped`]) leaves what the probes need of it
+/// ([`conv2d_recording`]): the gradient of the differentiated
 /// objective with respect to the convolution's output (so that the probes
 /// need no probe tensor of their own for it), and the sums over the
 /// examples of the squared per-example weight and bias gradients
@@ -81,9 +84,28 @@ impl Default for ConvSink {
 #[derive(Debug, Default)]
 struct SinkContents {
     mode: PerExample,
+    /// With [`PerExample::Groups`]: a kernel that can (the grouped Linear
+    /// product) leaves the groups' sum and centered sum of squares instead
+    /// of the groups' gradients.
+    summary: bool,
     squares: Option<GradSquares>,
     groups: Option<GradGroups>,
+    moments: Option<GroupMomentSums>,
     output_grad: Option<burn::backend::flex::FlexTensor>,
+}
+
+/// A layer's weight gradients over consecutive groups of examples,
+/// summarized: their sum and their centered sum of squares around their
+/// mean, `[numel]` each in the weight's layout (see
+/// [`ConvSink::summarized`]).
+#[derive(Debug, Clone)]
+pub struct GroupMomentSums {
+    /// Number of groups G.
+    pub groups: usize,
+    /// `Σ_g t_g`.
+    pub sum: Vec<f32>,
+    /// `Σ_g (t_g - t̄)²`, t̄ the groups' mean.
+    pub centered: Vec<f32>,
 }
 
 impl ConvSink {
@@ -96,6 +118,39 @@ impl ConvSink {
     /// `group_size` examples (micro-batch gradients) instead of squares.
     pub fn grouped(group_size: usize) -> Self {
         Self::with_mode(PerExample::Groups(group_size.max(1)))
+    }
+
+    /// As [`ConvSink::grouped`], for a pass that needs only the groups'
+    /// sum and centered sum of squares (the micro-batch estimator's
+    /// moment): the grouped Linear product ([`linear_grouped`]) then
+    /// leaves those ([`GroupMomentSums`]) and no `[G, numel]` buffer;
+    /// a convolution still leaves the groups' gradients.
+    pub fn summarized(group_size: usize) -> Self {
+        let sink = Self::grouped(group_size);
+        sink.lock().summary = true;
+        sink
+    }
+
+    /// Whether the sink asks for summarized groups.
+    pub(crate) fn wants_summary(&self) -> bool {
+        self.lock().summary
+    }
+
+    /// Takes the summarized groups out of the sink, if the backward step
+    /// left them.
+    pub(crate) fn take_moments(&self) -> Option<GroupMomentSums> {
+        self.lock().moments.take()
+    }
+
+    /// Leaves summarized groups and the output gradient in the sink.
+    pub(crate) fn put_moments(
+        &self,
+        moments: GroupMomentSums,
+        output_grad: burn::backend::flex::FlexTensor,
+    ) {
+        let mut contents = self.lock();
+        contents.moments = Some(moments);
+        contents.output_grad = Some(output_grad);
     }
 
     fn with_mode(mode: PerExample) -> Self {
@@ -114,6 +169,12 @@ impl ConvSink {
     /// asked for.
     pub fn groups(&self) -> Option<GradGroups> {
         self.lock().groups.clone()
+    }
+
+    /// Takes the group gradients out of the sink (no copy of them), if the
+    /// backward step left them.
+    pub(crate) fn take_groups(&self) -> Option<GradGroups> {
+        self.lock().groups.take()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SinkContents> {
@@ -354,6 +415,76 @@ pub fn group_outer(a: &Tensor<2>, d: &Tensor<2>, rows: usize) -> Option<Tensor<2
             a.clone().into_dispatch(),
             d.clone().into_dispatch(),
             rows,
+        ))
+    })
+}
+
+/// Whether [`linear_grouped`] runs for these operands: enabled on this
+/// thread, flex, `f32`, `x` `[R, i]` and `weight` `[i, o]` non-empty, and
+/// R a multiple of `rows`.
+pub fn linear_grouped_applies(x: &Tensor<2>, weight: &Tensor<2>, rows: usize) -> bool {
+    let ([r, i], [i_w, o]) = (x.dims(), weight.dims());
+    enabled()
+        && x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && i == i_w
+        && rows > 0
+        && r.is_multiple_of(rows)
+        && r * i * o > 0
+        && is_flex(&x.device())
+        && is_flex(&weight.device())
+}
+
+/// `x W` for `x` `[R, i]` and `weight` `[i, o]` whose backward step (on
+/// `Autodiff<Flex>`) forms the products `x_gᵀ dy_g` of the consecutive
+/// groups of `rows` rows (micro-batches) and leaves in `sink` the output
+/// gradient and those groups' weight gradients (a sink made by
+/// [`ConvSink::grouped`]) or their sum and centered sum of squares
+/// ([`ConvSink::summarized`], without a `[G, i, o]` buffer): a Linear
+/// layer's micro-batch gradients at the cost of its batch gradient's
+/// products. With `weight_grad` the weight's gradient is registered as
+/// the groups' sum; without it (a frozen copy's weight, tracked only so
+/// that the step runs) it is not. Only where [`linear_grouped_applies`]
+/// (checked: panics otherwise).
+pub fn linear_grouped(
+    x: Tensor<2>,
+    weight: Tensor<2>,
+    rows: usize,
+    weight_grad: bool,
+    sink: ConvSink,
+) -> Tensor<2> {
+    assert!(
+        linear_grouped_applies(&x, &weight, rows),
+        "linear_grouped runs where linear_grouped_applies"
+    );
+    Tensor::from_dispatch(<Dispatch as FastKernels>::fast_linear_grouped(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        rows,
+        weight_grad,
+        sink,
+    ))
+}
+
+/// `Σ_j (t_j - m)²` `[n]` over the rows `t_j` of `t` `[G, n]` (group
+/// gradients around their mean `m` `[n]`), in one read of `t` on the fast
+/// kernel. None where it does not run (disabled on this thread, another
+/// backend than flex, not `f32`, shapes that do not match): the caller
+/// then uses burn's ops.
+pub fn centered_square_sum(t: &Tensor<2>, m: &Tensor<1>) -> Option<Tensor<1>> {
+    let ([g, n], [n_m]) = (t.dims(), m.dims());
+    let ok = enabled()
+        && t.dtype() == DType::F32
+        && m.dtype() == DType::F32
+        && g > 0
+        && n > 0
+        && n == n_m
+        && is_flex(&t.device())
+        && is_flex(&m.device());
+    ok.then(|| {
+        Tensor::from_dispatch(<Dispatch as FastKernels>::fast_centered_squares(
+            t.clone().into_dispatch(),
+            m.clone().into_dispatch(),
         ))
     })
 }

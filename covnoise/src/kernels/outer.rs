@@ -1,6 +1,8 @@
 //! The weight gradients of a Linear layer for consecutive groups of
 //! examples (micro-batch gradients): `a_gᵀ δ_g` per group, on host `f32`
-//! slices.
+//! slices; the layer's own two products, for the grouped Linear op whose
+//! backward step forms the batch's weight gradient as the sum of the
+//! groups'; and the centered sum of squares of group gradients.
 //!
 //! Each group's product has only the group's rows as its inner dimension
 //! (128 for 32 micro-batches of a batch of 4,096): one gemm per group on
@@ -44,6 +46,184 @@ pub fn group_outer(a: &[f32], d: &[f32], rows: usize, i: usize, o: usize) -> Vec
     out
 }
 
+/// `x w` `[r, o]` for `x` `[r, i]` and `w` `[i, o]` (row-major), on all
+/// threads: a Linear layer's product.
+pub fn product(x: &[f32], w: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
+    assert!(
+        x.len() == r * i && w.len() == i * o,
+        "x [r, i] and w [i, o]"
+    );
+    let mut y = output_buffer(r * o);
+    matmul(
+        [r, o, i],
+        &mut y,
+        o,
+        false,
+        x,
+        [i, 1],
+        w,
+        [o, 1],
+        Parallelism::Rayon(0),
+    );
+    y
+}
+
+/// `dy wᵀ` `[r, i]` for `dy` `[r, o]` and `w` `[i, o]`: a Linear layer's
+/// input gradient.
+pub fn product_transposed(dy: &[f32], w: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
+    assert!(
+        dy.len() == r * o && w.len() == i * o,
+        "dy [r, o] and w [i, o]"
+    );
+    let mut dx = output_buffer(r * i);
+    // wᵀ is [o, i]: element (c, j) sits at j o + c.
+    matmul(
+        [r, i, o],
+        &mut dx,
+        i,
+        false,
+        dy,
+        [o, 1],
+        w,
+        [1, o],
+        Parallelism::Rayon(0),
+    );
+    dx
+}
+
+/// [`group_outer`] and the sum of its groups, `Σ_g a_gᵀ d_g = aᵀ d`
+/// `[i, o]` (the batch's weight gradient, from the groups' products
+/// rather than a product of its own), the sum spread over the threads.
+pub fn group_outer_summed(
+    a: &[f32],
+    d: &[f32],
+    rows: usize,
+    i: usize,
+    o: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let groups = group_outer(a, d, rows, i, o);
+    let len = i * o;
+    let mut sum = output_buffer(len);
+    sum.par_chunks_mut(SUM_BLOCK)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            let (start, n) = (c * SUM_BLOCK, dst.len());
+            dst.fill(0.0);
+            for g in groups.chunks(len) {
+                for (s, &v) in dst.iter_mut().zip(&g[start..start + n]) {
+                    *s += v;
+                }
+            }
+        });
+    (groups, sum)
+}
+
+/// The sum `Σ_g a_gᵀ d_g` `[i, o]` of the G group products of
+/// [`group_outer`] and their centered sum of squares `Σ_g (t_g - t̄)²`
+/// around their mean t̄, without a `[G, i, o]` buffer: each thread forms
+/// its groups' products one at a time in a weight-sized scratch buffer and
+/// folds each into a running mean and centered sum (Welford's update,
+/// stable in float32), and the threads' running sums are merged (Chan et
+/// al.'s pairwise formula). With fewer groups than threads, one group at a
+/// time, each product on all of them.
+pub fn group_outer_moments(
+    a: &[f32],
+    d: &[f32],
+    rows: usize,
+    i: usize,
+    o: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    assert!(rows > 0 && i > 0 && o > 0, "non-empty groups and layers");
+    assert!(a.len().is_multiple_of(rows * i), "whole groups of rows");
+    let groups = a.len() / (rows * i);
+    assert_eq!(d.len(), groups * rows * o, "as many rows of d as of a");
+    let len = i * o;
+    let threads = rayon::current_num_threads().max(1);
+    // The groups `range` into one running (count, mean, centered sum).
+    let fold = |range: std::ops::Range<usize>, par: Parallelism| {
+        let mut mean = vec![0.0f32; len];
+        let mut m2 = vec![0.0f32; len];
+        super::with_scratch(len, |t| {
+            for (n, g) in range.clone().enumerate() {
+                let a_g = &a[g * rows * i..][..rows * i];
+                let d_g = &d[g * rows * o..][..rows * o];
+                matmul([i, o, rows], t, o, false, a_g, [1, i], d_g, [o, 1], par);
+                let inv = 1.0 / (n + 1) as f32;
+                for ((m, q), &v) in mean.iter_mut().zip(m2.iter_mut()).zip(t.iter()) {
+                    let delta = v - *m;
+                    *m += delta * inv;
+                    *q += delta * (v - *m);
+                }
+            }
+        });
+        (range.len(), mean, m2)
+    };
+    let (count, mean, m2) = if groups >= threads && threads > 1 {
+        let per = groups.div_ceil(threads);
+        (0..groups.div_ceil(per))
+            .into_par_iter()
+            .map(|c| fold(c * per..((c + 1) * per).min(groups), Parallelism::None))
+            .reduce_with(merge_moments)
+            .expect("at least one group")
+    } else {
+        fold(0..groups, Parallelism::Rayon(0))
+    };
+    debug_assert_eq!(count, groups);
+    let total = count as f32;
+    let sum = mean.into_iter().map(|m| m * total).collect();
+    (sum, m2)
+}
+
+/// Two running (count, mean, centered sum of squares) merged into the
+/// statistics of their union: `m2_a + m2_b + δ² n_a n_b / n`, δ the
+/// difference of the means.
+fn merge_moments(
+    (na, mut mean_a, mut m2_a): (usize, Vec<f32>, Vec<f32>),
+    (nb, mean_b, m2_b): (usize, Vec<f32>, Vec<f32>),
+) -> (usize, Vec<f32>, Vec<f32>) {
+    let n = na + nb;
+    let (wb, cross) = (nb as f32 / n as f32, (na * nb) as f32 / n as f32);
+    for (((ma, qa), &mb), &qb) in mean_a
+        .iter_mut()
+        .zip(m2_a.iter_mut())
+        .zip(&mean_b)
+        .zip(&m2_b)
+    {
+        let delta = mb - *ma;
+        *ma += delta * wb;
+        *qa += qb + delta * delta * cross;
+    }
+    (n, mean_a, m2_a)
+}
+
+/// Values per block of the sums over groups: 16 KiB of output, small
+/// enough for L1 while the groups' rows stream past.
+const SUM_BLOCK: usize = 4096;
+
+/// `Σ_j (t_j - m)²` `[n]` over the G rows `t_j` of `t` `[G, n]`
+/// (row-major): the centered sum of squares of G group gradients around
+/// `m`, one read of `t`, spread over the threads by blocks of columns.
+pub fn centered_square_sum(t: &[f32], m: &[f32]) -> Vec<f32> {
+    let n = m.len();
+    assert!(n > 0 && t.len().is_multiple_of(n), "whole rows of t");
+    let mut out = output_buffer(n);
+    out.par_chunks_mut(SUM_BLOCK)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            let (start, len) = (c * SUM_BLOCK, dst.len());
+            let m = &m[start..start + len];
+            dst.fill(0.0);
+            for row in t.chunks(n) {
+                let row = &row[start..start + len];
+                for ((s, &v), &mean) in dst.iter_mut().zip(row).zip(m) {
+                    let e = v - mean;
+                    *s += e * e;
+                }
+            }
+        });
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,6 +235,89 @@ mod tests {
     fn group_products_match_the_triple_loop() {
         for groups in [3, 1] {
             check_group_products(groups);
+        }
+    }
+
+    /// The summed products against the sum of the group products (same
+    /// f32 values added in another order: 1e-5 relative), and the centered
+    /// sum against its f64 loop over more columns than one block, so that
+    /// the blocks' borders are crossed.
+    #[test]
+    fn summed_groups_and_centered_squares_match_their_loops() {
+        let (groups, rows, i, o) = (3, 4, 70, 65);
+        let a: Vec<f32> = (0..groups * rows * i)
+            .map(|k| ((k * 37 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let d: Vec<f32> = (0..groups * rows * o)
+            .map(|k| ((k * 13 % 7) as f32 - 3.0) / 2.0)
+            .collect();
+        let (each, sum) = group_outer_summed(&a, &d, rows, i, o);
+        assert_eq!(each, group_outer(&a, &d, rows, i, o));
+        for k in 0..i * o {
+            let want: f64 = (0..groups).map(|g| each[g * i * o + k] as f64).sum();
+            let v = sum[k] as f64;
+            assert!(
+                (v - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{k}: {v} vs {want}"
+            );
+        }
+        let n = i * o;
+        let m: Vec<f32> = (0..n).map(|k| ((k * 7 % 5) as f32 - 2.0) / 4.0).collect();
+        let c = centered_square_sum(&each, &m);
+        for k in 0..n {
+            let want: f64 = (0..groups)
+                .map(|g| (each[g * n + k] as f64 - m[k] as f64).powi(2))
+                .sum();
+            let v = c[k] as f64;
+            assert!(
+                (v - want).abs() <= 1e-5 * want.max(1.0),
+                "{k}: {v} vs {want}"
+            );
+        }
+    }
+
+    /// The fused sum and centered sum of squares against both computed in
+    /// f64 from the group products, for more groups than threads (uneven
+    /// split, merged) and one group (its centered sum is 0). The products
+    /// carry a common offset so that the centered sum is about 1e-4 of
+    /// the squared mean (the cancellation Welford's update avoids: a raw
+    /// `Σ t² - G t̄²` in float32 loses about 1e-7 of the squares per term):
+    /// float32 rounding of the updates, at most 2e-6 of the squared mean,
+    /// about a hundredth of the centered sum itself, which a missing or
+    /// doubled term changes by a fifth or more.
+    #[test]
+    fn fused_group_moments_match_the_group_products() {
+        for groups in [5, 1] {
+            let (rows, i, o) = (7, 9, 11);
+            let a: Vec<f32> = (0..groups * rows * i)
+                .map(|k| 3.0 + ((k * 37 % 11) as f32 - 5.0) / 30.0)
+                .collect();
+            let d: Vec<f32> = (0..groups * rows * o)
+                .map(|k| 2.0 + ((k * 13 % 7) as f32 - 3.0) / 20.0)
+                .collect();
+            let each = group_outer(&a, &d, rows, i, o);
+            let (sum, m2) = group_outer_moments(&a, &d, rows, i, o);
+            let n = i * o;
+            for k in 0..n {
+                let col: Vec<f64> = (0..groups).map(|g| each[g * n + k] as f64).collect();
+                let s: f64 = col.iter().sum();
+                let mean = s / groups as f64;
+                let q: f64 = col.iter().map(|v| (v - mean).powi(2)).sum();
+                assert!(
+                    (sum[k] as f64 - s).abs() <= 1e-5 * s.abs(),
+                    "{k}: {} vs {s}",
+                    sum[k]
+                );
+                let scale = mean * mean;
+                assert!(
+                    (m2[k] as f64 - q).abs() <= 2e-6 * scale,
+                    "{k}: {} vs {q}",
+                    m2[k]
+                );
+                if groups > 1 {
+                    assert!(q > 2e-5 * scale, "the groups differ: {q}");
+                }
+            }
         }
     }
 

@@ -214,31 +214,98 @@ pub fn group_sums(
                 entry.name
             )));
         }
-        let groups = examples / group_size;
-        let mut total: Option<Tensor<2>> = None;
-        for use_ in uses {
-            let (rule, k, grad) = *use_;
-            let g = match rule.group_sums(k, grad, group_size) {
-                Some(g) => g,
-                None => group_sums_chunked(use_, numel, group_size, CHUNK_BYTES)
-                    .map_err(|e| name_shape_error(e, &entry.name))?,
-            };
-            if g.dims() != [groups, numel] {
-                return Err(CovnoiseError::Shape(format!(
-                    "parameter {}: the {} layer's rule gives group gradients of shape {:?} for {groups} groups of a parameter of {numel} values",
-                    entry.name,
-                    rule.layer(),
-                    g.dims()
-                )));
-            }
-            total = Some(match total {
-                None => g,
-                Some(t) => t + g,
-            });
-        }
-        out.push(total.expect("every parameter has a use"));
+        out.push(param_group_rows(
+            uses,
+            &entry.name,
+            numel,
+            examples / group_size,
+            group_size,
+        )?);
     }
     Ok(out)
+}
+
+/// One parameter's group sums `[groups, numel]` from its uses, added up.
+fn param_group_rows(
+    uses: &[Use],
+    name: &str,
+    numel: usize,
+    groups: usize,
+    group_size: usize,
+) -> Result<Tensor<2>> {
+    let mut total: Option<Tensor<2>> = None;
+    for use_ in uses {
+        let (rule, k, grad) = *use_;
+        let g = match rule.group_sums(k, grad, group_size) {
+            Some(g) => g,
+            None => group_sums_chunked(use_, numel, group_size, CHUNK_BYTES)
+                .map_err(|e| name_shape_error(e, name))?,
+        };
+        if g.dims() != [groups, numel] {
+            return Err(CovnoiseError::Shape(format!(
+                "parameter {name}: the {} layer's rule gives group gradients of shape {:?} for {groups} groups of a parameter of {numel} values",
+                rule.layer(),
+                g.dims()
+            )));
+        }
+        total = Some(match total {
+            None => g,
+            Some(t) => t + g,
+        });
+    }
+    Ok(total.expect("every parameter has a use"))
+}
+
+/// The group sums of [`group_sums`] summarized per parameter, in table
+/// order: their sum over the groups `Σ_g s_g` and their centered sum of
+/// squares `Σ_g (s_g - s̄)²`, `[numel]` each, and the number of groups. A
+/// parameter one layer alone covers takes them from its rule where the
+/// backward pass formed them ([`ExactRule::group_moments`]: no `[groups,
+/// numel]` rows at all); otherwise (tied parameters add up per group
+/// before the square) from the rows.
+pub fn group_moments(
+    layers: &[ProbedLayer],
+    table: &ParamTable,
+    group_size: usize,
+) -> Result<(usize, Vec<Tensor<1>>, Vec<Tensor<1>>)> {
+    let uses = uses_by_param(layers, table)?;
+    let (mut sums, mut centered) = (Vec::new(), Vec::new());
+    let mut groups = 0;
+    for (entry, uses) in table.entries().iter().zip(&uses) {
+        let numel = entry.numel();
+        let examples = common_examples(uses).map_err(|e| name_shape_error(e, &entry.name))?;
+        if group_size == 0 || !examples.is_multiple_of(group_size) {
+            return Err(CovnoiseError::Shape(format!(
+                "parameter {}: {examples} examples do not split into groups of {group_size}",
+                entry.name
+            )));
+        }
+        groups = examples / group_size;
+        let given = match uses.as_slice() {
+            [(rule, k, grad)] => rule.group_moments(*k, grad, group_size).filter(|m| {
+                m.groups == groups && m.sum.dims() == [numel] && m.centered.dims() == [numel]
+            }),
+            _ => None,
+        };
+        let (s, c) = match given {
+            Some(m) => (m.sum, m.centered),
+            None => {
+                let rows = param_group_rows(uses, &entry.name, numel, groups, group_size)?;
+                let s = rows.clone().sum_dim(0).reshape([numel]);
+                let mean = s.clone() / groups as f32;
+                let c = crate::kernels::centered_square_sum(&rows, &mean).unwrap_or_else(|| {
+                    (rows - mean.unsqueeze::<2>())
+                        .square()
+                        .sum_dim(0)
+                        .reshape([numel])
+                });
+                (s, c)
+            }
+        };
+        sums.push(s);
+        centered.push(c);
+    }
+    Ok((groups, sums, centered))
 }
 
 /// One use's group sums from its per-example gradients: whole groups per

@@ -249,6 +249,13 @@ pub struct PassRequest<'a> {
     /// [`PassRequest::probes`], [`PassRequest::moments`] or
     /// [`PassRequest::group_size`].
     pub shifts: Option<GroupShifts>,
+    /// With [`PassRequest::group_size`]: return the groups' gradients
+    /// summarized ([`Pass::group_summary`]: their mean and centered sum of
+    /// squares, all that the micro-batch estimator needs) instead of
+    /// [`Pass::group_grads`], so that a layer whose backward step can
+    /// form them directly keeps no `[groups, numel]` rows
+    /// ([`ExactRule::group_moments`](crate::probes::ExactRule::group_moments)).
+    pub group_summary: bool,
     /// Split the batch into passes over at most this many examples and
     /// accumulate: the same gradients, loss, predictions and factors up to
     /// float rounding, with the activations of one chunk alive at a time.
@@ -302,9 +309,10 @@ impl GroupGrads {
 
     /// `sum_j (g_j - mean)^2` per parameter over the groups' mean gradients
     /// `g_j`, flat, in table order: `scale^2 sum_j (s_j - mean / scale)^2`
-    /// over the rows `s_j`, one flat row at a time (on flex a broadcast
-    /// subtraction and a sum over the first dimension of `[groups, numel]`
-    /// ran 6 times slower).
+    /// over the rows `s_j`: on the fast kernel in one read of the rows
+    /// ([`crate::kernels::centered_square_sum`]), elsewhere one flat row
+    /// at a time (on flex a broadcast subtraction and a sum over the
+    /// first dimension of `[groups, numel]` ran 6 times slower than that).
     pub fn centered_squares(&self, mean: &[Tensor<1>]) -> Vec<Tensor<1>> {
         let s = self.scale;
         self.sums
@@ -313,6 +321,9 @@ impl GroupGrads {
             .map(|(t, m)| {
                 let [rows, numel] = t.dims();
                 let m = m.clone() / s;
+                if let Some(c) = crate::kernels::centered_square_sum(t, &m) {
+                    return c * (s * s);
+                }
                 (0..rows)
                     .map(|j| (t.clone().narrow(0, j, 1).reshape([numel]) - m.clone()).square())
                     .reduce(|acc, sq| acc + sq)
@@ -343,6 +354,61 @@ impl GroupGrads {
     }
 }
 
+/// The gradients of consecutive groups of examples from one pass,
+/// summarized ([`PassRequest::group_summary`]): per parameter, in table
+/// order, the mean of the groups' mean gradients g_j and their centered
+/// sum of squares `Σ_j (g_j - ḡ)²`.
+#[derive(Debug, Clone)]
+pub struct GroupSummary {
+    /// Number of groups.
+    pub groups: usize,
+    /// `ḡ`, the mean of the groups' mean gradients, flat.
+    pub mean: Vec<Tensor<1>>,
+    /// `Σ_j (g_j - ḡ)²`, flat.
+    pub centered: Vec<Tensor<1>>,
+}
+
+impl GroupSummary {
+    /// `Σ_j (g_j - m)²` around another mean `m` (the mean over all
+    /// processes' groups): `Σ_j (g_j - ḡ)² + G (ḡ - m)²`, two non-negative
+    /// terms, so no cancellation.
+    pub fn centered_squares(&self, around: &[Tensor<1>]) -> Vec<Tensor<1>> {
+        let g = self.groups as f32;
+        self.centered
+            .iter()
+            .zip(&self.mean)
+            .zip(around)
+            .map(|((c, own), m)| c.clone() + (own.clone() - m.clone()).square() * g)
+            .collect()
+    }
+
+    /// These groups followed by `other`'s (the next chunk of a batch):
+    /// the pairwise merge of means and centered sums (Chan et al.),
+    /// `C_a + C_b + δ² n_a n_b / n` with δ the difference of the means.
+    fn then(self, other: GroupSummary) -> GroupSummary {
+        let (na, nb) = (self.groups as f32, other.groups as f32);
+        let n = na + nb;
+        let mut mean = Vec::with_capacity(self.mean.len());
+        let mut centered = Vec::with_capacity(self.mean.len());
+        for (((ma, ca), mb), cb) in self
+            .mean
+            .into_iter()
+            .zip(self.centered)
+            .zip(other.mean)
+            .zip(other.centered)
+        {
+            let delta = mb - ma.clone();
+            centered.push(ca + cb + delta.clone().square() * (na * nb / n));
+            mean.push(ma + delta * (nb / n));
+        }
+        GroupSummary {
+            groups: self.groups + other.groups,
+            mean,
+            centered,
+        }
+    }
+}
+
 /// The result of one forward + backward pass over `n` examples.
 #[derive(Debug)]
 pub struct Pass {
@@ -364,8 +430,11 @@ pub struct Pass {
     /// [`PassRequest::moments`] asked for them (not divided by the examples).
     pub moment_sums: Option<SecondMoment>,
     /// The groups' gradients, when [`PassRequest::group_size`] asked for
-    /// them.
+    /// them (and not [`PassRequest::group_summary`]).
     pub group_grads: Option<GroupGrads>,
+    /// The groups' gradients summarized, when
+    /// [`PassRequest::group_summary`] asked for them.
+    pub group_summary: Option<GroupSummary>,
     /// Number of examples.
     pub examples: usize,
 }
@@ -437,8 +506,12 @@ where
         model
     };
     let record = request.probes || request.moments.is_some() || request.group_size.is_some();
+    let summary = request.group_summary && request.group_size.is_some();
     let mut probes = match &request.shifts {
         Some(shifts) => Probes::shifted(shifts.clone()),
+        None if record && summary => {
+            Probes::recording(frozen_pass, request.group_size).summarizing_groups()
+        }
         None if record => Probes::recording(frozen_pass, request.group_size),
         None => Probes::off(),
     };
@@ -509,18 +582,37 @@ where
     };
     // The probe gradients are of the mean over the n examples: n / b
     // times a group's sum is its mean gradient.
-    let group_grads = match request.group_size {
-        Some(b) => Some(GroupGrads {
-            sums: exact::group_sums(&recorded, table, b)?,
-            scale: (n / b) as f32,
-        }),
-        None => None,
+    let (group_grads, group_summary) = match request.group_size {
+        Some(b) if summary => {
+            let (groups, sums, centered) = exact::group_moments(&recorded, table, b)?;
+            // A row's sum is 1/scale of its group's mean gradient.
+            let scale = (n / b) as f32;
+            let summary = GroupSummary {
+                groups,
+                mean: sums
+                    .into_iter()
+                    .map(|t| t * (scale / groups as f32))
+                    .collect(),
+                centered: centered.into_iter().map(|t| t * (scale * scale)).collect(),
+            };
+            (None, Some(summary))
+        }
+        Some(b) => {
+            let grads = GroupGrads {
+                sums: exact::group_sums(&recorded, table, b)?,
+                scale: (n / b) as f32,
+            };
+            (Some(grads), None)
+        }
+        None => (None, None),
     };
     let layers = if request.probes { recorded } else { Vec::new() };
     let grads = if request.skip_param_grads {
         Vec::new()
     } else if let Some(groups) = &group_grads {
         groups.mean()
+    } else if let Some(summary) = &group_summary {
+        summary.mean.clone()
     } else {
         let mut params = GradientsParams::from_module(&mut gradients, model);
         table.flatten(&mut params, &device.inner())?
@@ -533,6 +625,7 @@ where
         layers,
         moment_sums,
         group_grads,
+        group_summary,
         examples: n,
     })
 }
@@ -683,6 +776,10 @@ fn combine_passes(a: Pass, b: Pass) -> Result<Pass> {
         layers: Vec::new(),
         moment_sums,
         group_grads: match (a.group_grads, b.group_grads) {
+            (Some(x), Some(y)) => Some(x.then(y)),
+            _ => None,
+        },
+        group_summary: match (a.group_summary, b.group_summary) {
             (Some(x), Some(y)) => Some(x.then(y)),
             _ => None,
         },
@@ -1068,17 +1165,21 @@ fn labels_from_model(
 /// gradient is the mean of the micro-batch gradients.
 ///
 /// With [`MicroBatchPasses::OneThroughRules`] (and independent examples)
-/// one pass over the whole batch forms them all ([`PassRequest::group_size`]):
-/// the step costs a plain step whose weight products are the groups'
-/// (a fast convolution adds each example's gradient to its group's sum
-/// instead of the batch's; a Linear layer runs one product per group),
-/// plus the centered sum over the groups. Otherwise (batch
-/// normalization, layers without rules) it runs one pass per micro-batch,
-/// the FLOPs of one plain step in M smaller products.
+/// one pass over the whole batch forms them all ([`PassRequest::group_size`]
+/// with [`PassRequest::group_summary`]): the step costs a plain step whose
+/// weight products are the groups' (a fast convolution adds each
+/// example's gradient to its group's sum instead of the batch's; a Linear
+/// layer on the fast kernel runs one product per group and folds it into
+/// a running mean and centered sum, keeping no group's gradient), plus
+/// the centered sum over the groups. Otherwise (batch normalization,
+/// layers without rules) it runs one pass per micro-batch, the FLOPs of
+/// one plain step in M smaller products.
 ///
 /// The centered sum is formed around the global mean after a first
 /// all-reduce (rather than from raw sums of squares), which avoids the
-/// cancellation of `sum g_j^2 - M g^2` in float32.
+/// cancellation of `sum g_j^2 - M g^2` in float32: from one pass, as this
+/// process's centered sum around its own mean plus `M_local (ḡ_local -
+/// g)²` ([`GroupSummary::centered_squares`]), both non-negative.
 fn microbatch<M, B, F>(
     model: &M,
     batch: &B,
@@ -1105,14 +1206,15 @@ where
             forward,
             PassRequest {
                 group_size: Some(b),
+                group_summary: true,
                 chunk: whole_groups(ctx.pass_chunk(), b),
                 ..Default::default()
             },
         )?;
         let groups = pass
-            .group_grads
+            .group_summary
             .take()
-            .expect("a pass that asked for group gradients has them");
+            .expect("a pass that asked for summarized groups has them");
         // The batch gradient is the mean of the local groups' gradients;
         // after the reduce, the mean over all M.
         let mut reduced = reduce_step(

@@ -188,6 +188,7 @@ impl Probes {
             return kernels::conv2d_layer(layer, x);
         }
         let input = x.clone().detach();
+        let like = input.clone().inner();
         let options = kernels::layer_options(layer, &x);
         let padding = options.padding;
         let mut weight = layer.weight.val();
@@ -218,7 +219,7 @@ impl Probes {
         };
         match &sink {
             Some(sink) => {
-                self.record_sunk(rule(), sink.clone());
+                self.record_sunk(Box::new(rule()), sink.clone(), like);
                 z
             }
             None => self.layer_with(z, rule, true),

@@ -4,16 +4,19 @@
 //! sum of squares is one product, `(a²)ᵀ(δ²)` (BackPACK's shortcut), and the
 //! trace `Σ_i ‖a_i‖² ‖δ_i‖²` costs O(B (in + out)). The gradients of
 //! groups of consecutive examples (micro-batches) are one batched product
-//! `a_gᵀ δ_g`, the multiply-adds of the batch gradient.
+//! `a_gᵀ δ_g`, the multiply-adds of the batch gradient; on the fast
+//! kernel ([`kernels::linear_grouped`]) they are the batch gradient's
+//! products, which then sums them instead of running its own.
 
 use burn::module::ParamId;
 use burn::nn::Linear;
 use burn::tensor::Tensor;
 
 use super::Probes;
-use super::rule::ExactRule;
+use super::rule::{ExactRule, GroupMoments};
 use crate::error::Result;
-use crate::tensor_util::scalar;
+use crate::kernels::{self, ConvSink};
+use crate::tensor_util::{from_vec, scalar};
 
 /// What a probed `Linear` layer records: its input `[B, T, in]` (T
 /// positions per example: 1 for `[B, in]`, the product of the middle
@@ -26,6 +29,13 @@ pub struct LinearRule {
     pub bias: Option<ParamId>,
     /// The input `[B, T, in]`.
     pub input: Tensor<3>,
+    /// Where the grouped Linear product's backward step leaves the
+    /// micro-batch weight gradients it formed for the batch gradient, and
+    /// the output gradient (see [`kernels::linear_grouped`],
+    /// [`Probes::on_grouped`]); None where burn's product runs (a probe
+    /// then takes the output gradient, and the group products are formed
+    /// from it).
+    pub sink: Option<ConvSink>,
 }
 
 impl LinearRule {
@@ -97,6 +107,19 @@ impl ExactRule for LinearRule {
         if group_size == 0 || !b.is_multiple_of(group_size) {
             return None;
         }
+        if index == 0
+            && let Some(sums) = self.sink.as_ref().and_then(ConvSink::take_groups)
+            && sums.groups * group_size == b
+        {
+            // The backward step's own products, taken (not copied) out of
+            // the sink.
+            let n = sums.weight.len() / sums.groups;
+            return Some(from_vec(
+                sums.weight,
+                [sums.groups, n],
+                &output_grad.device(),
+            ));
+        }
         // A group's rows (its examples' positions) are consecutive: one
         // product per group, batched.
         let (groups, rows) = (b / group_size, group_size * t);
@@ -115,6 +138,30 @@ impl ExactRule for LinearRule {
             }
         } else {
             d.sum_dim(1).reshape([groups, o])
+        })
+    }
+
+    /// The sum and centered sum of squares the grouped product's backward
+    /// step formed, when the pass asked for them (the micro-batch
+    /// estimator's pass, [`ConvSink::summarized`]).
+    fn group_moments(
+        &self,
+        index: usize,
+        output_grad: &Tensor<2>,
+        group_size: usize,
+    ) -> Option<GroupMoments> {
+        if index != 0 {
+            return None;
+        }
+        let m = self.sink.as_ref()?.take_moments()?;
+        if m.groups * group_size != self.input.dims()[0] {
+            return None;
+        }
+        let (n, device) = (m.sum.len(), output_grad.device());
+        Some(GroupMoments {
+            groups: m.groups,
+            sum: from_vec(m.sum, [n], &device),
+            centered: from_vec(m.centered, [n], &device),
         })
     }
 
@@ -154,17 +201,49 @@ impl Probes {
             return shifts.linear(layer, x);
         }
         let dims = x.dims();
-        let (b, positions) = (dims[0], dims[1..D - 1].iter().product());
-        let input = x.clone().detach();
-        let z = layer.forward(x);
-        self.layer_with(
-            z,
-            || LinearRule {
-                weight: layer.weight.id,
-                bias: layer.bias.as_ref().map(|b| b.id),
-                input: input.inner().reshape([b, positions, dims[D - 1]]),
-            },
-            true,
-        )
+        let (b, positions, i) = (dims[0], dims[1..D - 1].iter().product(), dims[D - 1]);
+        let input = x.clone().detach().inner().reshape([b, positions, i]);
+        let rule = |sink: Option<ConvSink>| LinearRule {
+            weight: layer.weight.id,
+            bias: layer.bias.as_ref().map(|b| b.id),
+            input: input.clone(),
+            sink,
+        };
+        let weight = layer.weight.val();
+        match self.group_size {
+            // Micro-batch gradients, one position per example: the grouped
+            // product, whose backward step forms the groups' weight
+            // gradients (or their moments) and the batch's as their sum.
+            Some(g)
+                if self.is_on()
+                    && positions == 1
+                    && kernels::linear_grouped_applies(&x.clone().reshape([b, i]), &weight, g) =>
+            {
+                let sink = self.new_sink();
+                // A frozen copy's weight is tracked so that the backward
+                // step runs; its gradient is not formed.
+                let weight_grad = weight.is_require_grad();
+                let weight = if weight_grad {
+                    weight
+                } else {
+                    weight.require_grad()
+                };
+                let x = x.reshape([b, i]);
+                let mut z = kernels::linear_grouped(x, weight, g, weight_grad, sink.clone());
+                if let Some(bias) = &layer.bias {
+                    z = z + bias.val().unsqueeze();
+                }
+                let o = z.dims()[1];
+                let like = input.clone().reshape([b, 1, 1, i]);
+                self.record_sunk(Box::new(rule(Some(sink.clone()))), sink, like);
+                let mut out = dims;
+                out[D - 1] = o;
+                z.reshape(out)
+            }
+            _ => {
+                let z = layer.forward(x);
+                self.layer_with(z, || rule(None), true)
+            }
+        }
     }
 }

@@ -53,7 +53,7 @@ pub use batch_norm::{BatchNormRule, BatchNormSource};
 pub use conv::ConvRule;
 pub use embedding::EmbeddingRule;
 pub use linear::LinearRule;
-pub use rule::{ExactRule, ProbedLayer};
+pub use rule::{ExactRule, GroupMoments, ProbedLayer};
 pub use shift::GroupShifts;
 
 use burn::module::ParamId;
@@ -100,8 +100,9 @@ enum Recorded {
         /// The zero leaf added to the output, `[B, n]`.
         probe: Tensor<2>,
     },
-    /// A fast convolution, whose backward step leaves its output gradient
-    /// (and per-example squares) in a sink instead of a probe.
+    /// A fast convolution or grouped Linear product, whose backward step
+    /// leaves its output gradient (and per-example squares or group
+    /// gradients) in a sink instead of a probe.
     Sunk {
         /// What the layer recorded.
         rule: Box<dyn ExactRule>,
@@ -149,6 +150,9 @@ pub struct Probes {
     /// Examples per group when the pass is for group gradients (see
     /// [`Probes::on_grouped`]).
     group_size: Option<usize>,
+    /// Group gradients are wanted summarized (see
+    /// [`Probes::summarizing_groups`]).
+    summarize_groups: bool,
     layers: Vec<Recorded>,
     norms: Vec<NormGroups>,
     /// Each group's parameter shifts, in a shifted pass.
@@ -220,12 +224,22 @@ impl Probes {
         }
     }
 
-    /// The sink a fast convolution of this pass leaves its results in.
+    /// The sink a fast convolution or grouped Linear product of this pass
+    /// leaves its results in.
     fn new_sink(&self) -> ConvSink {
         match self.group_size {
+            Some(b) if self.summarize_groups => ConvSink::summarized(b),
             Some(b) => ConvSink::grouped(b),
             None => ConvSink::new(),
         }
+    }
+
+    /// Asks, in a pass for group gradients, for their sum and centered sum
+    /// of squares where a layer can give those without the groups'
+    /// gradients ([`ExactRule::group_moments`]).
+    pub(crate) fn summarizing_groups(mut self) -> Self {
+        self.summarize_groups = true;
+        self
     }
 
     /// Probes that only observe the forward pass: which parameters have a
@@ -314,14 +328,11 @@ impl Probes {
         }
     }
 
-    /// Records a fast convolution whose backward step fills `sink` (see
-    /// [`Probes::conv2d`]).
-    fn record_sunk(&mut self, rule: ConvRule, sink: ConvSink) {
-        self.layers.push(Recorded::Sunk {
-            like: rule.input.clone(),
-            rule: Box::new(rule),
-            sink,
-        });
+    /// Records a fast convolution or grouped Linear product whose backward
+    /// step fills `sink` (see [`Probes::conv2d`], [`Probes::linear`]);
+    /// `like` is any tensor on the layer's device.
+    fn record_sunk(&mut self, rule: Box<dyn ExactRule>, sink: ConvSink, like: Tensor<4>) {
+        self.layers.push(Recorded::Sunk { rule, sink, like });
     }
 
     /// Notes a layer routed through the probes that has no exact rule (a

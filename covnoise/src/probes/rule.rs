@@ -147,6 +147,25 @@ pub trait ExactRule: std::fmt::Debug + Send {
         None
     }
 
+    /// The gradients of consecutive groups of `group_size` examples for
+    /// parameter `index` summarized: their sum `Σ_g t_g` and their
+    /// centered sum of squares `Σ_g (t_g - t̄)²` around their mean, each
+    /// `[numel]`, t_g the rows [`ExactRule::group_sums`] gives, where the
+    /// backward pass formed these without keeping the rows (the grouped
+    /// Linear product, [`crate::kernels::linear_grouped`]). All that the
+    /// micro-batch estimator needs of a parameter this one layer alone
+    /// covers. `None` (the default): the driver summarizes
+    /// [`ExactRule::group_sums`]'s rows.
+    fn group_moments(
+        &self,
+        index: usize,
+        output_grad: &Tensor<2>,
+        group_size: usize,
+    ) -> Option<GroupMoments> {
+        let _ = (index, output_grad, group_size);
+        None
+    }
+
     /// `Σ_i ‖g_i‖²` for parameter `index`, where that is cheaper than the
     /// diagonal; by default the sum of [`ExactRule::square_sums`].
     fn trace(&self, index: usize, output_grad: &Tensor<2>) -> Option<f64> {
@@ -161,6 +180,18 @@ pub trait ExactRule: std::fmt::Debug + Send {
         let _ = index;
         8 * numel.max(1)
     }
+}
+
+/// A parameter's gradients over G groups of examples, summarized
+/// ([`ExactRule::group_moments`]).
+#[derive(Debug, Clone)]
+pub struct GroupMoments {
+    /// Number of groups G.
+    pub groups: usize,
+    /// `Σ_g t_g`, `[numel]`.
+    pub sum: Tensor<1>,
+    /// `Σ_g (t_g - t̄)²` around the groups' mean t̄, `[numel]`.
+    pub centered: Tensor<1>,
 }
 
 /// A probed layer after the backward pass: its rule and the gradient of
