@@ -560,8 +560,9 @@ fn linear_dims(x: &FlexTensor, weight: &FlexTensor) -> (usize, usize, usize) {
 }
 
 /// The backward step of the grouped Linear product: the input gradient
-/// `dy Wᵀ`, and the weight gradient as the sum of the groups' products,
-/// which it leaves in the sink with the output gradient.
+/// `dy Wᵀ`; the groups' products, which it leaves in the sink (or their
+/// sum and centered sum of squares) with the output gradient; and, when
+/// asked, the weight gradient as their sum.
 #[derive(Debug)]
 struct GroupedLinearBackward;
 
@@ -604,7 +605,9 @@ impl Backward<Flex, 2> for GroupedLinearBackward {
         };
         if st.sink.wants_summary() {
             let (sum, centered) = outer::group_outer_moments(x, values(&dy), st.rows, i, o);
-            register(grads, sum.clone());
+            if st.weight_grad {
+                register(grads, sum.clone());
+            }
             let moments = GroupMomentSums {
                 groups,
                 sum,
