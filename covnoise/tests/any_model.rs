@@ -424,13 +424,13 @@ fn deep_forward(m: &Deep, b: &(Tensor<2>, Tensor<1, Int>), p: &mut Probes) -> Ob
 fn deep_model(seed: u64) -> Deep {
     let _seeded = seed_device(seed);
     let d = device();
-    Deep {
+    drawn(Deep {
         layers: vec![
             LinearConfig::new(6, 9).init(&d),
             LinearConfig::new(9, 7).init(&d),
             LinearConfig::new(7, 3).init(&d),
         ],
-    }
+    })
 }
 
 /// The summarized micro-batch gradients of one pass
@@ -512,10 +512,10 @@ fn summarized_group_gradients_match_single_example_passes() {
     // on [B, T, in] (no grouped product: T positions per example).
     let _seeded = seed_device(34);
     let d = device();
-    let tied = Tied {
+    let tied = drawn(Tied {
         shared: LinearConfig::new(5, 5).init(&d),
         head: LinearConfig::new(5, 3).init(&d),
-    };
+    });
     drop(_seeded);
     assert_group_summary_matches_brute_force(&tied, &features(12, 5, 3, 35), &tied_forward, 3);
     assert_group_summary_matches_brute_force(
