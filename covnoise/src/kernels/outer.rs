@@ -10,8 +10,11 @@
 //! layer (784 x 512, 32 groups of 128 rows, 2 threads) that ran in 36 ms
 //! where burn's batched matmul took 58 ms and one multi-threaded product
 //! per group 94 ms; the whole batch's single product (4,096 terms per
-//! output) takes about 20 ms: short inner dimensions and 32 outputs of the
-//! weight's size cost gemm about half its speed.
+//! output) takes about 20 ms. Most of the difference is the fresh `[G, i,
+//! o]` output (51 MB there, page-faulted on every call), not the short
+//! inner dimension: [`group_outer_moments`], which folds each group's
+//! product out of a reused weight-sized buffer, made the MLP's whole
+//! micro-batch step as fast as its plain step.
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -22,10 +25,7 @@ use super::output_buffer;
 /// `[G, i, o]`: for each of the G consecutive groups of `rows` rows of `a`
 /// `[G rows, i]` and `d` `[G rows, o]` (row-major), `a_gᵀ d_g`.
 pub fn group_outer(a: &[f32], d: &[f32], rows: usize, i: usize, o: usize) -> Vec<f32> {
-    assert!(rows > 0 && i > 0 && o > 0, "non-empty groups and layers");
-    assert!(a.len().is_multiple_of(rows * i), "whole groups of rows");
-    let groups = a.len() / (rows * i);
-    assert_eq!(d.len(), groups * rows * o, "as many rows of d as of a");
+    let groups = group_count(a, d, rows, i, o);
     let mut out = output_buffer(groups * i * o);
     let product = |g: usize, dst: &mut [f32], par: Parallelism| {
         let a_g = &a[g * rows * i..][..rows * i];
@@ -44,6 +44,17 @@ pub fn group_outer(a: &[f32], d: &[f32], rows: usize, i: usize, o: usize) -> Vec
         }
     }
     out
+}
+
+/// The number of groups of `rows` rows that `a` `[G rows, i]` and `d` `[G
+/// rows, o]` hold (checked: panics on shapes that do not make whole
+/// groups).
+fn group_count(a: &[f32], d: &[f32], rows: usize, i: usize, o: usize) -> usize {
+    assert!(rows > 0 && i > 0 && o > 0, "non-empty groups and layers");
+    assert!(a.len().is_multiple_of(rows * i), "whole groups of rows");
+    let groups = a.len() / (rows * i);
+    assert_eq!(d.len(), groups * rows * o, "as many rows of d as of a");
+    groups
 }
 
 /// `x w` `[r, o]` for `x` `[r, i]` and `w` `[i, o]` (row-major), on all
@@ -102,20 +113,31 @@ pub fn group_outer_summed(
     o: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let groups = group_outer(a, d, rows, i, o);
-    let len = i * o;
-    let mut sum = output_buffer(len);
-    sum.par_chunks_mut(SUM_BLOCK)
+    let sum = fold_rows(&groups, i * o, |dst, row, _| {
+        for (s, &v) in dst.iter_mut().zip(row) {
+            *s += v;
+        }
+    });
+    (groups, sum)
+}
+
+/// `[n]`: the rows of `t` `[G, n]` (row-major) folded into zeros by
+/// `add(dst, row, start)`, which adds a row's columns `start..start +
+/// dst.len()` into `dst`; spread over the threads by blocks of columns,
+/// each block's rows read in order.
+fn fold_rows(t: &[f32], n: usize, add: impl Fn(&mut [f32], &[f32], usize) + Sync) -> Vec<f32> {
+    assert!(n > 0 && t.len().is_multiple_of(n), "whole rows of t");
+    let mut out = output_buffer(n);
+    out.par_chunks_mut(SUM_BLOCK)
         .enumerate()
         .for_each(|(c, dst)| {
-            let (start, n) = (c * SUM_BLOCK, dst.len());
+            let (start, len) = (c * SUM_BLOCK, dst.len());
             dst.fill(0.0);
-            for g in groups.chunks(len) {
-                for (s, &v) in dst.iter_mut().zip(&g[start..start + n]) {
-                    *s += v;
-                }
+            for row in t.chunks(n) {
+                add(dst, &row[start..start + len], start);
             }
         });
-    (groups, sum)
+    out
 }
 
 /// The sum `Σ_g a_gᵀ d_g` `[i, o]` of the G group products of
@@ -133,10 +155,7 @@ pub fn group_outer_moments(
     i: usize,
     o: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    assert!(rows > 0 && i > 0 && o > 0, "non-empty groups and layers");
-    assert!(a.len().is_multiple_of(rows * i), "whole groups of rows");
-    let groups = a.len() / (rows * i);
-    assert_eq!(d.len(), groups * rows * o, "as many rows of d as of a");
+    let groups = group_count(a, d, rows, i, o);
     let len = i * o;
     let threads = rayon::current_num_threads().max(1);
     // The groups `range` into one running (count, mean, centered sum).
@@ -204,24 +223,13 @@ const SUM_BLOCK: usize = 4096;
 /// (row-major): the centered sum of squares of G group gradients around
 /// `m`, one read of `t`, spread over the threads by blocks of columns.
 pub fn centered_square_sum(t: &[f32], m: &[f32]) -> Vec<f32> {
-    let n = m.len();
-    assert!(n > 0 && t.len().is_multiple_of(n), "whole rows of t");
-    let mut out = output_buffer(n);
-    out.par_chunks_mut(SUM_BLOCK)
-        .enumerate()
-        .for_each(|(c, dst)| {
-            let (start, len) = (c * SUM_BLOCK, dst.len());
-            let m = &m[start..start + len];
-            dst.fill(0.0);
-            for row in t.chunks(n) {
-                let row = &row[start..start + len];
-                for ((s, &v), &mean) in dst.iter_mut().zip(row).zip(m) {
-                    let e = v - mean;
-                    *s += e * e;
-                }
-            }
-        });
-    out
+    fold_rows(t, m.len(), |dst, row, start| {
+        let m = &m[start..start + dst.len()];
+        for ((s, &v), &mean) in dst.iter_mut().zip(row).zip(m) {
+            let e = v - mean;
+            *s += e * e;
+        }
+    })
 }
 
 #[cfg(test)]

@@ -206,23 +206,28 @@ pub fn group_sums(
     let uses = uses_by_param(layers, table)?;
     let mut out = Vec::with_capacity(table.len());
     for (entry, uses) in table.entries().iter().zip(&uses) {
-        let numel = entry.numel();
-        let examples = common_examples(uses).map_err(|e| name_shape_error(e, &entry.name))?;
-        if group_size == 0 || !examples.is_multiple_of(group_size) {
-            return Err(CovnoiseError::Shape(format!(
-                "parameter {}: {examples} examples do not split into groups of {group_size}",
-                entry.name
-            )));
-        }
+        let groups = group_count(uses, &entry.name, group_size)?;
         out.push(param_group_rows(
             uses,
             &entry.name,
-            numel,
-            examples / group_size,
+            entry.numel(),
+            groups,
             group_size,
         )?);
     }
     Ok(out)
+}
+
+/// How many groups of `group_size` examples a parameter's uses hold: an
+/// error naming the parameter where they do not split into whole groups.
+fn group_count(uses: &[Use], name: &str, group_size: usize) -> Result<usize> {
+    let examples = common_examples(uses).map_err(|e| name_shape_error(e, name))?;
+    if group_size == 0 || !examples.is_multiple_of(group_size) {
+        return Err(CovnoiseError::Shape(format!(
+            "parameter {name}: {examples} examples do not split into groups of {group_size}"
+        )));
+    }
+    Ok(examples / group_size)
 }
 
 /// One parameter's group sums `[groups, numel]` from its uses, added up.
@@ -273,14 +278,7 @@ pub fn group_moments(
     let mut groups = 0;
     for (entry, uses) in table.entries().iter().zip(&uses) {
         let numel = entry.numel();
-        let examples = common_examples(uses).map_err(|e| name_shape_error(e, &entry.name))?;
-        if group_size == 0 || !examples.is_multiple_of(group_size) {
-            return Err(CovnoiseError::Shape(format!(
-                "parameter {}: {examples} examples do not split into groups of {group_size}",
-                entry.name
-            )));
-        }
-        groups = examples / group_size;
+        groups = group_count(uses, &entry.name, group_size)?;
         let given = match uses.as_slice() {
             [(rule, k, grad)] => rule.group_moments(*k, grad, group_size).filter(|m| {
                 m.groups == groups && m.sum.dims() == [numel] && m.centered.dims() == [numel]
