@@ -1,8 +1,8 @@
 //! The fast flex kernels (`covnoise::kernels`) against burn's own ops:
 //! convolution forward and its input, weight and bias gradients; batch
 //! normalization's output, its input, scale and shift gradients and the
-//! running statistics; max pooling's output and input gradient; and 20
-//! training steps of LeNet-5 and ResNet-20.
+//! running statistics; max pooling's output and input gradient; ReLU and
+//! its gradient; and 20 training steps of LeNet-5 and ResNet-20.
 //!
 //! The shapes are drawn afresh each run from the grid (seed
 //! printed; `COVNOISE_TEST_SEED=N` repeats a run), and every buffer the
@@ -748,5 +748,56 @@ fn max_pooling_and_its_gradient_equal_burns_on_a_random_grid_of_shapes() {
         let what = format!("{shape:?}, kernel {k}, stride {stride}, padding {padding}");
         assert_eq!(y_fast, y_burn, "outputs, {what}");
         assert_close(&format!("input gradient, {what}"), &dx_fast, &dx_burn, 1e-6);
+    }
+}
+
+/// ReLU on the fast kernel against burn's, forward and backward through
+/// autodiff, on tensors of ranks 2 and 4 that end inside, at and across
+/// the kernel's blocks of 16,384 values, with zeros, signed zeros, NaN and
+/// infinities among the inputs. Both are a selection, not arithmetic, so
+/// outputs and gradients must agree bit for bit (NaN where burn has NaN).
+#[test]
+fn relu_and_its_gradient_equal_burns() {
+    let seed = run_seed();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4e1);
+    let dev = Device::flex().autodiff();
+    let special = [0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    for shape in [
+        [3usize, 5, 1, 1],
+        [2, 8, 32, 32],
+        [4, 16, 16, 17],
+        [1, 1, 1, 16384],
+    ] {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| match rng.random_range(0..8) {
+                0 => special[rng.random_range(0..special.len())],
+                _ => rng.random_range(-1.0f32..1.0),
+            })
+            .collect();
+        let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
+        let run = |fast: bool| {
+            kernels::with_enabled(fast, || {
+                let x = Tensor::<4>::from_data(TensorData::new(values.clone(), shape), &dev)
+                    .require_grad();
+                let w = Tensor::<4>::from_data(TensorData::new(weights.clone(), shape), &dev);
+                // Rank 2 as well: the kernel takes any rank.
+                let y = kernels::relu(x.clone().reshape([shape[0] as i32, -1]));
+                let grads = (y.clone().reshape(shape) * w).sum().backward();
+                let dx = x.grad(&grads).expect("x takes a gradient");
+                let bits = |t: Vec<f32>| -> Vec<u32> {
+                    t.into_iter()
+                        .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+                        .collect()
+                };
+                (
+                    bits(to_vec(&y.detach().inner().reshape([-1])).unwrap()),
+                    bits(to_vec(&dx.reshape([-1])).unwrap()),
+                )
+            })
+        };
+        let ((y_fast, dx_fast), (y_burn, dx_burn)) = (run(true), run(false));
+        assert_eq!(y_fast, y_burn, "outputs, {shape:?} (seed {seed})");
+        assert_eq!(dx_fast, dx_burn, "input gradients, {shape:?} (seed {seed})");
     }
 }

@@ -8,9 +8,10 @@ use burn::module::Module;
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::tensor::ops::MaxPoolOptions;
-use burn::tensor::{Device, Tensor, activation};
+use burn::tensor::{Device, Tensor};
 
 use super::init::{SeededInit, WeightInit};
+use covnoise::kernels;
 use covnoise::model::Probes;
 
 /// LeNet-5 (61,706 parameters for 10 classes).
@@ -50,11 +51,11 @@ impl LeNet5 {
 
     /// Logits `[B, classes]` of images `x` `[B, 1, 28, 28]`.
     pub fn forward(&self, x: Tensor<4>, probes: &mut Probes) -> Tensor<2> {
-        let h = max_pool2(activation::relu(probes.conv2d(&self.conv1, x)));
-        let h = max_pool2(activation::relu(probes.conv2d(&self.conv2, h)));
+        let h = max_pool2(kernels::relu(probes.conv2d(&self.conv1, x)));
+        let h = max_pool2(kernels::relu(probes.conv2d(&self.conv2, h)));
         let h: Tensor<2> = h.flatten(1, 3);
-        let h = activation::relu(probes.linear(&self.fc1, h));
-        let h = activation::relu(probes.linear(&self.fc2, h));
+        let h = kernels::relu(probes.linear(&self.fc1, h));
+        let h = kernels::relu(probes.linear(&self.fc2, h));
         probes.linear(&self.fc3, h)
     }
 }

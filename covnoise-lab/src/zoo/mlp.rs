@@ -7,11 +7,12 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Linear;
-use burn::tensor::{Device, Int, Tensor, TensorData, activation};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use covnoise::error::{CovnoiseError, Result};
+use covnoise::kernels;
 use covnoise::model::{Coupling, GhostBatchNorm, Objective, Probes};
 
 /// Normalization after each hidden Linear layer (before the ReLU).
@@ -128,7 +129,7 @@ impl Mlp {
             if let Some(norm) = self.norms.get(l) {
                 z = probes.batch_norm(norm, z);
             }
-            h = activation::relu(z);
+            h = kernels::relu(z);
         }
         unreachable!("the loop returns at the last layer")
     }

@@ -10,9 +10,10 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Device, Tensor, activation};
+use burn::tensor::{Device, Tensor};
 
 use super::init::{SeededInit, WeightInit};
+use covnoise::kernels;
 use covnoise::model::{GhostBatchNorm, Probes};
 
 /// conv-bn-relu-conv-bn, plus the shortcut, then ReLU.
@@ -35,10 +36,10 @@ pub struct BasicBlock {
 impl BasicBlock {
     fn forward(&self, x: Tensor<4>, probes: &mut Probes) -> Tensor<4> {
         let z = probes.conv2d(&self.conv1, x.clone());
-        let h = activation::relu(probes.batch_norm(&self.bn1, z));
+        let h = kernels::relu(probes.batch_norm(&self.bn1, z));
         let z = probes.conv2d(&self.conv2, h);
         let h = probes.batch_norm(&self.bn2, z);
-        activation::relu(h + self.shortcut(x))
+        kernels::relu(h + self.shortcut(x))
     }
 
     /// Option A: `x[:, :, ::2, ::2]` with `pad_channels` zero channels on
@@ -115,7 +116,7 @@ impl ResNet {
     /// Logits `[B, classes]` of images `x` `[B, 3, 32, 32]`.
     pub fn forward(&self, x: Tensor<4>, probes: &mut Probes) -> Tensor<2> {
         let z = probes.conv2d(&self.conv, x);
-        let mut h = activation::relu(probes.batch_norm(&self.bn, z));
+        let mut h = kernels::relu(probes.batch_norm(&self.bn, z));
         for block in &self.blocks {
             h = block.forward(h, probes);
         }

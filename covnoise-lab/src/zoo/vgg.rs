@@ -7,10 +7,11 @@
 use burn::module::Module;
 use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
-use burn::tensor::{Device, Tensor, activation};
+use burn::tensor::{Device, Tensor};
 
 use super::init::{SeededInit, WeightInit};
 use super::lenet::max_pool2;
+use covnoise::kernels;
 use covnoise::model::{GhostBatchNorm, Probes};
 
 /// One entry of a VGG configuration: a conv layer's output channels, or a
@@ -122,7 +123,7 @@ impl Vgg {
         let mut h = x;
         for (layer, &pool) in self.features.iter().zip(&self.pool_after) {
             let z = probes.conv2d(&layer.conv, h);
-            h = activation::relu(probes.batch_norm(&layer.norm, z));
+            h = kernels::relu(probes.batch_norm(&layer.norm, z));
             if pool {
                 h = max_pool2(h);
             }

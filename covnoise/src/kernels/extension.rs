@@ -18,6 +18,7 @@ use super::conv::{self, ConvShape, GradGroups};
 use super::norm::{self, NormShape};
 use super::outer;
 use super::pool::{self, PoolShape};
+use super::relu;
 use super::shifted::{self, ShiftedShape};
 use super::{ConvSink, GroupMomentSums, NormSink};
 
@@ -112,6 +113,10 @@ pub trait FastKernels: Backend {
         stride: [usize; 2],
         padding: [usize; 2],
     ) -> FloatTensor<Self>;
+
+    /// `max(x, 0)` elementwise, a NaN passing through, differentiable in
+    /// `x` (see [`super::relu`]).
+    fn fast_relu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive
     /// groups of examples, scaled by `gamma` and shifted by `beta` (`[C]`,
@@ -273,6 +278,10 @@ impl FastKernels for Flex {
     ) -> FlexTensor {
         let s = pool_shape(&x, kernel, stride, padding);
         flex_max_pool2d(&contiguous(x), &s).0
+    }
+
+    fn fast_relu(x: FlexTensor) -> FlexTensor {
+        flex_relu(&contiguous(x))
     }
 
     fn fast_linear_shifted(
@@ -688,6 +697,29 @@ impl Backward<Flex, 1> for PoolBackward {
     }
 }
 
+/// ReLU of a contiguous `x`, in its shape.
+fn flex_relu(x: &FlexTensor) -> FlexTensor {
+    flex(relu::forward(values(x)), x.shape().to_vec())
+}
+
+/// The backward step of ReLU: it keeps the output, whose sign says where
+/// the gradient passes.
+#[derive(Debug)]
+struct ReluBackward;
+
+impl Backward<Flex, 1> for ReluBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [px] = ops.parents;
+        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        if let Some(p) = px {
+            let dx = relu::backward(values(&ops.state), values(&dy));
+            grads.register::<Flex>(p.id, flex(dx, dy.shape().to_vec()));
+        }
+    }
+}
+
 type AutodiffFlex<C> = Autodiff<Flex, C>;
 
 /// The convolution on `Autodiff<Flex>`: the flex kernel forward, and a
@@ -807,6 +839,18 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
             .stateful()
         {
             OpsKind::Tracked(prep) => prep.finish(PoolState { arg, shape: s }, y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fast_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let y = flex_relu(&contiguous(x.primitive().clone()));
+        match ReluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
     }

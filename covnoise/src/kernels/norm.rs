@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::output_buffer;
+use super::{output_buffer, output_items};
 
 /// The layout of a batch-norm input: `batch` examples of `channels`
 /// channels with `spatial` positions each, normalized over `groups`
@@ -164,23 +164,19 @@ pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) 
         var[i] = v as f32;
         inv_std[i] = (1.0 / (v + eps).sqrt()) as f32;
     }
-    let mut output = output_buffer(s.batch * per);
-    output
-        .par_chunks_mut(per)
-        .zip(x.par_chunks(per))
-        .enumerate()
-        .for_each(|(n, (y, x))| {
-            let g = n / s.group_size();
-            for ch in 0..c {
-                let i = g * c + ch;
-                let (m, lo) = (mean[i], mean_lo[i]);
-                let (a, b) = (gamma[at(i)] * inv_std[i], beta[at(i)]);
-                let (y, x) = (&mut y[ch * sp..][..sp], &x[ch * sp..][..sp]);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = ((x - m) - lo) * a + b;
-                }
+    let output = output_items(s.batch, per, 1, true, |n, y| {
+        let x = &x[n * per..][..per];
+        let g = n / s.group_size();
+        for ch in 0..c {
+            let i = g * c + ch;
+            let (m, lo) = (mean[i], mean_lo[i]);
+            let (a, b) = (gamma[at(i)] * inv_std[i], beta[at(i)]);
+            let (y, x) = (&mut y[ch * sp..][..sp], &x[ch * sp..][..sp]);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = ((x - m) - lo) * a + b;
             }
-        });
+        }
+    });
     NormForward {
         output,
         mean,
@@ -254,23 +250,20 @@ pub fn backward(
             (a as f32, mean_dy as f32, (-a * is * mean_dy_xhat) as f32)
         })
         .collect();
-    let mut dx = output_buffer(s.batch * per);
-    dx.par_chunks_mut(per)
-        .zip(x.par_chunks(per).zip(dy.par_chunks(per)))
-        .enumerate()
-        .for_each(|(n, (dx, (x, dy)))| {
-            let g = n / s.group_size();
-            for ch in 0..c {
-                let i = g * c + ch;
-                let (a, mean_dy, b) = coefficients[i];
-                let (m, lo) = (mean[i], mean_lo[i]);
-                let dx = &mut dx[ch * sp..][..sp];
-                let (x, dy) = (&x[ch * sp..][..sp], &dy[ch * sp..][..sp]);
-                for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
-                    *dx = a * (dy - mean_dy) + b * ((x - m) - lo);
-                }
+    let dx = output_items(s.batch, per, 1, true, |n, dx| {
+        let (x, dy) = (&x[n * per..][..per], &dy[n * per..][..per]);
+        let g = n / s.group_size();
+        for ch in 0..c {
+            let i = g * c + ch;
+            let (a, mean_dy, b) = coefficients[i];
+            let (m, lo) = (mean[i], mean_lo[i]);
+            let dx = &mut dx[ch * sp..][..sp];
+            let (x, dy) = (&x[ch * sp..][..sp], &dy[ch * sp..][..sp]);
+            for ((dx, &x), &dy) in dx.iter_mut().zip(x).zip(dy) {
+                *dx = a * (dy - mean_dy) + b * ((x - m) - lo);
             }
-        });
+        }
+    });
     NormGrads {
         dx,
         dgamma,

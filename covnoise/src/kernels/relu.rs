@@ -1,0 +1,105 @@
+//! ReLU and its gradient on host `f32` slices, spread over the threads in
+//! blocks (burn's flex backend runs elementwise ops on the calling thread:
+//! on ResNet-20 at batch 128 its ReLU and ReLU gradient held the other
+//! threads idle for about a tenth of a step).
+//!
+//! The values are burn's and PyTorch's: `max(x, 0)` where a NaN passes
+//! through, and the gradient passes where the output is positive or NaN.
+
+use super::output_items;
+
+/// Values per task: 64 KiB, large enough that the threads' start-up is
+/// small beside the block's work, small enough to stay in cache between
+/// the block's zeroing and its writing.
+const BLOCK: usize = 16 * 1024;
+
+/// Whether one value passes (positive or NaN).
+#[inline(always)]
+fn passes(v: f32) -> bool {
+    v.is_nan() || v > 0.0
+}
+
+/// Runs `f` over the blocks of a new buffer of `len` values, in parallel
+/// where there is more than one block.
+fn blocks(len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
+    let items = len.div_ceil(BLOCK);
+    let mut out = output_items(items, BLOCK, 1, items > 1, |b, out| {
+        let start = b * BLOCK;
+        let end = (start + BLOCK).min(len);
+        f(start, &mut out[..end - start]);
+    });
+    out.truncate(len);
+    out
+}
+
+/// `max(x, 0)`, NaN passing through.
+pub fn forward(x: &[f32]) -> Vec<f32> {
+    blocks(x.len(), |start, out| {
+        for (o, &v) in out.iter_mut().zip(&x[start..]) {
+            *o = if passes(v) { v } else { 0.0 };
+        }
+    })
+}
+
+/// The input gradient from the forward pass's output `y` and the output
+/// gradient `dy`: `dy` where `y` is positive or NaN, 0 elsewhere.
+pub fn backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    assert_eq!(y.len(), dy.len(), "an output gradient per output");
+    blocks(y.len(), |start, out| {
+        for ((o, &v), &g) in out.iter_mut().zip(&y[start..]).zip(&dy[start..]) {
+            *o = if passes(v) { g } else { 0.0 };
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every value of buffers that end inside a block, span several blocks
+    /// or are empty, against the scalar definition (NaN, signed zeros and
+    /// infinities included).
+    #[test]
+    fn values_and_gradients_match_the_definition() {
+        let special = [
+            f32::NAN,
+            -0.0,
+            0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-30,
+            -1e-30,
+        ];
+        for len in [0, 1, 7, BLOCK - 1, BLOCK, BLOCK + 3, 3 * BLOCK + 17] {
+            let x: Vec<f32> = (0..len)
+                .map(|i| match i % 11 {
+                    k if k < special.len() => special[k],
+                    k => (i as f32 * 0.37).sin() * k as f32,
+                })
+                .collect();
+            let dy: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let y = forward(&x);
+            let dx = backward(&y, &dy);
+            assert_eq!(y.len(), len);
+            for i in 0..len {
+                let want = if x[i].is_nan() || x[i] > 0.0 {
+                    x[i]
+                } else {
+                    0.0
+                };
+                assert!(
+                    y[i].to_bits() == want.to_bits() || (y[i].is_nan() && want.is_nan()),
+                    "relu({}) = {} at {i} of {len}",
+                    x[i],
+                    y[i]
+                );
+                let want = if x[i].is_nan() || x[i] > 0.0 {
+                    dy[i]
+                } else {
+                    0.0
+                };
+                assert_eq!(dx[i].to_bits(), want.to_bits(), "gradient at {i} of {len}");
+            }
+        }
+    }
+}
