@@ -322,8 +322,33 @@ fn conv2d_covers_pointwise_asymmetric_and_rectangular_cases_and_falls_back_on_th
             ConvOptions::new([2, 2], [3, 3], [1, 1], 1),
             true,
         ),
-        // Stride 1 with 8 or more input channels: one product per tap on
-        // the padded input, asymmetric padding and a rectangular kernel...
+        // Stride 1 with 8 or more input channels: one product per kernel
+        // row on the input unfolded along the kernel's width. With "same"
+        // padding (output as wide as the input) each unfolded plane is one
+        // shifted copy with the wrapped columns zeroed after, here on a
+        // non-square image, input and output gradients included...
+        case(
+            3,
+            16,
+            8,
+            [6, 7],
+            [3, 3],
+            ConvOptions::new([1, 1], [1, 1], [1, 1], 1),
+            true,
+        ),
+        // ...with shifts of two columns, on an image two columns wide
+        // (kernel column 0 meets no input column at all)...
+        case(
+            2,
+            8,
+            9,
+            [5, 2],
+            [5, 5],
+            ConvOptions::new([1, 1], [2, 2], [1, 1], 1),
+            false,
+        ),
+        // ...and row by row otherwise: asymmetric padding and a
+        // rectangular kernel...
         case(
             3,
             9,

@@ -768,15 +768,30 @@ fn unfold_tap_rows(s: &ConvShape, x: &[f32], rows: &mut [f32]) {
         let (c, j) = (row / kw, row % kw);
         let (lo, hi) = s.valid_columns(j, wo);
         let plane = &x[c * h * w..][..h * w];
-        for (r, dst) in out.chunks_exact_mut(wo).enumerate() {
-            if r < pt || r - pt >= h {
-                zero_run(dst);
-                continue;
+        let (top, rest) = out.split_at_mut(pt * wo);
+        let (inside, bottom) = rest.split_at_mut(h * wo);
+        zero_run(top);
+        zero_run(bottom);
+        if wo == w && lo < hi {
+            // The output is as wide as the input ("same" padding): the
+            // image's rows are the input plane shifted by `j - left` as a
+            // whole, one copy, with the columns that shift wraps across
+            // rows (and the plane's first `lead` and last `trail` values,
+            // which it leaves alone) zeroed after.
+            let (lead, trail) = (lo, w - hi);
+            let n = h * w - lead - trail;
+            inside[lead..lead + n].copy_from_slice(&plane[trail..trail + n]);
+            for r in inside.chunks_exact_mut(w) {
+                r[..lead].fill(0.0);
+                r[hi..].fill(0.0);
             }
+            continue;
+        }
+        for (r, dst) in inside.chunks_exact_mut(wo).enumerate() {
             zero_run(&mut dst[..lo]);
             zero_run(&mut dst[hi..]);
             if lo < hi {
-                let src = &plane[(r - pt) * w..][..w];
+                let src = &plane[r * w..][..w];
                 let start = lo + j - pl;
                 copy_run(&mut dst[lo..hi], &src[start..start + hi - lo]);
             }
