@@ -779,8 +779,10 @@ fn max_pooling_and_its_gradient_equal_burns_on_a_random_grid_of_shapes() {
 /// ReLU on the fast kernel against burn's, forward and backward through
 /// autodiff, on tensors of ranks 2 and 4 that end inside, at and across
 /// the kernel's blocks of 16,384 values, with zeros, signed zeros, NaN and
-/// infinities among the inputs. Both are a selection, not arithmetic, so
-/// outputs and gradients must agree bit for bit (NaN where burn has NaN).
+/// infinities among the inputs; on an input something else still holds
+/// (a new output) and on one held by nothing else (written in place).
+/// Both are a selection, not arithmetic, so outputs and gradients must
+/// agree bit for bit (NaN where burn has NaN).
 #[test]
 fn relu_and_its_gradient_equal_burns() {
     let seed = run_seed();
@@ -801,13 +803,16 @@ fn relu_and_its_gradient_equal_burns() {
             })
             .collect();
         let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
-        let run = |fast: bool| {
+        let run = |fast: bool, alone: bool| {
             kernels::with_enabled(fast, || {
                 let x = Tensor::<4>::from_data(TensorData::new(values.clone(), shape), &dev)
                     .require_grad();
                 let w = Tensor::<4>::from_data(TensorData::new(weights.clone(), shape), &dev);
-                // Rank 2 as well: the kernel takes any rank.
-                let y = kernels::relu(x.clone().reshape([shape[0] as i32, -1]));
+                // Rank 2 as well: the kernel takes any rank. `x` keeps its
+                // buffer; `x * 1` is a new one that only ReLU holds (the
+                // same bits: NaN, infinities and signed zeros times 1).
+                let input = if alone { x.clone() * 1.0 } else { x.clone() };
+                let y = kernels::relu(input.reshape([shape[0] as i32, -1]));
                 let grads = (y.clone().reshape(shape) * w).sum().backward();
                 let dx = x.grad(&grads).expect("x takes a gradient");
                 let bits = |t: Vec<f32>| -> Vec<u32> {
@@ -821,8 +826,11 @@ fn relu_and_its_gradient_equal_burns() {
                 )
             })
         };
-        let ((y_fast, dx_fast), (y_burn, dx_burn)) = (run(true), run(false));
-        assert_eq!(y_fast, y_burn, "outputs, {shape:?} (seed {seed})");
-        assert_eq!(dx_fast, dx_burn, "input gradients, {shape:?} (seed {seed})");
+        for alone in [false, true] {
+            let ((y_fast, dx_fast), (y_burn, dx_burn)) = (run(true, alone), run(false, alone));
+            let what = format!("{shape:?}, input held elsewhere: {}", !alone);
+            assert_eq!(y_fast, y_burn, "outputs, {what} (seed {seed})");
+            assert_eq!(dx_fast, dx_burn, "input gradients, {what} (seed {seed})");
+        }
     }
 }

@@ -281,7 +281,7 @@ impl FastKernels for Flex {
     }
 
     fn fast_relu(x: FlexTensor) -> FlexTensor {
-        flex_relu(&contiguous(x))
+        flex_relu(x)
     }
 
     fn fast_linear_shifted(
@@ -697,9 +697,22 @@ impl Backward<Flex, 1> for PoolBackward {
     }
 }
 
-/// ReLU of a contiguous `x`, in its shape.
-fn flex_relu(x: &FlexTensor) -> FlexTensor {
-    flex(relu::forward(values(x)), x.shape().to_vec())
+/// The values of `t` to overwrite, where `t` holds its buffer alone and
+/// starts it (then an elementwise op can run in place, as burn's own do).
+fn values_in_place(t: &mut FlexTensor) -> Option<&mut [f32]> {
+    let n = t.layout().num_elements();
+    let alone = t.is_unique() && t.layout().is_contiguous() && t.layout().start_offset() == 0;
+    alone.then(|| &mut t.storage_mut::<f32>()[..n])
+}
+
+/// ReLU of `x`, in its buffer where it holds it alone.
+fn flex_relu(x: FlexTensor) -> FlexTensor {
+    let mut x = contiguous(x);
+    if let Some(v) = values_in_place(&mut x) {
+        relu::forward_in_place(v);
+        return x;
+    }
+    flex(relu::forward(values(&x)), x.shape().to_vec())
 }
 
 /// The backward step of ReLU: it keeps the output, whose sign says where
@@ -712,10 +725,19 @@ impl Backward<Flex, 1> for ReluBackward {
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [px] = ops.parents;
-        let dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let mut dy = contiguous(grads.consume::<Flex>(&ops.node));
         if let Some(p) = px {
-            let dx = relu::backward(values(&ops.state), values(&dy));
-            grads.register::<Flex>(p.id, flex(dx, dy.shape().to_vec()));
+            let dx = match values_in_place(&mut dy) {
+                Some(v) => {
+                    relu::backward_in_place(values(&ops.state), v);
+                    dy
+                }
+                None => flex(
+                    relu::backward(values(&ops.state), values(&dy)),
+                    dy.shape().to_vec(),
+                ),
+            };
+            grads.register::<Flex>(p.id, dx);
         }
     }
 }
@@ -844,12 +866,12 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
     }
 
     fn fast_relu(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let y = flex_relu(&contiguous(x.primitive().clone()));
-        match ReluBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
+        // The input is given up (as burn's ReLU gives it up), so that the
+        // output can take its buffer when nothing else holds it.
+        let (xp, node) = x.into_parts();
+        let prep = ReluBackward.prepare::<C>([node]).compute_bound().stateful();
+        let y = flex_relu(xp);
+        match prep {
             OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
