@@ -10,7 +10,7 @@ use covnoise::collective::{Collective, SingleProcess};
 use covnoise::noise::StructureName;
 use covnoise_lab::data::{DatasetKind, InputScaling, Sampling};
 use covnoise_lab::train::settings::{
-    EstimatorName, RegularizerName, ScaleName, ScheduleName, TrainOn,
+    EstimatorName, MicroBatchPassSetting, RegularizerName, ScaleName, ScheduleName, TrainOn,
 };
 use covnoise_lab::train::{
     EpochMetrics, Progress, RunDir, RunSummary, TrainSettings, Trainer, checkpoint,
@@ -129,6 +129,9 @@ pub struct TrainArgs {
     /// allows: not across batch-norm groups) [default: whole batches].
     #[arg(long, value_name = "N")]
     pub chunk: Option<usize>,
+    /// How the micro-batch estimator and the penalties form micro-batch gradients: one (one pass over the batch where the model allows it) or each (a pass per micro-batch, holding one micro-batch's activations at a time) [default: one].
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub micro_batch_passes: Option<MicroBatchPassSetting>,
     /// Global batch size B (the large batch B_L); 0 for the whole training set (full-batch gradient descent) [default: 4096].
     #[arg(long, value_name = "B")]
     pub batch_size: Option<usize>,
@@ -292,6 +295,7 @@ impl TrainArgs {
             sampling,
             init,
             train_on,
+            micro_batch_passes,
             small_batch,
             scale,
             kappa,

@@ -429,7 +429,10 @@ impl<'a> Trainer<'a> {
         let mut stage = NoiseStage::new(noise, settings.batch_size, settings.seed)?
             .with_collective(collective)
             .with_coupling(network.coupling())
-            .with_chunk(settings.chunk);
+            .with_chunk(settings.chunk)
+            .with_one_pass_micro_batches(
+                settings.micro_batch_passes == settings::MicroBatchPassSetting::One,
+            );
         if let Some(reg) = settings.regularizer_config()? {
             stage = stage.with_regularizer(reg)?;
         }

@@ -64,6 +64,19 @@ pub enum ScheduleName {
     Cosine,
 }
 
+/// How the micro-batch estimator and the penalties form their micro-batch
+/// gradients (`--micro-batch-passes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum MicroBatchPassSetting {
+    /// One pass over the batch where the model allows it (the default).
+    #[default]
+    One,
+    /// Passes of their own per micro-batch (one micro-batch's activations
+    /// held at a time).
+    Each,
+}
+
 /// Which file of a data set trains (`--train-on`); the other one tests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -121,6 +134,10 @@ pub struct TrainSettings {
     /// Forward/backward passes over at most this many examples at a time,
     /// accumulated (the same step up to float rounding); None: whole batches.
     pub chunk: Option<usize>,
+    /// How micro-batch gradients are formed (the micro-batch estimator and
+    /// the penalties): one pass over the batch where the model allows it,
+    /// or a pass per micro-batch; the same gradients up to float rounding.
+    pub micro_batch_passes: MicroBatchPassSetting,
     /// Global batch size B (B_L for large-batch runs); 0: the whole
     /// training set (full-batch gradient descent), resolved by
     /// [`TrainSettings::for_training_set`].
@@ -220,6 +237,7 @@ impl Default for TrainSettings {
             batch_norm: false,
             ghost_batch: None,
             chunk: None,
+            micro_batch_passes: MicroBatchPassSetting::One,
             batch_size: 4096,
             lr: 0.2,
             momentum: 0.9,
