@@ -1051,6 +1051,39 @@ fn ghost_batch_norm_models_give_micro_batch_gradients_from_one_pass() {
     assert!(common::rel_distance(&m1, &m2) <= 1e-4);
 }
 
+/// A batch norm whose output the loss does not use: its backward step never
+/// runs, so it leaves no gradients per normalization group. Asked for
+/// micro-batch gradients of whole normalization groups, the pass names the
+/// layer and says it does not reach the loss, instead of blaming a split
+/// of its groups that did not happen.
+#[test]
+fn a_batch_norm_the_loss_does_not_reach_is_named_as_such() {
+    let model = ghost_net(4, 23);
+    let table = ParamTable::of(&model);
+    let batch = features(16, 5, 3, 24);
+    let off_the_loss =
+        |m: &Normed<GhostBatchNorm>, b: &(Tensor<2>, Tensor<1, Int>), p: &mut Probes| {
+            let z = p.linear(&m.first, b.0.clone());
+            let _unused = p.batch_norm(&m.bn, z.clone());
+            Objective::Classification {
+                logits: p.linear(&m.head, activation::relu(z)),
+                labels: b.1.clone(),
+            }
+        };
+    let request = moments::PassRequest {
+        group_size: Some(4),
+        ..Default::default()
+    };
+    let err = moments::backward_pass(&model, &table, &batch, &off_the_loss, request).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("BatchNorm layer of parameter bn.gamma"),
+        "{msg}"
+    );
+    assert!(msg.contains("must reach the loss"), "{msg}");
+    assert!(!msg.contains("couples"), "{msg}");
+}
+
 /// Passes in which each micro-batch runs at parameters of its own, through
 /// a ghost batch norm (normalized by its ghost batches, then each
 /// micro-batch's own scale and shift), against one plain pass per
