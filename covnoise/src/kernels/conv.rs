@@ -405,7 +405,13 @@ pub fn forward(s: &ConvShape, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -
             );
         });
     };
-    output_items(s.batch, per_out, per_task, by_example(par), example)
+    output_items(
+        s.batch * per_out,
+        per_out,
+        per_task,
+        by_example(par),
+        example,
+    )
 }
 
 /// What a weight-gradient product forms of the per-example gradients on
@@ -863,7 +869,13 @@ fn forward_tap_rows(s: &ConvShape, x: &[f32], groups: GroupedWeights) -> Vec<f32
             }
         });
     };
-    output_items(s.batch, per_out, per_task, by_example(par), example)
+    output_items(
+        s.batch * per_out,
+        per_out,
+        per_task,
+        by_example(par),
+        example,
+    )
 }
 
 /// The weight (and bias) gradient of a stride-1 convolution on
@@ -946,7 +958,7 @@ pub fn input_grad(s: &ConvShape, weight: &[f32], dy: &[f32]) -> Vec<f32> {
             }
         });
     };
-    output_items(s.batch, per_in, per_task, by_example(par), example)
+    output_items(s.batch * per_in, per_in, per_task, by_example(par), example)
 }
 
 #[cfg(test)]

@@ -328,16 +328,17 @@ fn output_buffer(len: usize) -> Vec<f32> {
     vec![output_fill(); len]
 }
 
-/// A new output buffer of `items` items of `item_len` values, item `n`
-/// written by `write(n, item)`; the items run in tasks of `per_task`
-/// consecutive items, in parallel when `parallel`. Each item is zeroed
+/// A new output buffer of `len` values in items of `item_len` values (the
+/// last may be shorter), item `n` written by `write(n, item)`; the items
+/// run in tasks of `per_task` consecutive items, in parallel when
+/// `parallel`. Each item is zeroed
 /// (NaN when poisoned) by the thread that then writes it, just before
 /// `write` runs: no serial pass over the whole buffer on the calling
 /// thread, and the item is in that thread's cache when it is written
 /// (zeroing a batch's activations up front took about a twelfth of a
 /// ResNet-20 step at batch 128, on one thread while the others waited).
 fn output_items(
-    items: usize,
+    len: usize,
     item_len: usize,
     per_task: usize,
     parallel: bool,
@@ -346,7 +347,7 @@ fn output_items(
     use rayon::prelude::*;
     use std::mem::MaybeUninit;
     let fill = output_fill();
-    let len = items * item_len;
+    let item_len = item_len.max(1);
     let mut out: Vec<MaybeUninit<f32>> = Vec::with_capacity(len);
     // SAFETY: `MaybeUninit` values need no initialization.
     unsafe { out.set_len(len) };
@@ -382,6 +383,19 @@ fn output_items(
     // out of this function before here, dropping the `MaybeUninit`
     // vector), and the pointer, length and capacity are the vector's own.
     unsafe { Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), len, out.capacity()) }
+}
+
+/// Values per item of [`zeroed_output`]: 256 KiB.
+const ZEROED_BLOCK: usize = 64 * 1024;
+
+/// A new output buffer of `len` zeros (NaN when poisoned) for one product
+/// to write whole, zeroed in blocks over the threads: the first touch of a
+/// large buffer's pages (page faults, the kernel's clearing) then runs on
+/// all of them rather than on the calling thread alone (on the MLP's
+/// penalty steps the calling thread's page faults and memset took about a
+/// fifth of the samples while the workers waited).
+fn zeroed_output(len: usize) -> Vec<f32> {
+    output_items(len, ZEROED_BLOCK, 1, len > ZEROED_BLOCK, |_, _| {})
 }
 
 /// Runs `f` on this thread's scratch buffer of `len` values (contents

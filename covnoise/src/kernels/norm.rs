@@ -164,7 +164,7 @@ pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) 
         var[i] = v as f32;
         inv_std[i] = (1.0 / (v + eps).sqrt()) as f32;
     }
-    let output = output_items(s.batch, per, 1, true, |n, y| {
+    let output = output_items(s.batch * per, per, 1, true, |n, y| {
         let x = &x[n * per..][..per];
         let g = n / s.group_size();
         for ch in 0..c {
@@ -250,7 +250,7 @@ pub fn backward(
             (a as f32, mean_dy as f32, (-a * is * mean_dy_xhat) as f32)
         })
         .collect();
-    let dx = output_items(s.batch, per, 1, true, |n, dx| {
+    let dx = output_items(s.batch * per, per, 1, true, |n, dx| {
         let (x, dy) = (&x[n * per..][..per], &dy[n * per..][..per]);
         let g = n / s.group_size();
         for ch in 0..c {

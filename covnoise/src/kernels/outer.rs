@@ -20,30 +20,25 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::matmul;
-use super::output_buffer;
+use super::{output_items, zeroed_output};
 
 /// `[G, i, o]`: for each of the G consecutive groups of `rows` rows of `a`
 /// `[G rows, i]` and `d` `[G rows, o]` (row-major), `a_gᵀ d_g`.
 pub fn group_outer(a: &[f32], d: &[f32], rows: usize, i: usize, o: usize) -> Vec<f32> {
     let groups = group_count(a, d, rows, i, o);
-    let mut out = output_buffer(groups * i * o);
-    let product = |g: usize, dst: &mut [f32], par: Parallelism| {
+    // Fewer groups than threads: each product runs on all of them.
+    let spread = groups >= rayon::current_num_threads();
+    let par = if spread {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(0)
+    };
+    output_items(groups * i * o, i * o, 1, spread, |g, dst| {
         let a_g = &a[g * rows * i..][..rows * i];
         let d_g = &d[g * rows * o..][..rows * o];
         // a_gᵀ is [i, rows]: element (j, n) sits at n i + j.
         matmul([i, o, rows], dst, o, false, a_g, [1, i], d_g, [o, 1], par);
-    };
-    if groups >= rayon::current_num_threads() {
-        out.par_chunks_mut(i * o)
-            .enumerate()
-            .for_each(|(g, dst)| product(g, dst, Parallelism::None));
-    } else {
-        // Fewer groups than threads: each product runs on all of them.
-        for (g, dst) in out.chunks_mut(i * o).enumerate() {
-            product(g, dst, Parallelism::Rayon(0));
-        }
-    }
-    out
+    })
 }
 
 /// The number of groups of `rows` rows that `a` `[G rows, i]` and `d` `[G
@@ -64,7 +59,7 @@ pub fn product(x: &[f32], w: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
         x.len() == r * i && w.len() == i * o,
         "x [r, i] and w [i, o]"
     );
-    let mut y = output_buffer(r * o);
+    let mut y = zeroed_output(r * o);
     matmul(
         [r, o, i],
         &mut y,
@@ -86,7 +81,7 @@ pub fn product_transposed(dy: &[f32], w: &[f32], r: usize, i: usize, o: usize) -
         dy.len() == r * o && w.len() == i * o,
         "dy [r, o] and w [i, o]"
     );
-    let mut dx = output_buffer(r * i);
+    let mut dx = zeroed_output(r * i);
     // wᵀ is [o, i]: element (c, j) sits at j o + c.
     matmul(
         [r, i, o],
@@ -127,17 +122,13 @@ pub fn group_outer_summed(
 /// each block's rows read in order.
 fn fold_rows(t: &[f32], n: usize, add: impl Fn(&mut [f32], &[f32], usize) + Sync) -> Vec<f32> {
     assert!(n > 0 && t.len().is_multiple_of(n), "whole rows of t");
-    let mut out = output_buffer(n);
-    out.par_chunks_mut(SUM_BLOCK)
-        .enumerate()
-        .for_each(|(c, dst)| {
-            let (start, len) = (c * SUM_BLOCK, dst.len());
-            dst.fill(0.0);
-            for row in t.chunks(n) {
-                add(dst, &row[start..start + len], start);
-            }
-        });
-    out
+    output_items(n, SUM_BLOCK, 1, true, |c, dst| {
+        let (start, len) = (c * SUM_BLOCK, dst.len());
+        dst.fill(0.0);
+        for row in t.chunks(n) {
+            add(dst, &row[start..start + len], start);
+        }
+    })
 }
 
 /// The sum `Σ_g a_gᵀ d_g` `[i, o]` of the G group products of

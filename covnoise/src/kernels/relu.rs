@@ -24,14 +24,7 @@ fn passes(v: f32) -> bool {
 /// Runs `f` over the blocks of a new buffer of `len` values, in parallel
 /// where there is more than one block.
 fn blocks(len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
-    let items = len.div_ceil(BLOCK);
-    let mut out = output_items(items, BLOCK, 1, items > 1, |b, out| {
-        let start = b * BLOCK;
-        let end = (start + BLOCK).min(len);
-        f(start, &mut out[..end - start]);
-    });
-    out.truncate(len);
-    out
+    output_items(len, BLOCK, 1, len > BLOCK, |b, out| f(b * BLOCK, out))
 }
 
 /// `max(x, 0)`, NaN passing through.

@@ -16,10 +16,9 @@
 //! about twice the plain pass.
 
 use gemm::Parallelism;
-use rayon::prelude::*;
 
 use super::conv::matmul;
-use super::{output_buffer, with_scratch};
+use super::{output_items, with_scratch, zeroed_output};
 
 /// The shapes of one shifted product: `rows` rows per group, G groups,
 /// `i` inputs and `o` outputs.
@@ -35,24 +34,30 @@ pub struct ShiftedShape {
     pub o: usize,
 }
 
-/// Runs `product(j, weight_j, dst_j)` for every group with `W + f_j S_j` in a
-/// scratch buffer, the groups spread over the threads (each product on
-/// one), or with fewer groups than threads one group at a time, each
-/// product on all of them.
+/// A new output of G groups of `per_out` values, group j's written by
+/// `product(j, weight_j, dst_j)` with `W + f_j S_j` in a scratch buffer,
+/// the groups spread over the threads (each product on one), or with
+/// fewer groups than threads one group at a time, each product on all of
+/// them.
 fn per_group(
     s: &ShiftedShape,
     weight: &[f32],
     shift: &[f32],
     factors: &[f32],
-    out: &mut [f32],
     per_out: usize,
-    product: impl Fn(usize, &[f32], &mut [f32], Parallelism) + Sync,
-) {
+    product: impl Fn(usize, &[f32], &mut [f32], Parallelism) + Sync + Send,
+) -> Vec<f32> {
     let len = s.i * s.o;
     assert_eq!(weight.len(), len, "a weight [in, out]");
     assert_eq!(shift.len(), s.groups * len, "one shift per group");
     assert_eq!(factors.len(), s.groups, "one factor per group");
-    let run = |(j, dst): (usize, &mut [f32]), par: Parallelism| {
+    let spread = s.groups >= rayon::current_num_threads();
+    let par = if spread {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(0)
+    };
+    output_items(s.groups * per_out, per_out, 1, spread, |j, dst| {
         with_scratch(len, |w| {
             let f = factors[j];
             for ((d, &a), &b) in w.iter_mut().zip(weight).zip(&shift[j * len..][..len]) {
@@ -60,16 +65,7 @@ fn per_group(
             }
             product(j, w, dst, par);
         });
-    };
-    if s.groups >= rayon::current_num_threads() {
-        out.par_chunks_mut(per_out)
-            .enumerate()
-            .for_each(|g| run(g, Parallelism::None));
-    } else {
-        out.chunks_mut(per_out)
-            .enumerate()
-            .for_each(|g| run(g, Parallelism::Rayon(0)));
-    }
+    })
 }
 
 /// `y` `[G rows, o]`: `y_j = x_j (W + f_j S_j)` for `x` `[G rows, i]`,
@@ -83,20 +79,10 @@ pub fn forward(
 ) -> Vec<f32> {
     let (rows, i, o) = (s.rows, s.i, s.o);
     assert_eq!(x.len(), s.groups * rows * i, "x holds G groups of rows");
-    let mut y = output_buffer(s.groups * rows * o);
-    per_group(
-        s,
-        weight,
-        shift,
-        factors,
-        &mut y,
-        rows * o,
-        |j, w, dst, par| {
-            let x_j = &x[j * rows * i..][..rows * i];
-            matmul([rows, o, i], dst, o, false, x_j, [i, 1], w, [o, 1], par);
-        },
-    );
-    y
+    per_group(s, weight, shift, factors, rows * o, |j, w, dst, par| {
+        let x_j = &x[j * rows * i..][..rows * i];
+        matmul([rows, o, i], dst, o, false, x_j, [i, 1], w, [o, 1], par);
+    })
 }
 
 /// `dx` `[G rows, i]`: `dx_j = dy_j (W + f_j S_j)ᵀ` for `dy` `[G rows,
@@ -110,21 +96,11 @@ pub fn input_grad(
 ) -> Vec<f32> {
     let (rows, i, o) = (s.rows, s.i, s.o);
     assert_eq!(dy.len(), s.groups * rows * o, "dy holds G groups of rows");
-    let mut dx = output_buffer(s.groups * rows * i);
-    per_group(
-        s,
-        weight,
-        shift,
-        factors,
-        &mut dx,
-        rows * i,
-        |j, w, dst, par| {
-            let dy_j = &dy[j * rows * o..][..rows * o];
-            // (W + f_j S_j)ᵀ is the [i, o] buffer read with its strides swapped.
-            matmul([rows, i, o], dst, i, false, dy_j, [o, 1], w, [1, o], par);
-        },
-    );
-    dx
+    per_group(s, weight, shift, factors, rows * i, |j, w, dst, par| {
+        let dy_j = &dy[j * rows * o..][..rows * o];
+        // (W + f_j S_j)ᵀ is the [i, o] buffer read with its strides swapped.
+        matmul([rows, i, o], dst, i, false, dy_j, [o, 1], w, [1, o], par);
+    })
 }
 
 /// `xᵀ dy` `[i, o]` over all `r` rows of `x` `[r, i]` and `dy` `[r, o]`,
@@ -132,7 +108,7 @@ pub fn input_grad(
 pub fn weight_grad(x: &[f32], dy: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
     assert_eq!(x.len(), r * i);
     assert_eq!(dy.len(), r * o);
-    let mut dw = output_buffer(i * o);
+    let mut dw = zeroed_output(i * o);
     matmul(
         [i, o, r],
         &mut dw,
