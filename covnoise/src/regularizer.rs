@@ -344,7 +344,10 @@ where
     let per_group = groups
         .sums
         .iter()
-        .map(|t| t.clone().square().sum_dim(1))
+        .map(|t| {
+            crate::kernels::row_square_sums(t)
+                .unwrap_or_else(|| t.clone().square().sum_dim(1).reshape([g]))
+        })
         .reduce(|a, c| a + c)
         .ok_or_else(|| CovnoiseError::Shape("no parameters to penalize".into()))?;
     let device = per_group.device();

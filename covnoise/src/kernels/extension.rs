@@ -104,6 +104,10 @@ pub trait FastKernels: Backend {
     /// `[n]`, without autodiff graph (see [`super::centered_square_sum`]).
     fn fast_centered_squares(t: FloatTensor<Self>, m: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `Σ_c t[g, c]²` `[G]` for each row of `t` `[G, n]` (see
+    /// [`super::row_square_sums`]); not differentiable.
+    fn fast_row_squares(t: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Max pooling of `x` `[B, C, H, W]` over `kernel` windows moved by
     /// `stride`, with symmetric `padding`, dilation 1, floor mode,
     /// differentiable in `x` (see [`super::max_pool2d`]).
@@ -310,6 +314,12 @@ impl FastKernels for Flex {
             outer::product(values(&x), values(&weight), r, i, o),
             vec![r, o],
         )
+    }
+
+    fn fast_row_squares(t: FlexTensor) -> FlexTensor {
+        let t = contiguous(t);
+        let [g, n] = [t.shape()[0], t.shape()[1]];
+        flex(outer::row_square_sums(values(&t), n), vec![g])
     }
 
     fn fast_centered_squares(t: FlexTensor, m: FlexTensor) -> FlexTensor {
@@ -944,6 +954,13 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
             ),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
+    }
+
+    fn fast_row_squares(t: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Not differentiable: the sums of the inner tensor.
+        Self::from_inner(<Flex as FastKernels>::fast_row_squares(
+            t.primitive().clone(),
+        ))
     }
 
     fn fast_centered_squares(t: FloatTensor<Self>, m: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -223,6 +223,27 @@ pub fn centered_square_sum(t: &[f32], m: &[f32]) -> Vec<f32> {
     })
 }
 
+/// `Σ_c t[g, c]²` `[G]` for each row of `t` `[G, n]`: the squared norms of
+/// group gradients, in one read of `t` with no squared copy, the rows
+/// spread over the threads, each summed in eight `f64` lanes.
+pub fn row_square_sums(t: &[f32], n: usize) -> Vec<f32> {
+    assert!(n > 0 && t.len().is_multiple_of(n), "whole rows of t");
+    t.par_chunks(n)
+        .map(|row| {
+            let mut lanes = [0.0f64; 8];
+            let blocks = row.chunks_exact(8);
+            let rest = blocks.remainder();
+            for b in blocks {
+                for (l, &v) in lanes.iter_mut().zip(b) {
+                    *l += v as f64 * v as f64;
+                }
+            }
+            let tail: f64 = rest.iter().map(|&v| v as f64 * v as f64).sum();
+            (lanes.iter().sum::<f64>() + tail) as f32
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,6 +365,27 @@ mod tests {
                         "{g} {j} {c}: {v} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Each row's sum of squares against its f64 loop, for rows whose
+    /// length is and is not a multiple of the eight lanes, and for one
+    /// row: f64 sums of float32 squares, rounded once to f32 (1e-6).
+    #[test]
+    fn row_square_sums_match_their_loop() {
+        for (g, n) in [(5, 1003), (3, 64), (1, 7)] {
+            let t: Vec<f32> = (0..g * n)
+                .map(|k| ((k * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let got = row_square_sums(&t, n);
+            assert_eq!(got.len(), g);
+            for (r, &v) in got.iter().enumerate() {
+                let want: f64 = t[r * n..][..n].iter().map(|&x| x as f64 * x as f64).sum();
+                assert!(
+                    (v as f64 - want).abs() <= 1e-6 * want,
+                    "row {r} of {g}x{n}: {v} vs {want}"
+                );
             }
         }
     }
