@@ -108,6 +108,10 @@ pub trait FastKernels: Backend {
     /// [`super::row_square_sums`]); not differentiable.
     fn fast_row_squares(t: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// The mean of the rows of `t` `[G, n]`, `[n]` (see
+    /// [`super::row_mean`]); not differentiable.
+    fn fast_row_mean(t: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Max pooling of `x` `[B, C, H, W]` over `kernel` windows moved by
     /// `stride`, with symmetric `padding`, dilation 1, floor mode,
     /// differentiable in `x` (see [`super::max_pool2d`]).
@@ -314,6 +318,12 @@ impl FastKernels for Flex {
             outer::product(values(&x), values(&weight), r, i, o),
             vec![r, o],
         )
+    }
+
+    fn fast_row_mean(t: FlexTensor) -> FlexTensor {
+        let t = contiguous(t);
+        let n = t.shape()[1];
+        flex(outer::row_mean(values(&t), n), vec![n])
     }
 
     fn fast_row_squares(t: FlexTensor) -> FlexTensor {
@@ -954,6 +964,11 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
             ),
             OpsKind::UnTracked(prep) => prep.finish(y),
         }
+    }
+
+    fn fast_row_mean(t: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Not differentiable: the mean of the inner tensor.
+        Self::from_inner(<Flex as FastKernels>::fast_row_mean(t.primitive().clone()))
     }
 
     fn fast_row_squares(t: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -580,6 +580,21 @@ pub fn centered_square_sum(t: &Tensor<2>, m: &Tensor<1>) -> Option<Tensor<1>> {
     })
 }
 
+/// The mean of the rows of `t` `[G, n]`, `[n]` (the mean of group
+/// gradients), spread over the threads on the fast kernel (burn's flex
+/// `mean_dim` runs on the calling thread). None where it does not run
+/// (disabled on this thread, another backend than flex, not `f32`, an
+/// empty `t`): the caller then uses burn's ops.
+pub fn row_mean(t: &Tensor<2>) -> Option<Tensor<1>> {
+    let [g, n] = t.dims();
+    let ok = enabled() && t.dtype() == DType::F32 && g > 0 && n > 0 && is_flex(&t.device());
+    ok.then(|| {
+        Tensor::from_dispatch(<Dispatch as FastKernels>::fast_row_mean(
+            t.clone().into_dispatch(),
+        ))
+    })
+}
+
 /// `Σ_c t[g, c]²` `[G]` for each row of `t` `[G, n]` (the squared norms
 /// of group gradients), in one read of `t` on the fast kernel, without the
 /// squared copy that `t.square().sum_dim(1)` writes. None where it does

@@ -223,6 +223,23 @@ pub fn centered_square_sum(t: &[f32], m: &[f32]) -> Vec<f32> {
     })
 }
 
+/// `(1/G) Σ_g t[g, c]` `[n]`: the mean of the rows of `t` `[G, n]` (the
+/// mean of group gradients), spread over the threads by blocks of
+/// columns, each block's rows added in order.
+pub fn row_mean(t: &[f32], n: usize) -> Vec<f32> {
+    assert!(n > 0 && !t.is_empty(), "rows of t");
+    let g = (t.len() / n) as f32;
+    let mut sum = fold_rows(t, n, |dst, row, _| {
+        for (s, &v) in dst.iter_mut().zip(row) {
+            *s += v;
+        }
+    });
+    for v in sum.iter_mut() {
+        *v /= g;
+    }
+    sum
+}
+
 /// `Σ_c t[g, c]²` `[G]` for each row of `t` `[G, n]`: the squared norms of
 /// group gradients, in one read of `t` with no squared copy, the rows
 /// spread over the threads, each summed in eight `f64` lanes.
@@ -387,6 +404,24 @@ mod tests {
                     "row {r} of {g}x{n}: {v} vs {want}"
                 );
             }
+        }
+    }
+
+    /// The rows' mean against its f64 loop, over more columns than one
+    /// block (float32 sums of 5 terms, 1e-6).
+    #[test]
+    fn row_mean_matches_its_loop() {
+        let (g, n) = (5, SUM_BLOCK + 37);
+        let t: Vec<f32> = (0..g * n)
+            .map(|k| ((k * 29 % 97) as f32 - 48.0) / 5.0)
+            .collect();
+        let got = row_mean(&t, n);
+        for (c, &v) in got.iter().enumerate() {
+            let want = (0..g).map(|r| t[r * n + c] as f64).sum::<f64>() / g as f64;
+            assert!(
+                (v as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "column {c}: {v} vs {want}"
+            );
         }
     }
 }
