@@ -123,7 +123,7 @@ pub trait FastKernels: Backend {
     ) -> FloatTensor<Self>;
 
     /// `max(x, 0)` elementwise, a NaN passing through, differentiable in
-    /// `x` (see [`super::relu`]).
+    /// `x` (see [`super::relu()`]).
     fn fast_relu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive

@@ -21,7 +21,7 @@
 //! product whose backward step forms them and takes the batch's weight
 //! gradient as their sum (micro-batch gradients from the batch gradient's
 //! products), [`max_pool2d`] is max pooling without burn's 3-d detour, and
-//! [`relu`] is ReLU spread over the threads (burn's flex backend runs
+//! [`relu()`] is ReLU spread over the threads (burn's flex backend runs
 //! elementwise ops on the calling thread).
 //!
 //! Reach: the kernels run for `f32` tensors on `Device::flex()` and
