@@ -51,6 +51,7 @@ use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use burn::backend::tensor::FloatTensor;
 use burn::backend::{Dispatch, DispatchDevice};
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
@@ -586,13 +587,18 @@ pub fn centered_square_sum(t: &Tensor<2>, m: &Tensor<1>) -> Option<Tensor<1>> {
 /// (disabled on this thread, another backend than flex, not `f32`, an
 /// empty `t`): the caller then uses burn's ops.
 pub fn row_mean(t: &Tensor<2>) -> Option<Tensor<1>> {
+    over_rows(t, <Dispatch as FastKernels>::fast_row_mean)
+}
+
+/// `op` on the fast kernel for a non-empty `f32` flex `t` `[G, n]` (with
+/// the kernels enabled on this thread), else None.
+fn over_rows(
+    t: &Tensor<2>,
+    op: fn(FloatTensor<Dispatch>) -> FloatTensor<Dispatch>,
+) -> Option<Tensor<1>> {
     let [g, n] = t.dims();
     let ok = enabled() && t.dtype() == DType::F32 && g > 0 && n > 0 && is_flex(&t.device());
-    ok.then(|| {
-        Tensor::from_dispatch(<Dispatch as FastKernels>::fast_row_mean(
-            t.clone().into_dispatch(),
-        ))
-    })
+    ok.then(|| Tensor::from_dispatch(op(t.clone().into_dispatch())))
 }
 
 /// `Σ_c t[g, c]²` `[G]` for each row of `t` `[G, n]` (the squared norms
@@ -601,13 +607,7 @@ pub fn row_mean(t: &Tensor<2>) -> Option<Tensor<1>> {
 /// not run (disabled on this thread, another backend than flex, not
 /// `f32`, an empty `t`): the caller then uses burn's ops.
 pub fn row_square_sums(t: &Tensor<2>) -> Option<Tensor<1>> {
-    let [g, n] = t.dims();
-    let ok = enabled() && t.dtype() == DType::F32 && g > 0 && n > 0 && is_flex(&t.device());
-    ok.then(|| {
-        Tensor::from_dispatch(<Dispatch as FastKernels>::fast_row_squares(
-            t.clone().into_dispatch(),
-        ))
-    })
+    over_rows(t, <Dispatch as FastKernels>::fast_row_squares)
 }
 
 /// `x_j (W + f_j S_j)` for the G consecutive groups of rows of `x` `[R,
