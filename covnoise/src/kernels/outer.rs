@@ -59,19 +59,7 @@ pub fn product(x: &[f32], w: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
         x.len() == r * i && w.len() == i * o,
         "x [r, i] and w [i, o]"
     );
-    let mut y = zeroed_output(r * o);
-    matmul(
-        [r, o, i],
-        &mut y,
-        o,
-        false,
-        x,
-        [i, 1],
-        w,
-        [o, 1],
-        Parallelism::Rayon(0),
-    );
-    y
+    whole_product([r, o, i], x, [i, 1], w, [o, 1])
 }
 
 /// `dy wᵀ` `[r, i]` for `dy` `[r, o]` and `w` `[i, o]`: a Linear layer's
@@ -81,20 +69,24 @@ pub fn product_transposed(dy: &[f32], w: &[f32], r: usize, i: usize, o: usize) -
         dy.len() == r * o && w.len() == i * o,
         "dy [r, o] and w [i, o]"
     );
-    let mut dx = zeroed_output(r * i);
     // wᵀ is [o, i]: element (c, j) sits at j o + c.
-    matmul(
-        [r, i, o],
-        &mut dx,
-        i,
-        false,
-        dy,
-        [o, 1],
-        w,
-        [1, o],
-        Parallelism::Rayon(0),
-    );
-    dx
+    whole_product([r, i, o], dy, [o, 1], w, [1, o])
+}
+
+/// `lhs rhs` `[m, n]` (row-major) for operands read with their `[row,
+/// column]` element strides, `lhs` `[m, k]` and `rhs` `[k, n]`: one product
+/// on all threads, into a new buffer.
+pub(super) fn whole_product(
+    [m, n, k]: [usize; 3],
+    lhs: &[f32],
+    lhs_st: [usize; 2],
+    rhs: &[f32],
+    rhs_st: [usize; 2],
+) -> Vec<f32> {
+    let mut out = zeroed_output(m * n);
+    let par = Parallelism::Rayon(0);
+    matmul([m, n, k], &mut out, n, false, lhs, lhs_st, rhs, rhs_st, par);
+    out
 }
 
 /// [`group_outer`] and the sum of its groups, `Σ_g a_gᵀ d_g = aᵀ d`

@@ -18,7 +18,8 @@
 use gemm::Parallelism;
 
 use super::conv::matmul;
-use super::{output_items, with_scratch, zeroed_output};
+use super::outer::whole_product;
+use super::{output_items, with_scratch};
 
 /// The shapes of one shifted product: `rows` rows per group, G groups,
 /// `i` inputs and `o` outputs.
@@ -108,19 +109,7 @@ pub fn input_grad(
 pub fn weight_grad(x: &[f32], dy: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
     assert_eq!(x.len(), r * i);
     assert_eq!(dy.len(), r * o);
-    let mut dw = zeroed_output(i * o);
-    matmul(
-        [i, o, r],
-        &mut dw,
-        o,
-        false,
-        x,
-        [1, i],
-        dy,
-        [o, 1],
-        Parallelism::Rayon(0),
-    );
-    dw
+    whole_product([i, o, r], x, [1, i], dy, [o, 1])
 }
 
 #[cfg(test)]
