@@ -351,7 +351,7 @@ where
         .reduce(|a, c| a + c)
         .ok_or_else(|| CovnoiseError::Shape("no parameters to penalize".into()))?;
     let device = per_group.device();
-    let norms: Vec<f64> = crate::tensor_util::to_vec(&per_group.reshape([g]))?
+    let norms: Vec<f64> = crate::tensor_util::to_vec(&per_group)?
         .into_iter()
         .map(|v| v as f64 * scale * scale)
         .collect();
