@@ -75,6 +75,14 @@ pub trait FastKernels: Backend {
         rows: usize,
     ) -> FloatTensor<Self>;
 
+    /// `(a²)ᵀ(d²)` `[i, o]` for `a` `[R, i]` and `d` `[R, o]`, without
+    /// autodiff graph (see [`super::squared_outer`]).
+    fn fast_squared_outer(a: FloatTensor<Self>, d: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `Σ_r t[r, c]²` `[n]` over the rows of `t` `[R, n]` (see
+    /// [`super::column_square_sums`]); not differentiable.
+    fn fast_column_squares(t: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// `x_j (W + f_j S_j)` for the G consecutive groups of rows of `x`
     /// `[R, i]`, `weight` `[i, o]`, the constant `shift` `[G, i, o]` and
     /// the groups' `factors`: `[R, o]`, differentiable in `x` and `weight`
@@ -99,6 +107,11 @@ pub trait FastKernels: Backend {
         weight_grad: bool,
         sink: ConvSink,
     ) -> FloatTensor<Self>;
+
+    /// `x w` for `x` `[R, i]` and `weight` `[i, o]`, differentiable in
+    /// both: a Linear layer's product (see [`super::linear`]), its
+    /// backward step the two products `dy wᵀ` and `xᵀ dy`.
+    fn fast_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self>;
 
     /// `Σ_j (t_j - m)²` `[n]` over the rows `t_j` of `t` `[G, n]`, for `m`
     /// `[n]`, without autodiff graph (see [`super::centered_square_sum`]).
@@ -312,6 +325,10 @@ impl FastKernels for Flex {
         _sink: ConvSink,
     ) -> FlexTensor {
         // Without autodiff there is no backward step to fill the sink.
+        Self::fast_linear(x, weight)
+    }
+
+    fn fast_linear(x: FlexTensor, weight: FlexTensor) -> FlexTensor {
         let (x, weight) = (contiguous(x), contiguous(weight));
         let (r, i, o) = linear_dims(&x, &weight);
         flex(
@@ -336,6 +353,21 @@ impl FastKernels for Flex {
         let (t, m) = (contiguous(t), contiguous(m));
         let n = m.shape()[0];
         flex(outer::centered_square_sum(values(&t), values(&m)), vec![n])
+    }
+
+    fn fast_squared_outer(a: FlexTensor, d: FlexTensor) -> FlexTensor {
+        let (a, d) = (contiguous(a), contiguous(d));
+        let (r, i, o) = (a.shape()[0], a.shape()[1], d.shape()[1]);
+        flex(
+            outer::squared_outer(values(&a), values(&d), r, i, o),
+            vec![i, o],
+        )
+    }
+
+    fn fast_column_squares(t: FlexTensor) -> FlexTensor {
+        let t = contiguous(t);
+        let n = t.shape()[1];
+        flex(outer::column_square_sums(values(&t), n), vec![n])
     }
 
     fn fast_group_outer(a: FlexTensor, d: FlexTensor, rows: usize) -> FlexTensor {
@@ -570,7 +602,7 @@ impl Backward<Flex, 2> for ShiftedBackward {
             grads.register::<Flex>(p.id, flex(dx, vec![s.groups * s.rows, s.i]));
         }
         if let Some(p) = pw {
-            let dw = shifted::weight_grad(values(&st.x), values(&dy), s.groups * s.rows, s.i, s.o);
+            let dw = outer::weight_grad(values(&st.x), values(&dy), s.groups * s.rows, s.i, s.o);
             grads.register::<Flex>(p.id, flex(dw, vec![s.i, s.o]));
         }
     }
@@ -603,7 +635,9 @@ struct GroupedLinearState {
     rows: usize,
     /// Whether the weight's gradient is registered.
     weight_grad: bool,
-    sink: ConvSink,
+    /// Where the output gradient goes (and, in a pass for micro-batch
+    /// gradients, the groups' products); None for the plain product.
+    sink: Option<ConvSink>,
 }
 
 impl Backward<Flex, 2> for GroupedLinearBackward {
@@ -623,16 +657,34 @@ impl Backward<Flex, 2> for GroupedLinearBackward {
             let dx = outer::product_transposed(values(&dy), values(&st.weight), r, i, o);
             grads.register::<Flex>(p.id, flex(dx, vec![r, i]));
         }
+        let (x, groups) = (values(&st.x), r / st.rows);
+        let dy_sunk = || dy.clone().reshape(vec![r, o, 1, 1].into());
+        let sink = match &st.sink {
+            Some(sink) if sink.mode() != conv::PerExample::Squares => sink,
+            plain_or_exact => {
+                // The plain product, or an exact pass's: the weight's
+                // gradient where it takes one, and the output gradient to
+                // the sink, from which (with the input it recorded) the
+                // layer's rule forms what its estimator asks for.
+                if let (Some(p), true) = (&pw, st.weight_grad) {
+                    let dw = outer::weight_grad(x, values(&dy), r, i, o);
+                    grads.register::<Flex>(p.id, flex(dw, vec![i, o]));
+                }
+                if let Some(sink) = plain_or_exact {
+                    sink.put(None, None, dy_sunk());
+                }
+                return;
+            }
+        };
         // The groups' products are formed whether or not the weight takes
         // a gradient: the sink asked for them.
-        let (x, groups) = (values(&st.x), r / st.rows);
-        let dy_sunk = dy.reshape(vec![r, o, 1, 1].into());
+        let dy_sunk = dy_sunk();
         let register = |grads: &mut Gradients, sum: Vec<f32>| {
             if let (Some(p), true) = (&pw, st.weight_grad) {
                 grads.register::<Flex>(p.id, flex(sum, vec![i, o]));
             }
         };
-        if st.sink.wants_summary() {
+        if sink.wants_summary() {
             let (sum, centered) = outer::group_outer_moments(x, values(&dy), st.rows, i, o);
             if st.weight_grad {
                 register(grads, sum.clone());
@@ -642,7 +694,7 @@ impl Backward<Flex, 2> for GroupedLinearBackward {
                 sum,
                 centered,
             };
-            st.sink.put_moments(moments, dy_sunk);
+            sink.put_moments(moments, dy_sunk);
         } else if st.weight_grad && pw.is_some() {
             let (each, sum) = outer::group_outer_summed(x, values(&dy), st.rows, i, o);
             register(grads, sum);
@@ -651,7 +703,7 @@ impl Backward<Flex, 2> for GroupedLinearBackward {
                 weight: each,
                 bias: Vec::new(),
             };
-            st.sink.put(None, Some(sums), dy_sunk);
+            sink.put(None, Some(sums), dy_sunk);
         } else {
             let each = outer::group_outer(x, values(&dy), st.rows, i, o);
             let sums = GradGroups {
@@ -659,7 +711,7 @@ impl Backward<Flex, 2> for GroupedLinearBackward {
                 weight: each,
                 bias: Vec::new(),
             };
-            st.sink.put(None, Some(sums), dy_sunk);
+            sink.put(None, Some(sums), dy_sunk);
         }
     }
 }
@@ -936,34 +988,12 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         weight_grad: bool,
         sink: ConvSink,
     ) -> FloatTensor<Self> {
-        let xp = contiguous(x.primitive().clone());
-        let wp = contiguous(weight.primitive().clone());
-        let (r, i, o) = linear_dims(&xp, &wp);
-        assert!(
-            rows > 0 && r.is_multiple_of(rows),
-            "{r} rows do not make groups of {rows}"
-        );
-        let y = flex(
-            outer::product(values(&xp), values(&wp), r, i, o),
-            vec![r, o],
-        );
-        match GroupedLinearBackward
-            .prepare::<C>([x.node(), weight.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(
-                GroupedLinearState {
-                    x: xp,
-                    weight: wp,
-                    rows,
-                    weight_grad,
-                    sink,
-                },
-                y,
-            ),
-            OpsKind::UnTracked(prep) => prep.finish(y),
-        }
+        grouped_linear::<C>(x, weight, rows, weight_grad, Some(sink))
+    }
+
+    fn fast_linear(x: FloatTensor<Self>, weight: FloatTensor<Self>) -> FloatTensor<Self> {
+        let rows = x.primitive().shape()[0].max(1);
+        grouped_linear::<C>(x, weight, rows, true, None)
     }
 
     fn fast_row_mean(t: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -982,6 +1012,19 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         // Not differentiable: the sums of the inner tensors.
         let (t, m) = (t.primitive().clone(), m.primitive().clone());
         Self::from_inner(<Flex as FastKernels>::fast_centered_squares(t, m))
+    }
+
+    fn fast_squared_outer(a: FloatTensor<Self>, d: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Not differentiable: the product of the inner tensors' squares.
+        let (a, d) = (a.primitive().clone(), d.primitive().clone());
+        Self::from_inner(<Flex as FastKernels>::fast_squared_outer(a, d))
+    }
+
+    fn fast_column_squares(t: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Not differentiable: the sums of the inner tensor.
+        Self::from_inner(<Flex as FastKernels>::fast_column_squares(
+            t.primitive().clone(),
+        ))
     }
 
     fn fast_group_outer(
@@ -1026,5 +1069,45 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         // The statistics leave the graph: the running estimates are not
         // differentiated (as in PyTorch).
         (y, Self::from_inner(mean), Self::from_inner(var))
+    }
+}
+
+/// `x w` on `Autodiff<Flex>` with [`GroupedLinearBackward`]: groups of
+/// `rows` rows, the weight's gradient registered with `weight_grad`, and
+/// the output gradient (and what the sink asks for) left in `sink`.
+fn grouped_linear<C: CheckpointStrategy>(
+    x: FloatTensor<AutodiffFlex<C>>,
+    weight: FloatTensor<AutodiffFlex<C>>,
+    rows: usize,
+    weight_grad: bool,
+    sink: Option<ConvSink>,
+) -> FloatTensor<AutodiffFlex<C>> {
+    let xp = contiguous(x.primitive().clone());
+    let wp = contiguous(weight.primitive().clone());
+    let (r, i, o) = linear_dims(&xp, &wp);
+    assert!(
+        rows > 0 && r.is_multiple_of(rows),
+        "{r} rows do not make groups of {rows}"
+    );
+    let y = flex(
+        outer::product(values(&xp), values(&wp), r, i, o),
+        vec![r, o],
+    );
+    match GroupedLinearBackward
+        .prepare::<C>([x.node(), weight.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish(
+            GroupedLinearState {
+                x: xp,
+                weight: wp,
+                rows,
+                weight_grad,
+                sink,
+            },
+            y,
+        ),
+        OpsKind::UnTracked(prep) => prep.finish(y),
     }
 }

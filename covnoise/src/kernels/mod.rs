@@ -16,13 +16,18 @@
 //! Fisher estimators' conv factors at the cost of one pass over a
 //! weight-sized buffer per example, with no per-example tensor kept; or,
 //! asked for micro-batch gradients, it adds each example's gradient to its
-//! micro-batch's sum instead of the batch's. [`group_outer`] runs a Linear
-//! layer's per-micro-batch products, [`linear_grouped`] is a Linear
-//! product whose backward step forms them and takes the batch's weight
-//! gradient as their sum (micro-batch gradients from the batch gradient's
-//! products), [`max_pool2d`] is max pooling without burn's 3-d detour, and
-//! [`relu()`] is ReLU spread over the threads (burn's flex backend runs
-//! elementwise ops on the calling thread).
+//! micro-batch's sum instead of the batch's. [`linear`] is a Linear
+//! layer's product with its backward step's two products on all threads
+//! (faster than burn's flex matmul and its autodiff step),
+//! [`group_outer`] runs a Linear layer's per-micro-batch products,
+//! [`linear_grouped`] is a Linear product whose backward step hands the
+//! probes its output gradient and, asked for them, forms those products
+//! and takes the batch's weight gradient as their sum (micro-batch
+//! gradients from the batch gradient's products), [`squared_outer`] is a
+//! Linear layer's summed squared per-example weight gradients
+//! `(a²)ᵀ(δ²)`, [`max_pool2d`] is max pooling without burn's 3-d detour,
+//! and [`relu()`] is ReLU spread over the threads (burn's flex backend
+//! runs elementwise ops on the calling thread).
 //!
 //! Reach: the kernels run for `f32` tensors on `Device::flex()` and
 //! `Device::flex().autodiff()`, for convolutions with groups 1, dilation 1
@@ -30,10 +35,11 @@
 //! padding, `Same` included). Everything else (another device or dtype,
 //! groups, dilation, small outputs) runs burn's own op, so the functions
 //! here are a drop-in for burn's on every backend. covnoise's models reach
-//! them through [`crate::model::Probes::conv2d`] and
-//! [`crate::model::GhostBatchNorm`]; a burn `Conv2d` called with
-//! `layer.forward(x)` runs burn's op, [`conv2d_layer`] is the same call on
-//! these kernels.
+//! them through [`crate::model::Probes::conv2d`],
+//! [`crate::model::Probes::linear`] and [`crate::model::GhostBatchNorm`];
+//! a burn `Conv2d` or `Linear` called with `layer.forward(x)` runs burn's
+//! op, [`conv2d_layer`] and [`linear_layer`] are the same calls on these
+//! kernels.
 //!
 //! [`set_enabled`] turns them off for the process and [`with_enabled`] for
 //! the calling thread (`covnoise bench`'s `plain-burn` variant and the
@@ -53,6 +59,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Dispatch, DispatchDevice};
+use burn::nn::Linear;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::Conv2d;
 use burn::tensor::ops::{ConvOptions, MaxPoolOptions};
@@ -511,6 +518,71 @@ pub fn group_outer(a: &Tensor<2>, d: &Tensor<2>, rows: usize) -> Option<Tensor<2
     })
 }
 
+/// `(a²)ᵀ(d²)` `[i, o]` for `a` `[R, i]` and `d` `[R, o]`: the sum over
+/// the rows of the squared outer products, which for a Linear layer's
+/// input `a` and output gradient `d` (one position per example) is the
+/// sum over the examples of the squared per-example weight gradients
+/// (BackPACK's shortcut). On the fast kernel the squares are formed on
+/// the threads and the product runs on all of them (burn's flex squares
+/// on the calling thread). None where it does not run (disabled on this
+/// thread, another backend than flex, not `f32`, shapes that do not
+/// match, empty operands): the caller then uses burn's ops.
+pub fn squared_outer(a: &Tensor<2>, d: &Tensor<2>) -> Option<Tensor<2>> {
+    let ([r, i], [r_d, o]) = (a.dims(), d.dims());
+    let ok = enabled()
+        && a.dtype() == DType::F32
+        && d.dtype() == DType::F32
+        && r == r_d
+        && r * i * o > 0
+        && is_flex(&a.device())
+        && is_flex(&d.device());
+    ok.then(|| {
+        Tensor::from_dispatch(<Dispatch as FastKernels>::fast_squared_outer(
+            a.clone().into_dispatch(),
+            d.clone().into_dispatch(),
+        ))
+    })
+}
+
+/// `x W` for `x` `[R, i]` and `weight` `[i, o]`: a Linear layer's
+/// product, differentiable in both. On the fast kernel (enabled on this
+/// thread, flex, `f32`, non-empty operands) the forward product and the
+/// backward step's two products (`dy Wᵀ` and `xᵀ dy`, each formed only
+/// where its operand takes a gradient) run on all threads into outputs
+/// zeroed there; on the MLP's plain step at batch 4,096 that is about a
+/// sixth faster than burn's flex matmul and its autodiff step. Elsewhere
+/// burn's `matmul`.
+pub fn linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
+    let r = x.dims()[0];
+    if !linear_grouped_applies(&x, &weight, r.max(1)) {
+        return x.matmul(weight);
+    }
+    Tensor::from_dispatch(<Dispatch as FastKernels>::fast_linear(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+    ))
+}
+
+/// `layer.forward(x)` for a burn `Linear` on `x` `[..., in]`, through
+/// [`linear`]: the leading dimensions are flattened into rows, the bias
+/// added to each. A one-dimensional `x`, or one whose last dimension is
+/// not the layer's input, goes to burn's `forward` (which checks it).
+pub fn linear_layer<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    let dims = x.dims();
+    let weight = layer.weight.val();
+    if D < 2 || dims[D - 1] != weight.dims()[0] {
+        return layer.forward(x);
+    }
+    let rows = dims[..D - 1].iter().product();
+    let mut z = linear(x.reshape([rows, dims[D - 1]]), weight);
+    if let Some(bias) = &layer.bias {
+        z = z + bias.val().unsqueeze();
+    }
+    let mut out = dims;
+    out[D - 1] = z.dims()[1];
+    z.reshape(out)
+}
+
 /// Whether [`linear_grouped`] runs for these operands: enabled on this
 /// thread, flex, `f32`, `x` `[R, i]` and `weight` `[i, o]` non-empty, and
 /// R a multiple of `rows`.
@@ -608,6 +680,16 @@ fn over_rows(
 /// `f32`, an empty `t`): the caller then uses burn's ops.
 pub fn row_square_sums(t: &Tensor<2>) -> Option<Tensor<1>> {
     over_rows(t, <Dispatch as FastKernels>::fast_row_squares)
+}
+
+/// `Σ_r t[r, c]²` `[n]` over the rows of `t` `[R, n]` (a Linear layer's
+/// squared per-example bias gradients summed, from its output gradient),
+/// in one read of `t` on the fast kernel, without the squared copy that
+/// `t.square().sum_dim(0)` writes. None where it does not run (disabled
+/// on this thread, another backend than flex, not `f32`, an empty `t`):
+/// the caller then uses burn's ops.
+pub fn column_square_sums(t: &Tensor<2>) -> Option<Tensor<1>> {
+    over_rows(t, <Dispatch as FastKernels>::fast_column_squares)
 }
 
 /// `x_j (W + f_j S_j)` for the G consecutive groups of rows of `x` `[R,

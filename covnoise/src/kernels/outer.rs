@@ -20,7 +20,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::conv::matmul;
-use super::{output_items, zeroed_output};
+use super::{ZEROED_BLOCK, output_items, zeroed_output};
 
 /// `[G, i, o]`: for each of the G consecutive groups of `rows` rows of `a`
 /// `[G rows, i]` and `d` `[G rows, o]` (row-major), `a_gᵀ d_g`.
@@ -73,6 +73,16 @@ pub fn product_transposed(dy: &[f32], w: &[f32], r: usize, i: usize, o: usize) -
     whole_product([r, i, o], dy, [o, 1], w, [1, o])
 }
 
+/// `xᵀ dy` `[i, o]` over all `r` rows of `x` `[r, i]` and `dy` `[r, o]`,
+/// one product on all threads: a Linear layer's weight gradient.
+pub fn weight_grad(x: &[f32], dy: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
+    assert!(
+        x.len() == r * i && dy.len() == r * o,
+        "x [r, i] and dy [r, o]"
+    );
+    whole_product([i, o, r], x, [1, i], dy, [o, 1])
+}
+
 /// `lhs rhs` `[m, n]` (row-major) for operands read with their `[row,
 /// column]` element strides, `lhs` `[m, k]` and `rhs` `[k, n]`: one product
 /// on all threads, into a new buffer.
@@ -87,6 +97,48 @@ pub(super) fn whole_product(
     let par = Parallelism::Rayon(0);
     matmul([m, n, k], &mut out, n, false, lhs, lhs_st, rhs, rhs_st, par);
     out
+}
+
+/// `(a²)ᵀ(d²)` `[i, o]` for `a` `[r, i]` and `d` `[r, o]` (row-major):
+/// the sum over the rows n of the squared outer products `a_n² (d_n²)ᵀ`,
+/// a Linear layer's squared per-example weight gradients summed over
+/// the examples (one position per example). The squares are formed on
+/// the threads, then one product runs on all of them.
+pub fn squared_outer(a: &[f32], d: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
+    assert!(
+        a.len() == r * i && d.len() == r * o,
+        "a [r, i] and d [r, o]"
+    );
+    let (a2, d2) = (squares(a), squares(d));
+    // (a²)ᵀ is [i, r]: element (j, n) sits at n i + j.
+    whole_product([i, o, r], &a2, [1, i], &d2, [o, 1])
+}
+
+/// `t²` elementwise into a new buffer, in blocks over the threads.
+fn squares(t: &[f32]) -> Vec<f32> {
+    output_items(
+        t.len(),
+        ZEROED_BLOCK,
+        1,
+        t.len() > ZEROED_BLOCK,
+        |n, dst| {
+            let src = &t[n * ZEROED_BLOCK..][..dst.len()];
+            for (s, &v) in dst.iter_mut().zip(src) {
+                *s = v * v;
+            }
+        },
+    )
+}
+
+/// `Σ_n t[n, c]²` `[n_cols]` over the rows of `t` `[R, n_cols]`
+/// (row-major): a Linear layer's squared per-example bias gradients
+/// summed, in one read of `t` (no squared copy).
+pub fn column_square_sums(t: &[f32], n: usize) -> Vec<f32> {
+    fold_rows(t, n, |dst, row, _| {
+        for (s, &v) in dst.iter_mut().zip(row) {
+            *s += v * v;
+        }
+    })
 }
 
 /// [`group_outer`] and the sum of its groups, `Σ_g a_gᵀ d_g = aᵀ d`
@@ -374,6 +426,58 @@ mod tests {
                         "{g} {j} {c}: {v} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Against the f64 loop `Σ_n a[n, j]² d[n, c]²`, with more values of
+    /// `a` than one block of squares (their blocks' borders crossed) and a
+    /// one-row case. All terms are positive, so float32's rounding is at
+    /// most `r` units in the last place of the sum: 2e-5 relative for 300
+    /// rows.
+    #[test]
+    fn squared_outer_matches_its_loop() {
+        for (r, i, o) in [(300, 250, 33), (1, 5, 4)] {
+            let a: Vec<f32> = (0..r * i)
+                .map(|k| ((k * 37 % 101) as f32 - 50.0) / 17.0)
+                .collect();
+            let d: Vec<f32> = (0..r * o)
+                .map(|k| ((k * 13 % 29) as f32 - 14.0) / 5.0)
+                .collect();
+            let got = squared_outer(&a, &d, r, i, o);
+            assert_eq!(got.len(), i * o);
+            for j in 0..i {
+                for c in 0..o {
+                    let want: f64 = (0..r)
+                        .map(|n| (a[n * i + j] as f64).powi(2) * (d[n * o + c] as f64).powi(2))
+                        .sum();
+                    let v = got[j * o + c] as f64;
+                    assert!(
+                        (v - want).abs() <= 2e-5 * want.max(1e-30),
+                        "{r}x{i}x{o} ({j}, {c}): {v} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Against the f64 loop, over more columns than one block (the blocks'
+    /// borders crossed) and a small case; float32 sums of at most 300
+    /// positive terms: 2e-5 relative.
+    #[test]
+    fn column_square_sums_match_their_loop() {
+        for (r, n) in [(300, 5000), (7, 3)] {
+            let t: Vec<f32> = (0..r * n)
+                .map(|k| ((k * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let got = column_square_sums(&t, n);
+            assert_eq!(got.len(), n);
+            for (c, &v) in got.iter().enumerate() {
+                let want: f64 = (0..r).map(|k| (t[k * n + c] as f64).powi(2)).sum();
+                assert!(
+                    (v as f64 - want).abs() <= 2e-5 * want.max(1e-30),
+                    "column {c} of {r}x{n}: {v} vs {want}"
+                );
             }
         }
     }

@@ -18,7 +18,6 @@
 use gemm::Parallelism;
 
 use super::conv::matmul;
-use super::outer::whole_product;
 use super::{output_items, with_scratch};
 
 /// The shapes of one shifted product: `rows` rows per group, G groups,
@@ -104,16 +103,9 @@ pub fn input_grad(
     })
 }
 
-/// `xᵀ dy` `[i, o]` over all `r` rows of `x` `[r, i]` and `dy` `[r, o]`,
-/// one product on all threads.
-pub fn weight_grad(x: &[f32], dy: &[f32], r: usize, i: usize, o: usize) -> Vec<f32> {
-    assert_eq!(x.len(), r * i);
-    assert_eq!(dy.len(), r * o);
-    whole_product([i, o, r], x, [1, i], dy, [o, 1])
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::outer::weight_grad;
     use super::*;
 
     /// All three against triple loops in f64, with more groups than

@@ -6,7 +6,10 @@
 //! groups of consecutive examples (micro-batches) are one batched product
 //! `a_gᵀ δ_g`, the multiply-adds of the batch gradient; on the fast
 //! kernel ([`kernels::linear_grouped`]) they are the batch gradient's
-//! products, which then sums them instead of running its own.
+//! products, which then sums them instead of running its own. On the fast
+//! kernel the layer (one position per example) hands its output gradient
+//! over from its backward step, without a probe tensor, and the squares
+//! `a²`, `δ²` are formed on the threads ([`kernels::squared_outer`]).
 
 use burn::module::ParamId;
 use burn::nn::Linear;
@@ -87,13 +90,17 @@ impl ExactRule for LinearRule {
             return None;
         }
         let [b, o] = output_grad.dims();
-        let d2 = output_grad.clone().square();
         Some(if index == 0 {
             let i = self.input.dims()[2];
-            let a2 = self.input.clone().reshape([b, i]).square();
-            a2.transpose().matmul(d2).reshape([i * o])
+            let a = self.input.clone().reshape([b, i]);
+            match kernels::squared_outer(&a, output_grad) {
+                Some(s) => s,
+                None => a.square().transpose().matmul(output_grad.clone().square()),
+            }
+            .reshape([i * o])
         } else {
-            d2.sum_dim(0).reshape([o])
+            kernels::column_square_sums(output_grad)
+                .unwrap_or_else(|| output_grad.clone().square().sum_dim(0).reshape([o]))
         })
     }
 
@@ -169,9 +176,12 @@ impl ExactRule for LinearRule {
         if index == 0 && self.single_position() {
             let [b, _] = output_grad.dims();
             let i = self.input.dims()[2];
-            let a2 = self.input.clone().reshape([b, i]).square().sum_dim(1);
-            let d2 = output_grad.clone().square().sum_dim(1);
-            return Some(scalar((a2 * d2).sum()));
+            let a = self.input.clone().reshape([b, i]);
+            let norms = |t: &Tensor<2>| {
+                kernels::row_square_sums(t)
+                    .unwrap_or_else(|| t.clone().square().sum_dim(1).reshape([b]))
+            };
+            return Some(scalar((norms(&a) * norms(output_grad)).sum()));
         }
         self.square_sums(index, output_grad)
             .map(|s| scalar(s.sum()))
@@ -195,7 +205,7 @@ impl Probes {
     /// the probes are on.
     pub fn linear<const D: usize>(&mut self, layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         if self.is_off() {
-            return layer.forward(x);
+            return kernels::linear_layer(layer, x);
         }
         if let Some(shifts) = self.group_shifts() {
             return shifts.linear(layer, x);
@@ -210,40 +220,39 @@ impl Probes {
             sink,
         };
         let weight = layer.weight.val();
-        match self.group_size {
-            // Micro-batch gradients, one position per example: the grouped
-            // product, whose backward step forms the groups' weight
-            // gradients (or their moments) and the batch's as their sum.
-            Some(g)
-                if self.is_on()
-                    && positions == 1
-                    && kernels::linear_grouped_applies(&x.clone().reshape([b, i]), &weight, g) =>
-            {
-                let sink = self.new_sink();
-                // A frozen copy's weight is tracked so that the backward
-                // step runs; its gradient is not formed.
-                let weight_grad = weight.is_require_grad();
-                let weight = if weight_grad {
-                    weight
-                } else {
-                    weight.require_grad()
-                };
-                let x = x.reshape([b, i]);
-                let mut z = kernels::linear_grouped(x, weight, g, weight_grad, sink.clone());
-                if let Some(bias) = &layer.bias {
-                    z = z + bias.val().unsqueeze();
-                }
-                let o = z.dims()[1];
-                let like = input.clone().reshape([b, 1, 1, i]);
-                self.record_sunk(Box::new(rule(Some(sink.clone()))), sink, like);
-                let mut out = dims;
-                out[D - 1] = o;
-                z.reshape(out)
-            }
-            _ => {
-                let z = layer.forward(x);
-                self.layer_with(z, || rule(None), true)
-            }
+        // Micro-batch gradients: groups of `group_size` examples; per-example
+        // estimators: one group, the whole batch.
+        let rows = self.group_size.unwrap_or(b);
+        let grouped = self.is_on()
+            && positions == 1
+            && kernels::linear_grouped_applies(&x.clone().reshape([b, i]), &weight, rows);
+        if !grouped {
+            let z = kernels::linear_layer(layer, x);
+            return self.layer_with(z, || rule(None), true);
         }
+        // One position per example: the grouped product, whose backward step
+        // leaves the output gradient in the sink (no probe tensor added to
+        // the output) and, for micro-batch gradients, forms the groups'
+        // weight gradients (or their moments) and the batch's as their sum.
+        let sink = self.new_sink();
+        // A frozen copy's weight is tracked so that the backward step runs;
+        // its gradient is not formed.
+        let weight_grad = weight.is_require_grad();
+        let weight = if weight_grad {
+            weight
+        } else {
+            weight.require_grad()
+        };
+        let x = x.reshape([b, i]);
+        let mut z = kernels::linear_grouped(x, weight, rows, weight_grad, sink.clone());
+        if let Some(bias) = &layer.bias {
+            z = z + bias.val().unsqueeze();
+        }
+        let o = z.dims()[1];
+        let like = input.clone().reshape([b, 1, 1, i]);
+        self.record_sunk(Box::new(rule(Some(sink.clone()))), sink, like);
+        let mut out = dims;
+        out[D - 1] = o;
+        z.reshape(out)
     }
 }

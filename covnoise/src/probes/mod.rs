@@ -9,9 +9,10 @@
 //! output gets a zero "probe" leaf added, and after backward the probe's
 //! gradient is the gradient of the objective with respect to the layer's
 //! output, one row per example (BackPACK's quantity, without storing
-//! per-example weight gradients). A convolution on covnoise's fast CPU
-//! kernel needs no probe: its own backward step hands over that gradient
-//! and the sums of its squared per-example gradients, or their sums per
+//! per-example weight gradients). A convolution or a Linear layer (one
+//! position per example) on covnoise's fast CPU kernels needs no probe:
+//! its own backward step hands over that gradient and, for a convolution,
+//! the sums of its squared per-example gradients, or (both) their sums per
 //! micro-batch ([`crate::kernels::ConvSink`]). Each layer kind's [`ExactRule`] turns
 //! the output gradient into per-example parameter gradients; the driver in
 //! [`crate::moments::exact`] squares and sums them. One file per rule:
@@ -27,7 +28,9 @@
 //! | [`Probes::batch_norm`] | [`GhostBatchNorm`](crate::model::GhostBatchNorm) | `[B, C, ...]` | [`BatchNormRule`]: gradients of micro-batches of whole normalization groups only, no per-example ones; it also declares its groups |
 //! | [`Probes::layer`] | a user's own layer | any `[B, ...]` | the user's [`ExactRule`] |
 //!
-//! When the probes are off, each call is the plain layer. The model's struct
+//! When the probes are off, each call is the plain layer (a `Linear` or
+//! `Conv2d` on covnoise's fast kernels where they apply, burn's op
+//! elsewhere). The model's struct
 //! keeps burn's own layers, so its records and optimizers are unchanged.
 //!
 //! # Adding a rule for a layer of your own
