@@ -94,10 +94,20 @@ pub(super) fn whole_product(
     rhs_st: [usize; 2],
 ) -> Vec<f32> {
     let mut out = zeroed_output(m * n);
-    let par = Parallelism::Rayon(0);
+    let par = if m * n * k >= PARALLEL_PRODUCT {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
     matmul([m, n, k], &mut out, n, false, lhs, lhs_st, rhs, rhs_st, par);
     out
 }
+
+/// Multiply-adds from which [`whole_product`] runs on the threads (burn's
+/// flex matmul uses the same threshold, 192³): below it, waking them
+/// costs more than it saves (LeNet-5's fully connected layers at batch 128
+/// are under it).
+const PARALLEL_PRODUCT: usize = 192 * 192 * 192;
 
 /// `(a²)ᵀ(d²)` `[i, o]` for `a` `[r, i]` and `d` `[r, o]` (row-major):
 /// the sum over the rows n of the squared outer products `a_n² (d_n²)ᵀ`,
