@@ -834,3 +834,63 @@ fn relu_and_its_gradient_equal_burns() {
         }
     }
 }
+
+/// `relu(a + b)` on the fast kernel against burn's add then ReLU, forward
+/// and the gradients of both operands through autodiff, on the shapes of
+/// the ReLU test, with special values among the inputs; with `a` held
+/// elsewhere (a new output) and held by nothing else (written in place),
+/// and with the same tensor as both operands (its gradient the sum of
+/// the two). The sum is rounded to `f32` before the ReLU on both paths and
+/// the gradient is a selection, so all must agree bit for bit.
+#[test]
+fn the_fused_residual_sum_and_relu_equal_burns() {
+    let seed = run_seed();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xadd);
+    let dev = Device::flex().autodiff();
+    let special = [0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    let mut draw = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| match rng.random_range(0..8) {
+                0 => special[rng.random_range(0..special.len())],
+                _ => rng.random_range(-1.0f32..1.0),
+            })
+            .collect()
+    };
+    for shape in [[3usize, 5, 1, 1], [2, 8, 32, 32], [1, 1, 1, 16385]] {
+        let n: usize = shape.iter().product();
+        let (va, vb) = (draw(n), draw(n));
+        let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
+        let bits = |t: Vec<f32>| -> Vec<u32> {
+            t.into_iter()
+                .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+                .collect()
+        };
+        let run = |fast: bool, alone: bool, same: bool| {
+            kernels::with_enabled(fast, || {
+                let tensor = |v: &Vec<f32>| {
+                    Tensor::<4>::from_data(TensorData::new(v.clone(), shape), &dev).require_grad()
+                };
+                let (a, b) = (tensor(&va), tensor(&vb));
+                let b = if same { a.clone() } else { b };
+                let w = Tensor::<4>::from_data(TensorData::new(weights.clone(), shape), &dev);
+                let left = if alone { a.clone() * 1.0 } else { a.clone() };
+                let y = kernels::add_relu(left, b.clone());
+                let grads = (y.clone() * w).sum().backward();
+                let grad =
+                    |t: &Tensor<4>| bits(to_vec(&t.grad(&grads).unwrap().reshape([-1])).unwrap());
+                (
+                    bits(to_vec(&y.detach().inner().reshape([-1])).unwrap()),
+                    grad(&a),
+                    grad(&b),
+                )
+            })
+        };
+        for (alone, same) in [(false, false), (true, false), (false, true)] {
+            let what = format!("{shape:?}, a held elsewhere: {}, a + a: {same}", !alone);
+            let (fast, burn) = (run(true, alone, same), run(false, alone, same));
+            assert_eq!(fast.0, burn.0, "outputs, {what} (seed {seed})");
+            assert_eq!(fast.1, burn.1, "gradients of a, {what} (seed {seed})");
+            assert_eq!(fast.2, burn.2, "gradients of b, {what} (seed {seed})");
+        }
+    }
+}

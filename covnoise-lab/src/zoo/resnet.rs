@@ -39,7 +39,7 @@ impl BasicBlock {
         let h = kernels::relu(probes.batch_norm(&self.bn1, z));
         let z = probes.conv2d(&self.conv2, h);
         let h = probes.batch_norm(&self.bn2, z);
-        kernels::relu(h + self.shortcut(x))
+        kernels::add_relu(h, self.shortcut(x))
     }
 
     /// Option A: `x[:, :, ::2, ::2]` with `pad_channels` zero channels on

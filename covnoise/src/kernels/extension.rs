@@ -139,6 +139,10 @@ pub trait FastKernels: Backend {
     /// `x` (see [`super::relu()`]).
     fn fast_relu(x: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// `max(a + b, 0)` elementwise for `a` and `b` of one shape, a NaN
+    /// passing through, differentiable in both (see [`super::add_relu`]).
+    fn fast_add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Batch normalization of `x` `[B, C, H, W]` over `groups` consecutive
     /// groups of examples, scaled by `gamma` and shifted by `beta` (`[C]`,
     /// or `[groups C]`: a scale and shift per group):
@@ -303,6 +307,10 @@ impl FastKernels for Flex {
 
     fn fast_relu(x: FlexTensor) -> FlexTensor {
         flex_relu(x)
+    }
+
+    fn fast_add_relu(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        flex_add_relu(a, b)
     }
 
     fn fast_linear_shifted(
@@ -787,6 +795,55 @@ fn flex_relu(x: FlexTensor) -> FlexTensor {
     flex(relu::forward(values(&x)), x.shape().to_vec())
 }
 
+/// `max(a + b, 0)`, in `a`'s buffer where it holds it alone.
+fn flex_add_relu(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+    let (mut a, b) = (contiguous(a), contiguous(b));
+    assert_eq!(a.shape(), b.shape(), "add_relu: two operands of one shape");
+    if let Some(v) = values_in_place(&mut a) {
+        relu::add_forward_in_place(v, values(&b));
+        return a;
+    }
+    flex(
+        relu::add_forward(values(&a), values(&b)),
+        a.shape().to_vec(),
+    )
+}
+
+/// The ReLU's gradient from its output `y` and the output gradient `dy`,
+/// in `dy`'s buffer where it holds it alone.
+fn relu_grad(y: &FlexTensor, dy: FlexTensor) -> FlexTensor {
+    let mut dy = contiguous(dy);
+    match values_in_place(&mut dy) {
+        Some(v) => {
+            relu::backward_in_place(values(y), v);
+            dy
+        }
+        None => flex(relu::backward(values(y), values(&dy)), dy.shape().to_vec()),
+    }
+}
+
+/// The backward step of `max(a + b, 0)`: the ReLU's gradient, handed to
+/// both operands. It keeps the output.
+#[derive(Debug)]
+struct AddReluBackward;
+
+impl Backward<Flex, 2> for AddReluBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<FlexTensor, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [pa, pb] = ops.parents;
+        let dx = relu_grad(&ops.state, grads.consume::<Flex>(&ops.node));
+        match (pa, pb) {
+            (Some(a), Some(b)) => {
+                grads.register::<Flex>(a.id, dx.clone());
+                grads.register::<Flex>(b.id, dx);
+            }
+            (Some(p), None) | (None, Some(p)) => grads.register::<Flex>(p.id, dx),
+            (None, None) => {}
+        }
+    }
+}
+
 /// The backward step of ReLU: it keeps the output, whose sign says where
 /// the gradient passes.
 #[derive(Debug)]
@@ -797,19 +854,9 @@ impl Backward<Flex, 1> for ReluBackward {
 
     fn backward(self, ops: Ops<FlexTensor, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [px] = ops.parents;
-        let mut dy = contiguous(grads.consume::<Flex>(&ops.node));
+        let dy = grads.consume::<Flex>(&ops.node);
         if let Some(p) = px {
-            let dx = match values_in_place(&mut dy) {
-                Some(v) => {
-                    relu::backward_in_place(values(&ops.state), v);
-                    dy
-                }
-                None => flex(
-                    relu::backward(values(&ops.state), values(&dy)),
-                    dy.shape().to_vec(),
-                ),
-            };
-            grads.register::<Flex>(p.id, dx);
+            grads.register::<Flex>(p.id, relu_grad(&ops.state, dy));
         }
     }
 }
@@ -943,6 +990,21 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         let (xp, node) = x.into_parts();
         let prep = ReluBackward.prepare::<C>([node]).compute_bound().stateful();
         let y = flex_relu(xp);
+        match prep {
+            OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
+            OpsKind::UnTracked(prep) => prep.finish(y),
+        }
+    }
+
+    fn fast_add_relu(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        // `a` is given up (as burn's add gives up its left operand), so
+        // that the output can take its buffer when nothing else holds it.
+        let (ap, a_node) = a.into_parts();
+        let prep = AddReluBackward
+            .prepare::<C>([a_node, b.node()])
+            .compute_bound()
+            .stateful();
+        let y = flex_add_relu(ap, b.primitive().clone());
         match prep {
             OpsKind::Tracked(prep) => prep.finish(y.clone(), y),
             OpsKind::UnTracked(prep) => prep.finish(y),

@@ -26,8 +26,9 @@
 //! gradients from the batch gradient's products), [`squared_outer`] is a
 //! Linear layer's summed squared per-example weight gradients
 //! `(a²)ᵀ(δ²)`, [`max_pool2d`] is max pooling without burn's 3-d detour,
-//! and [`relu()`] is ReLU spread over the threads (burn's flex backend
-//! runs elementwise ops on the calling thread).
+//! [`relu()`] is ReLU spread over the threads (burn's flex backend runs
+//! elementwise ops on the calling thread), and [`add_relu`] a residual
+//! sum and the ReLU after it in one pass over them.
 //!
 //! Reach: the kernels run for `f32` tensors on `Device::flex()` and
 //! `Device::flex().autodiff()`, for convolutions with groups 1, dilation 1
@@ -490,6 +491,28 @@ pub fn relu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
         return burn::tensor::activation::relu(x);
     }
     Tensor::from_dispatch(<Dispatch as FastKernels>::fast_relu(x.into_dispatch()))
+}
+
+/// `relu(a + b)` for `a` and `b` of one shape (a residual sum and the
+/// ReLU after it), on covnoise's fast kernel where it applies (enabled on
+/// this thread, flex, `f32`, equal shapes), burn's ops otherwise. burn's
+/// values and gradients (the sum rounded to `f32`, then the ReLU): one
+/// pass over the threads, where burn's flex adds on the calling thread and
+/// then runs the ReLU.
+pub fn add_relu<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
+    let fast = enabled()
+        && a.dtype() == DType::F32
+        && b.dtype() == DType::F32
+        && a.dims() == b.dims()
+        && is_flex(&a.device())
+        && is_flex(&b.device());
+    if !fast {
+        return burn::tensor::activation::relu(a + b);
+    }
+    Tensor::from_dispatch(<Dispatch as FastKernels>::fast_add_relu(
+        a.into_dispatch(),
+        b.into_dispatch(),
+    ))
 }
 
 /// The products `a_gᵀ d_g` of consecutive groups of `rows` rows of `a`

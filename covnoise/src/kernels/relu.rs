@@ -71,6 +71,29 @@ pub fn forward_in_place(x: &mut [f32]) {
     })
 }
 
+/// `max(a + b, 0)`: a residual sum and the ReLU after it in one pass
+/// (the sum rounded to `f32` first, as burn's add then ReLU).
+pub fn add_forward(a: &[f32], b: &[f32]) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "two operands of one shape");
+    blocks(a.len(), |start, out| {
+        for ((o, &u), &v) in out.iter_mut().zip(&a[start..]).zip(&b[start..]) {
+            let s = u + v;
+            *o = if passes(s) { s } else { 0.0 };
+        }
+    })
+}
+
+/// [`add_forward`] overwriting `a`.
+pub fn add_forward_in_place(a: &mut [f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "two operands of one shape");
+    blocks_in_place(a, |start, a| {
+        for (u, &v) in a.iter_mut().zip(&b[start..]) {
+            let s = *u + v;
+            *u = if passes(s) { s } else { 0.0 };
+        }
+    })
+}
+
 /// [`backward`] overwriting the output gradient `dy`.
 pub fn backward_in_place(y: &[f32], dy: &mut [f32]) {
     assert_eq!(y.len(), dy.len(), "an output gradient per output");
@@ -116,6 +139,15 @@ mod tests {
             backward_in_place(&y, &mut dx_in);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&y_in), bits(&y), "in place, {len} values");
+            // The fused sum: relu(x + r) for a second operand r, whole and
+            // in place, against the sum then the ReLU.
+            let r: Vec<f32> = (0..len).map(|i| (i as f32 * 0.23).sin()).collect();
+            let summed: Vec<f32> = x.iter().zip(&r).map(|(u, v)| u + v).collect();
+            let want = bits(&forward(&summed));
+            assert_eq!(bits(&add_forward(&x, &r)), want, "sum, {len} values");
+            let mut sum_in = x.clone();
+            add_forward_in_place(&mut sum_in, &r);
+            assert_eq!(bits(&sum_in), want, "sum in place, {len} values");
             assert_eq!(bits(&dx_in), bits(&dx), "gradient in place, {len} values");
             assert_eq!(y.len(), len);
             for i in 0..len {
