@@ -587,16 +587,17 @@ pub fn linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
 }
 
 /// `layer.forward(x)` for a burn `Linear` on `x` `[..., in]`, through
-/// [`linear`]: the leading dimensions are flattened into rows, the bias
-/// added to each. A one-dimensional `x`, or one whose last dimension is
-/// not the layer's input, goes to burn's `forward` (which checks it).
+/// [`linear`] where the fast kernel applies: the leading dimensions are
+/// flattened into rows, the bias added to each. Elsewhere (another device
+/// or dtype, a one-dimensional `x`, or one whose last dimension is not the
+/// layer's input) burn's `forward` itself (which checks the shape).
 pub fn linear_layer<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let dims = x.dims();
     let weight = layer.weight.val();
-    if D < 2 || dims[D - 1] != weight.dims()[0] {
+    let rows: usize = dims[..D.saturating_sub(1)].iter().product();
+    if D < 2 || !linear_applies([rows, dims[D - 1]], x.dtype(), &x.device(), &weight, 1) {
         return layer.forward(x);
     }
-    let rows = dims[..D - 1].iter().product();
     let mut z = linear(x.reshape([rows, dims[D - 1]]), weight);
     if let Some(bias) = &layer.bias {
         z = z + bias.val().unsqueeze();
@@ -610,15 +611,26 @@ pub fn linear_layer<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
 /// thread, flex, `f32`, `x` `[R, i]` and `weight` `[i, o]` non-empty, and
 /// R a multiple of `rows`.
 pub fn linear_grouped_applies(x: &Tensor<2>, weight: &Tensor<2>, rows: usize) -> bool {
-    let ([r, i], [i_w, o]) = (x.dims(), weight.dims());
+    linear_applies(x.dims(), x.dtype(), &x.device(), weight, rows)
+}
+
+/// [`linear_grouped_applies`] for an `x` of these dims, dtype and device.
+fn linear_applies(
+    [r, i]: [usize; 2],
+    dtype: DType,
+    device: &Device,
+    weight: &Tensor<2>,
+    rows: usize,
+) -> bool {
+    let [i_w, o] = weight.dims();
     enabled()
-        && x.dtype() == DType::F32
+        && dtype == DType::F32
         && weight.dtype() == DType::F32
         && i == i_w
         && rows > 0
         && r.is_multiple_of(rows)
         && r * i * o > 0
-        && is_flex(&x.device())
+        && is_flex(device)
         && is_flex(&weight.device())
 }
 
