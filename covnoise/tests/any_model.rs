@@ -433,6 +433,23 @@ fn deep_model(seed: u64) -> Deep {
     })
 }
 
+/// The exact diagonal and trace estimates of a ReLU net of Linear layers
+/// with one position per example (the one-product shortcut `(a²)ᵀ(δ²)`),
+/// with the fast kernels on (the output gradient handed over by the
+/// product's own backward step, the squares formed on the threads) and off
+/// (burn's ops and a probe tensor), against single-example passes:
+/// both paths must stay exact.
+#[test]
+fn exact_estimate_of_a_linear_relu_net_matches_single_example_passes_on_both_paths() {
+    let model = deep_model(8);
+    let batch = features(10, 6, 3, 9);
+    for fast in [true, false] {
+        covnoise::kernels::with_enabled(fast, || {
+            assert_exact_matches_brute_force(&model, &batch, &deep_forward)
+        });
+    }
+}
+
 /// The summarized micro-batch gradients of one pass
 /// ([`moments::PassRequest::group_summary`]: on the grouped Linear
 /// product, each group's product folded into a running mean and centered
