@@ -572,9 +572,9 @@ pub fn squared_outer(a: &Tensor<2>, d: &Tensor<2>) -> Option<Tensor<2>> {
 /// thread, flex, `f32`, non-empty operands) the forward product and the
 /// backward step's two products (`dy Wᵀ` and `xᵀ dy`, each formed only
 /// where its operand takes a gradient) run on all threads into outputs
-/// zeroed there; on the MLP's plain step at batch 4,096 that is about a
-/// sixth faster than burn's flex matmul and its autodiff step. Elsewhere
-/// burn's `matmul`.
+/// zeroed there; the MLP's plain step at batch 4,096 ran 6-22 % faster
+/// than on burn's flex matmul and its autodiff step, back to back
+/// (RESULTS.md section 21). Elsewhere burn's `matmul`.
 pub fn linear(x: Tensor<2>, weight: Tensor<2>) -> Tensor<2> {
     let r = x.dims()[0];
     if !linear_grouped_applies(&x, &weight, r.max(1)) {
