@@ -99,7 +99,8 @@ pub trait FastKernels: Backend {
     /// `x_gᵀ dy_g` of the consecutive groups of `rows` rows, leaves them
     /// (or their sum and centered sum of squares) and the output gradient
     /// `[R, o, 1, 1]` in `sink`, and with `weight_grad` registers their
-    /// sum as the weight's gradient (see [`super::linear_grouped`]).
+    /// sum as the weight's gradient; a sink that asks for squares gets the
+    /// output gradient alone (see [`super::linear_grouped`]).
     fn fast_linear_grouped(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,

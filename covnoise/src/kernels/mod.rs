@@ -643,7 +643,10 @@ fn linear_applies(
 /// layer's micro-batch gradients at the cost of its batch gradient's
 /// products. With `weight_grad` the weight's gradient is registered as
 /// the groups' sum; without it (a frozen copy's weight, tracked only so
-/// that the step runs) it is not. Only where [`linear_grouped_applies`]
+/// that the step runs) it is not. A sink made by [`ConvSink::new`] (a
+/// pass of the per-example estimators) gets the output gradient alone,
+/// and the weight's gradient is the batch's single product `xᵀ dy`; `rows`
+/// then only has to divide R. Only where [`linear_grouped_applies`]
 /// (checked: panics otherwise).
 pub fn linear_grouped(
     x: Tensor<2>,
