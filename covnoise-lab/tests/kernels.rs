@@ -776,6 +776,26 @@ fn max_pooling_and_its_gradient_equal_burns_on_a_random_grid_of_shapes() {
     }
 }
 
+/// `n` values uniform in [-1, 1), one in eight replaced by a zero, a
+/// negative zero, NaN or an infinity.
+fn with_specials(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    let special = [0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
+    (0..n)
+        .map(|_| match rng.random_range(0..8) {
+            0 => special[rng.random_range(0..special.len())],
+            _ => rng.random_range(-1.0f32..1.0),
+        })
+        .collect()
+}
+
+/// The bits of each value, every NaN as one pattern: outputs compared bit
+/// for bit, NaN where the reference has NaN.
+fn bits(t: Vec<f32>) -> Vec<u32> {
+    t.into_iter()
+        .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+        .collect()
+}
+
 /// ReLU on the fast kernel against burn's, forward and backward through
 /// autodiff, on tensors of ranks 2 and 4 that end inside, at and across
 /// the kernel's blocks of 16,384 values, with zeros, signed zeros, NaN and
@@ -788,7 +808,6 @@ fn relu_and_its_gradient_equal_burns() {
     let seed = run_seed();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4e1);
     let dev = Device::flex().autodiff();
-    let special = [0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
     for shape in [
         [3usize, 5, 1, 1],
         [2, 8, 32, 32],
@@ -796,12 +815,7 @@ fn relu_and_its_gradient_equal_burns() {
         [1, 1, 1, 16384],
     ] {
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n)
-            .map(|_| match rng.random_range(0..8) {
-                0 => special[rng.random_range(0..special.len())],
-                _ => rng.random_range(-1.0f32..1.0),
-            })
-            .collect();
+        let values = with_specials(&mut rng, n);
         let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
         let run = |fast: bool, alone: bool| {
             kernels::with_enabled(fast, || {
@@ -815,11 +829,6 @@ fn relu_and_its_gradient_equal_burns() {
                 let y = kernels::relu(input.reshape([shape[0] as i32, -1]));
                 let grads = (y.clone().reshape(shape) * w).sum().backward();
                 let dx = x.grad(&grads).expect("x takes a gradient");
-                let bits = |t: Vec<f32>| -> Vec<u32> {
-                    t.into_iter()
-                        .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
-                        .collect()
-                };
                 (
                     bits(to_vec(&y.detach().inner().reshape([-1])).unwrap()),
                     bits(to_vec(&dx.reshape([-1])).unwrap()),
@@ -847,24 +856,10 @@ fn the_fused_residual_sum_and_relu_equal_burns() {
     let seed = run_seed();
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xadd);
     let dev = Device::flex().autodiff();
-    let special = [0.0f32, -0.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
-    let mut draw = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| match rng.random_range(0..8) {
-                0 => special[rng.random_range(0..special.len())],
-                _ => rng.random_range(-1.0f32..1.0),
-            })
-            .collect()
-    };
     for shape in [[3usize, 5, 1, 1], [2, 8, 32, 32], [1, 1, 1, 16385]] {
         let n: usize = shape.iter().product();
-        let (va, vb) = (draw(n), draw(n));
+        let (va, vb) = (with_specials(&mut rng, n), with_specials(&mut rng, n));
         let weights: Vec<f32> = (0..n).map(|i| 1.0 + (i % 7) as f32).collect();
-        let bits = |t: Vec<f32>| -> Vec<u32> {
-            t.into_iter()
-                .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
-                .collect()
-        };
         let run = |fast: bool, alone: bool, same: bool| {
             kernels::with_enabled(fast, || {
                 let tensor = |v: &Vec<f32>| {
