@@ -340,21 +340,9 @@ where
 {
     let g = groups.groups();
     let scale = groups.scale as f64;
-    // ||g_m||^2 for every m with one host read.
-    let per_group = groups
-        .sums
-        .iter()
-        .map(|t| {
-            crate::kernels::row_square_sums(t)
-                .unwrap_or_else(|| t.clone().square().sum_dim(1).reshape([g]))
-        })
-        .reduce(|a, c| a + c)
-        .ok_or_else(|| CovnoiseError::Shape("no parameters to penalize".into()))?;
-    let device = per_group.device();
-    let norms: Vec<f64> = crate::tensor_util::to_vec(&per_group)?
-        .into_iter()
-        .map(|v| v as f64 * scale * scale)
-        .collect();
+    // ||g_m||^2 for every m, kept from the pass where it read the rows for
+    // their mean, else from one read of them.
+    let norms = groups.squared_norms()?;
     if norms.iter().any(|v| !v.is_finite()) {
         return Err(CovnoiseError::NonFiniteGradient { step: ctx.step });
     }
@@ -385,14 +373,13 @@ where
         .collect();
     // Row m of a sum times scale is g_m: the shifts are the rows scaled by
     // eps_m scale (applied by the layers, not written out), and
-    // sum_m g_m / eps_m one product of the rows with the weights
-    // scale / eps_m (zero-gradient rows weighted 0).
+    // sum_m g_m / eps_m one weighted sum of the rows (zero-gradient rows
+    // weighted 0).
     let to_shift = eps.iter().map(|&e| (e * scale) as f32).collect();
     let quotients: Vec<f32> = eps
         .iter()
-        .map(|&e| if e > 0.0 { (scale / e) as f32 } else { 0.0 })
+        .map(|&e| if e > 0.0 { (1.0 / e) as f32 } else { 0.0 })
         .collect();
-    let to_quotient = crate::tensor_util::from_vec(quotients, [1, g], &device);
     let shifts =
         GroupShifts::from_table(ctx.table, b, groups.sums.clone())?.with_factors(to_shift)?;
     let request = PassRequest {
@@ -406,12 +393,8 @@ where
     let hvp = moved
         .grads
         .into_iter()
-        .zip(&groups.sums)
-        .map(|(at_moved, t)| {
-            let numel = t.dims()[1];
-            let here = to_quotient.clone().matmul(t.clone()).reshape([numel]);
-            at_moved - here
-        })
+        .zip(groups.weighted_sum(&quotients))
+        .map(|(at_moved, here)| at_moved - here)
         .collect();
     Ok((norm_sq, Some(hvp)))
 }

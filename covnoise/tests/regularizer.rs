@@ -455,16 +455,21 @@ fn fisher_trace_value_is_the_trace_of_the_fisher_in_expectation() {
 /// idle machine, and 1.07e-5 with both cores busy, where flex splits its
 /// sums differently. 5e-5 bounds that with room and is still far below a
 /// dropped or double-counted chunk, which is off by O(1). The reported loss
-/// is the data loss, the plain step's, not the penalized objective.
+/// is the data loss, the plain step's, not the penalized objective. Chunks
+/// of one micro-batch (M = 2, `--chunk 4` rounded up to 6), and of two
+/// micro-batches then one (M = 3, `--chunk 8`), whose last chunk's group
+/// gradients come at another scale than the first's.
 #[test]
 fn chunked_passes_give_the_same_penalized_step_and_the_loss_stays_the_data_loss() {
     let n = 12;
     let (model, batch) = mlp_and_batch(n, 7);
     let mut plain = NoiseStage::new(NoiseConfig::none(), n, 0).unwrap();
     let (_, plain_loss, _) = step_grads(&mut plain, &model, &batch, mlp_forward);
-    for reg in [
-        Regularizer::grad_norm(0.5, 2),
-        Regularizer::fisher_trace(0.5, 2),
+    for (reg, chunk) in [
+        (Regularizer::grad_norm(0.5, 2), 4),
+        (Regularizer::fisher_trace(0.5, 2), 4),
+        (Regularizer::grad_norm(0.5, 3), 8),
+        (Regularizer::fisher_trace(0.5, 3), 8),
     ] {
         let run = |chunk: Option<usize>| {
             let mut stage = NoiseStage::new(NoiseConfig::none(), n, 0)
@@ -475,7 +480,7 @@ fn chunked_passes_give_the_same_penalized_step_and_the_loss_stays_the_data_loss(
             step_grads(&mut stage, &model, &batch, mlp_forward)
         };
         let (whole, loss, value) = run(None);
-        let (chunked, chunked_loss, chunked_value) = run(Some(4));
+        let (chunked, chunked_loss, chunked_value) = run(Some(chunk));
         let diff: Vec<f64> = whole.iter().zip(&chunked).map(|(a, b)| a - b).collect();
         assert!(
             norm(&diff) <= 5e-5 * norm(&whole),
@@ -511,15 +516,18 @@ fn unprobed_forward(m: &Mlp, b: &Labeled, _: &mut Probes) -> Objective {
 /// the passes (1e-4 relative, as above; the forward difference divides
 /// rounding of about 1e-7 by r = 1e-2, 1e-5). A micro-batch gradient
 /// taken from the wrong group, or sampled labels not the per-micro-batch
-/// path's, moves the penalty by O(1).
+/// path's, moves the penalty by O(1). With the fast kernels on and off:
+/// the group gradients' norms and weighted sums have a kernel and burn's
+/// ops (other backends) beside it.
 #[test]
 fn penalties_from_one_pass_equal_one_pass_per_micro_batch() {
     let n = 12;
     let (model, batch) = mlp_and_batch(n, 7);
-    for config in [
+    let configs = [
         NoiseConfig::none(),
         NoiseConfig::diag_fisher(4).with_estimator(covnoise::moments::Estimator::microbatch(3)),
-    ] {
+    ];
+    for (config, fast) in configs.iter().flat_map(|c| [(c, true), (c, false)]) {
         for reg in [
             Regularizer::grad_norm(0.5, 4),
             Regularizer::fisher_trace(0.5, 3),
@@ -530,19 +538,21 @@ fn penalties_from_one_pass_equal_one_pass_per_micro_batch() {
                     .with_regularizer(reg)
                     .unwrap();
                 let mut out = Vec::new();
-                for _ in 0..2 {
-                    out.push(if probed {
-                        step_grads(&mut stage, &model, &batch, mlp_forward)
-                    } else {
-                        step_grads(&mut stage, &model, &batch, unprobed_forward)
-                    });
-                }
+                covnoise::kernels::with_enabled(fast, || {
+                    for _ in 0..2 {
+                        out.push(if probed {
+                            step_grads(&mut stage, &model, &batch, mlp_forward)
+                        } else {
+                            step_grads(&mut stage, &model, &batch, unprobed_forward)
+                        });
+                    }
+                });
                 out
             };
             for ((a, la, pa), (b, lb, pb)) in run(true).into_iter().zip(run(false)) {
                 let diff: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
                 let rel = norm(&diff) / norm(&b);
-                assert!(rel <= 1e-4, "{reg:?}: steps differ by {rel}");
+                assert!(rel <= 1e-4, "{reg:?} (fast {fast}): steps differ by {rel}");
                 assert!((la - lb).abs() <= 1e-5 * lb.abs(), "losses {la} and {lb}");
                 let (pa, pb) = (pa.unwrap(), pb.unwrap());
                 assert!(

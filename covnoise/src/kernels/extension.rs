@@ -126,6 +126,15 @@ pub trait FastKernels: Backend {
     /// [`super::row_mean`]); not differentiable.
     fn fast_row_mean(t: FloatTensor<Self>) -> FloatTensor<Self>;
 
+    /// The mean of the rows of `t` `[G, n]` followed by each row's
+    /// `Σ_c t[g, c]²`: `[n + G]`, from one read of `t` (see
+    /// [`super::row_mean_and_square_sums`]); not differentiable.
+    fn fast_row_mean_and_squares(t: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// `Σ_g w_g t[g, c]` `[n]` for `t` `[G, n]` and `w` `[G]` (see
+    /// [`super::weighted_row_sum`]); not differentiable.
+    fn fast_weighted_row_sum(t: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// Max pooling of `x` `[B, C, H, W]` over `kernel` windows moved by
     /// `stride`, with symmetric `padding`, dilation 1, floor mode,
     /// differentiable in `x` (see [`super::max_pool2d`]).
@@ -356,6 +365,20 @@ impl FastKernels for Flex {
         let t = contiguous(t);
         let [g, n] = [t.shape()[0], t.shape()[1]];
         flex(outer::row_square_sums(values(&t), n), vec![g])
+    }
+
+    fn fast_row_mean_and_squares(t: FlexTensor) -> FlexTensor {
+        let t = contiguous(t);
+        let [g, n] = [t.shape()[0], t.shape()[1]];
+        let (mut mean, squares) = outer::row_mean_and_square_sums(values(&t), n);
+        mean.extend(squares);
+        flex(mean, vec![n + g])
+    }
+
+    fn fast_weighted_row_sum(t: FlexTensor, w: FlexTensor) -> FlexTensor {
+        let (t, w) = (contiguous(t), contiguous(w));
+        let n = t.shape()[1];
+        flex(outer::weighted_row_sum(values(&t), values(&w)), vec![n])
     }
 
     fn fast_centered_squares(t: FlexTensor, m: FlexTensor) -> FlexTensor {
@@ -1069,6 +1092,19 @@ impl<C: CheckpointStrategy> FastKernels for AutodiffFlex<C> {
         Self::from_inner(<Flex as FastKernels>::fast_row_squares(
             t.primitive().clone(),
         ))
+    }
+
+    fn fast_row_mean_and_squares(t: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Not differentiable: the sums of the inner tensor.
+        Self::from_inner(<Flex as FastKernels>::fast_row_mean_and_squares(
+            t.primitive().clone(),
+        ))
+    }
+
+    fn fast_weighted_row_sum(t: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Not differentiable: the sum of the inner tensors.
+        let (t, w) = (t.primitive().clone(), w.primitive().clone());
+        Self::from_inner(<Flex as FastKernels>::fast_weighted_row_sum(t, w))
     }
 
     fn fast_centered_squares(t: FloatTensor<Self>, m: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -711,6 +711,39 @@ fn over_rows(
     ok.then(|| Tensor::from_dispatch(op(t.clone().into_dispatch())))
 }
 
+/// The mean of the rows of `t` `[G, n]` (`[n]`, as [`row_mean`]) and each
+/// row's `Σ_c t[g, c]²` (`[G]`, as [`row_square_sums`]) from one read of
+/// `t` on the fast kernel: the mean of group gradients and their squared
+/// norms, where a step needs both. None where it does not run (disabled
+/// on this thread, another backend than flex, not `f32`, an empty `t`):
+/// the caller then uses burn's ops.
+pub fn row_mean_and_square_sums(t: &Tensor<2>) -> Option<(Tensor<1>, Tensor<1>)> {
+    let [g, n] = t.dims();
+    let both = over_rows(t, <Dispatch as FastKernels>::fast_row_mean_and_squares)?;
+    Some((both.clone().narrow(0, 0, n), both.narrow(0, n, g)))
+}
+
+/// `Σ_g w_g t[g, c]` `[n]` for `t` `[G, n]` and one weight per row
+/// (a weighted sum of group gradients), in one read of `t` on the fast
+/// kernel. None where it does not run (disabled on this thread, another
+/// backend than flex, not `f32`, an empty `t`): the caller then uses
+/// burn's ops.
+///
+/// # Panics
+/// If `w` does not hold one weight per row of `t`.
+pub fn weighted_row_sum(t: &Tensor<2>, w: &[f32]) -> Option<Tensor<1>> {
+    let [g, _] = t.dims();
+    assert_eq!(w.len(), g, "one weight per row of t [{g}, n]");
+    let ok = enabled() && t.dtype() == DType::F32 && g > 0 && t.dims()[1] > 0;
+    (ok && is_flex(&t.device())).then(|| {
+        let w = crate::tensor_util::from_vec(w.to_vec(), [g], &t.device());
+        Tensor::from_dispatch(<Dispatch as FastKernels>::fast_weighted_row_sum(
+            t.clone().into_dispatch(),
+            w.into_dispatch(),
+        ))
+    })
+}
+
 /// `Σ_c t[g, c]²` `[G]` for each row of `t` `[G, n]` (the squared norms
 /// of group gradients), in one read of `t` on the fast kernel, without the
 /// squared copy that `t.square().sum_dim(1)` writes. None where it does

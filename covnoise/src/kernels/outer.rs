@@ -144,7 +144,7 @@ fn squares(t: &[f32]) -> Vec<f32> {
 /// (row-major): a Linear layer's squared per-example bias gradients
 /// summed, in one read of `t` (no squared copy).
 pub fn column_square_sums(t: &[f32], n: usize) -> Vec<f32> {
-    fold_rows(t, n, |dst, row, _| {
+    fold_rows(t, n, |dst, row, _, _| {
         for (s, &v) in dst.iter_mut().zip(row) {
             *s += v * v;
         }
@@ -162,7 +162,7 @@ pub fn group_outer_summed(
     o: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let groups = group_outer(a, d, rows, i, o);
-    let sum = fold_rows(&groups, i * o, |dst, row, _| {
+    let sum = fold_rows(&groups, i * o, |dst, row, _, _| {
         for (s, &v) in dst.iter_mut().zip(row) {
             *s += v;
         }
@@ -171,16 +171,20 @@ pub fn group_outer_summed(
 }
 
 /// `[n]`: the rows of `t` `[G, n]` (row-major) folded into zeros by
-/// `add(dst, row, start)`, which adds a row's columns `start..start +
-/// dst.len()` into `dst`; spread over the threads by blocks of columns,
-/// each block's rows read in order.
-fn fold_rows(t: &[f32], n: usize, add: impl Fn(&mut [f32], &[f32], usize) + Sync) -> Vec<f32> {
+/// `add(dst, row, start, g)`, which adds columns `start..start +
+/// dst.len()` of row `g` into `dst`; spread over the threads by blocks of
+/// columns, each block's rows read in order.
+fn fold_rows(
+    t: &[f32],
+    n: usize,
+    add: impl Fn(&mut [f32], &[f32], usize, usize) + Sync,
+) -> Vec<f32> {
     assert!(n > 0 && t.len().is_multiple_of(n), "whole rows of t");
     output_items(n, SUM_BLOCK, 1, true, |c, dst| {
         let (start, len) = (c * SUM_BLOCK, dst.len());
         dst.fill(0.0);
-        for row in t.chunks(n) {
-            add(dst, &row[start..start + len], start);
+        for (g, row) in t.chunks(n).enumerate() {
+            add(dst, &row[start..start + len], start, g);
         }
     })
 }
@@ -268,7 +272,7 @@ const SUM_BLOCK: usize = 4096;
 /// (row-major): the centered sum of squares of G group gradients around
 /// `m`, one read of `t`, spread over the threads by blocks of columns.
 pub fn centered_square_sum(t: &[f32], m: &[f32]) -> Vec<f32> {
-    fold_rows(t, m.len(), |dst, row, start| {
+    fold_rows(t, m.len(), |dst, row, start, _| {
         let m = &m[start..start + dst.len()];
         for ((s, &v), &mean) in dst.iter_mut().zip(row).zip(m) {
             let e = v - mean;
@@ -283,7 +287,7 @@ pub fn centered_square_sum(t: &[f32], m: &[f32]) -> Vec<f32> {
 pub fn row_mean(t: &[f32], n: usize) -> Vec<f32> {
     assert!(n > 0 && !t.is_empty(), "rows of t");
     let g = (t.len() / n) as f32;
-    let mut sum = fold_rows(t, n, |dst, row, _| {
+    let mut sum = fold_rows(t, n, |dst, row, _, _| {
         for (s, &v) in dst.iter_mut().zip(row) {
             *s += v;
         }
@@ -299,20 +303,70 @@ pub fn row_mean(t: &[f32], n: usize) -> Vec<f32> {
 /// spread over the threads, each summed in eight `f64` lanes.
 pub fn row_square_sums(t: &[f32], n: usize) -> Vec<f32> {
     assert!(n > 0 && t.len().is_multiple_of(n), "whole rows of t");
-    t.par_chunks(n)
-        .map(|row| {
-            let mut lanes = [0.0f64; 8];
-            let blocks = row.chunks_exact(8);
-            let rest = blocks.remainder();
-            for b in blocks {
-                for (l, &v) in lanes.iter_mut().zip(b) {
-                    *l += v as f64 * v as f64;
-                }
+    t.par_chunks(n).map(|row| square_sum(row) as f32).collect()
+}
+
+/// `Σ x²` in eight `f64` lanes.
+fn square_sum(x: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let blocks = x.chunks_exact(8);
+    let rest = blocks.remainder();
+    for b in blocks {
+        for (l, &v) in lanes.iter_mut().zip(b) {
+            *l += v as f64 * v as f64;
+        }
+    }
+    let tail: f64 = rest.iter().map(|&v| v as f64 * v as f64).sum();
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// [`row_mean`] and [`row_square_sums`] of `t` `[G, n]` in one read of
+/// `t` (the mean of group gradients and their squared norms, both asked
+/// of the same rows by a penalty's step): spread over the threads by
+/// blocks of columns; each block's part of a row's squares is summed in
+/// `f64` lanes and the blocks' parts are added in block order, so the
+/// result does not depend on which thread finished first.
+pub fn row_mean_and_square_sums(t: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    assert!(n > 0 && !t.is_empty(), "rows of t");
+    assert!(t.len().is_multiple_of(n), "whole rows of t");
+    let g = t.len() / n;
+    let blocks = n.div_ceil(SUM_BLOCK);
+    let parts = std::sync::Mutex::new(vec![Vec::new(); blocks]);
+    let mut mean = output_items(n, SUM_BLOCK, 1, true, |c, dst| {
+        let (start, len) = (c * SUM_BLOCK, dst.len());
+        dst.fill(0.0);
+        let mut squares = Vec::with_capacity(g);
+        for row in t.chunks(n) {
+            let row = &row[start..start + len];
+            for (s, &v) in dst.iter_mut().zip(row) {
+                *s += v;
             }
-            let tail: f64 = rest.iter().map(|&v| v as f64 * v as f64).sum();
-            (lanes.iter().sum::<f64>() + tail) as f32
-        })
-        .collect()
+            squares.push(square_sum(row));
+        }
+        parts.lock().unwrap_or_else(|e| e.into_inner())[c] = squares;
+    });
+    for v in mean.iter_mut() {
+        *v /= g as f32;
+    }
+    let parts = parts.into_inner().unwrap_or_else(|e| e.into_inner());
+    let squares = (0..g)
+        .map(|r| parts.iter().map(|p| p[r]).sum::<f64>() as f32)
+        .collect();
+    (mean, squares)
+}
+
+/// `Σ_g w_g t[g, c]` `[n]` for `t` `[G, n]` and weights `w` `[G]`: a
+/// weighted sum of group gradients in one read of `t`, spread over the
+/// threads by blocks of columns, each block's rows added in order.
+pub fn weighted_row_sum(t: &[f32], w: &[f32]) -> Vec<f32> {
+    assert!(!w.is_empty() && !t.is_empty(), "rows of t");
+    assert!(t.len().is_multiple_of(w.len()), "one weight per row of t");
+    fold_rows(t, t.len() / w.len(), |dst, row, _, g| {
+        let w = w[g];
+        for (s, &v) in dst.iter_mut().zip(row) {
+            *s += w * v;
+        }
+    })
 }
 
 #[cfg(test)]
@@ -510,6 +564,52 @@ mod tests {
                     "row {r} of {g}x{n}: {v} vs {want}"
                 );
             }
+        }
+    }
+
+    /// The fused mean and squares against the two kernels they fuse: the
+    /// same sums in the same order for the mean (bit for bit), and the
+    /// squares to f64 rounding (blocks of columns added in another order
+    /// than one row's lanes: 1e-6 relative), over more columns than one
+    /// block, with one row and with one column.
+    #[test]
+    fn fused_row_mean_and_squares_match_the_two_kernels() {
+        for (g, n) in [(5, 2 * SUM_BLOCK + 37), (1, SUM_BLOCK + 1), (7, 1)] {
+            let t: Vec<f32> = (0..g * n)
+                .map(|k| ((k * 31 % 103) as f32 - 51.0) / 9.0)
+                .collect();
+            let (mean, squares) = row_mean_and_square_sums(&t, n);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&mean), bits(&row_mean(&t, n)), "{g}x{n} mean");
+            let want = row_square_sums(&t, n);
+            assert_eq!(squares.len(), g);
+            for (r, (&v, &w)) in squares.iter().zip(&want).enumerate() {
+                assert!(
+                    (v as f64 - w as f64).abs() <= 1e-6 * w as f64,
+                    "row {r} of {g}x{n}: {v} vs {w}"
+                );
+            }
+        }
+    }
+
+    /// The weighted sum of rows against its f64 loop, over more columns
+    /// than one block, with a zero and a negative weight (float32 sums of
+    /// 4 products, 1e-6).
+    #[test]
+    fn weighted_row_sum_matches_its_loop() {
+        let (g, n) = (4, SUM_BLOCK + 53);
+        let t: Vec<f32> = (0..g * n)
+            .map(|k| ((k * 43 % 89) as f32 - 44.0) / 7.0)
+            .collect();
+        let w = [0.5f32, -2.0, 0.0, 3.25];
+        let got = weighted_row_sum(&t, &w);
+        assert_eq!(got.len(), n);
+        for (c, &v) in got.iter().enumerate() {
+            let want: f64 = (0..g).map(|r| w[r] as f64 * t[r * n + c] as f64).sum();
+            assert!(
+                (v as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
+                "column {c}: {v} vs {want}"
+            );
         }
     }
 

@@ -276,6 +276,11 @@ pub struct GroupGrads {
     pub sums: Vec<Tensor<2>>,
     /// Turns a row of [`GroupGrads::sums`] into its group's mean gradient.
     pub scale: f32,
+    /// The groups' squared norms `Σ_params Σ_c row²` (unscaled), where the
+    /// pass read them in the same read as the rows' mean: reading `[groups,
+    /// numel]` rows again cost a penalty's step a twentieth of its time on
+    /// the MLP. They are of [`GroupGrads::sums`] as the pass returned them.
+    row_squares: Option<Vec<f64>>,
 }
 
 impl GroupGrads {
@@ -291,6 +296,83 @@ impl GroupGrads {
             .map(|t| {
                 let numel = t.dims()[1];
                 t.clone().narrow(0, j, 1).reshape([numel]) * self.scale
+            })
+            .collect()
+    }
+
+    /// The groups' rows from one pass (`scale` turns a row into its
+    /// group's mean gradient).
+    pub(crate) fn new(sums: Vec<Tensor<2>>, scale: f32) -> Self {
+        Self {
+            sums,
+            scale,
+            row_squares: None,
+        }
+    }
+
+    /// [`GroupGrads::mean`], and each group's squared norm kept for
+    /// [`GroupGrads::squared_norms`], from one read of the rows where the
+    /// fast kernel runs.
+    pub(crate) fn mean_keeping_norms(&mut self) -> Vec<Tensor<1>> {
+        let mut squares = vec![0.0f64; self.groups()];
+        let mut means = Vec::with_capacity(self.sums.len());
+        for t in &self.sums {
+            let Some((mean, rows)) = crate::kernels::row_mean_and_square_sums(t) else {
+                return self.mean();
+            };
+            let Ok(rows) = crate::tensor_util::to_vec(&rows) else {
+                return self.mean();
+            };
+            for (s, v) in squares.iter_mut().zip(rows) {
+                *s += v as f64;
+            }
+            means.push(mean * self.scale);
+        }
+        self.row_squares = Some(squares);
+        means
+    }
+
+    /// `‖g_j‖²` for each group's mean gradient `g_j` over all parameters,
+    /// as `f64`: kept from [`GroupGrads::mean_keeping_norms`] where the
+    /// pass computed them, else from one read of the rows (one host read
+    /// either way).
+    pub fn squared_norms(&self) -> Result<Vec<f64>> {
+        let s2 = self.scale as f64 * self.scale as f64;
+        if let Some(rows) = &self.row_squares {
+            return Ok(rows.iter().map(|v| v * s2).collect());
+        }
+        let g = self.groups();
+        let per_group = self
+            .sums
+            .iter()
+            .map(|t| {
+                crate::kernels::row_square_sums(t)
+                    .unwrap_or_else(|| t.clone().square().sum_dim(1).reshape([g]))
+            })
+            .reduce(|a, c| a + c)
+            .ok_or_else(|| CovnoiseError::Shape("no parameters in the groups".into()))?;
+        Ok(crate::tensor_util::to_vec(&per_group)?
+            .into_iter()
+            .map(|v| v as f64 * s2)
+            .collect())
+    }
+
+    /// `Σ_j w_j g_j` over the groups' mean gradients `g_j`, flat, in table
+    /// order, in one read of the rows where the fast kernel runs.
+    ///
+    /// # Panics
+    /// If `w` does not hold one weight per group.
+    pub fn weighted_sum(&self, w: &[f32]) -> Vec<Tensor<1>> {
+        let w: Vec<f32> = w.iter().map(|&v| v * self.scale).collect();
+        self.sums
+            .iter()
+            .map(|t| {
+                let [g, numel] = t.dims();
+                crate::kernels::weighted_row_sum(t, &w).unwrap_or_else(|| {
+                    crate::tensor_util::from_vec(w.clone(), [1, g], &t.device())
+                        .matmul(t.clone())
+                        .reshape([numel])
+                })
             })
             .collect()
     }
@@ -349,9 +431,20 @@ impl GroupGrads {
                 Tensor::cat(vec![a, b], 0)
             })
             .collect();
+        // The other chunk's rows were scaled by `ratio`, their squares by
+        // its square.
+        let row_squares = match (self.row_squares, other.row_squares) {
+            (Some(mut a), Some(b)) => {
+                let r2 = ratio as f64 * ratio as f64;
+                a.extend(b.into_iter().map(|v| v * r2));
+                Some(a)
+            }
+            _ => None,
+        };
         GroupGrads {
             sums,
             scale: self.scale,
+            row_squares,
         }
     }
 }
@@ -584,7 +677,7 @@ where
     };
     // The probe gradients are of the mean over the n examples: n / b
     // times a group's sum is its mean gradient.
-    let (group_grads, group_summary) = match request.group_size {
+    let (mut group_grads, group_summary) = match request.group_size {
         Some(b) if summary => {
             let (groups, sums, centered) = exact::group_moments(&recorded, table, b)?;
             // A row's sum is 1/scale of its group's mean gradient.
@@ -600,10 +693,7 @@ where
             (None, Some(summary))
         }
         Some(b) => {
-            let grads = GroupGrads {
-                sums: exact::group_sums(&recorded, table, b)?,
-                scale: (n / b) as f32,
-            };
+            let grads = GroupGrads::new(exact::group_sums(&recorded, table, b)?, (n / b) as f32);
             (Some(grads), None)
         }
         None => (None, None),
@@ -611,8 +701,8 @@ where
     let layers = if request.probes { recorded } else { Vec::new() };
     let grads = if request.skip_param_grads {
         Vec::new()
-    } else if let Some(groups) = &group_grads {
-        groups.mean()
+    } else if let Some(groups) = &mut group_grads {
+        groups.mean_keeping_norms()
     } else if let Some(summary) = &group_summary {
         summary.mean.clone()
     } else {
