@@ -53,6 +53,7 @@ mod outer;
 mod pool;
 mod relu;
 mod shifted;
+mod simd;
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::{output_buffer, output_items};
+use super::{output_buffer, output_items, simd};
 
 /// The layout of a batch-norm input: `batch` examples of `channels`
 /// channels with `spatial` positions each, normalized over `groups`
@@ -97,27 +97,6 @@ where
     (a, b)
 }
 
-/// Eight-lane sums of `f(i)` over `0..len`, in `f64`.
-#[inline]
-fn lane_sum2(len: usize, f: impl Fn(usize) -> (f64, f64)) -> (f64, f64) {
-    let mut a = [0.0f64; 8];
-    let mut b = [0.0f64; 8];
-    let full = len / 8 * 8;
-    for base in (0..full).step_by(8) {
-        for l in 0..8 {
-            let (x, y) = f(base + l);
-            a[l] += x;
-            b[l] += y;
-        }
-    }
-    for i in full..len {
-        let (x, y) = f(i);
-        a[0] += x;
-        b[0] += y;
-    }
-    (a.iter().sum(), b.iter().sum())
-}
-
 /// Where group `i / C`'s channel `i % C` finds its scale and shift: one
 /// `[C]` for all groups, or one per group, `[groups, C]`.
 fn affine_index(s: &NormShape, len: usize) -> impl Fn(usize) -> usize {
@@ -144,11 +123,7 @@ pub fn forward(s: &NormShape, x: &[f32], gamma: &[f32], beta: &[f32], eps: f64) 
     let shift = |g: usize, ch: usize| x[g * s.group_size() * per + ch * sp] as f64;
     let (s1, s2) = group_sums(s, |n, ch| {
         let k = shift(n / s.group_size(), ch);
-        let v = &x[n * per + ch * sp..][..sp];
-        lane_sum2(sp, |i| {
-            let d = v[i] as f64 - k;
-            (d, d * d)
-        })
+        simd::shifted_sums(&x[n * per + ch * sp..][..sp], k)
     });
     let count = s.count() as f64;
     let gc = s.groups * c;
@@ -229,7 +204,7 @@ pub fn backward(
             &x[n * per + ch * sp..][..sp],
             &dy[n * per + ch * sp..][..sp],
         );
-        lane_sum2(sp, |i| (dy[i] as f64, dy[i] as f64 * (x[i] as f64 - m)))
+        simd::gradient_sums(x, dy, m)
     });
     let (mut dgamma, mut dbeta) = (output_buffer(c), output_buffer(c));
     for ch in 0..c {
