@@ -13,16 +13,10 @@
 use std::arch::x86_64::*;
 
 /// Whether the AVX2 paths run on this CPU.
+#[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// `Σ (v - k)` and `Σ (v - k)²` over `v`, in eight `f64` lanes (value

@@ -333,9 +333,8 @@ impl GroupGrads {
     }
 
     /// `‖g_j‖²` for each group's mean gradient `g_j` over all parameters,
-    /// as `f64`: kept from [`GroupGrads::mean_keeping_norms`] where the
-    /// pass computed them, else from one read of the rows (one host read
-    /// either way).
+    /// as `f64`: kept by the pass where it read the rows for their mean,
+    /// else from one read of the rows (one host read either way).
     pub fn squared_norms(&self) -> Result<Vec<f64>> {
         let s2 = self.scale as f64 * self.scale as f64;
         if let Some(rows) = &self.row_squares {
