@@ -362,6 +362,8 @@ impl GroupGrads {
     /// # Panics
     /// If `w` does not hold one weight per group.
     pub fn weighted_sum(&self, w: &[f32]) -> Vec<Tensor<1>> {
+        let groups = self.groups();
+        assert_eq!(w.len(), groups, "one weight for each of {groups} groups");
         let w: Vec<f32> = w.iter().map(|&v| v * self.scale).collect();
         self.sums
             .iter()
