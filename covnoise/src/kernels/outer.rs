@@ -633,27 +633,6 @@ mod tests {
         }
     }
 
-    /// The weighted sum of rows against its f64 loop, over more columns
-    /// than one block, with a zero and a negative weight (float32 sums of
-    /// 4 products, 1e-6).
-    #[test]
-    fn weighted_row_sum_matches_its_loop() {
-        let (g, n) = (4, SUM_BLOCK + 53);
-        let t: Vec<f32> = (0..g * n)
-            .map(|k| ((k * 43 % 89) as f32 - 44.0) / 7.0)
-            .collect();
-        let w = [0.5f32, -2.0, 0.0, 3.25];
-        let got = weighted_row_sum(&t, &w);
-        assert_eq!(got.len(), n);
-        for (c, &v) in got.iter().enumerate() {
-            let want: f64 = (0..g).map(|r| w[r] as f64 * t[r * n + c] as f64).sum();
-            assert!(
-                (v as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "column {c}: {v} vs {want}"
-            );
-        }
-    }
-
     /// The row-split product against an f64 loop, on pools of 2 and 3
     /// threads (blocks of 160 and 112 rows, the last one shorter) and one
     /// (`gemm` alone), with the left operand read transposed as a weight
@@ -690,21 +669,32 @@ mod tests {
         }
     }
 
-    /// The rows' mean against its f64 loop, over more columns than one
-    /// block (float32 sums of 5 terms, 1e-6).
+    /// The rows' mean and their weighted sum (with a zero and a negative
+    /// weight) against one f64 loop, over more columns than one block:
+    /// float32 sums of 5 terms round at most at 5 ulp of the sum of their
+    /// magnitudes, 1e-6 of it bounds that.
     #[test]
-    fn row_mean_matches_its_loop() {
+    fn row_mean_and_weighted_row_sum_match_their_loop() {
         let (g, n) = (5, SUM_BLOCK + 37);
         let t: Vec<f32> = (0..g * n)
             .map(|k| ((k * 29 % 97) as f32 - 48.0) / 5.0)
             .collect();
-        let got = row_mean(&t, n);
-        for (c, &v) in got.iter().enumerate() {
-            let want = (0..g).map(|r| t[r * n + c] as f64).sum::<f64>() / g as f64;
-            assert!(
-                (v as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
-                "column {c}: {v} vs {want}"
-            );
+        let w = [0.5f32, -2.0, 0.0, 3.25, 1.0];
+        let mean = [1.0 / g as f64; 5];
+        let weighted = w.map(|v| v as f64);
+        for (got, w) in [
+            (row_mean(&t, n), mean),
+            (weighted_row_sum(&t, &w), weighted),
+        ] {
+            assert_eq!(got.len(), n);
+            for (c, &v) in got.iter().enumerate() {
+                let terms = (0..g).map(|r| w[r] * t[r * n + c] as f64);
+                let (want, size) = terms.fold((0.0, 0.0), |(s, a), x| (s + x, a + x.abs()));
+                assert!(
+                    (v as f64 - want).abs() <= 1e-6 * size,
+                    "column {c}: {v} vs {want}"
+                );
+            }
         }
     }
 }
