@@ -62,20 +62,31 @@ fn finish(
     (a.iter().sum(), b.iter().sum())
 }
 
+/// One value's terms of [`shifted_sums`]: `(v - k, (v - k)²)`.
+#[inline(always)]
+fn shifted_terms(v: f32, k: f64) -> (f64, f64) {
+    let d = v as f64 - k;
+    (d, d * d)
+}
+
+/// One value's terms of [`gradient_sums`]: `(dy, dy (x - m))`.
+#[inline(always)]
+fn gradient_terms(x: f32, dy: f32, m: f64) -> (f64, f64) {
+    let g = dy as f64;
+    (g, g * (x as f64 - m))
+}
+
 fn shifted_sums_portable(v: &[f32], k: f64) -> (f64, f64) {
     let (mut a, mut b) = ([0.0f64; 8], [0.0f64; 8]);
     let full = v.len() / 8 * 8;
     for block in v[..full].chunks_exact(8) {
         for l in 0..8 {
-            let d = block[l] as f64 - k;
+            let (d, d2) = shifted_terms(block[l], k);
             a[l] += d;
-            b[l] += d * d;
+            b[l] += d2;
         }
     }
-    finish((a, b), full..v.len(), |i| {
-        let d = v[i] as f64 - k;
-        (d, d * d)
-    })
+    finish((a, b), full..v.len(), |i| shifted_terms(v[i], k))
 }
 
 fn gradient_sums_portable(x: &[f32], dy: &[f32], m: f64) -> (f64, f64) {
@@ -83,15 +94,12 @@ fn gradient_sums_portable(x: &[f32], dy: &[f32], m: f64) -> (f64, f64) {
     let full = x.len() / 8 * 8;
     for (x, d) in x[..full].chunks_exact(8).zip(dy[..full].chunks_exact(8)) {
         for l in 0..8 {
-            let g = d[l] as f64;
+            let (g, gx) = gradient_terms(x[l], d[l], m);
             a[l] += g;
-            b[l] += g * (x[l] as f64 - m);
+            b[l] += gx;
         }
     }
-    finish((a, b), full..x.len(), |i| {
-        let g = dy[i] as f64;
-        (g, g * (x[i] as f64 - m))
-    })
+    finish((a, b), full..x.len(), |i| gradient_terms(x[i], dy[i], m))
 }
 
 /// Eight `f32` at `p` as two vectors of four `f64` (lanes 0-3, 4-7).
@@ -143,8 +151,7 @@ unsafe fn shifted_sums_avx2(v: &[f32], k: f64) -> (f64, f64) {
         b1 = _mm256_add_pd(b1, _mm256_mul_pd(d1, d1));
     }
     finish((lanes(a0, a1), lanes(b0, b1)), full..v.len(), |i| {
-        let d = v[i] as f64 - k;
-        (d, d * d)
+        shifted_terms(v[i], k)
     })
 }
 
@@ -168,8 +175,7 @@ unsafe fn gradient_sums_avx2(x: &[f32], dy: &[f32], m: f64) -> (f64, f64) {
         b1 = _mm256_add_pd(b1, _mm256_mul_pd(g1, _mm256_sub_pd(x1, mm)));
     }
     finish((lanes(a0, a1), lanes(b0, b1)), full..x.len(), |i| {
-        let g = dy[i] as f64;
-        (g, g * (x[i] as f64 - m))
+        gradient_terms(x[i], dy[i], m)
     })
 }
 
