@@ -705,7 +705,7 @@ pub fn row_mean(t: &Tensor<2>) -> Option<Tensor<1>> {
 /// the kernels enabled on this thread), else None.
 fn over_rows(
     t: &Tensor<2>,
-    op: fn(FloatTensor<Dispatch>) -> FloatTensor<Dispatch>,
+    op: impl FnOnce(FloatTensor<Dispatch>) -> FloatTensor<Dispatch>,
 ) -> Option<Tensor<1>> {
     let [g, n] = t.dims();
     let ok = enabled() && t.dtype() == DType::F32 && g > 0 && n > 0 && is_flex(&t.device());
@@ -735,13 +735,9 @@ pub fn row_mean_and_square_sums(t: &Tensor<2>) -> Option<(Tensor<1>, Tensor<1>)>
 pub fn weighted_row_sum(t: &Tensor<2>, w: &[f32]) -> Option<Tensor<1>> {
     let [g, _] = t.dims();
     assert_eq!(w.len(), g, "one weight per row of t [{g}, n]");
-    let ok = enabled() && t.dtype() == DType::F32 && g > 0 && t.dims()[1] > 0;
-    (ok && is_flex(&t.device())).then(|| {
+    over_rows(t, |rows| {
         let w = crate::tensor_util::from_vec(w.to_vec(), [g], &t.device());
-        Tensor::from_dispatch(<Dispatch as FastKernels>::fast_weighted_row_sum(
-            t.clone().into_dispatch(),
-            w.into_dispatch(),
-        ))
+        <Dispatch as FastKernels>::fast_weighted_row_sum(rows, w.into_dispatch())
     })
 }
 
