@@ -663,7 +663,8 @@ pub fn weight_grad(
         assert!(b > 0 && s.batch.is_multiple_of(b), "whole groups");
     }
     if s.uses_taps() {
-        return weight_grad_tap_rows(s, x, dy, with_bias, per_example);
+        let layout = TapLayout::for_weight_grad(s);
+        return weight_grad_tap_rows(s, x, dy, with_bias, per_example, layout);
     }
     // One accumulator per task, so few tasks: one per thread.
     let (per_task, par) = weight_grad_plan(s.batch, per_example);
@@ -805,6 +806,97 @@ fn unfold_tap_rows(s: &ConvShape, x: &[f32], rows: &mut [f32]) {
     }
 }
 
+/// Most output channels for which [`TapLayout::PositionMajor`] is worth
+/// its transposing copy: with at most this many, the weight-gradient
+/// product of [`TapLayout::ChannelMajor`] puts the output channels along
+/// `gemm`'s vectors, one or two AVX-512 vectors tall.
+const POSITION_MAJOR_MAX_CHANNELS: usize = 32;
+
+/// How [`weight_grad_tap_rows`] lays out an example's tap rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TapLayout {
+    /// `[C_in kw, Hp Wo]` ([`unfold_tap_rows`], as the forward pass reads
+    /// them): a kernel row's gradient `[C_in kw, C_out]` comes out of
+    /// `gemm` with the output channels along its vectors.
+    ChannelMajor,
+    /// `[Hp Wo, kw C_in]` ([`unfold_tap_columns`]): the gradient comes out
+    /// as `[C_out, kw C_in]` with the `kw C_in` taps along the vectors.
+    PositionMajor,
+}
+
+impl TapLayout {
+    /// The faster layout for this shape on this CPU. Measured per example
+    /// on ResNet-20's shapes (standalone timings of the `gemm` crate,
+    /// RESULTS.md section 23): on AVX-512, position-major runs the
+    /// 16-channel stage's products at 89 multiply-adds per ns against 42
+    /// and the 32-channel stage's at 84 against 60, which repays its
+    /// transposing unfold (13 µs against 5 at 16 channels); with 64
+    /// channels the two products run alike and the unfold costs more. On
+    /// AVX2 the products run at 46 against 43 multiply-adds per ns and
+    /// the unfold loses, so channel-major stays.
+    fn for_weight_grad(s: &ConvShape) -> Self {
+        if s.c_out <= POSITION_MAJOR_MAX_CHANNELS && has_avx512f() {
+            Self::PositionMajor
+        } else {
+            Self::ChannelMajor
+        }
+    }
+}
+
+/// Whether the CPU has AVX-512F, as `gemm` checks when it picks its
+/// micro-kernels (at run time, so one binary serves every x86-64 CPU).
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Values of one padded input row transposed, `(W + left + right) C_in`
+/// ([`unfold_tap_columns`]' scratch).
+fn padded_row_len(s: &ConvShape) -> usize {
+    (s.width + s.padding[1].0 + s.padding[1].1) * s.c_in
+}
+
+/// Unfolds one stride-1 example `x` `[C_in, H, W]` into `cols` `[Hp Wo,
+/// kw C_in]`, the transpose of [`unfold_tap_rows`]' buffer with its rows
+/// taken tap by tap: row `r Wo + ow` holds, at column `j C_in + c`, the
+/// zero-padded input `xpad[c, r, ow + j]`. Kernel row `i` reads rows from
+/// `i Wo` on, as in [`forward_tap_rows`]. Each padded input row is
+/// transposed once into `row` (`[(W + left + right), C_in]`), where the
+/// `kw` taps of output column `ow` are the `kw C_in` values from `ow C_in`
+/// on: one copy per output position. Every element of `cols` is written.
+fn unfold_tap_columns(s: &ConvShape, x: &[f32], cols: &mut [f32], row: &mut [f32]) {
+    let [_, wo] = s.output_size().expect("a valid convolution shape");
+    let k = s.c_in * s.kernel[1];
+    let (pt, pl) = (s.padding[0].0, s.padding[1].0);
+    let (h, w, c_in) = (s.height, s.width, s.c_in);
+    let row = &mut row[..padded_row_len(s)];
+    row[..pl * c_in].fill(0.0);
+    row[(pl + w) * c_in..].fill(0.0);
+    for (r, out) in cols.chunks_exact_mut(wo * k).enumerate() {
+        if r < pt || r - pt >= h {
+            out.fill(0.0);
+            continue;
+        }
+        let ih = r - pt;
+        let inside = &mut row[pl * c_in..(pl + w) * c_in];
+        for c in 0..c_in {
+            let src = &x[(c * h + ih) * w..][..w];
+            for (iw, &v) in src.iter().enumerate() {
+                inside[iw * c_in + c] = v;
+            }
+        }
+        for (ow, dst) in out.chunks_exact_mut(k).enumerate() {
+            copy_run(dst, &row[ow * c_in..][..k]);
+        }
+    }
+}
+
 /// The weight regrouped by kernel row for [`forward_tap_rows`]: for each
 /// group's weight and each kernel row `i`, a `[C_out, C_in kw]` matrix
 /// whose column `c kw + j` is tap `(i, j)` of input channel `c`,
@@ -882,14 +974,17 @@ fn forward_tap_rows(s: &ConvShape, x: &[f32], groups: GroupedWeights) -> Vec<f32
 /// [`forward_tap_rows`]' unfolding: kernel row `i`'s gradient is the tap
 /// rows read from column `i Wo` times the output gradient transposed,
 /// `[C_in kw, Ho Wo] [Ho Wo, C_out]`, accumulated per task as `[kh, C_in
-/// kw, C_out]` (per example or per group as `per_example` asks, as in
-/// [`weight_grad`]).
+/// kw, C_out]`; or, with [`TapLayout::PositionMajor`], the output
+/// gradient times the tap columns read from row `i Wo`, `[C_out, Ho Wo]
+/// [Ho Wo, kw C_in]`, accumulated as `[kh, C_out, kw C_in]` (per example
+/// or per group as `per_example` asks, as in [`weight_grad`]).
 fn weight_grad_tap_rows(
     s: &ConvShape,
     x: &[f32],
     dy: &[f32],
     with_bias: bool,
     per_example: PerExample,
+    layout: TapLayout,
 ) -> WeightGrads {
     let [ho, wo] = s.output_size().expect("a valid convolution shape");
     let [kh, kw] = s.kernel;
@@ -898,6 +993,10 @@ fn weight_grad_tap_rows(
     let (per_in, per_out) = (s.input_len(), s.output_len());
     let (per_task, par) = weight_grad_plan(s.batch, per_example);
     let block = k * s.c_out;
+    let row_len = match layout {
+        TapLayout::ChannelMajor => 0,
+        TapLayout::PositionMajor => padded_row_len(s),
+    };
     let task = |examples: std::ops::Range<usize>| {
         let mut sums = TaskSums::new(
             kh * block,
@@ -906,16 +1005,31 @@ fn weight_grad_tap_rows(
             per_example,
             examples.clone(),
         );
-        with_scratch(tap_rows_len(s), |rows| {
+        with_scratch(tap_rows_len(s) + row_len, |scratch| {
+            let (rows, row) = scratch.split_at_mut(tap_rows_len(s));
             for n in examples {
-                unfold_tap_rows(s, &x[n * per_in..][..per_in], rows);
+                let x_n = &x[n * per_in..][..per_in];
                 let dy_n = &dy[n * per_out..][..per_out];
+                match layout {
+                    TapLayout::ChannelMajor => unfold_tap_rows(s, x_n, rows),
+                    TapLayout::PositionMajor => unfold_tap_columns(s, x_n, rows, row),
+                }
                 let (target, add) = sums.target(n);
                 for (i, acc) in target.chunks_exact_mut(block).enumerate() {
-                    let (rows_st, dyt_st) = ([hp * wo, 1], [1, p]);
-                    let mnk = [k, s.c_out, p];
-                    let rows_i = &rows[i * wo..];
-                    matmul(mnk, acc, s.c_out, add, rows_i, rows_st, dy_n, dyt_st, par);
+                    match layout {
+                        TapLayout::ChannelMajor => {
+                            let (rows_st, dyt_st) = ([hp * wo, 1], [1, p]);
+                            let mnk = [k, s.c_out, p];
+                            let rows_i = &rows[i * wo..];
+                            matmul(mnk, acc, s.c_out, add, rows_i, rows_st, dy_n, dyt_st, par);
+                        }
+                        TapLayout::PositionMajor => {
+                            let (dy_st, cols_st) = ([p, 1], [k, 1]);
+                            let mnk = [s.c_out, k, p];
+                            let cols_i = &rows[i * wo * k..];
+                            matmul(mnk, acc, k, add, dy_n, dy_st, cols_i, cols_st, par);
+                        }
+                    }
                 }
                 sums.finish_example(n, dy_n, p);
             }
@@ -926,7 +1040,10 @@ fn weight_grad_tap_rows(
     reduce_tasks(&parts, s.c_out * s.rows(), |idx| {
         let (co, c) = (idx / s.rows(), (idx / (kh * kw)) % s.c_in);
         let (i, j) = ((idx / kw) % kh, idx % kw);
-        (i * k + c * kw + j) * s.c_out + co
+        match layout {
+            TapLayout::ChannelMajor => (i * k + c * kw + j) * s.c_out + co,
+            TapLayout::PositionMajor => i * block + co * k + j * s.c_in + c,
+        }
     })
 }
 
@@ -1000,6 +1117,150 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+    /// Both tap layouts' weight gradients (the batch's, the per-example
+    /// squares' sums and the groups' sums, and the bias's) against a
+    /// float64 loop over the padded input, on shapes with square and
+    /// rectangular kernels, symmetric and lopsided padding, and a kernel
+    /// column that meets no input, with scratch space poisoned. Each element is within 1e-5 of its
+    /// terms' magnitudes (the sum of their absolute values, or for a
+    /// square twice the product of that and the value): `f32` products
+    /// over at most 42 positions round each partial sum by at most about
+    /// 42 × 6e-8 of those magnitudes.
+    #[test]
+    fn both_tap_layouts_give_the_weight_gradients_of_a_float64_loop() {
+        // Scratch space starts as NaN: a value the unfolding leaves unwritten
+        // shows.
+        crate::kernels::poison_outputs(true);
+        let cases = [
+            (
+                [8usize, 3],
+                [6usize, 7],
+                [3usize, 3],
+                [(1usize, 1usize), (1usize, 1usize)],
+            ),
+            ([9, 5], [5, 6], [2, 3], [(0, 1), (2, 0)]),
+            ([8, 4], [4, 2], [3, 5], [(1, 1), (2, 2)]),
+        ];
+        for ([c_in, c_out], [height, width], kernel, padding) in cases {
+            let s = ConvShape {
+                batch: 4,
+                c_in,
+                height,
+                width,
+                c_out,
+                kernel,
+                stride: [1, 1],
+                padding,
+            };
+            assert!(s.uses_taps(), "{s:?}");
+            let [ho, wo] = s.output_size().unwrap();
+            let value = |i: usize, f: f32| ((i as f32) * f).sin();
+            let x: Vec<f32> = (0..s.batch * s.input_len())
+                .map(|i| value(i, 0.61))
+                .collect();
+            let dy: Vec<f32> = (0..s.batch * s.output_len())
+                .map(|i| value(i, 0.37))
+                .collect();
+            // Per example: the gradient and its terms' absolute sums.
+            let numel = c_out * s.rows();
+            let [kh, kw] = kernel;
+            let per_example: Vec<(Vec<f64>, Vec<f64>)> = (0..s.batch)
+                .map(|n| {
+                    let (mut g, mut a) = (vec![0.0f64; numel], vec![0.0f64; numel]);
+                    for co in 0..c_out {
+                        for c in 0..c_in {
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let idx = ((co * c_in + c) * kh + i) * kw + j;
+                                    for oh in 0..ho {
+                                        for ow in 0..wo {
+                                            let (r, q) = (oh + i, ow + j);
+                                            if r < padding[0].0 || q < padding[1].0 {
+                                                continue;
+                                            }
+                                            let (ih, iw) = (r - padding[0].0, q - padding[1].0);
+                                            if ih >= height || iw >= width {
+                                                continue;
+                                            }
+                                            let xv = x[((n * c_in + c) * height + ih) * width + iw];
+                                            let dv = dy[((n * c_out + co) * ho + oh) * wo + ow];
+                                            let t = xv as f64 * dv as f64;
+                                            g[idx] += t;
+                                            a[idx] += t.abs();
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    (g, a)
+                })
+                .collect();
+            let check = |what: &str, got: &[f32], want: &[f64], scale: &[f64]| {
+                assert_eq!(got.len(), want.len(), "{what}");
+                for (e, ((&g, &w), &a)) in got.iter().zip(want).zip(scale).enumerate() {
+                    assert!(
+                        (g as f64 - w).abs() <= 1e-5 * a + 1e-30,
+                        "{what} {s:?} element {e}: {g} against {w} (terms {a})"
+                    );
+                }
+            };
+            let sum_over = |range: std::ops::Range<usize>, f: &dyn Fn(usize, usize) -> f64| {
+                (0..numel)
+                    .map(|e| range.clone().map(|n| f(n, e)).sum())
+                    .collect::<Vec<f64>>()
+            };
+            let all = 0..s.batch;
+            let weight = sum_over(all.clone(), &|n, e| per_example[n].0[e]);
+            let weight_scale = sum_over(all.clone(), &|n, e| per_example[n].1[e]);
+            let squares = sum_over(all.clone(), &|n, e| per_example[n].0[e].powi(2));
+            let squares_scale = sum_over(all.clone(), &|n, e| {
+                2.0 * per_example[n].0[e].abs() * per_example[n].1[e]
+            });
+            let channel_sums = |f: fn(f32) -> f64| -> Vec<f64> {
+                (0..c_out)
+                    .map(|co| {
+                        (0..s.batch)
+                            .map(|n| {
+                                let row = &dy[(n * c_out + co) * ho * wo..][..ho * wo];
+                                row.iter().map(|&v| f(v)).sum::<f64>()
+                            })
+                            .sum()
+                    })
+                    .collect()
+            };
+            let bias = channel_sums(|v| v as f64);
+            let bias_scale = channel_sums(|v| v.abs() as f64);
+            for layout in [TapLayout::ChannelMajor, TapLayout::PositionMajor] {
+                let what = format!("{layout:?}");
+                let g = weight_grad_tap_rows(&s, &x, &dy, true, PerExample::Squares, layout);
+                check(&format!("{what} weight"), &g.weight, &weight, &weight_scale);
+                check(&format!("{what} bias"), &g.bias, &bias, &bias_scale);
+                let sq = g.squares.expect("squares were asked for");
+                check(
+                    &format!("{what} squares"),
+                    &sq.weight,
+                    &squares,
+                    &squares_scale,
+                );
+                let g = weight_grad_tap_rows(&s, &x, &dy, false, PerExample::Groups(2), layout);
+                let groups = g.groups.expect("groups were asked for");
+                assert_eq!(groups.groups, 2);
+                for (t, got) in groups.weight.chunks_exact(numel).enumerate() {
+                    let range = 2 * t..2 * t + 2;
+                    let want = sum_over(range.clone(), &|n, e| per_example[n].0[e]);
+                    let scale = sum_over(range, &|n, e| per_example[n].1[e]);
+                    check(&format!("{what} group {t}"), got, &want, &scale);
+                }
+                check(
+                    &format!("{what} grouped batch"),
+                    &g.weight,
+                    &weight,
+                    &weight_scale,
+                );
             }
         }
     }
