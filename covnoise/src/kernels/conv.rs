@@ -13,7 +13,9 @@
 //!
 //! Stride-1 convolutions with at least 8 input channels unfold only along
 //! the kernel's width (`[C_in kw, H_pad W']`, see [`unfold_tap_rows`]) and
-//! run one product per kernel row on shifts of that buffer.
+//! run one product per kernel row on shifts of that buffer; their weight
+//! gradient, where a CPU with AVX-512 meets at most 32 output channels,
+//! reads the same unfolding laid out position-major ([`TapLayout`]).
 
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -1120,15 +1122,16 @@ mod tests {
             }
         }
     }
+
     /// Both tap layouts' weight gradients (the batch's, the per-example
     /// squares' sums and the groups' sums, and the bias's) against a
     /// float64 loop over the padded input, on shapes with square and
     /// rectangular kernels, symmetric and lopsided padding, and a kernel
-    /// column that meets no input, with scratch space poisoned. Each element is within 1e-5 of its
-    /// terms' magnitudes (the sum of their absolute values, or for a
-    /// square twice the product of that and the value): `f32` products
-    /// over at most 42 positions round each partial sum by at most about
-    /// 42 × 6e-8 of those magnitudes.
+    /// column that meets no input, with scratch space poisoned. Each
+    /// element is within 1e-5 of its terms' magnitudes (the sum of their
+    /// absolute values, or for a square twice the product of that and the
+    /// value): `f32` products over at most 42 positions round each partial
+    /// sum by at most about 42 × 6e-8 of those magnitudes.
     #[test]
     fn both_tap_layouts_give_the_weight_gradients_of_a_float64_loop() {
         // Scratch space starts as NaN: a value the unfolding leaves unwritten
