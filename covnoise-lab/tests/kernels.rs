@@ -312,6 +312,19 @@ fn conv2d_covers_pointwise_asymmetric_and_rectangular_cases_and_falls_back_on_th
             ConvOptions::new_with_padding([2, 1], [(2, 0), (1, 2)], [1, 1], 1),
             true,
         ),
+        // A column stride of 3 (every other case strides by 1 or 2 along
+        // the rows), on a width of 8 with lopsided padding and a kernel 4
+        // wide, so that im2col's and col2im's strided runs start and end
+        // at different columns for each tap.
+        case(
+            3,
+            5,
+            4,
+            [7, 8],
+            [2, 4],
+            ConvOptions::new_with_padding([1, 3], [(1, 0), (2, 1)], [1, 1], 1),
+            true,
+        ),
         // Padding as large as the kernel: some taps see only zeros.
         case(
             2,
