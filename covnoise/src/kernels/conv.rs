@@ -1123,8 +1123,8 @@ mod tests {
         }
     }
 
-    /// Both tap layouts' weight gradients (the batch's, the per-example
-    /// squares' sums and the groups' sums, and the bias's) against a
+    /// Both tap layouts' weight gradients (the batch's alone, and with the
+    /// per-example squares' sums or the groups' sums; the bias's) against a
     /// float64 loop over the padded input, on shapes with square and
     /// rectangular kernels, symmetric and lopsided padding, and a kernel
     /// column that meets no input, with scratch space poisoned. Each
@@ -1239,6 +1239,9 @@ mod tests {
             let bias_scale = channel_sums(|v| v.abs() as f64);
             for layout in [TapLayout::ChannelMajor, TapLayout::PositionMajor] {
                 let what = format!("{layout:?}");
+                let g = weight_grad_tap_rows(&s, &x, &dy, true, PerExample::Nothing, layout);
+                check(&format!("{what} plain"), &g.weight, &weight, &weight_scale);
+                check(&format!("{what} plain bias"), &g.bias, &bias, &bias_scale);
                 let g = weight_grad_tap_rows(&s, &x, &dy, true, PerExample::Squares, layout);
                 check(&format!("{what} weight"), &g.weight, &weight, &weight_scale);
                 check(&format!("{what} bias"), &g.bias, &bias, &bias_scale);
